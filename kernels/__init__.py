@@ -1,0 +1,12 @@
+"""Triton kernels of triton_bloom and their launchers (``triton_bloom.kernels``).
+
+This subpackage imports torch and triton only.  ``triton_bloom`` imports it
+lazily, so the package works where Triton is missing.
+"""
+
+from .autotune import interpreting
+from .backward import bloom_backward
+from .forward import bloom_forward
+from .hashing import bloom_hash
+
+__all__ = ["bloom_forward", "bloom_backward", "bloom_hash", "interpreting"]

@@ -1,0 +1,104 @@
+"""murmurhash3 (x86_32) of integer ids inside Triton kernels.
+
+The Triton twin of ``triton_bloom/hashing.py``: the same bits, computed in
+registers on uint32 values, where multiplication and shifts wrap as the
+algorithm wants.  ``bloom_rows`` gives the row each id takes under one seed;
+``bloom_hash`` runs it alone, for tests and for hashing on the GPU.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotl32(x, r: tl.constexpr):
+    return (x << r) | (x >> (32 - r))
+
+
+@triton.jit
+def murmur3_mix_block(block):
+    """Scramble one 4-byte block (uint32); independent of the seed, so kernels
+    compute it once per id and reuse it for all ``k`` seeds."""
+    block = block * 0xCC9E2D51
+    block = _rotl32(block, 15)
+    return block * 0x1B873593
+
+
+@triton.jit
+def _round(h, mixed_block):
+    h = h ^ mixed_block
+    h = _rotl32(h, 13)
+    return h * 5 + 0xE6546B64
+
+
+@triton.jit
+def _fmix32(h):
+    h = h ^ (h >> 16)
+    h = h * 0x85EBCA6B
+    h = h ^ (h >> 13)
+    h = h * 0xC2B2AE35
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def premix_ids(ids, WIDE_IDS: tl.constexpr):
+    """The mixed low and high 4-byte blocks of int64 ids (high is only used
+    when ``WIDE_IDS``: ids of ``2**31`` and above hash as 8 bytes)."""
+    lo = murmur3_mix_block((ids & 0xFFFFFFFF).to(tl.uint32))
+    if WIDE_IDS:
+        hi = murmur3_mix_block(((ids >> 32) & 0xFFFFFFFF).to(tl.uint32))
+    else:
+        hi = lo
+    return lo, hi
+
+
+@triton.jit
+def bloom_rows(ids, mixed_lo, mixed_hi, seed, num_rows, WIDE_IDS: tl.constexpr):
+    """Row index (int64, in ``[0, num_rows)``) of each id under ``seed``.
+
+    The signed 32-bit hash is reduced with floor modulo, as numpy's ``%`` does
+    in Spotlight; Triton's ``%`` truncates, hence the correction.
+    """
+    h = _round(seed.to(tl.uint32), mixed_lo)
+    h_narrow = _fmix32(h ^ 4)
+    if WIDE_IDS:
+        h_wide = _fmix32(_round(h, mixed_hi) ^ 8)
+        h_narrow = tl.where(ids >= 2147483648, h_wide, h_narrow)
+    signed = h_narrow.to(tl.int32, bitcast=True).to(tl.int64)
+    rows = signed % num_rows
+    return tl.where(rows < 0, rows + num_rows, rows)
+
+
+@triton.jit
+def _bloom_hash_kernel(
+    IDS,  # (n,) int32/int64 ids
+    SEEDS,  # (>= K,) int32 seeds
+    ROWS,  # (n, K) int64 output rows
+    n,  # number of ids
+    num_rows,  # modulus
+    K: tl.constexpr,
+    WIDE_IDS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = offs < n
+    ids = tl.load(IDS + offs, mask=mask, other=0).to(tl.int64)
+    mixed_lo, mixed_hi = premix_ids(ids, WIDE_IDS)
+    for j in tl.static_range(K):
+        rows = bloom_rows(ids, mixed_lo, mixed_hi, tl.load(SEEDS + j), num_rows, WIDE_IDS)
+        tl.store(ROWS + offs * K + j, rows, mask=mask)
+
+
+def bloom_hash(ids, seeds, num_hash_functions, num_rows, wide_ids=True):
+    """The ``(*, k)`` int64 rows of ``ids``, hashed by the kernels' own device
+    function (what the forward and backward kernels compute in registers)."""
+    rows = torch.empty((*ids.shape, num_hash_functions), dtype=torch.int64, device=ids.device)
+    n = ids.numel()
+    if n:
+        block_n = 128
+        _bloom_hash_kernel[(triton.cdiv(n, block_n),)](
+            ids.reshape(-1).contiguous(), seeds, rows, n, num_rows,
+            K=num_hash_functions, WIDE_IDS=wide_ids, BLOCK_N=block_n,
+        )  # fmt: skip
+    return rows

@@ -1,0 +1,24 @@
+"""triton_bloom: Bloom embeddings for PyTorch, with Triton kernels.
+
+``BloomEmbedding`` replaces ``nn.Embedding`` with a table ``compression_ratio``
+times smaller: each id is hashed by ``k`` murmurhash3 functions (Spotlight's
+seeds, bit for bit) and its vector is the sum of the ``k`` rows.
+"""
+
+from . import functional
+from .dispatch import triton_available
+from .hashing import SEEDS, bloom_hash
+from .modules import BloomEmbedding, ScaledEmbedding, ScaledEmbeddingBag, ZeroEmbedding
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SEEDS",
+    "BloomEmbedding",
+    "ScaledEmbedding",
+    "ScaledEmbeddingBag",
+    "ZeroEmbedding",
+    "bloom_hash",
+    "functional",
+    "triton_available",
+]

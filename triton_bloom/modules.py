@@ -1,0 +1,231 @@
+"""Modules: ``BloomEmbedding`` and the seed's ``ScaledEmbedding``,
+``ZeroEmbedding`` and ``ScaledEmbeddingBag``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from . import dispatch
+from .functional import bloom_embedding
+from .hashing import bloom_hash, check_num_hash_functions
+
+__all__ = ["BloomEmbedding", "ScaledEmbedding", "ZeroEmbedding", "ScaledEmbeddingBag"]
+
+
+class ScaledEmbedding(nn.Embedding):
+    r"""An :class:`torch.nn.Embedding` initialised from
+    :math:`\mathcal{N}(0, 1/\text{embedding\_dim})` (standard deviation
+    ``1 / embedding_dim``), as in Spotlight.  Takes ``nn.Embedding``'s arguments.
+
+    Examples::
+
+        >>> emb = ScaledEmbedding(10, 4, padding_idx=0)
+        >>> emb(torch.tensor([0, 3])).shape
+        torch.Size([2, 4])
+    """
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.normal_(0, 1.0 / self.embedding_dim)
+            if self.padding_idx is not None:
+                self.weight[self.padding_idx].fill_(0)
+
+
+class ZeroEmbedding(nn.Embedding):
+    r"""An :class:`torch.nn.Embedding` initialised to zeros, as Spotlight uses
+    for biases.  Takes ``nn.Embedding``'s arguments.
+
+    Examples::
+
+        >>> bias = ZeroEmbedding(10, 1)
+        >>> bias(torch.tensor([3])).sum().item()
+        0.0
+    """
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.zero_()
+
+
+class ScaledEmbeddingBag(nn.EmbeddingBag):
+    r"""An :class:`torch.nn.EmbeddingBag` initialised from
+    :math:`\mathcal{N}(0, 1/\text{embedding\_dim})`, as in Spotlight.  Takes
+    ``nn.EmbeddingBag``'s arguments.
+
+    Examples::
+
+        >>> bag = ScaledEmbeddingBag(10, 4, mode="sum")
+        >>> bag(torch.tensor([[1, 2], [3, 4]])).shape
+        torch.Size([2, 4])
+    """
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.normal_(0, 1.0 / self.embedding_dim)
+            if self.padding_idx is not None:
+                self.weight[self.padding_idx].fill_(0)
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def compressed_rows(num_embeddings: Optional[int], compression_ratio: float, num_rows: Optional[int]) -> int:
+    """Rows of the compressed table: ``num_rows`` if given, else Spotlight's
+    ``int(compression_ratio * num_embeddings)``; ``ValueError`` below one row."""
+    if num_rows is not None:
+        return _positive_int("num_rows", num_rows)
+    if num_embeddings is None:
+        raise ValueError("num_rows is required when num_embeddings is None")
+    if not compression_ratio > 0:
+        raise ValueError(f"compression_ratio must be positive, got {compression_ratio!r}")
+    rows = int(compression_ratio * num_embeddings)
+    if rows < 1:
+        raise ValueError(
+            f"compression_ratio={compression_ratio} of num_embeddings={num_embeddings} "
+            f"leaves {rows} rows; the table needs at least one"
+        )
+    return rows
+
+
+def normalize_padding_idx(padding_idx: Optional[int], num_embeddings: Optional[int]) -> Optional[int]:
+    """``padding_idx`` as a non-negative id (negative counts from
+    ``num_embeddings``, as in ``nn.Embedding``); ``ValueError`` when out of range."""
+    if padding_idx is None:
+        return None
+    if isinstance(padding_idx, bool) or not isinstance(padding_idx, int):
+        raise TypeError(f"padding_idx must be an int or None, got {padding_idx!r}")
+    if num_embeddings is None:
+        if padding_idx < 0:
+            raise ValueError(f"padding_idx={padding_idx} must be non-negative when num_embeddings is None")
+        return padding_idx
+    if not -num_embeddings <= padding_idx < num_embeddings:
+        raise ValueError(f"padding_idx={padding_idx} must be within num_embeddings={num_embeddings}")
+    return padding_idx % num_embeddings
+
+
+class BloomEmbedding(nn.Module):
+    r"""A drop-in :class:`torch.nn.Embedding` whose table is
+    ``compression_ratio`` times smaller.
+
+    Each id is hashed by ``num_hash_functions`` murmurhash3 functions into a
+    table of ``num_rows`` rows, and its vector is the sum of those rows
+    (Serra & Karatzoglou, "Getting deep recommenders fit", RecSys 2017).
+    Hashing is Spotlight's ``BloomEmbedding``'s, bit for bit, and the table
+    is the submodule ``embeddings``, so a Spotlight checkpoint loads
+    unchanged.  Rows are hashed on the fly: no per-id table is kept unless
+    ``hash_cache=True``.
+
+    Args:
+        num_embeddings (int or None): size of the id space; ids must lie in
+            ``[0, num_embeddings)``.  ``None`` admits any id below ``2**63``
+            and needs ``num_rows``.
+        embedding_dim (int): size of each embedding vector.
+        compression_ratio (float): the table has
+            ``int(compression_ratio * num_embeddings)`` rows. Default: 0.2.
+        num_hash_functions (int): ``k``, rows summed per id, 1 to 24. Default: 4.
+        bag (bool): accepted for Spotlight compatibility; the ``k``-sum is
+            always fused. Default: ``False``.
+        padding_idx (int, optional): this id gives a zero vector and no
+            gradient; other ids hash normally. ``None`` for no padding.
+            Default: 0, as in Spotlight.
+        num_rows (int, optional): the table's rows, overriding ``compression_ratio``.
+        hash_cache (bool): precompute the ``(num_embeddings, k)`` row table
+            (Spotlight's cache, stored as int32 when the table fits) instead
+            of hashing in every call. Default: ``False``.
+        backend (str): ``"auto"`` (Triton kernels for CUDA tensors when
+            Triton imports, else PyTorch), ``"triton"`` or ``"torch"``.
+
+    Attributes:
+        embeddings (ScaledEmbedding): the compressed table; its weight of shape
+            ``(num_rows, embedding_dim)`` is initialised from
+            :math:`\mathcal{N}(0, 1/\text{embedding\_dim})` (standard deviation).
+        weight (Tensor): alias of ``embeddings.weight``.
+
+    Shape:
+        - Input: :math:`(*)`, IntTensor or LongTensor of ids
+        - Output: :math:`(*, H)`, where ``H = embedding_dim``
+
+    Examples::
+
+        >>> emb = BloomEmbedding(1_000_000, 64, compression_ratio=0.2, num_hash_functions=4)
+        >>> emb.weight.shape
+        torch.Size([200000, 64])
+        >>> emb(torch.tensor([[1, 2, 4, 5], [4, 3, 2, 9]])).shape
+        torch.Size([2, 4, 64])
+    """
+
+    def __init__(
+        self,
+        num_embeddings: Optional[int],
+        embedding_dim: int,
+        compression_ratio: float = 0.2,
+        num_hash_functions: int = 4,
+        bag: bool = False,
+        padding_idx: Optional[int] = 0,
+        *,
+        num_rows: Optional[int] = None,
+        hash_cache: bool = False,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if num_embeddings is not None:
+            _positive_int("num_embeddings", num_embeddings)
+        _positive_int("embedding_dim", embedding_dim)
+        check_num_hash_functions(num_hash_functions)
+        dispatch.check_backend(backend)
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.compression_ratio = compression_ratio
+        self.num_hash_functions = num_hash_functions
+        self.padding_idx = normalize_padding_idx(padding_idx, num_embeddings)
+        self.num_rows = compressed_rows(num_embeddings, compression_ratio, num_rows)
+        self.backend = backend
+        self._bag = bag
+        self.embeddings = ScaledEmbedding(self.num_rows, embedding_dim, device=device, dtype=dtype)
+        self.hash_cache: Optional[torch.Tensor]
+        if hash_cache:
+            if num_embeddings is None:
+                raise ValueError("hash_cache=True needs num_embeddings")
+            table = bloom_hash(torch.arange(num_embeddings, device=device), num_hash_functions, self.num_rows)
+            if self.num_rows < 2**31:
+                table = table.to(torch.int32)
+            self.register_buffer("hash_cache", table, persistent=False)
+        else:
+            self.hash_cache = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.embeddings.weight
+
+    def reset_parameters(self) -> None:
+        self.embeddings.reset_parameters()
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return bloom_embedding(
+            input,
+            self.embeddings.weight,
+            self.num_hash_functions,
+            self.padding_idx,
+            num_embeddings=self.num_embeddings,
+            hash_cache=self.hash_cache,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        s = f"{self.num_embeddings}, {self.embedding_dim}, num_rows={self.num_rows}"
+        s += f", num_hash_functions={self.num_hash_functions}"
+        if self.padding_idx is not None:
+            s += f", padding_idx={self.padding_idx}"
+        if self.hash_cache is not None:
+            s += ", hash_cache=True"
+        if self.backend != "auto":
+            s += f", backend={self.backend!r}"
+        return s
