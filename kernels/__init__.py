@@ -6,7 +6,19 @@ lazily, so the package works where Triton is missing.
 
 from .autotune import interpreting
 from .backward import bloom_backward
+from .bag_backward import bloom_bag_backward
+from .bag_forward import MODE_MAX, MODE_MEAN, MODE_SUM, bloom_bag_forward
 from .forward import bloom_forward
 from .hashing import bloom_hash
 
-__all__ = ["bloom_forward", "bloom_backward", "bloom_hash", "interpreting"]
+__all__ = [
+    "bloom_forward",
+    "bloom_backward",
+    "bloom_bag_forward",
+    "bloom_bag_backward",
+    "bloom_hash",
+    "interpreting",
+    "MODE_SUM",
+    "MODE_MEAN",
+    "MODE_MAX",
+]

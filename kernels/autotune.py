@@ -68,30 +68,31 @@ def _prune_block_d(configs, named_args, **kwargs):
 
 # The autotuner keys on these arguments (and, by itself, on the dtype of every
 # tensor argument, so each weight dtype is tuned on its own).
-TUNING_KEY = ["dim", "K"]
+TUNING_KEY = ("dim", "K")
 
 
-def tuned(kernel, reset_to_zero=None):
+def tuned(kernel, reset_to_zero=None, key=TUNING_KEY):
     """The autotuned twin of ``kernel``, built at first use.
 
     ``reset_to_zero`` names the buffers a kernel accumulates into: the tuner
     runs every candidate on the same arguments, and without zeroing between
-    trials the gradient would be added once per trial.
+    trials the gradient would be added once per trial.  ``key`` names the
+    arguments whose values get a tuning of their own.
     """
-    return _tuned(kernel, tuple(reset_to_zero or ()))
+    return _tuned(kernel, tuple(reset_to_zero or ()), tuple(key))
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel, reset_to_zero):
+def _tuned(kernel, reset_to_zero, key):
     return triton.autotune(
         configs=_gather_configs(),
-        key=TUNING_KEY,
+        key=list(key),
         prune_configs_by={"early_config_prune": _prune_block_d},
         reset_to_zero=list(reset_to_zero) or None,
     )(kernel)
 
 
-def launch(kernel, grid_for, args, device, reset_to_zero=None):
+def launch(kernel, grid_for, args, device, reset_to_zero=None, key=TUNING_KEY):
     """Launch ``kernel`` on ``args``: tuned on a GPU, pinned under the interpreter.
 
     ``grid_for`` maps the meta-parameters (``BLOCK_N``, ``BLOCK_D``) to the grid.
@@ -102,4 +103,4 @@ def launch(kernel, grid_for, args, device, reset_to_zero=None):
     # Triton launches on the current CUDA device: make it the tensors' one.
     guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with guard:
-        tuned(kernel, reset_to_zero)[grid_for](**args)
+        tuned(kernel, reset_to_zero, key)[grid_for](**args)

@@ -8,13 +8,14 @@ seeds, bit for bit) and its vector is the sum of the ``k`` rows.
 from . import functional
 from .dispatch import triton_available
 from .hashing import SEEDS, bloom_hash
-from .modules import BloomEmbedding, ScaledEmbedding, ScaledEmbeddingBag, ZeroEmbedding
+from .modules import BloomEmbedding, BloomEmbeddingBag, ScaledEmbedding, ScaledEmbeddingBag, ZeroEmbedding
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SEEDS",
     "BloomEmbedding",
+    "BloomEmbeddingBag",
     "ScaledEmbedding",
     "ScaledEmbeddingBag",
     "ZeroEmbedding",

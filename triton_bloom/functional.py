@@ -8,9 +8,11 @@ import torch
 
 from . import dispatch, ops
 from .hashing import WIDE_ID_START, check_num_hash_functions, hash_rows
-from .reference import bloom_embedding_reference
+from .reference import bloom_bag_reference, bloom_embedding_reference
 
-__all__ = ["bloom_embedding", "check_ids"]
+__all__ = ["bloom_embedding", "bloom_embedding_bag", "check_ids", "bag_layout"]
+
+MODES = ("sum", "mean", "max")
 
 
 def check_ids(ids: torch.Tensor, num_embeddings: Optional[int]) -> None:
@@ -100,3 +102,152 @@ def bloom_embedding(
     if rows is None:
         rows = hash_rows(input, num_hash_functions, num_rows)
     return bloom_embedding_reference(input, weight, rows, padding_idx)
+
+
+def _check_offsets(offsets: torch.Tensor, num_ids: int) -> None:
+    if offsets.device.type == "cuda":
+        ok = (offsets[0] == 0) & (offsets[-1] <= num_ids)
+        if offsets.numel() > 1:
+            ok = ok & (offsets[1:] >= offsets[:-1]).all()
+        torch._assert_async(ok, "triton_bloom: offsets must start at 0, not decrease, and stay within the input")
+        return
+    first = int(offsets[0])
+    if first != 0:
+        raise ValueError(f"offsets[0] has to be 0, i.e. the first bag starts at position 0, but got {first}")
+    last = int(offsets.max())
+    if last > num_ids:
+        raise ValueError(f"offsets point past the input: offset {last} > input length {num_ids}")
+    if offsets.numel() > 1:
+        steps = offsets[1:] - offsets[:-1]
+        if bool((steps < 0).any()):
+            i = int(torch.nonzero(steps < 0)[0])
+            raise ValueError(
+                f"offsets must not decrease, but offsets[{i}]={int(offsets[i])} > offsets[{i + 1}]={int(offsets[i + 1])}"
+            )
+
+
+def bag_layout(
+    input: torch.Tensor,
+    offsets: Optional[torch.Tensor],
+    per_sample_weights: Optional[torch.Tensor],
+    mode: str,
+    include_last_offset: bool,
+):
+    """Checks ``nn.EmbeddingBag``'s input conventions and turns them into one
+    layout: flat ``(n,)`` ids, ``(B + 1,)`` int64 offsets ending at ``n``, and
+    flat ``(n,)`` per-sample weights or ``None``."""
+    if mode not in MODES:
+        raise ValueError(f"mode has to be one of {MODES}, got {mode!r}")
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a Tensor of integer ids, got {type(input).__name__}")
+    if input.dim() == 2:
+        if offsets is not None:
+            raise ValueError(
+                "if input is 2-D (bags of equal length), offsets has to be None, "
+                f"but got offsets of shape {tuple(offsets.shape)}"
+            )
+        num_bags, length = input.shape
+        ids = input.reshape(-1)
+        full_offsets = torch.arange(0, num_bags * length + 1, max(length, 1), device=input.device)
+        if length == 0:
+            full_offsets = torch.zeros(num_bags + 1, dtype=torch.int64, device=input.device)
+    elif input.dim() == 1:
+        if offsets is None:
+            raise ValueError("offsets has to be a 1-D Tensor when input is 1-D, but got None")
+        if not isinstance(offsets, torch.Tensor) or offsets.dim() != 1:
+            raise ValueError(f"offsets has to be a 1-D Tensor, got {getattr(offsets, 'shape', offsets)}")
+        if offsets.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"offsets must hold int32 or int64 values, got dtype {offsets.dtype}")
+        if offsets.device != input.device:
+            raise RuntimeError(f"input is on {input.device} but offsets is on {offsets.device}")
+        ids = input
+        full_offsets = offsets.to(torch.int64)
+        if include_last_offset:
+            if full_offsets.numel() == 0:
+                raise ValueError("include_last_offset=True needs at least one offset (the end of the last bag)")
+        else:
+            end = torch.full((1,), ids.numel(), dtype=torch.int64, device=ids.device)
+            full_offsets = torch.cat([full_offsets, end])
+        _check_offsets(full_offsets, ids.numel())
+    else:
+        raise ValueError(f"input has to be 1-D or 2-D, but got a {input.dim()}-D tensor")
+    if per_sample_weights is not None:
+        if mode != "sum":
+            raise NotImplementedError(
+                f"per_sample_weights are only supported for mode='sum' (got mode={mode!r}), as in nn.EmbeddingBag"
+            )
+        if per_sample_weights.shape != input.shape:
+            raise ValueError(
+                f"per_sample_weights must have the shape of input {tuple(input.shape)}, "
+                f"got {tuple(per_sample_weights.shape)}"
+            )
+        if not per_sample_weights.is_floating_point():
+            raise TypeError(f"per_sample_weights must be floating point, got dtype {per_sample_weights.dtype}")
+        per_sample_weights = per_sample_weights.reshape(-1)
+    return ids, full_offsets, per_sample_weights
+
+
+def bloom_embedding_bag(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    offsets: Optional[torch.Tensor] = None,
+    num_hash_functions: int = 4,
+    mode: str = "sum",
+    per_sample_weights: Optional[torch.Tensor] = None,
+    padding_idx: Optional[int] = None,
+    include_last_offset: bool = False,
+    *,
+    num_embeddings: Optional[int] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""Pool the Bloom embeddings of bags of ids, as
+    :func:`torch.nn.functional.embedding_bag` pools rows.
+
+    An id's vector is the sum of its ``k`` Bloom rows (as in
+    :func:`bloom_embedding`); each bag is the ``sum``, ``mean`` or ``max`` of its
+    ids' vectors.
+
+    Args:
+        input (Tensor): int32/int64 ids: 2-D ``(B, L)`` bags of equal length,
+            or 1-D with ``offsets``.
+        weight (Tensor): the compressed table ``(num_rows, embedding_dim)``.
+        offsets (Tensor, optional): 1-D starts of the bags in a 1-D ``input``.
+        num_hash_functions (int): ``k``, 1 to 24.
+        mode (str): ``"sum"``, ``"mean"`` or ``"max"``.
+        per_sample_weights (Tensor, optional): weights of the ids, the shape
+            of ``input``; ``sum`` mode only.
+        padding_idx (int, optional): this id is left out of the pooling (and
+            of the mean's count) and gets no gradient.
+        include_last_offset (bool): ``offsets`` has one more entry, the end of
+            the last bag (CSR layout).
+        num_embeddings (int, optional): ids must be below it.
+        backend (str): ``"auto"``, ``"triton"`` or ``"torch"``.
+
+    Shape:
+        - Output: :math:`(B, H)`; empty bags give zeros.
+
+    Examples::
+
+        >>> weight = torch.randn(200, 16)
+        >>> ids = torch.tensor([1, 2, 4, 5, 4, 3, 2, 9])
+        >>> bloom_embedding_bag(ids, weight, torch.tensor([0, 4]), mode="mean").shape
+        torch.Size([2, 16])
+    """
+    check_num_hash_functions(num_hash_functions)
+    dispatch.check_backend(backend)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (num_rows, embedding_dim), got shape {tuple(weight.shape)}")
+    ids, offsets, per_sample_weights = bag_layout(input, offsets, per_sample_weights, mode, include_last_offset)
+    check_ids(ids, num_embeddings)
+    if ids.device != weight.device:
+        raise RuntimeError(f"input is on {ids.device} but weight is on {weight.device}")
+    if dispatch.use_triton(backend, weight.device):
+        wide_ids = ids.dtype == torch.int64 and (num_embeddings is None or num_embeddings > WIDE_ID_START)
+        if per_sample_weights is not None:
+            per_sample_weights = per_sample_weights.to(weight.dtype)
+        out, _ = ops.bloom_bag_forward(
+            ids, offsets, weight, per_sample_weights, num_hash_functions, MODES.index(mode), padding_idx, wide_ids
+        )
+        return out
+    rows = hash_rows(ids, num_hash_functions, weight.shape[0])
+    return bloom_bag_reference(ids, offsets, weight, rows, mode, per_sample_weights, padding_idx)

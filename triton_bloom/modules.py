@@ -1,5 +1,5 @@
-"""Modules: ``BloomEmbedding`` and the seed's ``ScaledEmbedding``,
-``ZeroEmbedding`` and ``ScaledEmbeddingBag``."""
+"""Modules: ``BloomEmbedding``, ``BloomEmbeddingBag``, and the seed's
+``ScaledEmbedding``, ``ZeroEmbedding`` and ``ScaledEmbeddingBag``."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import torch
 import torch.nn as nn
 
 from . import dispatch
-from .functional import bloom_embedding
+from .functional import MODES, bloom_embedding, bloom_embedding_bag
 from .hashing import bloom_hash, check_num_hash_functions
 
-__all__ = ["BloomEmbedding", "ScaledEmbedding", "ZeroEmbedding", "ScaledEmbeddingBag"]
+__all__ = ["BloomEmbedding", "BloomEmbeddingBag", "ScaledEmbedding", "ZeroEmbedding", "ScaledEmbeddingBag"]
 
 
 class ScaledEmbedding(nn.Embedding):
@@ -109,7 +109,46 @@ def normalize_padding_idx(padding_idx: Optional[int], num_embeddings: Optional[i
     return padding_idx % num_embeddings
 
 
-class BloomEmbedding(nn.Module):
+class _BloomTable(nn.Module):
+    """What both Bloom modules share: the checked sizes, the hashing
+    parameters, and the compressed table as the submodule ``embeddings``."""
+
+    def __init__(self, num_embeddings, embedding_dim, compression_ratio, num_hash_functions, padding_idx,
+                 num_rows, backend, device, dtype):  # fmt: skip
+        super().__init__()
+        if num_embeddings is not None:
+            _positive_int("num_embeddings", num_embeddings)
+        _positive_int("embedding_dim", embedding_dim)
+        check_num_hash_functions(num_hash_functions)
+        dispatch.check_backend(backend)
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.compression_ratio = compression_ratio
+        self.num_hash_functions = num_hash_functions
+        self.padding_idx = normalize_padding_idx(padding_idx, num_embeddings)
+        self.num_rows = compressed_rows(num_embeddings, compression_ratio, num_rows)
+        self.backend = backend
+        self.embeddings = ScaledEmbedding(self.num_rows, embedding_dim, device=device, dtype=dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The compressed table, ``embeddings.weight``."""
+        return self.embeddings.weight
+
+    def reset_parameters(self) -> None:
+        self.embeddings.reset_parameters()
+
+    def extra_repr(self) -> str:
+        s = f"{self.num_embeddings}, {self.embedding_dim}, num_rows={self.num_rows}"
+        s += f", num_hash_functions={self.num_hash_functions}"
+        if self.padding_idx is not None:
+            s += f", padding_idx={self.padding_idx}"
+        if self.backend != "auto":
+            s += f", backend={self.backend!r}"
+        return s
+
+
+class BloomEmbedding(_BloomTable):
     r"""A drop-in :class:`torch.nn.Embedding` whose table is
     ``compression_ratio`` times smaller.
 
@@ -175,21 +214,9 @@ class BloomEmbedding(nn.Module):
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__()
-        if num_embeddings is not None:
-            _positive_int("num_embeddings", num_embeddings)
-        _positive_int("embedding_dim", embedding_dim)
-        check_num_hash_functions(num_hash_functions)
-        dispatch.check_backend(backend)
-        self.num_embeddings = num_embeddings
-        self.embedding_dim = embedding_dim
-        self.compression_ratio = compression_ratio
-        self.num_hash_functions = num_hash_functions
-        self.padding_idx = normalize_padding_idx(padding_idx, num_embeddings)
-        self.num_rows = compressed_rows(num_embeddings, compression_ratio, num_rows)
-        self.backend = backend
+        super().__init__(num_embeddings, embedding_dim, compression_ratio, num_hash_functions, padding_idx,
+                         num_rows, backend, device, dtype)  # fmt: skip
         self._bag = bag
-        self.embeddings = ScaledEmbedding(self.num_rows, embedding_dim, device=device, dtype=dtype)
         self.hash_cache: Optional[torch.Tensor]
         if hash_cache:
             if num_embeddings is None:
@@ -200,13 +227,6 @@ class BloomEmbedding(nn.Module):
             self.register_buffer("hash_cache", table, persistent=False)
         else:
             self.hash_cache = None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.embeddings.weight
-
-    def reset_parameters(self) -> None:
-        self.embeddings.reset_parameters()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return bloom_embedding(
@@ -220,12 +240,109 @@ class BloomEmbedding(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        s = f"{self.num_embeddings}, {self.embedding_dim}, num_rows={self.num_rows}"
-        s += f", num_hash_functions={self.num_hash_functions}"
-        if self.padding_idx is not None:
-            s += f", padding_idx={self.padding_idx}"
+        s = super().extra_repr()
         if self.hash_cache is not None:
             s += ", hash_cache=True"
-        if self.backend != "auto":
-            s += f", backend={self.backend!r}"
+        return s
+
+
+class BloomEmbeddingBag(_BloomTable):
+    r"""A drop-in :class:`torch.nn.EmbeddingBag` whose table is
+    ``compression_ratio`` times smaller.
+
+    Each id's vector is the sum of its ``num_hash_functions`` Bloom rows, the
+    same vector :class:`BloomEmbedding` gives it, and each bag pools its ids'
+    vectors by ``mode`` without materialising them: on the GPU one Triton
+    kernel hashes, gathers and pools.
+
+    Args:
+        num_embeddings (int or None): size of the id space (``None`` admits
+            any id below ``2**63`` and needs ``num_rows``).
+        embedding_dim (int): size of each embedding vector.
+        compression_ratio (float): the table has
+            ``int(compression_ratio * num_embeddings)`` rows. Default: 0.2.
+        num_hash_functions (int): ``k``, rows summed per id, 1 to 24. Default: 4.
+        mode (str): ``"sum"``, ``"mean"`` or ``"max"``, as in ``nn.EmbeddingBag``.
+            Default: ``"sum"``.
+        padding_idx (int, optional): this id is left out of the pooling (and
+            of the mean's count) and gets no gradient. Default: ``None``.
+        include_last_offset (bool): ``offsets`` carries the end of the last bag
+            too (CSR layout). Default: ``False``.
+        num_rows (int, optional): the table's rows, overriding ``compression_ratio``.
+        backend (str): ``"auto"``, ``"triton"`` or ``"torch"``.
+
+    Attributes:
+        embeddings (ScaledEmbedding): the compressed table (state key
+            ``embeddings.weight``), initialised from
+            :math:`\mathcal{N}(0, 1/\text{embedding\_dim})`.
+        weight (Tensor): alias of ``embeddings.weight``.
+
+    Inputs: ``input`` (IntTensor or LongTensor), ``offsets`` (optional),
+    ``per_sample_weights`` (optional), as in ``nn.EmbeddingBag``:
+
+        - 2-D ``input`` of shape ``(B, N)``: ``B`` bags of ``N`` ids each;
+          ``offsets`` must be ``None``.
+        - 1-D ``input`` of shape ``(n,)``: ids of all bags one after another,
+          ``offsets`` the start of each bag (plus the end of the last one with
+          ``include_last_offset=True``).
+        - ``per_sample_weights``: floats of ``input``'s shape that scale each
+          id's vector; ``mode="sum"`` only.
+
+    Shape:
+        - Output: :math:`(B, H)`, where ``H = embedding_dim``. Empty bags give zeros.
+
+    Examples::
+
+        >>> bag = BloomEmbeddingBag(1_000_000, 32, mode="mean")
+        >>> ids = torch.tensor([11, 22, 33, 44, 55, 66])
+        >>> offsets = torch.tensor([0, 2, 2])  # bags: [11, 22], [], [33, 44, 55, 66]
+        >>> bag(ids, offsets).shape
+        torch.Size([3, 32])
+    """
+
+    def __init__(
+        self,
+        num_embeddings: Optional[int],
+        embedding_dim: int,
+        compression_ratio: float = 0.2,
+        num_hash_functions: int = 4,
+        mode: str = "sum",
+        padding_idx: Optional[int] = None,
+        *,
+        include_last_offset: bool = False,
+        num_rows: Optional[int] = None,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode has to be one of {MODES}, got {mode!r}")
+        super().__init__(num_embeddings, embedding_dim, compression_ratio, num_hash_functions, padding_idx,
+                         num_rows, backend, device, dtype)  # fmt: skip
+        self.mode = mode
+        self.include_last_offset = include_last_offset
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        offsets: Optional[torch.Tensor] = None,
+        per_sample_weights: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        return bloom_embedding_bag(
+            input,
+            self.embeddings.weight,
+            offsets,
+            self.num_hash_functions,
+            self.mode,
+            per_sample_weights,
+            self.padding_idx,
+            self.include_last_offset,
+            num_embeddings=self.num_embeddings,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr() + f", mode={self.mode!r}"
+        if self.include_last_offset:
+            s += ", include_last_offset=True"
         return s

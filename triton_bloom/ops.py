@@ -1,9 +1,10 @@
 """The Triton kernels as ``torch.library`` custom ops, joined by autograd.
 
-``triton_bloom::bloom_forward`` and ``triton_bloom::bloom_backward`` wrap the
+``triton_bloom::bloom_forward`` / ``bloom_backward`` and
+``triton_bloom::bloom_bag_forward`` / ``bloom_bag_backward`` wrap the
 launchers in ``triton_bloom.kernels``; each has a fake implementation, so
-``torch.compile`` traces through them without running a kernel, and the
-forward's autograd formula is the backward op.  The kernels are launched
+``torch.compile`` traces through them without running a kernel, and each
+forward's autograd formula is its backward op.  The kernels are launched
 directly rather than through ``wrap_triton``: that also works under Triton's
 interpreter, which ``wrap_triton`` rejects.
 """
@@ -17,7 +18,10 @@ import torch
 from .dispatch import kernels
 from .hashing import seed_tensor
 
-__all__ = ["bloom_forward", "bloom_backward"]
+__all__ = ["bloom_forward", "bloom_backward", "bloom_bag_forward", "bloom_bag_backward"]
+
+# kernels/bag_forward.py's MODE_MAX, repeated so that tracing needs no Triton.
+_MODE_MAX = 2
 
 
 @torch.library.custom_op("triton_bloom::bloom_forward", mutates_args=())
@@ -85,3 +89,89 @@ def _backward(ctx, grad_out):
 
 
 bloom_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("triton_bloom::bloom_bag_forward", mutates_args=())
+def bloom_bag_forward(
+    ids: torch.Tensor,
+    offsets: torch.Tensor,
+    weight: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor],
+    num_hash_functions: int,
+    mode: int,
+    padding_idx: Optional[int],
+    wide_ids: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton bag forward: ``(B, dim)`` pooled vectors, and the max mode's
+    ``(B, dim)`` arg-max positions (empty in other modes)."""
+    return kernels().bloom_bag_forward(
+        ids, offsets, weight, seed_tensor(weight.device), num_hash_functions, mode,
+        per_sample_weights, padding_idx, wide_ids,
+    )  # fmt: skip
+
+
+@bloom_bag_forward.register_fake
+def _(ids, offsets, weight, per_sample_weights, num_hash_functions, mode, padding_idx, wide_ids):
+    num_bags = offsets.shape[0] - 1
+    out = weight.new_empty((num_bags, weight.shape[1]))
+    argmax_shape = (num_bags, weight.shape[1]) if mode == _MODE_MAX else (0,)
+    return out, weight.new_empty(argmax_shape, dtype=torch.int64)
+
+
+@torch.library.custom_op("triton_bloom::bloom_bag_backward", mutates_args=())
+def bloom_bag_backward(
+    grad_out: torch.Tensor,
+    ids: torch.Tensor,
+    offsets: torch.Tensor,
+    weight: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor],
+    argmax: torch.Tensor,
+    num_hash_functions: int,
+    mode: int,
+    padding_idx: Optional[int],
+    wide_ids: bool,
+    psw_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton bag backward: the ``(num_rows, dim)`` table gradient and the
+    ``(n,)`` per-sample weights' gradient (empty unless ``psw_grad``)."""
+    grad_weight, grad_psw = kernels().bloom_bag_backward(
+        grad_out, ids, offsets, weight, seed_tensor(weight.device), num_hash_functions, mode,
+        per_sample_weights, argmax, padding_idx, wide_ids, psw_grad,
+    )  # fmt: skip
+    if grad_psw is None:
+        grad_psw = weight.new_empty((0,))
+    return grad_weight, grad_psw
+
+
+@bloom_bag_backward.register_fake
+def _(grad_out, ids, offsets, weight, per_sample_weights, argmax, num_hash_functions, mode, padding_idx,
+      wide_ids, psw_grad):  # fmt: skip
+    psw_shape = (ids.numel(),) if psw_grad else (0,)
+    psw_dtype = per_sample_weights.dtype if per_sample_weights is not None else weight.dtype
+    return torch.empty_like(weight), weight.new_empty(psw_shape, dtype=psw_dtype)
+
+
+def _bag_setup_context(ctx, inputs, output):
+    ids, offsets, weight, per_sample_weights, num_hash_functions, mode, padding_idx, wide_ids = inputs
+    _, argmax = output
+    ctx.save_for_backward(ids, offsets, weight, per_sample_weights, argmax)
+    ctx.num_hash_functions = num_hash_functions
+    ctx.mode = mode
+    ctx.padding_idx = padding_idx
+    ctx.wide_ids = wide_ids
+
+
+def _bag_backward(ctx, grad_out, _grad_argmax):
+    ids, offsets, weight, per_sample_weights, argmax = ctx.saved_tensors
+    psw_grad = per_sample_weights is not None and ctx.needs_input_grad[3]
+    grad_weight, grad_psw = None, None
+    if ctx.needs_input_grad[2] or psw_grad:
+        grad_weight, grad_psw = bloom_bag_backward(
+            grad_out, ids, offsets, weight, per_sample_weights, argmax, ctx.num_hash_functions, ctx.mode,
+            ctx.padding_idx, ctx.wide_ids, psw_grad,
+        )  # fmt: skip
+    return (None, None, grad_weight if ctx.needs_input_grad[2] else None, grad_psw if psw_grad else None,
+            None, None, None, None)  # fmt: skip
+
+
+bloom_bag_forward.register_autograd(_bag_backward, setup_context=_bag_setup_context)

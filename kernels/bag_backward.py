@@ -1,0 +1,183 @@
+"""Bloom embedding bag backward: scatter-add each bag's output gradient into
+the ``k`` rows of its ids (sum, mean), or of each column's arg-max id (max);
+and the gradient of the per-sample weights."""
+
+import torch
+import triton
+import triton.language as tl
+
+from .autotune import launch
+from .bag_forward import BAG_TUNING_KEY, MODE_MAX, MODE_MEAN, MODE_SUM
+from .hashing import bloom_rows, premix_ids
+
+
+@triton.jit
+def _bloom_bag_backward_kernel(
+    IDS,  # (n,) int32/int64 ids of all bags
+    OFFSETS,  # (B + 1,) int64 bag starts, then n
+    PSW,  # (n,) per-sample weights, read only when HAS_PSW
+    SEEDS,  # (>= K,) int32 murmurhash3 seeds
+    W,  # (num_rows, dim) the table, read only when PSW_GRAD
+    GRAD_OUT,  # (B, dim) gradient of the pooled output, contiguous
+    GRAD_W,  # (num_rows, dim) float32 (float64 for float64 tables) accumulator, zeroed
+    GRAD_PSW,  # (n,) float32 (float64) accumulator for the per-sample weights, zeroed
+    dim,  # embedding_dim
+    num_rows,  # rows of the table, the modulus of the hash
+    stride_w,  # elements between two rows of W
+    padding_idx,  # id left out of the pooling (ignored unless HAS_PADDING)
+    K: tl.constexpr,
+    MODE: tl.constexpr,  # 0 sum, 1 mean
+    HAS_PSW: tl.constexpr,
+    PSW_GRAD: tl.constexpr,  # also compute the per-sample weights' gradient
+    HAS_PADDING: tl.constexpr,
+    WIDE_IDS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    bag = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < dim
+    start = tl.load(OFFSETS + bag)
+    end = tl.load(OFFSETS + bag + 1)
+    grad = tl.load(GRAD_OUT + bag * dim + offs_d, mask=mask_d, other=0.0).to(GRAD_W.dtype.element_ty)
+
+    if MODE == 1:
+        # The mean divides by the bag's live ids: count them first (ids only).
+        live_count = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for first in range(start, end, BLOCK_N):
+            offs_n = first + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < end
+            live = mask_n
+            if HAS_PADDING:
+                ids = tl.load(IDS + offs_n, mask=mask_n, other=0).to(tl.int64)
+                live = live & (ids != padding_idx)
+            live_count += live.to(tl.float32)
+        grad = grad / tl.maximum(tl.sum(live_count, axis=0), 1.0).to(grad.dtype)
+
+    for first in range(start, end, BLOCK_N):
+        offs_n = first + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        ids = tl.load(IDS + offs_n, mask=mask_n, other=0).to(tl.int64)
+        live = mask_n
+        if HAS_PADDING:
+            live = live & (ids != padding_idx)
+        mask = live[:, None] & mask_d[None, :]
+        contrib = tl.broadcast_to(grad[None, :], (BLOCK_N, BLOCK_D))
+        if HAS_PSW:
+            psw = tl.load(PSW + offs_n, mask=live, other=0.0).to(grad.dtype)
+            contrib = contrib * psw[:, None]
+        if PSW_GRAD:
+            vectors = tl.zeros((BLOCK_N, BLOCK_D), dtype=grad.dtype)
+        mixed_lo, mixed_hi = premix_ids(ids, WIDE_IDS)
+        for j in tl.static_range(K):
+            rows = bloom_rows(ids, mixed_lo, mixed_hi, tl.load(SEEDS + j), num_rows, WIDE_IDS)
+            tl.atomic_add(GRAD_W + rows[:, None] * dim + offs_d[None, :], contrib, mask=mask, sem="relaxed")
+            if PSW_GRAD:
+                vals = tl.load(W + rows[:, None] * stride_w + offs_d[None, :], mask=mask, other=0.0)
+                vectors += vals.to(grad.dtype)
+        if PSW_GRAD:
+            # d out[bag] / d psw[i] = the id's vector: dot it with the gradient,
+            # one partial sum per column block.
+            partial = tl.sum(vectors * grad[None, :], axis=1)
+            tl.atomic_add(GRAD_PSW + offs_n, partial, mask=live, sem="relaxed")
+
+
+@triton.jit
+def _bloom_bag_max_backward_kernel(
+    IDS,  # (n,) int32/int64 ids of all bags
+    ARGMAX,  # (B, dim) int64 position in IDS of each column's max, -1 for none
+    SEEDS,  # (>= K,) int32 murmurhash3 seeds
+    GRAD_OUT,  # (B, dim) gradient of the pooled output, contiguous
+    GRAD_W,  # (num_rows, dim) float32 (float64) accumulator, zeroed
+    num_bags,  # B
+    dim,  # embedding_dim
+    num_rows,  # rows of the table, the modulus of the hash
+    K: tl.constexpr,
+    WIDE_IDS: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # bags per program
+    BLOCK_D: tl.constexpr,
+):
+    offs_b = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    tile = offs_b[:, None] * dim + offs_d[None, :]
+    in_range = (offs_b < num_bags)[:, None] & (offs_d < dim)[None, :]
+    pos = tl.load(ARGMAX + tile, mask=in_range, other=-1)
+    mask = in_range & (pos >= 0)
+    # Each column of a bag has its own arg-max id: hash a tile of ids.
+    ids = tl.load(IDS + pos, mask=mask, other=0).to(tl.int64)
+    grad = tl.load(GRAD_OUT + tile, mask=mask, other=0.0).to(GRAD_W.dtype.element_ty)
+    mixed_lo, mixed_hi = premix_ids(ids, WIDE_IDS)
+    for j in tl.static_range(K):
+        rows = bloom_rows(ids, mixed_lo, mixed_hi, tl.load(SEEDS + j), num_rows, WIDE_IDS)
+        tl.atomic_add(GRAD_W + rows * dim + offs_d[None, :], grad, mask=mask, sem="relaxed")
+
+
+def bloom_bag_backward(grad_out, ids, offsets, weight, seeds, num_hash_functions, mode=MODE_SUM,
+                       per_sample_weights=None, argmax=None, padding_idx=None, wide_ids=True,
+                       psw_grad=False):  # fmt: skip
+    """Gradients of :func:`bloom_bag_forward`.
+
+    Args:
+        grad_out (Tensor): ``(B, dim)`` gradient of the pooled output.
+        ids, offsets, weight, seeds, num_hash_functions, mode, per_sample_weights,
+        padding_idx, wide_ids: as given to the forward (``weight`` is read
+            only for ``psw_grad``).
+        argmax (Tensor, optional): the forward's ``(B, dim)`` arg-max (max mode).
+        psw_grad (bool): also return the per-sample weights' gradient.
+
+    Returns:
+        ``(grad_weight, grad_per_sample_weights)``: the dense ``(num_rows, dim)``
+        gradient in ``weight``'s dtype, accumulated in float32 (float64 for
+        float64) and cast once; and the ``(n,)`` gradient or ``None``.
+    """
+    num_rows, dim = weight.shape
+    num_bags = offsets.numel() - 1
+    n = ids.numel()
+    acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    grad_w = torch.zeros((num_rows, dim), dtype=acc_dtype, device=weight.device)
+    grad_psw = torch.zeros((n,), dtype=acc_dtype, device=weight.device) if psw_grad else None
+    if num_bags and dim and n:
+        grad_out = grad_out.contiguous()
+        ids = ids.reshape(-1).contiguous()
+        if mode == MODE_MAX:
+            args = dict(IDS=ids, ARGMAX=argmax.contiguous(), SEEDS=seeds, GRAD_OUT=grad_out, GRAD_W=grad_w,
+                        num_bags=num_bags, dim=dim, num_rows=num_rows, K=num_hash_functions,
+                        WIDE_IDS=wide_ids)  # fmt: skip
+
+            def grid(meta):
+                return (triton.cdiv(num_bags, meta["BLOCK_N"]), triton.cdiv(dim, meta["BLOCK_D"]))
+
+            launch(_bloom_bag_max_backward_kernel, grid, args, weight.device, reset_to_zero=["GRAD_W"])
+        else:
+            if weight.stride(1) != 1:
+                weight = weight.contiguous()
+            args = dict(
+                IDS=ids,
+                OFFSETS=offsets.contiguous(),
+                PSW=per_sample_weights.contiguous() if per_sample_weights is not None else grad_w,
+                SEEDS=seeds,
+                W=weight,
+                GRAD_OUT=grad_out,
+                GRAD_W=grad_w,
+                GRAD_PSW=grad_psw if grad_psw is not None else grad_w,
+                dim=dim,
+                num_rows=num_rows,
+                stride_w=weight.stride(0),
+                padding_idx=-1 if padding_idx is None else padding_idx,
+                K=num_hash_functions,
+                MODE=mode,
+                HAS_PSW=per_sample_weights is not None,
+                PSW_GRAD=psw_grad,
+                HAS_PADDING=padding_idx is not None,
+                WIDE_IDS=wide_ids,
+            )
+
+            def grid(meta):
+                return (num_bags, triton.cdiv(dim, meta["BLOCK_D"]))
+
+            launch(_bloom_bag_backward_kernel, grid, args, weight.device,
+                   reset_to_zero=["GRAD_W", "GRAD_PSW"], key=BAG_TUNING_KEY)  # fmt: skip
+    grad_w = grad_w if grad_w.dtype == weight.dtype else grad_w.to(weight.dtype)
+    if grad_psw is not None and per_sample_weights is not None and grad_psw.dtype != per_sample_weights.dtype:
+        grad_psw = grad_psw.to(per_sample_weights.dtype)
+    return grad_w, grad_psw

@@ -1,0 +1,142 @@
+"""Bloom embedding bag forward: per bag, hash its ids, sum each id's ``k``
+rows, and pool the id vectors (sum, mean or max) without writing them out."""
+
+import torch
+import triton
+import triton.language as tl
+
+from .autotune import TUNING_KEY, launch
+from .hashing import bloom_rows, premix_ids
+
+# Pooling modes, as the `MODE` constexpr sees them.
+MODE_SUM, MODE_MEAN, MODE_MAX = 0, 1, 2
+# Each pooling mode is a different kernel: tune them apart.
+BAG_TUNING_KEY = TUNING_KEY + ("MODE",)
+
+
+@triton.jit
+def _bloom_bag_forward_kernel(
+    IDS,  # (n,) int32/int64 ids of all bags, bag after bag
+    OFFSETS,  # (B + 1,) int64: bag b is IDS[OFFSETS[b]:OFFSETS[b + 1]]
+    PSW,  # (n,) per-sample weights, read only when HAS_PSW
+    SEEDS,  # (>= K,) int32 murmurhash3 seeds
+    W,  # (num_rows, dim) compressed table; rows `stride_w` apart, columns contiguous
+    OUT,  # (B, dim) pooled output, contiguous
+    ARGMAX,  # (B, dim) int64 position in IDS of each column's max (MODE_MAX), -1 if none
+    dim,  # embedding_dim
+    num_rows,  # rows of W, the modulus of the hash
+    stride_w,  # elements between two rows of W
+    padding_idx,  # id left out of the pooling (ignored unless HAS_PADDING)
+    K: tl.constexpr,
+    MODE: tl.constexpr,  # 0 sum, 1 mean, 2 max
+    HAS_PSW: tl.constexpr,
+    HAS_PADDING: tl.constexpr,
+    WIDE_IDS: tl.constexpr,
+    ACC: tl.constexpr,  # accumulator dtype: float64 for float64 tables, else float32
+    BLOCK_N: tl.constexpr,  # ids of the bag handled per step
+    BLOCK_D: tl.constexpr,
+):
+    bag = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < dim
+    start = tl.load(OFFSETS + bag)
+    end = tl.load(OFFSETS + bag + 1)
+
+    acc = tl.zeros((BLOCK_D,), dtype=ACC)
+    best = tl.full((BLOCK_D,), float("-inf"), dtype=ACC)
+    best_pos = tl.full((BLOCK_D,), -1, dtype=tl.int64)
+    live_count = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for first in range(start, end, BLOCK_N):
+        offs_n = first + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        ids = tl.load(IDS + offs_n, mask=mask_n, other=0).to(tl.int64)
+        live = mask_n
+        if HAS_PADDING:
+            live = live & (ids != padding_idx)
+        mask = live[:, None] & mask_d[None, :]
+        mixed_lo, mixed_hi = premix_ids(ids, WIDE_IDS)
+        vectors = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
+        for j in tl.static_range(K):
+            rows = bloom_rows(ids, mixed_lo, mixed_hi, tl.load(SEEDS + j), num_rows, WIDE_IDS)
+            vals = tl.load(W + rows[:, None] * stride_w + offs_d[None, :], mask=mask, other=0.0)
+            vectors += vals.to(ACC)
+        if MODE == 2:
+            vectors = tl.where(live[:, None], vectors, float("-inf"))
+            step_best = tl.max(vectors, axis=0)
+            step_pos = first + tl.argmax(vectors, axis=0).to(tl.int64)
+            # Strictly greater: the first id reaching the max keeps it, as in
+            # nn.EmbeddingBag, so the gradient goes to one id per column.
+            better = step_best > best
+            best = tl.where(better, step_best, best)
+            best_pos = tl.where(better, step_pos, best_pos)
+        else:
+            weights = live.to(ACC)
+            if HAS_PSW:
+                weights *= tl.load(PSW + offs_n, mask=live, other=0.0).to(ACC)
+            acc += tl.sum(vectors * weights[:, None], axis=0)
+            live_count += live.to(tl.float32)
+
+    if MODE == 2:
+        acc = tl.where(best_pos >= 0, best, 0.0)
+        tl.store(ARGMAX + bag * dim + offs_d, best_pos, mask=mask_d)
+    if MODE == 1:
+        acc = acc / tl.maximum(tl.sum(live_count, axis=0), 1.0).to(ACC)
+    tl.store(OUT + bag * dim + offs_d, acc.to(OUT.dtype.element_ty), mask=mask_d)
+
+
+def bloom_bag_forward(ids, offsets, weight, seeds, num_hash_functions, mode=MODE_SUM, per_sample_weights=None,
+                      padding_idx=None, wide_ids=True):  # fmt: skip
+    """Pooled Bloom vectors of bags of ids.
+
+    Args:
+        ids (Tensor): ``(n,)`` int32/int64 ids, validated by the caller.
+        offsets (Tensor): ``(B + 1,)`` int64 bag starts, then ``n``.
+        weight (Tensor): the ``(num_rows, dim)`` table.
+        seeds (Tensor): int32 seeds on ``weight``'s device.
+        num_hash_functions (int): ``k``.
+        mode (int): ``MODE_SUM``, ``MODE_MEAN`` or ``MODE_MAX``.
+        per_sample_weights (Tensor, optional): ``(n,)`` weights (sum mode).
+        padding_idx (int, optional): id left out of the pooling.
+        wide_ids (bool): whether ids may reach ``2**31``.
+
+    Returns:
+        ``(out, argmax)``: the ``(B, dim)`` pooled output in ``weight``'s dtype,
+        and for max mode the ``(B, dim)`` int64 position of each column's
+        maximum (-1 for a bag with no live id); an empty tensor otherwise.
+    """
+    num_rows, dim = weight.shape
+    num_bags = offsets.numel() - 1
+    out = torch.empty((num_bags, dim), dtype=weight.dtype, device=weight.device)
+    argmax_shape = (num_bags, dim) if mode == MODE_MAX else (0,)
+    argmax = torch.empty(argmax_shape, dtype=torch.int64, device=weight.device)
+    if num_bags == 0 or dim == 0:
+        return out, argmax
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    ids = ids.reshape(-1).contiguous()
+    offsets = offsets.contiguous()
+    args = dict(
+        IDS=ids,
+        OFFSETS=offsets,
+        PSW=per_sample_weights.contiguous() if per_sample_weights is not None else weight,
+        SEEDS=seeds,
+        W=weight,
+        OUT=out,
+        ARGMAX=argmax,
+        dim=dim,
+        num_rows=num_rows,
+        stride_w=weight.stride(0),
+        padding_idx=-1 if padding_idx is None else padding_idx,
+        K=num_hash_functions,
+        MODE=mode,
+        HAS_PSW=per_sample_weights is not None,
+        HAS_PADDING=padding_idx is not None,
+        WIDE_IDS=wide_ids,
+        ACC=tl.float64 if weight.dtype == torch.float64 else tl.float32,
+    )
+
+    def grid(meta):
+        return (num_bags, triton.cdiv(dim, meta["BLOCK_D"]))
+
+    launch(_bloom_bag_forward_kernel, grid, args, weight.device, key=BAG_TUNING_KEY)
+    return out, argmax

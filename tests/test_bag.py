@@ -1,0 +1,223 @@
+"""BloomEmbeddingBag: nn.EmbeddingBag's conventions on both backends, against
+the independent float64 oracle."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DEVICE, require_kernels
+from oracle import bag_backward_oracle, bag_forward_oracle
+from triton_bloom import BloomEmbedding, BloomEmbeddingBag
+from triton_bloom.functional import bloom_embedding_bag
+
+BACKENDS = ["torch", "triton"]
+MODES = ["sum", "mean", "max"]
+
+
+def make_bags(seed, num_embeddings=1000, padding_idx=None):
+    """Random bags: empty ones, single ids, repeated ids, padding."""
+    rnd = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    lengths = [rnd.choice([0, 1, 1, 2, 3, 5, 9]) for _ in range(rnd.randint(1, 7))]
+    n = sum(lengths)
+    ids = torch.randint(0, num_embeddings, (n,), generator=g)
+    if rnd.random() < 0.5:
+        ids = ids % 5  # repeats within and across bags
+    if padding_idx is not None and n:
+        ids[torch.rand(n, generator=g) < 0.3] = padding_idx
+    offsets = torch.tensor([0] + list(np.cumsum(lengths)), dtype=torch.int64)
+    return ids, offsets, g
+
+
+def check_backend(backend):
+    if backend == "triton":
+        require_kernels()
+
+
+# Every mode x weighting (per-sample weights exist in sum mode only; their
+# error in the others is tested below).
+MODE_WEIGHTING = [("sum", False), ("sum", True), ("mean", False), ("max", False)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode, weighted", MODE_WEIGHTING)
+@pytest.mark.parametrize("padding_idx", [None, 3])
+@pytest.mark.parametrize("seed", range(3))
+def test_bag_matches_oracle(backend, mode, weighted, padding_idx, seed):
+    check_backend(backend)
+    ids, offsets, g = make_bags(seed, padding_idx=padding_idx)
+    k = [1, 4, 7][seed]
+    num_rows, dim = [3, 17, 40][seed], [1, 6, 33][seed]
+    weight = torch.randn(num_rows, dim, generator=g, dtype=torch.float64)
+    psw = torch.rand(ids.numel(), generator=g, dtype=torch.float64) if weighted else None
+    num_bags = offsets.numel() - 1
+    grad_out = torch.randn(num_bags, dim, generator=g, dtype=torch.float64)
+
+    w = weight.clone().to(DEVICE).requires_grad_(True)
+    p = psw.clone().to(DEVICE).requires_grad_(True) if weighted else None
+    use_last = seed % 2 == 0
+    offs = offsets if use_last else offsets[:-1]
+    out = bloom_embedding_bag(ids.to(DEVICE), w, offs.to(DEVICE), k, mode, p, padding_idx, use_last,
+                              num_embeddings=1000, backend=backend)  # fmt: skip
+    expected = bag_forward_oracle(ids.numpy(), offsets.numpy(), weight.numpy(), k, mode,
+                                  None if psw is None else psw.numpy(), padding_idx)  # fmt: skip
+    assert out.shape == (num_bags, dim)
+    np.testing.assert_allclose(out.detach().cpu().numpy(), expected, atol=1e-10, rtol=1e-10)
+
+    out.backward(grad_out.to(DEVICE))
+    grad_w, grad_psw = bag_backward_oracle(ids.numpy(), offsets.numpy(), weight.numpy(), k, mode, grad_out.numpy(),
+                                           None if psw is None else psw.numpy(), padding_idx)  # fmt: skip
+    np.testing.assert_allclose(w.grad.cpu().numpy(), grad_w, atol=1e-10, rtol=1e-10)
+    if weighted:
+        np.testing.assert_allclose(p.grad.cpu().numpy(), grad_psw, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("seed", range(8))
+def test_bag_kernels_match_reference_float32(mode, seed):
+    require_kernels()
+    padding_idx = [None, 3][seed % 2]
+    ids, offsets, g = make_bags(100 + seed, padding_idx=padding_idx)
+    k, dim = [2, 4, 24, 3][seed % 4], [5, 32, 70, 16][seed % 4]
+    weight = torch.randn(29, dim, generator=g)
+    psw = torch.rand(ids.numel(), generator=g) if mode == "sum" and seed % 3 else None
+    grad_out = torch.randn(offsets.numel() - 1, dim, generator=g)
+    results = []
+    for backend in BACKENDS:
+        w = weight.clone().to(DEVICE).requires_grad_(True)
+        p = psw.clone().to(DEVICE).requires_grad_(True) if psw is not None else None
+        out = bloom_embedding_bag(ids.to(DEVICE), w, offsets[:-1].to(DEVICE), k, mode, p, padding_idx,
+                                  backend=backend)  # fmt: skip
+        out.backward(grad_out.to(DEVICE))
+        results.append((out.detach(), w.grad, None if p is None else p.grad))
+    (ref_out, ref_gw, ref_gp), (out, gw, gp) = results
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gw, ref_gw, atol=1e-5, rtol=1e-5)
+    if psw is not None:
+        torch.testing.assert_close(gp, ref_gp, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_2d_input_equals_offsets(backend, mode):
+    check_backend(backend)
+    torch.manual_seed(0)
+    bag = BloomEmbeddingBag(500, 12, mode=mode, padding_idx=7, backend=backend, device=DEVICE)
+    ids = torch.randint(0, 500, (6, 4), device=DEVICE)
+    ids[1, 2] = 7
+    ids[3] = 7  # an all-padding bag gives zeros
+    out2d = bag(ids)
+    out1d = bag(ids.reshape(-1), torch.arange(0, 24, 4, device=DEVICE))
+    torch.testing.assert_close(out2d, out1d)
+    assert not out2d[3].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_id_gets_the_same_vector_in_both_modules(backend):
+    check_backend(backend)
+    torch.manual_seed(1)
+    emb = BloomEmbedding(1000, 9, num_hash_functions=5, padding_idx=None, backend=backend, device=DEVICE)
+    bag = BloomEmbeddingBag(1000, 9, num_hash_functions=5, backend=backend, device=DEVICE)
+    bag.load_state_dict(emb.state_dict())
+    ids = torch.randint(0, 1000, (20,), device=DEVICE)
+    for mode in MODES:
+        bag.mode = mode
+        torch.testing.assert_close(bag(ids.view(-1, 1)), emb(ids), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_input_and_empty_bags(backend):
+    check_backend(backend)
+    bag = BloomEmbeddingBag(100, 4, mode="mean", backend=backend, device=DEVICE)
+    empty = torch.empty(0, dtype=torch.long, device=DEVICE)
+    assert bag(empty, torch.zeros(3, dtype=torch.long, device=DEVICE)).abs().sum() == 0
+    assert bag(empty, torch.zeros(3, dtype=torch.long, device=DEVICE)).shape == (3, 4)
+    assert bag(torch.empty(5, 0, dtype=torch.long, device=DEVICE)).shape == (5, 4)
+    bag.include_last_offset = True
+    assert bag(empty, torch.zeros(1, dtype=torch.long, device=DEVICE)).shape == (0, 4)
+    out = bag(torch.tensor([5, 6], device=DEVICE), torch.tensor([0, 0, 2, 2], device=DEVICE))
+    assert out.shape == (3, 4) and not out[0].any() and not out[2].any() and out[1].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_sample_weights_in_2d(backend):
+    check_backend(backend)
+    torch.manual_seed(2)
+    bag = BloomEmbeddingBag(100, 3, backend=backend, device=DEVICE)
+    ids = torch.randint(0, 100, (4, 3), device=DEVICE)
+    psw = torch.rand(4, 3, device=DEVICE)
+    out = bag(ids, per_sample_weights=psw)
+    emb = BloomEmbedding(100, 3, padding_idx=None, backend=backend, device=DEVICE)
+    emb.load_state_dict(bag.state_dict())
+    torch.testing.assert_close(out, (emb(ids) * psw.unsqueeze(-1)).sum(1), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_weight_and_per_sample_weights(backend):
+    check_backend(backend)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 30, (9,), generator=g).to(DEVICE)
+    offsets = torch.tensor([0, 2, 2, 6], device=DEVICE)
+    weight = torch.randn(7, 3, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_(True)
+    psw = torch.rand(9, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_(True)
+
+    def f(w, p):
+        return bloom_embedding_bag(ids, w, offsets, 3, "sum", p, padding_idx=int(ids[0]), backend=backend)
+
+    assert torch.autograd.gradcheck(f, (weight, psw))
+    for mode in ("mean", "max"):
+        assert torch.autograd.gradcheck(
+            lambda w: bloom_embedding_bag(ids, w, offsets, 3, mode, backend=backend), (weight,)
+        )
+
+
+def test_bag_custom_ops_opcheck():
+    require_kernels()
+    from triton_bloom import ops
+
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 50, (7,), generator=g).to(DEVICE)
+    offsets = torch.tensor([0, 3, 3, 7], device=DEVICE)
+    weight = torch.randn(11, 5, generator=g).to(DEVICE).requires_grad_(True)
+    psw = torch.rand(7, generator=g).to(DEVICE).requires_grad_(True)
+    torch.library.opcheck(ops.bloom_bag_forward, (ids, offsets, weight, psw, 3, 0, None, False))
+    torch.library.opcheck(ops.bloom_bag_forward, (ids, offsets, weight, None, 3, 2, 1, False))
+
+
+def test_module_state_and_repr():
+    bag = BloomEmbeddingBag(1000, 16, mode="max", include_last_offset=True)
+    assert list(bag.state_dict()) == ["embeddings.weight"]
+    assert bag.weight is bag.embeddings.weight and bag.weight.shape == (200, 16)
+    assert bag.padding_idx is None
+    assert "mode='max'" in repr(bag) and "include_last_offset=True" in repr(bag)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda b: b(torch.tensor([1, 2, 3]), torch.tensor([1, 2])), ValueError, r"offsets\[0\] has to be 0.*got 1"),
+        (lambda b: b(torch.tensor([1, 2, 3]), torch.tensor([0, 2, 1])), ValueError, r"offsets\[1\]=2 > offsets\[2\]=1"),
+        (lambda b: b(torch.tensor([1, 2, 3]), torch.tensor([0, 5])), ValueError, "offset 5 > input length 3"),
+        (lambda b: b(torch.tensor([[1, 2]]), torch.tensor([0])), ValueError, "2-D"),
+        (lambda b: b(torch.tensor([1, 2])), ValueError, "offsets has to be a 1-D Tensor"),
+        (lambda b: b(torch.tensor([1, 2]), torch.tensor([[0]])), ValueError, "1-D"),
+        (lambda b: b(torch.tensor([1, 2]), torch.tensor([0.0])), TypeError, "offsets"),
+        (lambda b: b(torch.tensor([[[1]]])), ValueError, "1-D or 2-D"),
+        (lambda b: b(torch.tensor([1, 2]), torch.tensor([0]), torch.ones(3)), ValueError, r"shape of input \(2,\)"),
+        (lambda b: b(torch.tensor([1, 200]), torch.tensor([0])), IndexError, "200"),
+        (lambda b: b(torch.tensor([1.0, 2.0]), torch.tensor([0])), TypeError, "float"),
+    ],
+)
+def test_bad_input_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call(BloomEmbeddingBag(100, 4))
+
+
+def test_per_sample_weights_need_sum_mode():
+    for mode in ("mean", "max"):
+        with pytest.raises(NotImplementedError, match=f"mode='{mode}'"):
+            BloomEmbeddingBag(100, 4, mode=mode)(torch.tensor([1, 2]), torch.tensor([0]), torch.ones(2))
+    with pytest.raises(ValueError, match="mode"):
+        BloomEmbeddingBag(100, 4, mode="median")
