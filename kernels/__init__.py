@@ -10,6 +10,8 @@ from .bag_backward import bloom_bag_backward
 from .bag_forward import MODE_MAX, MODE_MEAN, MODE_SUM, bloom_bag_forward
 from .forward import bloom_forward
 from .hashing import bloom_hash
+from .optimizer import FUSED_ROWWISE_ADAGRAD, FUSED_SGD, bloom_rowwise_update
+from .segment import bloom_row_gradients
 
 __all__ = [
     "bloom_forward",
@@ -17,6 +19,10 @@ __all__ = [
     "bloom_bag_forward",
     "bloom_bag_backward",
     "bloom_hash",
+    "bloom_row_gradients",
+    "bloom_rowwise_update",
+    "FUSED_SGD",
+    "FUSED_ROWWISE_ADAGRAD",
     "interpreting",
     "MODE_SUM",
     "MODE_MEAN",

@@ -100,7 +100,10 @@ def launch(kernel, grid_for, args, device, reset_to_zero=None, key=TUNING_KEY):
     if interpreting():
         kernel[grid_for(INTERPRETER_META)](**args, **INTERPRETER_META)
         return
-    # Triton launches on the current CUDA device: make it the tensors' one.
-    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with guard:
+    with device_guard(device):
         tuned(kernel, reset_to_zero, key)[grid_for](**args)
+
+
+def device_guard(device):
+    """Triton launches on the current CUDA device: make it ``device``."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .autotune import device_guard
+
 
 @triton.jit
 def _rotl32(x, r: tl.constexpr):
@@ -97,8 +99,9 @@ def bloom_hash(ids, seeds, num_hash_functions, num_rows, wide_ids=True):
     n = ids.numel()
     if n:
         block_n = 128
-        _bloom_hash_kernel[(triton.cdiv(n, block_n),)](
-            ids.reshape(-1).contiguous(), seeds, rows, n, num_rows,
-            K=num_hash_functions, WIDE_IDS=wide_ids, BLOCK_N=block_n,
-        )  # fmt: skip
+        with device_guard(ids.device):
+            _bloom_hash_kernel[(triton.cdiv(n, block_n),)](
+                ids.reshape(-1).contiguous(), seeds, rows, n, num_rows,
+                K=num_hash_functions, WIDE_IDS=wide_ids, BLOCK_N=block_n,
+            )  # fmt: skip
     return rows

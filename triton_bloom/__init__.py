@@ -5,9 +5,10 @@ times smaller: each id is hashed by ``k`` murmurhash3 functions (Spotlight's
 seeds, bit for bit) and its vector is the sum of the ``k`` rows.
 """
 
-from . import functional
+from . import functional, optim
 from .dispatch import triton_available
 from .hashing import SEEDS, bloom_hash
+from .optim import FusedRowWiseAdagrad, FusedSGD
 from .modules import BloomEmbedding, BloomEmbeddingBag, ScaledEmbedding, ScaledEmbeddingBag, ZeroEmbedding
 
 __version__ = "0.1.0"
@@ -16,10 +17,13 @@ __all__ = [
     "SEEDS",
     "BloomEmbedding",
     "BloomEmbeddingBag",
+    "FusedSGD",
+    "FusedRowWiseAdagrad",
     "ScaledEmbedding",
     "ScaledEmbeddingBag",
     "ZeroEmbedding",
     "bloom_hash",
     "functional",
+    "optim",
     "triton_available",
 ]

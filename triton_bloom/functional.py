@@ -6,13 +6,34 @@ from typing import Optional
 
 import torch
 
-from . import dispatch, ops
+from . import dispatch, ops, rowwise
 from .hashing import WIDE_ID_START, check_num_hash_functions, hash_rows
+from .optim import FUSED_OPTIMIZERS
 from .reference import bloom_bag_reference, bloom_embedding_reference
 
 __all__ = ["bloom_embedding", "bloom_embedding_bag", "check_ids", "bag_layout"]
 
 MODES = ("sum", "mean", "max")
+
+
+WEIGHT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_weight(weight: torch.Tensor) -> None:
+    """Raise unless ``weight`` is a 2-D table of a supported float dtype."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D (num_rows, embedding_dim) Tensor, got {getattr(weight, 'shape', weight)}")
+    if weight.dtype not in WEIGHT_DTYPES:
+        raise TypeError(f"weight must be float32, float64, float16 or bfloat16, got dtype {weight.dtype}")
+
+
+def check_training_options(sparse: bool, fused_optimizer) -> None:
+    if fused_optimizer is not None and not isinstance(fused_optimizer, FUSED_OPTIMIZERS):
+        raise TypeError(
+            f"fused_optimizer must be a triton_bloom.optim.FusedSGD or FusedRowWiseAdagrad, got {fused_optimizer!r}"
+        )
+    if sparse and fused_optimizer is not None:
+        raise ValueError("sparse=True and a fused_optimizer exclude each other: the fused step leaves no gradient")
 
 
 def check_ids(ids: torch.Tensor, num_embeddings: Optional[int]) -> None:
@@ -53,6 +74,8 @@ def bloom_embedding(
     num_embeddings: Optional[int] = None,
     hash_cache: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    sparse: bool = False,
+    fused_optimizer=None,
 ) -> torch.Tensor:
     r"""Look up the Bloom embedding of every id: the sum of the ``k`` rows of
     ``weight`` that the id's murmurhash3 hashes select.
@@ -67,6 +90,11 @@ def bloom_embedding(
         hash_cache (Tensor, optional): precomputed ``(num_embeddings, k)`` rows,
             as :func:`triton_bloom.bloom_hash` gives them, used instead of hashing.
         backend (str): ``"auto"``, ``"triton"`` or ``"torch"``.
+        sparse (bool): ``weight``'s gradient is a coalesced sparse COO tensor
+            over the touched rows, as with ``nn.Embedding(sparse=True)``.
+        fused_optimizer (FusedSGD or FusedRowWiseAdagrad, optional): update
+            the touched rows of ``weight`` inside the backward pass instead of
+            returning a gradient (see :mod:`triton_bloom.optim`).
 
     Shape:
         - Input: :math:`(*)`
@@ -82,8 +110,8 @@ def bloom_embedding(
     """
     check_num_hash_functions(num_hash_functions)
     dispatch.check_backend(backend)
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (num_rows, embedding_dim), got shape {tuple(weight.shape)}")
+    check_weight(weight)
+    check_training_options(sparse, fused_optimizer)
     check_ids(input, num_embeddings)
     if input.device != weight.device:
         raise RuntimeError(f"input is on {input.device} but weight is on {weight.device}")
@@ -96,8 +124,12 @@ def bloom_embedding(
                 f"got {tuple(hash_cache.shape)}"
             )
         rows = hash_cache.index_select(0, input.reshape(-1)).view(*input.shape, num_hash_functions)
-    if dispatch.use_triton(backend, weight.device):
-        wide_ids = input.dtype == torch.int64 and (num_embeddings is None or num_embeddings > WIDE_ID_START)
+    use_triton = dispatch.use_triton(backend, weight.device)
+    wide_ids = input.dtype == torch.int64 and (num_embeddings is None or num_embeddings > WIDE_ID_START)
+    if sparse or fused_optimizer is not None:
+        return rowwise.RowwiseEmbedding.apply(weight, input, rows, num_hash_functions, padding_idx, wide_ids,
+                                              use_triton, sparse, fused_optimizer)  # fmt: skip
+    if use_triton:
         return ops.bloom_forward(input, weight, rows, num_hash_functions, padding_idx, wide_ids)
     if rows is None:
         rows = hash_rows(input, num_hash_functions, num_rows)
@@ -199,6 +231,8 @@ def bloom_embedding_bag(
     *,
     num_embeddings: Optional[int] = None,
     backend: str = "auto",
+    sparse: bool = False,
+    fused_optimizer=None,
 ) -> torch.Tensor:
     r"""Pool the Bloom embeddings of bags of ids, as
     :func:`torch.nn.functional.embedding_bag` pools rows.
@@ -222,6 +256,9 @@ def bloom_embedding_bag(
             the last bag (CSR layout).
         num_embeddings (int, optional): ids must be below it.
         backend (str): ``"auto"``, ``"triton"`` or ``"torch"``.
+        sparse (bool): ``weight``'s gradient is a coalesced sparse COO tensor.
+        fused_optimizer (FusedSGD or FusedRowWiseAdagrad, optional): update
+            the touched rows inside the backward pass (see :mod:`triton_bloom.optim`).
 
     Shape:
         - Output: :math:`(B, H)`; empty bags give zeros.
@@ -235,16 +272,21 @@ def bloom_embedding_bag(
     """
     check_num_hash_functions(num_hash_functions)
     dispatch.check_backend(backend)
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (num_rows, embedding_dim), got shape {tuple(weight.shape)}")
+    check_weight(weight)
+    check_training_options(sparse, fused_optimizer)
     ids, offsets, per_sample_weights = bag_layout(input, offsets, per_sample_weights, mode, include_last_offset)
     check_ids(ids, num_embeddings)
     if ids.device != weight.device:
         raise RuntimeError(f"input is on {ids.device} but weight is on {weight.device}")
-    if dispatch.use_triton(backend, weight.device):
-        wide_ids = ids.dtype == torch.int64 and (num_embeddings is None or num_embeddings > WIDE_ID_START)
-        if per_sample_weights is not None:
-            per_sample_weights = per_sample_weights.to(weight.dtype)
+    use_triton = dispatch.use_triton(backend, weight.device)
+    wide_ids = ids.dtype == torch.int64 and (num_embeddings is None or num_embeddings > WIDE_ID_START)
+    if per_sample_weights is not None:
+        per_sample_weights = per_sample_weights.to(weight.dtype)
+    if sparse or fused_optimizer is not None:
+        return rowwise.RowwiseEmbeddingBag.apply(weight, per_sample_weights, ids, offsets, num_hash_functions,
+                                                 MODES.index(mode), padding_idx, wide_ids, use_triton, sparse,
+                                                 fused_optimizer)  # fmt: skip
+    if use_triton:
         out, _ = ops.bloom_bag_forward(
             ids, offsets, weight, per_sample_weights, num_hash_functions, MODES.index(mode), padding_idx, wide_ids
         )

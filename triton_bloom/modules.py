@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from . import dispatch
-from .functional import MODES, bloom_embedding, bloom_embedding_bag
+from .functional import MODES, WEIGHT_DTYPES, bloom_embedding, bloom_embedding_bag, check_training_options
 from .hashing import bloom_hash, check_num_hash_functions
 
 __all__ = ["BloomEmbedding", "BloomEmbeddingBag", "ScaledEmbedding", "ZeroEmbedding", "ScaledEmbeddingBag"]
@@ -114,8 +114,11 @@ class _BloomTable(nn.Module):
     parameters, and the compressed table as the submodule ``embeddings``."""
 
     def __init__(self, num_embeddings, embedding_dim, compression_ratio, num_hash_functions, padding_idx,
-                 num_rows, backend, device, dtype):  # fmt: skip
+                 num_rows, backend, sparse, fused_optimizer, device, dtype):  # fmt: skip
         super().__init__()
+        if dtype is not None and dtype not in WEIGHT_DTYPES:
+            raise TypeError(f"dtype must be float32, float64, float16 or bfloat16, got {dtype}")
+        check_training_options(sparse, fused_optimizer)
         if num_embeddings is not None:
             _positive_int("num_embeddings", num_embeddings)
         _positive_int("embedding_dim", embedding_dim)
@@ -128,6 +131,8 @@ class _BloomTable(nn.Module):
         self.padding_idx = normalize_padding_idx(padding_idx, num_embeddings)
         self.num_rows = compressed_rows(num_embeddings, compression_ratio, num_rows)
         self.backend = backend
+        self.sparse = sparse
+        self.fused_optimizer = fused_optimizer
         self.embeddings = ScaledEmbedding(self.num_rows, embedding_dim, device=device, dtype=dtype)
 
     @property
@@ -145,6 +150,10 @@ class _BloomTable(nn.Module):
             s += f", padding_idx={self.padding_idx}"
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
+        if self.sparse:
+            s += ", sparse=True"
+        if self.fused_optimizer is not None:
+            s += f", fused_optimizer={self.fused_optimizer!r}"
         return s
 
 
@@ -179,6 +188,14 @@ class BloomEmbedding(_BloomTable):
             of hashing in every call. Default: ``False``.
         backend (str): ``"auto"`` (Triton kernels for CUDA tensors when
             Triton imports, else PyTorch), ``"triton"`` or ``"torch"``.
+        sparse (bool): ``weight.grad`` is a coalesced sparse COO tensor over the
+            touched rows, as with ``nn.Embedding(sparse=True)`` (for
+            ``torch.optim.SparseAdam``, ``SGD``, ``Adagrad``). Default: ``False``.
+        fused_optimizer (FusedSGD or FusedRowWiseAdagrad, optional): train the
+            table inside the backward pass, touched rows only, with no
+            gradient tensor (see :mod:`triton_bloom.optim`). Default: ``None``.
+        device, dtype: of the table; float32, float64, float16 or bfloat16
+            (half-precision tables sum and accumulate in float32).
 
     Attributes:
         embeddings (ScaledEmbedding): the compressed table; its weight of shape
@@ -211,11 +228,13 @@ class BloomEmbedding(_BloomTable):
         num_rows: Optional[int] = None,
         hash_cache: bool = False,
         backend: str = "auto",
+        sparse: bool = False,
+        fused_optimizer=None,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__(num_embeddings, embedding_dim, compression_ratio, num_hash_functions, padding_idx,
-                         num_rows, backend, device, dtype)  # fmt: skip
+                         num_rows, backend, sparse, fused_optimizer, device, dtype)  # fmt: skip
         self._bag = bag
         self.hash_cache: Optional[torch.Tensor]
         if hash_cache:
@@ -237,6 +256,8 @@ class BloomEmbedding(_BloomTable):
             num_embeddings=self.num_embeddings,
             hash_cache=self.hash_cache,
             backend=self.backend,
+            sparse=self.sparse,
+            fused_optimizer=self.fused_optimizer,
         )
 
     def extra_repr(self) -> str:
@@ -270,6 +291,10 @@ class BloomEmbeddingBag(_BloomTable):
             too (CSR layout). Default: ``False``.
         num_rows (int, optional): the table's rows, overriding ``compression_ratio``.
         backend (str): ``"auto"``, ``"triton"`` or ``"torch"``.
+        sparse (bool): sparse COO ``weight.grad``, as in ``nn.EmbeddingBag``.
+        fused_optimizer (FusedSGD or FusedRowWiseAdagrad, optional): train the
+            table inside the backward pass (see :mod:`triton_bloom.optim`).
+        device, dtype: of the table (float32, float64, float16 or bfloat16).
 
     Attributes:
         embeddings (ScaledEmbedding): the compressed table (state key
@@ -312,13 +337,15 @@ class BloomEmbeddingBag(_BloomTable):
         include_last_offset: bool = False,
         num_rows: Optional[int] = None,
         backend: str = "auto",
+        sparse: bool = False,
+        fused_optimizer=None,
         device=None,
         dtype=None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode has to be one of {MODES}, got {mode!r}")
         super().__init__(num_embeddings, embedding_dim, compression_ratio, num_hash_functions, padding_idx,
-                         num_rows, backend, device, dtype)  # fmt: skip
+                         num_rows, backend, sparse, fused_optimizer, device, dtype)  # fmt: skip
         self.mode = mode
         self.include_last_offset = include_last_offset
 
@@ -339,6 +366,8 @@ class BloomEmbeddingBag(_BloomTable):
             self.include_last_offset,
             num_embeddings=self.num_embeddings,
             backend=self.backend,
+            sparse=self.sparse,
+            fused_optimizer=self.fused_optimizer,
         )
 
     def extra_repr(self) -> str:

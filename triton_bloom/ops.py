@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from . import rowwise
 from .dispatch import kernels
 from .hashing import seed_tensor
 
@@ -55,7 +56,16 @@ def bloom_backward(
     wide_ids: bool,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Triton backward: the dense ``(num_rows, dim)`` table gradient."""
+    """Triton backward: the dense ``(num_rows, dim)`` table gradient.
+
+    Atomic adds make the float sums' order, and so their last bits, vary run
+    to run; under ``torch.use_deterministic_algorithms(True)`` the rows are
+    summed by a sort and segment reduction instead.
+    """
+    if torch.are_deterministic_algorithms_enabled():
+        rows = rowwise.id_rows(ids, num_hash_functions, num_rows, rows, wide_ids, use_triton=True)
+        unique_rows, values = rowwise.embedding_row_gradients(ids, rows, grad_out, padding_idx, use_triton=True)
+        return rowwise.densify(unique_rows, values, num_rows, dtype)
     return kernels().bloom_backward(
         grad_out, ids, seed_tensor(grad_out.device), num_rows, num_hash_functions,
         padding_idx, rows, wide_ids, dtype,
@@ -133,7 +143,19 @@ def bloom_bag_backward(
     psw_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton bag backward: the ``(num_rows, dim)`` table gradient and the
-    ``(n,)`` per-sample weights' gradient (empty unless ``psw_grad``)."""
+    ``(n,)`` per-sample weights' gradient (empty unless ``psw_grad``);
+    deterministic under ``torch.use_deterministic_algorithms(True)``."""
+    if torch.are_deterministic_algorithms_enabled():
+        rows = rowwise.id_rows(ids, num_hash_functions, weight.shape[0], None, wide_ids, use_triton=True)
+        grad_psw = weight.new_empty((0,))
+        if psw_grad:
+            grad_psw = rowwise.per_sample_weights_gradient(
+                ids, offsets, weight, rows, grad_out, padding_idx, True, wide_ids
+            ).to(per_sample_weights.dtype)
+        unique_rows, values = rowwise.bag_row_gradients(
+            ids, offsets, rows, grad_out, mode, per_sample_weights, padding_idx, argmax, use_triton=True
+        )
+        return rowwise.densify(unique_rows, values, weight.shape[0], weight.dtype), grad_psw
     grad_weight, grad_psw = kernels().bloom_bag_backward(
         grad_out, ids, offsets, weight, seed_tensor(weight.device), num_hash_functions, mode,
         per_sample_weights, argmax, padding_idx, wide_ids, psw_grad,

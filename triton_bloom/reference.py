@@ -24,6 +24,8 @@ __all__ = [
     "bloom_backward_reference",
     "bloom_embedding_reference",
     "bloom_bag_reference",
+    "bloom_row_gradients_reference",
+    "bloom_bag_argmax_reference",
     "bag_sizes",
 ]
 
@@ -160,13 +162,7 @@ def bloom_bag_reference(
     live = None if padding_idx is None else ids != padding_idx
     if mode == "max":
         vectors = bloom_embedding_reference(ids, weight, rows, padding_idx)
-        positions = torch.arange(n, device=ids.device)
-        if live is not None:
-            # Padding ids point at an extra row that embedding_bag leaves out.
-            positions = positions.masked_fill(~live, n)
-            vectors = torch.cat([vectors, vectors.new_zeros(1, dim)])
-        return F.embedding_bag(positions, vectors, offsets, mode="max", include_last_offset=True,
-                               padding_idx=None if live is None else n)  # fmt: skip
+        return _max_pool(vectors, offsets, live)[0]
     # Each id becomes k entries of one flat bag: offsets scale by k, and the
     # id's weight (its per-sample weight, 0 for padding, 1/count for mean)
     # repeats k times.
@@ -182,3 +178,55 @@ def bloom_bag_reference(
         weights = weights.to(weight.dtype).unsqueeze(1).expand(n, k).reshape(-1)
     return F.embedding_bag(flat_rows, weight, (offsets * k).to(flat_rows.dtype), mode="sum",
                            per_sample_weights=weights, include_last_offset=True)  # fmt: skip
+
+
+def _max_pool(vectors, offsets, live):
+    """``embedding_bag``'s max over per-id vectors: ``(out, argmax)``, where
+    ``argmax`` holds the position of each column's maximum (-1 in bags with
+    no live id)."""
+    n, dim = vectors.shape
+    positions = torch.arange(n, device=vectors.device)
+    padding = None
+    if live is not None:
+        # Padding ids point at an extra row that embedding_bag leaves out.
+        positions = positions.masked_fill(~live, n)
+        vectors = torch.cat([vectors, vectors.new_zeros(1, dim)])
+        padding = n
+    out, _, _, argmax = torch.embedding_bag(vectors, positions, offsets, False, 2, False, None, True, padding)
+    empty = bag_sizes(offsets, live if live is not None else torch.ones_like(positions, dtype=torch.bool)) == 0
+    return out, argmax.masked_fill(empty.unsqueeze(1), -1)
+
+
+def bloom_bag_argmax_reference(ids, offsets, weight, rows, padding_idx=None):
+    """Position of each bag's per-column maximum, as the max-mode forward
+    kernel records it: ``(B, dim)`` int64, -1 for bags with no live id."""
+    vectors = bloom_forward_reference(ids, weight, rows, padding_idx)
+    live = None if padding_idx is None else ids != padding_idx
+    return _max_pool(vectors, offsets, live)[1]
+
+
+def bloom_row_gradients_reference(
+    rows: torch.Tensor,
+    sources: torch.Tensor,
+    grad: torch.Tensor,
+    scales: Optional[torch.Tensor] = None,
+    keep: Optional[torch.Tensor] = None,
+):
+    """Sum ``grad[sources[i]] * scales[i]`` into each of ``rows[i, :]``, per
+    touched row: the twin of ``kernels.bloom_row_gradients``.
+
+    Returns ``(unique_rows, values)``: sorted ``(u,)`` int64 rows and their
+    ``(u, dim)`` gradients in float32 (float64 for float64 ``grad``).
+    """
+    if keep is not None:
+        rows, sources = rows[keep], sources[keep]
+        scales = scales[keep] if scales is not None else None
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    unique_rows, inverse = torch.unique(rows.to(torch.int64), sorted=True, return_inverse=True)
+    contrib = grad.to(acc).index_select(0, sources)
+    if scales is not None:
+        contrib = contrib * scales.to(acc).unsqueeze(1)
+    values = torch.zeros((unique_rows.numel(), grad.shape[1]), dtype=acc, device=grad.device)
+    for j in range(rows.shape[1]):
+        values.index_add_(0, inverse[:, j], contrib)
+    return unique_rows, values

@@ -1,0 +1,75 @@
+"""Fused sparse optimizers: update only the touched rows of the table, from
+their aggregated gradients, in place; no dense gradient ever exists."""
+
+import torch
+import triton
+import triton.language as tl
+
+from .autotune import device_guard
+
+# Optimizers, as the `OPTIMIZER` constexpr sees them.
+FUSED_SGD, FUSED_ROWWISE_ADAGRAD = 0, 1
+
+
+@triton.jit
+def _bloom_rowwise_update_kernel(
+    ROWS,  # (u,) int64 unique touched rows
+    VALUES,  # (u, dim) float32/float64 their summed gradients, contiguous
+    W,  # (num_rows, dim) the table, updated in place; rows `stride_w` apart
+    STATE,  # (num_rows,) float32 row-wise Adagrad sums of mean squared gradients
+    dim,  # embedding_dim
+    stride_w,  # elements between two rows of W
+    lr,  # learning rate
+    eps,  # Adagrad's denominator floor
+    OPTIMIZER: tl.constexpr,  # 0 SGD, 1 row-wise Adagrad
+    BLOCK_D: tl.constexpr,
+):
+    u = tl.program_id(0).to(tl.int64)
+    row = tl.load(ROWS + u)
+    step = lr
+    if OPTIMIZER == 1:
+        # Row-wise Adagrad needs the whole row's gradient before any update.
+        squares = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for d0 in range(0, dim, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            g = tl.load(VALUES + u * dim + offs_d, mask=offs_d < dim, other=0.0).to(tl.float32)
+            squares += g * g
+        state = tl.load(STATE + row) + tl.sum(squares, axis=0) / dim
+        tl.store(STATE + row, state)
+        step = lr / (tl.sqrt(state) + eps)
+    for d0 in range(0, dim, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = offs_d < dim
+        g = tl.load(VALUES + u * dim + offs_d, mask=mask, other=0.0)
+        ptrs = W + row * stride_w + offs_d
+        w = tl.load(ptrs, mask=mask, other=0.0)
+        acc_ty = VALUES.dtype.element_ty
+        tl.store(ptrs, (w.to(acc_ty) - step * g).to(W.dtype.element_ty), mask=mask)
+
+
+def bloom_rowwise_update(weight, rows, values, optimizer, lr, eps=0.0, state=None):
+    """Apply one optimizer step to ``weight``'s ``rows``, in place.
+
+    Args:
+        weight (Tensor): the ``(num_rows, dim)`` table.
+        rows (Tensor): ``(u,)`` unique rows (from ``bloom_row_gradients``).
+        values (Tensor): their ``(u, dim)`` gradients.
+        optimizer (int): ``FUSED_SGD`` or ``FUSED_ROWWISE_ADAGRAD``.
+        lr (float): learning rate.
+        eps (float): row-wise Adagrad's ``eps``.
+        state (Tensor, optional): ``(num_rows,)`` float32 row-wise Adagrad state,
+            updated in place.
+    """
+    dim = weight.shape[1]
+    if rows.numel() == 0 or dim == 0:
+        return
+    if weight.stride(1) != 1:
+        raise ValueError("fused optimizers update the table in place: its rows must be contiguous")
+    block_d = min(256, triton.next_power_of_2(dim))
+    with device_guard(weight.device):
+        _bloom_rowwise_update_kernel[(rows.numel(),)](
+            rows.contiguous(), values.contiguous(), weight,
+            state if state is not None else values,
+            dim, weight.stride(0), float(lr), float(eps),
+            OPTIMIZER=optimizer, BLOCK_D=block_d,
+        )  # fmt: skip
