@@ -173,8 +173,9 @@ def test_gradcheck_weight_and_per_sample_weights(backend):
         )
 
 
-def test_bag_custom_ops_opcheck():
-    require_kernels()
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bag_custom_ops_opcheck(backend):
+    check_backend(backend)
     from triton_bloom import ops
 
     g = torch.Generator().manual_seed(4)
@@ -182,8 +183,13 @@ def test_bag_custom_ops_opcheck():
     offsets = torch.tensor([0, 3, 3, 7], device=DEVICE)
     weight = torch.randn(11, 5, generator=g).to(DEVICE).requires_grad_(True)
     psw = torch.rand(7, generator=g).to(DEVICE).requires_grad_(True)
-    torch.library.opcheck(ops.bloom_bag_forward, (ids, offsets, weight, psw, 3, 0, None, False))
-    torch.library.opcheck(ops.bloom_bag_forward, (ids, offsets, weight, None, 3, 2, 1, False))
+    for mode, p, pad in ((0, psw, None), (1, None, 1), (2, None, 1)):
+        torch.library.opcheck(ops.bloom_bag_forward, (ids, offsets, weight, p, 3, mode, pad, 50, backend))
+    grad_out = torch.randn(3, 5, generator=g).to(DEVICE)
+    argmax = torch.empty(0, dtype=torch.int64, device=DEVICE)
+    # The backward op is not differentiable itself: check it on plain tensors.
+    args = (grad_out, ids, offsets, weight.detach(), psw.detach(), argmax, 3, 0, None, 50, backend, True)
+    torch.library.opcheck(ops.bloom_bag_backward, args)
 
 
 def test_module_state_and_repr():

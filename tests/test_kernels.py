@@ -188,13 +188,17 @@ def test_triton_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda w: bloom_embedding(ids, w, 3, 4, num_embeddings=30, backend="triton"), (weight,))
 
 
-def test_custom_ops_opcheck():
-    require_kernels()
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_custom_ops_opcheck(backend):
+    if backend == "triton":
+        require_kernels()
     from triton_bloom import ops
 
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 50, (6,), generator=g).to(DEVICE)
     weight = torch.randn(11, 5, generator=g).to(DEVICE).requires_grad_(True)
-    torch.library.opcheck(ops.bloom_forward, (ids, weight, None, 3, 0, False))
+    cache = bloom_hash(torch.arange(50), 3, 11).to(torch.int32).to(DEVICE)
+    for hash_cache in (None, cache):
+        torch.library.opcheck(ops.bloom_forward, (ids, weight, hash_cache, 3, 0, 50, backend))
     grad_out = torch.randn(6, 5, generator=g).to(DEVICE)
-    torch.library.opcheck(ops.bloom_backward, (grad_out, ids, None, 11, 3, 0, False, torch.float32))
+    torch.library.opcheck(ops.bloom_backward, (grad_out, ids, None, 11, 3, 0, 50, backend, torch.float32))

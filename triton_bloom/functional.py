@@ -7,24 +7,13 @@ from typing import Optional
 import torch
 
 from . import dispatch, ops, rowwise
-from .hashing import WIDE_ID_START, check_num_hash_functions, hash_rows
+from .checks import check_id_range, check_id_tensor, check_offsets, check_weight
+from .hashing import check_num_hash_functions
 from .optim import FUSED_OPTIMIZERS
-from .reference import bloom_bag_reference, bloom_embedding_reference
 
-__all__ = ["bloom_embedding", "bloom_embedding_bag", "check_ids", "bag_layout"]
+__all__ = ["bloom_embedding", "bloom_embedding_bag", "bag_layout", "check_training_options"]
 
-MODES = ("sum", "mean", "max")
-
-
-WEIGHT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def check_weight(weight: torch.Tensor) -> None:
-    """Raise unless ``weight`` is a 2-D table of a supported float dtype."""
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(f"weight must be a 2-D (num_rows, embedding_dim) Tensor, got {getattr(weight, 'shape', weight)}")
-    if weight.dtype not in WEIGHT_DTYPES:
-        raise TypeError(f"weight must be float32, float64, float16 or bfloat16, got dtype {weight.dtype}")
+MODES = ops.MODES
 
 
 def check_training_options(sparse: bool, fused_optimizer) -> None:
@@ -34,35 +23,6 @@ def check_training_options(sparse: bool, fused_optimizer) -> None:
         )
     if sparse and fused_optimizer is not None:
         raise ValueError("sparse=True and a fused_optimizer exclude each other: the fused step leaves no gradient")
-
-
-def check_ids(ids: torch.Tensor, num_embeddings: Optional[int]) -> None:
-    """Raise unless ``ids`` is an integer tensor with values in ``[0, num_embeddings)``.
-
-    ``TypeError`` for a non-tensor or a float, complex or bool dtype;
-    ``IndexError`` naming the first offending value otherwise.  On CUDA the
-    range check is asynchronous (a device-side assert, as ``nn.Embedding``
-    gives there), so it costs no host synchronisation.
-    """
-    if not isinstance(ids, torch.Tensor):
-        raise TypeError(f"input must be a Tensor of integer ids, got {type(ids).__name__}")
-    if ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"input must hold int32 or int64 ids (as nn.Embedding), got dtype {ids.dtype}")
-    if ids.numel() == 0:
-        return
-    upper = num_embeddings if num_embeddings is not None else None
-    if ids.device.type == "cuda":
-        ok = ids.min() >= 0
-        if upper is not None:
-            ok = ok & (ids.max() < upper)
-        torch._assert_async(ok, f"triton_bloom: ids out of range [0, {upper})")
-        return
-    low, high = torch.aminmax(ids)
-    low, high = int(low), int(high)
-    if low < 0:
-        raise IndexError(f"index {low} is out of range: ids must be non-negative")
-    if upper is not None and high >= upper:
-        raise IndexError(f"index {high} is out of range for num_embeddings={upper}")
 
 
 def bloom_embedding(
@@ -112,50 +72,24 @@ def bloom_embedding(
     dispatch.check_backend(backend)
     check_weight(weight)
     check_training_options(sparse, fused_optimizer)
-    check_ids(input, num_embeddings)
+    check_id_tensor(input)
     if input.device != weight.device:
         raise RuntimeError(f"input is on {input.device} but weight is on {weight.device}")
-    num_rows = weight.shape[0]
-    rows = None
-    if hash_cache is not None:
-        if hash_cache.dim() != 2 or hash_cache.shape[1] != num_hash_functions:
-            raise ValueError(
-                f"hash_cache must have shape (num_embeddings, {num_hash_functions}), "
-                f"got {tuple(hash_cache.shape)}"
-            )
-        rows = hash_cache.index_select(0, input.reshape(-1)).view(*input.shape, num_hash_functions)
-    use_triton = dispatch.use_triton(backend, weight.device)
-    wide_ids = input.dtype == torch.int64 and (num_embeddings is None or num_embeddings > WIDE_ID_START)
+    if hash_cache is not None and (hash_cache.dim() != 2 or hash_cache.shape[1] != num_hash_functions):
+        raise ValueError(
+            f"hash_cache must have shape (num_embeddings, {num_hash_functions}), got {tuple(hash_cache.shape)}"
+        )
     if sparse or fused_optimizer is not None:
-        return rowwise.RowwiseEmbedding.apply(weight, input, rows, num_hash_functions, padding_idx, wide_ids,
-                                              use_triton, sparse, fused_optimizer)  # fmt: skip
-    if use_triton:
-        return ops.bloom_forward(input, weight, rows, num_hash_functions, padding_idx, wide_ids)
-    if rows is None:
-        rows = hash_rows(input, num_hash_functions, num_rows)
-    return bloom_embedding_reference(input, weight, rows, padding_idx)
-
-
-def _check_offsets(offsets: torch.Tensor, num_ids: int) -> None:
-    if offsets.device.type == "cuda":
-        ok = (offsets[0] == 0) & (offsets[-1] <= num_ids)
-        if offsets.numel() > 1:
-            ok = ok & (offsets[1:] >= offsets[:-1]).all()
-        torch._assert_async(ok, "triton_bloom: offsets must start at 0, not decrease, and stay within the input")
-        return
-    first = int(offsets[0])
-    if first != 0:
-        raise ValueError(f"offsets[0] has to be 0, i.e. the first bag starts at position 0, but got {first}")
-    last = int(offsets.max())
-    if last > num_ids:
-        raise ValueError(f"offsets point past the input: offset {last} > input length {num_ids}")
-    if offsets.numel() > 1:
-        steps = offsets[1:] - offsets[:-1]
-        if bool((steps < 0).any()):
-            i = int(torch.nonzero(steps < 0)[0])
-            raise ValueError(
-                f"offsets must not decrease, but offsets[{i}]={int(offsets[i])} > offsets[{i + 1}]={int(offsets[i + 1])}"
-            )
+        check_id_range(input, num_embeddings)
+        rows = ops.cached_rows(input, hash_cache)
+        return rowwise.RowwiseEmbedding.apply(weight, input, rows, num_hash_functions, padding_idx,
+                                              ops.wide_ids_for(input, num_embeddings),
+                                              dispatch.use_triton(backend, weight.device), sparse,
+                                              fused_optimizer)  # fmt: skip
+    # Checks that do not read tensor values happen here, before the op, so
+    # that the backend's errors surface in eager mode and at trace time alike.
+    dispatch.use_triton(backend, weight.device)
+    return ops.bloom_forward(input, weight, hash_cache, num_hash_functions, padding_idx, num_embeddings, backend)
 
 
 def bag_layout(
@@ -200,7 +134,6 @@ def bag_layout(
         else:
             end = torch.full((1,), ids.numel(), dtype=torch.int64, device=ids.device)
             full_offsets = torch.cat([full_offsets, end])
-        _check_offsets(full_offsets, ids.numel())
     else:
         raise ValueError(f"input has to be 1-D or 2-D, but got a {input.dim()}-D tensor")
     if per_sample_weights is not None:
@@ -275,21 +208,19 @@ def bloom_embedding_bag(
     check_weight(weight)
     check_training_options(sparse, fused_optimizer)
     ids, offsets, per_sample_weights = bag_layout(input, offsets, per_sample_weights, mode, include_last_offset)
-    check_ids(ids, num_embeddings)
+    check_id_tensor(ids)
     if ids.device != weight.device:
         raise RuntimeError(f"input is on {ids.device} but weight is on {weight.device}")
     use_triton = dispatch.use_triton(backend, weight.device)
-    wide_ids = ids.dtype == torch.int64 and (num_embeddings is None or num_embeddings > WIDE_ID_START)
     if per_sample_weights is not None:
         per_sample_weights = per_sample_weights.to(weight.dtype)
     if sparse or fused_optimizer is not None:
+        check_id_range(ids, num_embeddings)
+        check_offsets(offsets, ids.numel())
+        wide_ids = ops.wide_ids_for(ids, num_embeddings)
         return rowwise.RowwiseEmbeddingBag.apply(weight, per_sample_weights, ids, offsets, num_hash_functions,
                                                  MODES.index(mode), padding_idx, wide_ids, use_triton, sparse,
                                                  fused_optimizer)  # fmt: skip
-    if use_triton:
-        out, _ = ops.bloom_bag_forward(
-            ids, offsets, weight, per_sample_weights, num_hash_functions, MODES.index(mode), padding_idx, wide_ids
-        )
-        return out
-    rows = hash_rows(ids, num_hash_functions, weight.shape[0])
-    return bloom_bag_reference(ids, offsets, weight, rows, mode, per_sample_weights, padding_idx)
+    out, _ = ops.bloom_bag_forward(ids, offsets, weight, per_sample_weights, num_hash_functions, MODES.index(mode),
+                                   padding_idx, num_embeddings, backend)  # fmt: skip
+    return out

@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from . import dispatch
-from .functional import MODES, WEIGHT_DTYPES, bloom_embedding, bloom_embedding_bag, check_training_options
+from .checks import WEIGHT_DTYPES
+from .functional import MODES, bloom_embedding, bloom_embedding_bag, check_training_options
 from .hashing import bloom_hash, check_num_hash_functions
 
 __all__ = ["BloomEmbedding", "BloomEmbeddingBag", "ScaledEmbedding", "ZeroEmbedding", "ScaledEmbeddingBag"]

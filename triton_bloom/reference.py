@@ -7,9 +7,12 @@ Backward scatter-adds the output gradient into the rows with ``index_add_``,
 one call per hash function: on CPU that beats ``embedding_bag``'s own
 backward by about 2x, because it skips the sort.
 
-Bags (``bloom_bag_reference``) expand each id into its ``k`` rows and pool
-them with one ``embedding_bag``, the padding and the mean folded into
-per-sample weights; ``max`` pools the per-id vectors.
+Bags (``bloom_bag_forward_reference``) expand each id into its ``k`` rows and
+pool them with one ``embedding_bag``, the padding and the mean folded into
+per-sample weights; ``max`` pools the per-id vectors.  Bag gradients, sparse
+gradients and fused optimizer steps go per touched row
+(``bloom_row_gradients_reference``).  ``triton_bloom.ops`` joins forward and
+backward for autograd.
 """
 
 from __future__ import annotations
@@ -22,10 +25,8 @@ import torch.nn.functional as F
 __all__ = [
     "bloom_forward_reference",
     "bloom_backward_reference",
-    "bloom_embedding_reference",
-    "bloom_bag_reference",
+    "bloom_bag_forward_reference",
     "bloom_row_gradients_reference",
-    "bloom_bag_argmax_reference",
     "bag_sizes",
 ]
 
@@ -92,31 +93,6 @@ def bloom_backward_reference(
     return grad_weight.to(dtype)
 
 
-class _BloomEmbeddingReference(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, weight, ids, rows, padding_idx):
-        ctx.save_for_backward(ids, rows)
-        ctx.num_rows = weight.shape[0]
-        ctx.padding_idx = padding_idx
-        ctx.dtype = weight.dtype
-        return bloom_forward_reference(ids, weight, rows, padding_idx)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        ids, rows = ctx.saved_tensors
-        grad_weight = bloom_backward_reference(grad_out, ids, rows, ctx.num_rows, ctx.padding_idx, ctx.dtype)
-        return grad_weight, None, None, None
-
-
-def bloom_embedding_reference(
-    ids: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, padding_idx: Optional[int] = None
-) -> torch.Tensor:
-    """Differentiable :func:`bloom_forward_reference` whose backward is
-    :func:`bloom_backward_reference`."""
-    return _BloomEmbeddingReference.apply(weight, ids, rows, padding_idx)
-
-
 def bag_sizes(offsets: torch.Tensor, live: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Ids per bag, or live (non-padding) ids per bag when ``live`` is given.
 
@@ -129,7 +105,7 @@ def bag_sizes(offsets: torch.Tensor, live: Optional[torch.Tensor] = None) -> tor
     return torch.zeros(lengths.numel(), dtype=torch.int64, device=offsets.device).index_add_(0, bag_of_id, live.long())
 
 
-def bloom_bag_reference(
+def bloom_bag_forward_reference(
     ids: torch.Tensor,
     offsets: torch.Tensor,
     weight: torch.Tensor,
@@ -137,7 +113,7 @@ def bloom_bag_reference(
     mode: str = "sum",
     per_sample_weights: Optional[torch.Tensor] = None,
     padding_idx: Optional[int] = None,
-) -> torch.Tensor:
+):
     """Pool the Bloom vectors of bags of ids, as ``nn.EmbeddingBag`` pools rows.
 
     Args:
@@ -151,18 +127,21 @@ def bloom_bag_reference(
             mean's count).
 
     Returns:
-        ``(B, dim)`` Tensor, differentiable with respect to ``weight`` and
-        ``per_sample_weights``. Empty bags give zeros.
+        ``(out, argmax)``: the ``(B, dim)`` pooled vectors (empty bags give
+        zeros) and, in max mode, the ``(B, dim)`` int64 position of each
+        column's maximum (-1 in bags with no live id); an empty tensor in the
+        other modes.
     """
     n, k = rows.shape
     num_bags = offsets.numel() - 1
     dim = weight.shape[1]
+    no_argmax = torch.empty(0, dtype=torch.int64, device=weight.device)
     if n == 0:
-        return weight.new_zeros((num_bags, dim))
+        argmax = torch.full((num_bags, dim), -1, dtype=torch.int64, device=weight.device)
+        return weight.new_zeros((num_bags, dim)), argmax if mode == "max" else no_argmax
     live = None if padding_idx is None else ids != padding_idx
     if mode == "max":
-        vectors = bloom_embedding_reference(ids, weight, rows, padding_idx)
-        return _max_pool(vectors, offsets, live)[0]
+        return _max_pool(bloom_forward_reference(ids, weight, rows, padding_idx), offsets, live)
     # Each id becomes k entries of one flat bag: offsets scale by k, and the
     # id's weight (its per-sample weight, 0 for padding, 1/count for mean)
     # repeats k times.
@@ -176,8 +155,9 @@ def bloom_bag_reference(
     flat_rows = rows.reshape(-1)
     if weights is not None:
         weights = weights.to(weight.dtype).unsqueeze(1).expand(n, k).reshape(-1)
-    return F.embedding_bag(flat_rows, weight, (offsets * k).to(flat_rows.dtype), mode="sum",
-                           per_sample_weights=weights, include_last_offset=True)  # fmt: skip
+    out = F.embedding_bag(flat_rows, weight, (offsets * k).to(flat_rows.dtype), mode="sum",
+                          per_sample_weights=weights, include_last_offset=True)  # fmt: skip
+    return out, no_argmax
 
 
 def _max_pool(vectors, offsets, live):
@@ -195,14 +175,6 @@ def _max_pool(vectors, offsets, live):
     out, _, _, argmax = torch.embedding_bag(vectors, positions, offsets, False, 2, False, None, True, padding)
     empty = bag_sizes(offsets, live if live is not None else torch.ones_like(positions, dtype=torch.bool)) == 0
     return out, argmax.masked_fill(empty.unsqueeze(1), -1)
-
-
-def bloom_bag_argmax_reference(ids, offsets, weight, rows, padding_idx=None):
-    """Position of each bag's per-column maximum, as the max-mode forward
-    kernel records it: ``(B, dim)`` int64, -1 for bags with no live id."""
-    vectors = bloom_forward_reference(ids, weight, rows, padding_idx)
-    live = None if padding_idx is None else ids != padding_idx
-    return _max_pool(vectors, offsets, live)[1]
 
 
 def bloom_row_gradients_reference(

@@ -19,8 +19,7 @@ from . import dispatch
 from .hashing import hash_rows, seed_tensor
 from .reference import (
     bag_sizes,
-    bloom_bag_argmax_reference,
-    bloom_bag_reference,
+    bloom_bag_forward_reference,
     bloom_forward_reference,
     bloom_row_gradients_reference,
 )
@@ -151,7 +150,6 @@ class RowwiseEmbeddingBag(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, per_sample_weights, ids, offsets, num_hash_functions, mode, padding_idx, wide_ids,
                 use_triton, sparse, optimizer):  # fmt: skip
-        argmax = None
         if use_triton:
             out, argmax = dispatch.kernels().bloom_bag_forward(
                 ids, offsets, weight, seed_tensor(weight.device), num_hash_functions, mode,
@@ -159,8 +157,8 @@ class RowwiseEmbeddingBag(torch.autograd.Function):
             )  # fmt: skip
         else:
             rows = hash_rows(ids, num_hash_functions, weight.shape[0])
-            out = bloom_bag_reference(ids, offsets, weight, rows, ("sum", "mean", "max")[mode], per_sample_weights,
-                                      padding_idx)  # fmt: skip
+            out, argmax = bloom_bag_forward_reference(ids, offsets, weight, rows, ("sum", "mean", "max")[mode],
+                                                      per_sample_weights, padding_idx)  # fmt: skip
         ctx.save_for_backward(ids, offsets, per_sample_weights, argmax)
         ctx.args = (weight, num_hash_functions, mode, padding_idx, wide_ids, use_triton, sparse, optimizer)
         return out
@@ -176,8 +174,6 @@ class RowwiseEmbeddingBag(torch.autograd.Function):
             # Before a fused step changes the rows it reads.
             grad_psw = per_sample_weights_gradient(ids, offsets, weight, rows, grad_out, padding_idx, use_triton,
                                                    wide_ids).to(per_sample_weights.dtype)  # fmt: skip
-        if mode == MODE_MAX and argmax is None:
-            argmax = bloom_bag_argmax_reference(ids, offsets, weight, rows, padding_idx)
         unique_rows, values = bag_row_gradients(ids, offsets, rows, grad_out, mode, per_sample_weights, padding_idx,
                                                 argmax, use_triton)  # fmt: skip
         grad_weight = None
