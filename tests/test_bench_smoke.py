@@ -1,0 +1,92 @@
+"""The speed and memory benchmarks run end to end on a tiny configuration
+and write what their readers rely on: every provider, the fields, ratios
+that agree with the times, and byte counts that agree with the model."""
+
+import json
+
+import pytest
+
+import bench.memory as memory
+import bench.speed as speed
+
+REQUIRED_PROVIDERS = {"triton_bloom", "seed", "embedding_bag_cached", "reference", "full_embedding"}
+SPEED_FIELDS = {"provider", "mode", "layer", "batch", "embedding_dim", "k", "dtype", "distribution", "ms",
+                "ratio_to_seed", "hardware", "date", "torch", "gbps", "fraction_of_copy"}  # fmt: skip
+SHAPE = ("layer", "batch", "seq", "embedding_dim", "k", "dtype", "distribution", "num_embeddings", "mode")
+
+
+def _has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def speed_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("speed") / "speed.json"
+    speed.main(["--quick", "--device", "cpu", "--num-embeddings", "5000", "--batch", "8", "--repeats", "2",
+                "--warmup", "1", "--copy-mib", "4", "--out", str(out)])  # fmt: skip
+    return out, json.loads(out.read_text())
+
+
+def test_speed_rows_cover_providers_modes_and_fields(speed_run):
+    out, payload = speed_run
+    rows = payload["rows"]
+    assert REQUIRED_PROVIDERS <= {r["provider"] for r in rows}
+    assert {r["mode"] for r in rows} == set(speed.MODES)
+    assert {r["layer"] for r in rows} == {"embedding", "bag"}
+    for row in rows:
+        assert SPEED_FIELDS <= row.keys(), SPEED_FIELDS - row.keys()
+        assert row["ms"] > 0
+    # Every Bloom provider computed the seed's function.
+    assert all(r["matches_seed"] for r in rows if r["provider"] != "full_embedding")
+    assert out.with_suffix(".md").read_text().count("## ") == 6
+    if _has_matplotlib():
+        assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_speed_ratios_are_seed_ms_over_ms(speed_run):
+    rows = speed_run[1]["rows"]
+    seed_ms = {tuple(r[f] for f in SHAPE): r["ms"] for r in rows if r["provider"] == "seed"}
+    for row in rows:
+        assert row["ratio_to_seed"] == pytest.approx(seed_ms[tuple(row[f] for f in SHAPE)] / row["ms"])
+        if row["provider"] == "seed":
+            assert row["ratio_to_seed"] == 1.0
+
+
+def test_speed_cases_are_one_axis_sweeps():
+    base = speed.Case(batch=8, num_embeddings=1000)
+    cases = speed.sweep(base, embedding_dim=[16, 64], k=[1])
+    assert cases == [base, speed.Case(batch=8, num_embeddings=1000, embedding_dim=16),
+                     speed.Case(batch=8, num_embeddings=1000, k=1)]  # fmt: skip
+
+
+def test_memory_rows_measured_and_analytic(tmp_path):
+    out = tmp_path / "memory.json"
+    payload = memory.main(["--device", "cpu", "--sizes", "1000,1e9", "--embedding-dim", "8", "--batch", "8",
+                           "--seq", "2", "--out", str(out)])  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert rows == payload["rows"]
+    assert {r["provider"] for r in rows} == set(memory.PROVIDERS)
+    assert {r["optimizer"] for r in rows} == {"adam", "adagrad"}
+    kinds = {(r["num_embeddings"], r["kind"]) for r in rows}
+    assert kinds == {(1000, "measured"), (10**9, "analytic")}
+    for row in rows:
+        model = memory.analytic(memory.MemoryCase(row["provider"], row["optimizer"], row["num_embeddings"],
+                                                  embedding_dim=8, batch=8, seq=2), "cpu")  # fmt: skip
+        # Tensor bytes are exact; optimizer state adds only its step counter.
+        assert row["module_bytes"] == model["module_bytes"]
+        assert row["optimizer_state_bytes"] == pytest.approx(model["optimizer_state_bytes"], abs=64)
+        assert row["peak_step_bytes"] > 0
+        for name in ("seed", "full_embedding"):
+            peer = next(r for r in rows if r["provider"] == name and r["optimizer"] == row["optimizer"]
+                        and r["num_embeddings"] == row["num_embeddings"])  # fmt: skip
+            assert row[f"ratio_to_{name}_module"] == pytest.approx(peer["module_bytes"] / row["module_bytes"])
+    big = {r["provider"]: r for r in rows if r["num_embeddings"] == 10**9 and r["optimizer"] == "adam"}
+    # A billion ids: ours holds rows * dim floats, the seed adds 8 * k bytes per id.
+    assert big["triton_bloom"]["module_bytes"] == 2 * 10**8 * 8 * 4
+    assert big["seed"]["module_bytes"] == big["triton_bloom"]["module_bytes"] + 10**9 * 4 * 8
+    assert big["triton_bloom"]["optimizer_state_bytes"] == 2 * big["triton_bloom"]["module_bytes"]
+    assert out.with_suffix(".md").exists()
