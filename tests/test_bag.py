@@ -194,7 +194,7 @@ def test_bag_custom_ops_opcheck(backend):
 
 def test_module_state_and_repr():
     bag = BloomEmbeddingBag(1000, 16, mode="max", include_last_offset=True)
-    assert list(bag.state_dict()) == ["embeddings.weight"]
+    assert list(bag.state_dict()) == ["_extra_state", "embeddings.weight"]
     assert bag.weight is bag.embeddings.weight and bag.weight.shape == (200, 16)
     assert bag.padding_idx is None
     assert "mode='max'" in repr(bag) and "include_last_offset=True" in repr(bag)

@@ -1,5 +1,6 @@
 """BloomEmbedding and the seed's layers: construction, semantics, errors."""
 
+import io
 import os
 import subprocess
 import sys
@@ -11,7 +12,15 @@ import torch.nn as nn
 
 from conftest import DEVICE
 from oracle import forward_oracle, sklearn_rows
-from triton_bloom import BloomEmbedding, ScaledEmbedding, ScaledEmbeddingBag, ZeroEmbedding, bloom_hash
+from triton_bloom import (
+    SEEDS,
+    BloomEmbedding,
+    BloomEmbeddingBag,
+    ScaledEmbedding,
+    ScaledEmbeddingBag,
+    ZeroEmbedding,
+    bloom_hash,
+)
 
 BACKENDS = ["torch", "triton"]
 
@@ -20,7 +29,7 @@ def test_defaults_follow_the_seed():
     emb = BloomEmbedding(1000, 16)
     assert emb.num_rows == int(0.2 * 1000)
     assert emb.num_hash_functions == 4 and emb.padding_idx == 0
-    assert list(emb.state_dict()) == ["embeddings.weight"]
+    assert list(emb.state_dict()) == ["_extra_state", "embeddings.weight"]
     assert isinstance(emb.embeddings, ScaledEmbedding)
     assert emb.weight is emb.embeddings.weight
     assert emb.weight.shape == (200, 16)
@@ -121,7 +130,7 @@ def test_hash_cache_gives_identical_rows(backend):
     a = BloomEmbedding(3000, 9, num_hash_functions=5, backend=backend, device=DEVICE)
     b = BloomEmbedding(3000, 9, num_hash_functions=5, hash_cache=True, backend=backend, device=DEVICE)
     b.load_state_dict(a.state_dict())
-    assert list(b.state_dict()) == ["embeddings.weight"]  # the cache is not state
+    assert list(b.state_dict()) == ["_extra_state", "embeddings.weight"]  # the cache is not state
     assert b.hash_cache.shape == (3000, 5) and b.hash_cache.dtype == torch.int32
     assert torch.equal(b.hash_cache.cpu().long(), bloom_hash(torch.arange(3000), 5, b.num_rows))
     ids = torch.randint(0, 3000, (40,), device=DEVICE)
@@ -255,3 +264,45 @@ def test_triton_backend_on_cpu_needs_the_interpreter():
     )
     result = _run_python(code, {})
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+# Checkpoints ---------------------------------------------------------------------
+
+
+def test_state_dict_round_trip_carries_the_hash_spec():
+    torch.manual_seed(6)
+    a = BloomEmbedding(5000, 6, num_hash_functions=3)
+    state = a.state_dict()
+    spec = state["_extra_state"]["hash_spec"]
+    assert spec["seeds"] == list(SEEDS[:3]) and spec["num_rows"] == 1000 and spec["num_hash_functions"] == 3
+    b = BloomEmbedding(5000, 6, num_hash_functions=3)
+    b.load_state_dict(state)
+    ids = torch.randint(0, 5000, (30,))
+    assert torch.equal(a(ids), b(ids))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    b.load_state_dict(torch.load(buffer, weights_only=True))
+
+
+@pytest.mark.parametrize("cls", [BloomEmbedding, BloomEmbeddingBag])
+def test_checkpoint_with_other_hashing_is_refused(cls):
+    saved = cls(5000, 6, num_hash_functions=3).state_dict()
+    # Same table shape, other k: the weights would load, and be read wrongly.
+    other = cls(5000, 6, num_hash_functions=4)
+    with pytest.raises(ValueError, match="num_hash_functions: checkpoint 3, module 4"):
+        other.load_state_dict(saved)
+    tampered = dict(saved)
+    tampered["_extra_state"] = {"hash_spec": dict(saved["_extra_state"]["hash_spec"], seeds=[1, 2, 3])}
+    with pytest.raises(ValueError, match="seeds"):
+        cls(5000, 6, num_hash_functions=3).load_state_dict(tampered)
+
+
+def test_checkpoint_without_spec_loads_as_spotlights():
+    # Spotlight's state dict is just the table.
+    table = torch.randn(200, 8)
+    emb = BloomEmbedding(1000, 8)
+    emb.load_state_dict({"embeddings.weight": table})
+    assert torch.equal(emb.weight.detach(), table)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        emb.load_state_dict({"embeddings.weight": torch.randn(201, 8)})

@@ -271,7 +271,7 @@ def test_fused_optimizer_state_dict_round_trip():
     fresh = FusedRowWiseAdagrad(lr=0.5)
     fresh.load_state_dict(saved)
     assert fresh.lr == 0.1 and torch.equal(fresh.accumulator, opt.accumulator)
-    assert list(emb.state_dict()) == ["embeddings.weight"]
+    assert list(emb.state_dict()) == ["_extra_state", "embeddings.weight"]
     assert "fused_optimizer=FusedRowWiseAdagrad(lr=0.1" in repr(emb)
 
 

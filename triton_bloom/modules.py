@@ -11,7 +11,7 @@ import torch.nn as nn
 from . import dispatch
 from .checks import WEIGHT_DTYPES
 from .functional import MODES, bloom_embedding, bloom_embedding_bag, check_training_options
-from .hashing import bloom_hash, check_num_hash_functions
+from .hashing import SEEDS, bloom_hash, check_num_hash_functions
 
 __all__ = ["BloomEmbedding", "BloomEmbeddingBag", "ScaledEmbedding", "ZeroEmbedding", "ScaledEmbeddingBag"]
 
@@ -143,6 +143,45 @@ class _BloomTable(nn.Module):
 
     def reset_parameters(self) -> None:
         self.embeddings.reset_parameters()
+
+    def hash_spec(self) -> dict:
+        """Everything that decides which rows an id reads: saved in the state
+        dict (as ``_extra_state``) and checked on load, so a checkpoint is
+        never read with other hashing than it was trained with."""
+        return {
+            "algorithm": "murmurhash3_x86_32",
+            "seeds": list(SEEDS[: self.num_hash_functions]),
+            "num_hash_functions": self.num_hash_functions,
+            "num_rows": self.num_rows,
+            "id_bytes": "4 (int32) below 2**31, 8 (int64 little-endian) from 2**31",
+            "reduction": "signed hash, floor modulo num_rows",
+        }
+
+    def get_extra_state(self) -> dict:
+        return {"hash_spec": self.hash_spec()}
+
+    def set_extra_state(self, state) -> None:
+        saved = state.get("hash_spec") if isinstance(state, dict) else None
+        if saved is None:
+            raise ValueError(f"this checkpoint's extra state holds no hash specification: {state!r}")
+        mine = self.hash_spec()
+        differ = sorted(key for key in saved.keys() | mine.keys() if saved.get(key) != mine.get(key))
+        if differ:
+            details = "; ".join(f"{key}: checkpoint {saved.get(key)!r}, module {mine.get(key)!r}" for key in differ)
+            raise ValueError(
+                f"checkpoint was saved with other hashing than this {type(self).__name__} uses ({details}); "
+                "loading it would read other rows for the same ids"
+            )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # fmt: skip
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)  # fmt: skip
+        # A Spotlight checkpoint has the table and no specification: its
+        # hashing is Spotlight's, which is ours (the table's shape, which
+        # fixes num_rows, is checked with the weight).
+        if prefix + "_extra_state" in missing_keys:
+            missing_keys.remove(prefix + "_extra_state")
 
     def extra_repr(self) -> str:
         s = f"{self.num_embeddings}, {self.embedding_dim}, num_rows={self.num_rows}"
