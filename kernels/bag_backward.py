@@ -8,7 +8,7 @@ import triton.language as tl
 
 from .autotune import launch
 from .bag_forward import BAG_TUNING_KEY, MODE_MAX, MODE_MEAN, MODE_SUM
-from .hashing import bloom_rows, premix_ids
+from .hashing import bloom_rows, importance_row, premix_ids, row_factor
 
 
 @triton.jit
@@ -16,20 +16,25 @@ def _bloom_bag_backward_kernel(
     IDS,  # (n,) int32/int64 ids of all bags
     OFFSETS,  # (B + 1,) int64 bag starts, then n
     PSW,  # (n,) per-sample weights, read only when HAS_PSW
-    SEEDS,  # (>= K,) int32 murmurhash3 seeds
-    W,  # (num_rows, dim) the table, read only when PSW_GRAD
+    SEEDS,  # (49,) int32 murmurhash3 seeds: rows, signs, importance
+    W,  # (num_rows, dim) the table, read only when PSW_GRAD or HAS_IMPORTANCE
+    IMPORTANCE,  # (importance_rows, K) importance weights, read only when HAS_IMPORTANCE
     GRAD_OUT,  # (B, dim) gradient of the pooled output, contiguous
     GRAD_W,  # (num_rows, dim) float32 (float64 for float64 tables) accumulator, zeroed
     GRAD_PSW,  # (n,) float32 (float64) accumulator for the per-sample weights, zeroed
+    GRAD_IMPORTANCE,  # (importance_rows, K) float32 (float64) accumulator, zeroed
     dim,  # embedding_dim
     num_rows,  # rows of the table, the modulus of the hash
     stride_w,  # elements between two rows of W
+    importance_rows,  # rows of IMPORTANCE
     padding_idx,  # id left out of the pooling (ignored unless HAS_PADDING)
     K: tl.constexpr,
     MODE: tl.constexpr,  # 0 sum, 1 mean
     HAS_PSW: tl.constexpr,
     PSW_GRAD: tl.constexpr,  # also compute the per-sample weights' gradient
     HAS_PADDING: tl.constexpr,
+    SIGNED: tl.constexpr,
+    HAS_IMPORTANCE: tl.constexpr,
     WIDE_IDS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -69,12 +74,27 @@ def _bloom_bag_backward_kernel(
         if PSW_GRAD:
             vectors = tl.zeros((BLOCK_N, BLOCK_D), dtype=grad.dtype)
         mixed_lo, mixed_hi = premix_ids(ids, WIDE_IDS)
+        imp_rows = ids
+        if HAS_IMPORTANCE:
+            imp_rows = importance_row(ids, mixed_lo, mixed_hi, SEEDS, importance_rows, WIDE_IDS)
         for j in tl.static_range(K):
             rows = bloom_rows(ids, mixed_lo, mixed_hi, tl.load(SEEDS + j), num_rows, WIDE_IDS)
-            tl.atomic_add(GRAD_W + rows[:, None] * dim + offs_d[None, :], contrib, mask=mask, sem="relaxed")
-            if PSW_GRAD:
+            row_contrib = contrib
+            factor = tl.full((BLOCK_N,), 1.0, tl.float32)
+            if SIGNED or HAS_IMPORTANCE:
+                sign, factor = row_factor(ids, mixed_lo, mixed_hi, SEEDS, IMPORTANCE, imp_rows, live, j, K,
+                                          SIGNED, HAS_IMPORTANCE, WIDE_IDS)  # fmt: skip
+                row_contrib = contrib * factor.to(grad.dtype)[:, None]
+            tl.atomic_add(GRAD_W + rows[:, None] * dim + offs_d[None, :], row_contrib, mask=mask, sem="relaxed")
+            if PSW_GRAD or HAS_IMPORTANCE:
                 vals = tl.load(W + rows[:, None] * stride_w + offs_d[None, :], mask=mask, other=0.0)
-                vectors += vals.to(grad.dtype)
+                vals = vals.to(grad.dtype)
+                if PSW_GRAD:
+                    vectors += vals * factor.to(grad.dtype)[:, None]
+                if HAS_IMPORTANCE:
+                    # d out[bag] / d importance[r, j] = weight_i * sign * <grad, W[row_j]>.
+                    partial = tl.sum(contrib * vals, axis=1) * sign.to(grad.dtype)
+                    tl.atomic_add(GRAD_IMPORTANCE + imp_rows * K + j, partial, mask=live, sem="relaxed")
         if PSW_GRAD:
             # d out[bag] / d psw[i] = the id's vector: dot it with the gradient,
             # one partial sum per column block.
@@ -86,13 +106,20 @@ def _bloom_bag_backward_kernel(
 def _bloom_bag_max_backward_kernel(
     IDS,  # (n,) int32/int64 ids of all bags
     ARGMAX,  # (B, dim) int64 position in IDS of each column's max, -1 for none
-    SEEDS,  # (>= K,) int32 murmurhash3 seeds
+    SEEDS,  # (49,) int32 murmurhash3 seeds: rows, signs, importance
+    W,  # (num_rows, dim) the table, read only when HAS_IMPORTANCE
+    IMPORTANCE,  # (importance_rows, K) importance weights, read only when HAS_IMPORTANCE
     GRAD_OUT,  # (B, dim) gradient of the pooled output, contiguous
     GRAD_W,  # (num_rows, dim) float32 (float64) accumulator, zeroed
+    GRAD_IMPORTANCE,  # (importance_rows, K) float32 (float64) accumulator, zeroed
     num_bags,  # B
     dim,  # embedding_dim
     num_rows,  # rows of the table, the modulus of the hash
+    stride_w,  # elements between two rows of W
+    importance_rows,  # rows of IMPORTANCE
     K: tl.constexpr,
+    SIGNED: tl.constexpr,
+    HAS_IMPORTANCE: tl.constexpr,
     WIDE_IDS: tl.constexpr,
     BLOCK_N: tl.constexpr,  # bags per program
     BLOCK_D: tl.constexpr,
@@ -107,14 +134,26 @@ def _bloom_bag_max_backward_kernel(
     ids = tl.load(IDS + pos, mask=mask, other=0).to(tl.int64)
     grad = tl.load(GRAD_OUT + tile, mask=mask, other=0.0).to(GRAD_W.dtype.element_ty)
     mixed_lo, mixed_hi = premix_ids(ids, WIDE_IDS)
+    imp_rows = ids
+    if HAS_IMPORTANCE:
+        imp_rows = importance_row(ids, mixed_lo, mixed_hi, SEEDS, importance_rows, WIDE_IDS)
     for j in tl.static_range(K):
         rows = bloom_rows(ids, mixed_lo, mixed_hi, tl.load(SEEDS + j), num_rows, WIDE_IDS)
-        tl.atomic_add(GRAD_W + rows * dim + offs_d[None, :], grad, mask=mask, sem="relaxed")
+        contrib = grad
+        if SIGNED or HAS_IMPORTANCE:
+            sign, factor = row_factor(ids, mixed_lo, mixed_hi, SEEDS, IMPORTANCE, imp_rows, mask, j, K, SIGNED,
+                                      HAS_IMPORTANCE, WIDE_IDS)  # fmt: skip
+            contrib = grad * factor.to(grad.dtype)
+        tl.atomic_add(GRAD_W + rows * dim + offs_d[None, :], contrib, mask=mask, sem="relaxed")
+        if HAS_IMPORTANCE:
+            vals = tl.load(W + rows * stride_w + offs_d[None, :], mask=mask, other=0.0).to(grad.dtype)
+            tl.atomic_add(GRAD_IMPORTANCE + imp_rows * K + j, grad * vals * sign.to(grad.dtype), mask=mask,
+                          sem="relaxed")  # fmt: skip
 
 
 def bloom_bag_backward(grad_out, ids, offsets, weight, seeds, num_hash_functions, mode=MODE_SUM,
                        per_sample_weights=None, argmax=None, padding_idx=None, wide_ids=True,
-                       psw_grad=False):  # fmt: skip
+                       psw_grad=False, signed=False, importance=None):  # fmt: skip
     """Gradients of :func:`bloom_bag_forward`.
 
     Args:
@@ -124,11 +163,13 @@ def bloom_bag_backward(grad_out, ids, offsets, weight, seeds, num_hash_functions
             only for ``psw_grad``).
         argmax (Tensor, optional): the forward's ``(B, dim)`` arg-max (max mode).
         psw_grad (bool): also return the per-sample weights' gradient.
+        signed (bool), importance (Tensor, optional): the forward's variants.
 
     Returns:
-        ``(grad_weight, grad_per_sample_weights)``: the dense ``(num_rows, dim)``
-        gradient in ``weight``'s dtype, accumulated in float32 (float64 for
-        float64) and cast once; and the ``(n,)`` gradient or ``None``.
+        ``(grad_weight, grad_per_sample_weights, grad_importance)``: the dense
+        ``(num_rows, dim)`` gradient in ``weight``'s dtype, accumulated in
+        float32 (float64 for float64) and cast once; the ``(n,)`` gradient or
+        ``None``; the importance weights' gradient or ``None``.
     """
     num_rows, dim = weight.shape
     num_bags = offsets.numel() - 1
@@ -136,21 +177,30 @@ def bloom_bag_backward(grad_out, ids, offsets, weight, seeds, num_hash_functions
     acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     grad_w = torch.zeros((num_rows, dim), dtype=acc_dtype, device=weight.device)
     grad_psw = torch.zeros((n,), dtype=acc_dtype, device=weight.device) if psw_grad else None
+    grad_imp = torch.zeros(importance.shape, dtype=acc_dtype, device=weight.device) if importance is not None else None
     if num_bags and dim and n:
         grad_out = grad_out.contiguous()
         ids = ids.reshape(-1).contiguous()
+        if weight.stride(1) != 1:
+            weight = weight.contiguous()
+        variants = dict(
+            IMPORTANCE=importance.contiguous() if importance is not None else grad_w,
+            GRAD_IMPORTANCE=grad_imp if grad_imp is not None else grad_w,
+            importance_rows=importance.shape[0] if importance is not None else 1,
+            SIGNED=signed,
+            HAS_IMPORTANCE=importance is not None,
+        )
         if mode == MODE_MAX:
-            args = dict(IDS=ids, ARGMAX=argmax.contiguous(), SEEDS=seeds, GRAD_OUT=grad_out, GRAD_W=grad_w,
-                        num_bags=num_bags, dim=dim, num_rows=num_rows, K=num_hash_functions,
-                        WIDE_IDS=wide_ids)  # fmt: skip
+            args = dict(IDS=ids, ARGMAX=argmax.contiguous(), SEEDS=seeds, W=weight, GRAD_OUT=grad_out, GRAD_W=grad_w,
+                        num_bags=num_bags, dim=dim, num_rows=num_rows, stride_w=weight.stride(0),
+                        K=num_hash_functions, WIDE_IDS=wide_ids, **variants)  # fmt: skip
 
             def grid(meta):
                 return (triton.cdiv(num_bags, meta["BLOCK_N"]), triton.cdiv(dim, meta["BLOCK_D"]))
 
-            launch(_bloom_bag_max_backward_kernel, grid, args, weight.device, reset_to_zero=["GRAD_W"])
+            launch(_bloom_bag_max_backward_kernel, grid, args, weight.device,
+                   reset_to_zero=["GRAD_W", "GRAD_IMPORTANCE"])  # fmt: skip
         else:
-            if weight.stride(1) != 1:
-                weight = weight.contiguous()
             args = dict(
                 IDS=ids,
                 OFFSETS=offsets.contiguous(),
@@ -170,14 +220,17 @@ def bloom_bag_backward(grad_out, ids, offsets, weight, seeds, num_hash_functions
                 PSW_GRAD=psw_grad,
                 HAS_PADDING=padding_idx is not None,
                 WIDE_IDS=wide_ids,
+                **variants,
             )
 
             def grid(meta):
                 return (num_bags, triton.cdiv(dim, meta["BLOCK_D"]))
 
             launch(_bloom_bag_backward_kernel, grid, args, weight.device,
-                   reset_to_zero=["GRAD_W", "GRAD_PSW"], key=BAG_TUNING_KEY)  # fmt: skip
+                   reset_to_zero=["GRAD_W", "GRAD_PSW", "GRAD_IMPORTANCE"], key=BAG_TUNING_KEY)  # fmt: skip
     grad_w = grad_w if grad_w.dtype == weight.dtype else grad_w.to(weight.dtype)
     if grad_psw is not None and per_sample_weights is not None and grad_psw.dtype != per_sample_weights.dtype:
         grad_psw = grad_psw.to(per_sample_weights.dtype)
-    return grad_w, grad_psw
+    if grad_imp is not None:
+        grad_imp = grad_imp.to(importance.dtype)
+    return grad_w, grad_psw, grad_imp

@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from .autotune import TUNING_KEY, launch
-from .hashing import bloom_rows, premix_ids
+from .hashing import bloom_rows, importance_row, premix_ids, row_factor
 
 # Pooling modes, as the `MODE` constexpr sees them.
 MODE_SUM, MODE_MEAN, MODE_MAX = 0, 1, 2
@@ -19,18 +19,22 @@ def _bloom_bag_forward_kernel(
     IDS,  # (n,) int32/int64 ids of all bags, bag after bag
     OFFSETS,  # (B + 1,) int64: bag b is IDS[OFFSETS[b]:OFFSETS[b + 1]]
     PSW,  # (n,) per-sample weights, read only when HAS_PSW
-    SEEDS,  # (>= K,) int32 murmurhash3 seeds
+    SEEDS,  # (49,) int32 murmurhash3 seeds: rows, signs, importance
     W,  # (num_rows, dim) compressed table; rows `stride_w` apart, columns contiguous
+    IMPORTANCE,  # (importance_rows, K) importance weights, read only when HAS_IMPORTANCE
     OUT,  # (B, dim) pooled output, contiguous
     ARGMAX,  # (B, dim) int64 position in IDS of each column's max (MODE_MAX), -1 if none
     dim,  # embedding_dim
     num_rows,  # rows of W, the modulus of the hash
     stride_w,  # elements between two rows of W
+    importance_rows,  # rows of IMPORTANCE
     padding_idx,  # id left out of the pooling (ignored unless HAS_PADDING)
     K: tl.constexpr,
     MODE: tl.constexpr,  # 0 sum, 1 mean, 2 max
     HAS_PSW: tl.constexpr,
     HAS_PADDING: tl.constexpr,
+    SIGNED: tl.constexpr,
+    HAS_IMPORTANCE: tl.constexpr,
     WIDE_IDS: tl.constexpr,
     ACC: tl.constexpr,  # accumulator dtype: float64 for float64 tables, else float32
     BLOCK_N: tl.constexpr,  # ids of the bag handled per step
@@ -55,11 +59,18 @@ def _bloom_bag_forward_kernel(
             live = live & (ids != padding_idx)
         mask = live[:, None] & mask_d[None, :]
         mixed_lo, mixed_hi = premix_ids(ids, WIDE_IDS)
+        imp_rows = ids
+        if HAS_IMPORTANCE:
+            imp_rows = importance_row(ids, mixed_lo, mixed_hi, SEEDS, importance_rows, WIDE_IDS)
         vectors = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
         for j in tl.static_range(K):
             rows = bloom_rows(ids, mixed_lo, mixed_hi, tl.load(SEEDS + j), num_rows, WIDE_IDS)
-            vals = tl.load(W + rows[:, None] * stride_w + offs_d[None, :], mask=mask, other=0.0)
-            vectors += vals.to(ACC)
+            vals = tl.load(W + rows[:, None] * stride_w + offs_d[None, :], mask=mask, other=0.0).to(ACC)
+            if SIGNED or HAS_IMPORTANCE:
+                _, factor = row_factor(ids, mixed_lo, mixed_hi, SEEDS, IMPORTANCE, imp_rows, live, j, K, SIGNED,
+                                       HAS_IMPORTANCE, WIDE_IDS)  # fmt: skip
+                vals = vals * factor.to(ACC)[:, None]
+            vectors += vals
         if MODE == 2:
             vectors = tl.where(live[:, None], vectors, float("-inf"))
             step_best = tl.max(vectors, axis=0)
@@ -85,7 +96,7 @@ def _bloom_bag_forward_kernel(
 
 
 def bloom_bag_forward(ids, offsets, weight, seeds, num_hash_functions, mode=MODE_SUM, per_sample_weights=None,
-                      padding_idx=None, wide_ids=True):  # fmt: skip
+                      padding_idx=None, wide_ids=True, signed=False, importance=None):  # fmt: skip
     """Pooled Bloom vectors of bags of ids.
 
     Args:
@@ -98,6 +109,7 @@ def bloom_bag_forward(ids, offsets, weight, seeds, num_hash_functions, mode=MODE
         per_sample_weights (Tensor, optional): ``(n,)`` weights (sum mode).
         padding_idx (int, optional): id left out of the pooling.
         wide_ids (bool): whether ids may reach ``2**31``.
+        signed (bool), importance (Tensor, optional): as in ``bloom_forward``.
 
     Returns:
         ``(out, argmax)``: the ``(B, dim)`` pooled output in ``weight``'s dtype,
@@ -121,16 +133,20 @@ def bloom_bag_forward(ids, offsets, weight, seeds, num_hash_functions, mode=MODE
         PSW=per_sample_weights.contiguous() if per_sample_weights is not None else weight,
         SEEDS=seeds,
         W=weight,
+        IMPORTANCE=importance.contiguous() if importance is not None else weight,
         OUT=out,
         ARGMAX=argmax,
         dim=dim,
         num_rows=num_rows,
         stride_w=weight.stride(0),
+        importance_rows=importance.shape[0] if importance is not None else 1,
         padding_idx=-1 if padding_idx is None else padding_idx,
         K=num_hash_functions,
         MODE=mode,
         HAS_PSW=per_sample_weights is not None,
         HAS_PADDING=padding_idx is not None,
+        SIGNED=signed,
+        HAS_IMPORTANCE=importance is not None,
         WIDE_IDS=wide_ids,
         ACC=tl.float64 if weight.dtype == torch.float64 else tl.float32,
     )

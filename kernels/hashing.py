@@ -56,20 +56,56 @@ def premix_ids(ids, WIDE_IDS: tl.constexpr):
 
 
 @triton.jit
-def bloom_rows(ids, mixed_lo, mixed_hi, seed, num_rows, WIDE_IDS: tl.constexpr):
-    """Row index (int64, in ``[0, num_rows)``) of each id under ``seed``.
-
-    The signed 32-bit hash is reduced with floor modulo, as numpy's ``%`` does
-    in Spotlight; Triton's ``%`` truncates, hence the correction.
-    """
+def murmur3_signed(ids, mixed_lo, mixed_hi, seed, WIDE_IDS: tl.constexpr):
+    """The signed 32-bit murmurhash3 of each id under ``seed``, as int64."""
     h = _round(seed.to(tl.uint32), mixed_lo)
     h_narrow = _fmix32(h ^ 4)
     if WIDE_IDS:
         h_wide = _fmix32(_round(h, mixed_hi) ^ 8)
         h_narrow = tl.where(ids >= 2147483648, h_wide, h_narrow)
-    signed = h_narrow.to(tl.int32, bitcast=True).to(tl.int64)
-    rows = signed % num_rows
-    return tl.where(rows < 0, rows + num_rows, rows)
+    return h_narrow.to(tl.int32, bitcast=True).to(tl.int64)
+
+
+@triton.jit
+def floor_mod(hashes, modulus):
+    # Floor modulo, as numpy's ``%`` does in Spotlight; Triton's ``%`` truncates.
+    rows = hashes % modulus
+    return tl.where(rows < 0, rows + modulus, rows)
+
+
+@triton.jit
+def bloom_rows(ids, mixed_lo, mixed_hi, seed, num_rows, WIDE_IDS: tl.constexpr):
+    """Row index (int64, in ``[0, num_rows)``) of each id under ``seed``."""
+    return floor_mod(murmur3_signed(ids, mixed_lo, mixed_hi, seed, WIDE_IDS), num_rows)
+
+
+# Where the variants' seeds sit in the seed tensor (triton_bloom/hashing.py).
+SIGN_SEED_OFFSET = tl.constexpr(24)
+IMPORTANCE_SEED_INDEX = tl.constexpr(48)
+
+
+@triton.jit
+def importance_row(ids, mixed_lo, mixed_hi, SEEDS, importance_rows, WIDE_IDS: tl.constexpr):
+    """The row of the importance table each id reads."""
+    seed = tl.load(SEEDS + IMPORTANCE_SEED_INDEX)
+    return floor_mod(murmur3_signed(ids, mixed_lo, mixed_hi, seed, WIDE_IDS), importance_rows)
+
+
+@triton.jit
+def row_factor(ids, mixed_lo, mixed_hi, SEEDS, IMPORTANCE, imp_rows, live, j, K: tl.constexpr,
+               SIGNED: tl.constexpr, HAS_IMPORTANCE: tl.constexpr, WIDE_IDS: tl.constexpr):  # fmt: skip
+    """``(sign, factor)`` of row ``j`` of each id: the sign hash's +-1 (1 when
+    not ``SIGNED``), float32, and sign * importance weight, in the importance
+    weights' dtype (float32 without them)."""
+    sign = tl.full(ids.shape, 1.0, tl.float32)
+    if SIGNED:
+        h = murmur3_signed(ids, mixed_lo, mixed_hi, tl.load(SEEDS + SIGN_SEED_OFFSET + j), WIDE_IDS)
+        sign = tl.where(h < 0, -1.0, 1.0)
+    factor = sign
+    if HAS_IMPORTANCE:
+        weights = tl.load(IMPORTANCE + imp_rows * K + j, mask=live, other=0.0)
+        factor = sign.to(weights.dtype) * weights
+    return sign, factor
 
 
 @triton.jit

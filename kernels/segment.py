@@ -57,7 +57,8 @@ def bloom_row_gradients(rows, sources, grad, scales=None, keep=None):
         rows (Tensor): ``(n, k)`` int64 rows each entry adds to.
         sources (Tensor): ``(n,)`` int64 row of ``grad`` each entry adds.
         grad (Tensor): ``(s, dim)`` gradients.
-        scales (Tensor, optional): ``(n,)`` factors (per-sample weights, 1/count).
+        scales (Tensor, optional): ``(n,)`` factors of the entries (per-sample
+            weights, 1/count), or ``(n, k)`` factors of each of their rows.
         keep (Tensor, optional): ``(n,)`` bool; entries that are ``False``
             (padding) add nothing and touch no row.
 
@@ -74,7 +75,9 @@ def bloom_row_gradients(rows, sources, grad, scales=None, keep=None):
         scales = scales[keep] if scales is not None else None
     flat_rows = rows.reshape(-1)
     flat_sources = sources.repeat_interleave(k)
-    flat_scales = scales.repeat_interleave(k) if scales is not None else None
+    flat_scales = None
+    if scales is not None:
+        flat_scales = scales.reshape(-1) if scales.dim() == 2 else scales.repeat_interleave(k)
     sorted_rows, order = torch.sort(flat_rows, stable=True)
     unique_rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
     segments = torch.zeros(unique_rows.numel() + 1, dtype=torch.int64, device=grad.device)

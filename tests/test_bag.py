@@ -183,13 +183,18 @@ def test_bag_custom_ops_opcheck(backend):
     offsets = torch.tensor([0, 3, 3, 7], device=DEVICE)
     weight = torch.randn(11, 5, generator=g).to(DEVICE).requires_grad_(True)
     psw = torch.rand(7, generator=g).to(DEVICE).requires_grad_(True)
+    importance = torch.rand(5, 3, generator=g).to(DEVICE).requires_grad_(True)
     for mode, p, pad in ((0, psw, None), (1, None, 1), (2, None, 1)):
-        torch.library.opcheck(ops.bloom_bag_forward, (ids, offsets, weight, p, 3, mode, pad, 50, backend))
+        for signed, imp in ((False, None), (True, importance)):
+            args = (ids, offsets, weight, p, imp, 3, mode, pad, 50, signed, backend)
+            torch.library.opcheck(ops.bloom_bag_forward, args)
     grad_out = torch.randn(3, 5, generator=g).to(DEVICE)
     argmax = torch.empty(0, dtype=torch.int64, device=DEVICE)
     # The backward op is not differentiable itself: check it on plain tensors.
-    args = (grad_out, ids, offsets, weight.detach(), psw.detach(), argmax, 3, 0, None, 50, backend, True)
-    torch.library.opcheck(ops.bloom_bag_backward, args)
+    for signed, imp in ((False, None), (True, importance.detach())):
+        args = (grad_out, ids, offsets, weight.detach(), psw.detach(), imp, argmax, 3, 0, None, 50, signed, backend,
+                True)  # fmt: skip
+        torch.library.opcheck(ops.bloom_bag_backward, args)
 
 
 def test_module_state_and_repr():

@@ -176,7 +176,8 @@ def test_launchers_directly():
     out = kernels.bloom_forward(ids, weight, seed_tensor(DEVICE), 3, padding_idx=2)
     torch.testing.assert_close(out, bloom_forward_reference(ids, weight, rows, 2), atol=1e-5, rtol=1e-5)
     grad_out = torch.randn(4, 5, 9, generator=g).to(DEVICE)
-    grad = kernels.bloom_backward(grad_out, ids, seed_tensor(DEVICE), 13, 3, padding_idx=2)
+    grad, grad_importance = kernels.bloom_backward(grad_out, ids, seed_tensor(DEVICE), 13, 3, padding_idx=2)
+    assert grad_importance is None
     torch.testing.assert_close(grad, bloom_backward_reference(grad_out, ids, rows, 13, 2), atol=1e-5, rtol=1e-5)
 
 
@@ -198,7 +199,11 @@ def test_custom_ops_opcheck(backend):
     ids = torch.randint(0, 50, (6,), generator=g).to(DEVICE)
     weight = torch.randn(11, 5, generator=g).to(DEVICE).requires_grad_(True)
     cache = bloom_hash(torch.arange(50), 3, 11).to(torch.int32).to(DEVICE)
+    importance = torch.rand(4, 3, generator=g).to(DEVICE).requires_grad_(True)
     for hash_cache in (None, cache):
-        torch.library.opcheck(ops.bloom_forward, (ids, weight, hash_cache, 3, 0, 50, backend))
+        for signed, imp in ((False, None), (True, importance)):
+            torch.library.opcheck(ops.bloom_forward, (ids, weight, hash_cache, imp, 3, 0, 50, signed, backend))
     grad_out = torch.randn(6, 5, generator=g).to(DEVICE)
-    torch.library.opcheck(ops.bloom_backward, (grad_out, ids, None, 11, 3, 0, 50, backend, torch.float32))
+    for signed, imp in ((False, None), (True, importance.detach())):
+        args = (grad_out, ids, None, weight.detach(), imp, 3, 0, 50, signed, backend)
+        torch.library.opcheck(ops.bloom_backward, args)

@@ -6,6 +6,7 @@ seeds, bit for bit) and its vector is the sum of the ``k`` rows.
 """
 
 from . import functional, optim
+from .convert import BloomifyReport, bloomify
 from .dispatch import triton_available
 from .hashing import SEEDS, bloom_hash
 from .optim import FusedRowWiseAdagrad, FusedSGD
@@ -23,6 +24,8 @@ __all__ = [
     "ScaledEmbeddingBag",
     "ZeroEmbedding",
     "bloom_hash",
+    "bloomify",
+    "BloomifyReport",
     "functional",
     "optim",
     "triton_available",

@@ -31,11 +31,15 @@ def _load_kernels():
         return None, exc
 
 
+# Dynamo traces through lru_cache into importlib and stops there; these are
+# fixed for the life of the process, so a compiled graph may bake them in.
+@torch.compiler.assume_constant_result
 def triton_available() -> bool:
     """Whether the Triton kernels import on this host."""
     return _load_kernels()[0] is not None
 
 
+@torch.compiler.assume_constant_result
 def interpreter_enabled() -> bool:
     """Whether the kernels were built for Triton's CPU interpreter
     (``TRITON_INTERPRET=1`` set before they were imported)."""
@@ -64,8 +68,9 @@ def use_triton(backend: str, device: torch.device) -> bool:
     if backend == "auto":
         return device.type == "cuda" and triton_available()
     check_backend(backend)
-    module = kernels()
-    if device.type == "cuda" or (device.type == "cpu" and module.interpreting()):
+    if not triton_available():
+        kernels()  # raises, with the import error
+    if device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()):
         return True
     raise RuntimeError(
         f"backend='triton' got {device.type} tensors: the kernels run on CUDA tensors, "

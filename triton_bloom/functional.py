@@ -25,6 +25,20 @@ def check_training_options(sparse: bool, fused_optimizer) -> None:
         raise ValueError("sparse=True and a fused_optimizer exclude each other: the fused step leaves no gradient")
 
 
+def check_importance(importance: Optional[torch.Tensor], weight: torch.Tensor, num_hash_functions: int) -> None:
+    if importance is None:
+        return
+    if importance.dim() != 2 or importance.shape[1] != num_hash_functions or importance.shape[0] < 1:
+        raise ValueError(
+            f"importance must have shape (importance_rows, {num_hash_functions}), got {tuple(importance.shape)}"
+        )
+    if not importance.is_floating_point() or importance.device != weight.device:
+        raise TypeError(
+            f"importance must be a floating-point tensor on {weight.device}, got {importance.dtype} on "
+            f"{importance.device}"
+        )
+
+
 def bloom_embedding(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -36,6 +50,8 @@ def bloom_embedding(
     backend: str = "auto",
     sparse: bool = False,
     fused_optimizer=None,
+    signed: bool = False,
+    importance: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     r"""Look up the Bloom embedding of every id: the sum of the ``k`` rows of
     ``weight`` that the id's murmurhash3 hashes select.
@@ -55,6 +71,11 @@ def bloom_embedding(
         fused_optimizer (FusedSGD or FusedRowWiseAdagrad, optional): update
             the touched rows of ``weight`` inside the backward pass instead of
             returning a gradient (see :mod:`triton_bloom.optim`).
+        signed (bool): each row enters with the +-1 of a sign hash, so that
+            colliding ids cancel in expectation (Weinberger et al. 2009).
+        importance (Tensor, optional): ``(importance_rows, k)`` learned
+            weights of the ``k`` rows, read at a hash of the id (hash
+            embeddings, Svenstrup et al. 2017); differentiable.
 
     Shape:
         - Input: :math:`(*)`
@@ -79,17 +100,18 @@ def bloom_embedding(
         raise ValueError(
             f"hash_cache must have shape (num_embeddings, {num_hash_functions}), got {tuple(hash_cache.shape)}"
         )
+    check_importance(importance, weight, num_hash_functions)
+    # Checks that do not read tensor values happen here, before the op, so
+    # that the backend's errors surface in eager mode and at trace time alike.
+    use_triton = dispatch.use_triton(backend, weight.device)
     if sparse or fused_optimizer is not None:
         check_id_range(input, num_embeddings)
         rows = ops.cached_rows(input, hash_cache)
-        return rowwise.RowwiseEmbedding.apply(weight, input, rows, num_hash_functions, padding_idx,
-                                              ops.wide_ids_for(input, num_embeddings),
-                                              dispatch.use_triton(backend, weight.device), sparse,
-                                              fused_optimizer)  # fmt: skip
-    # Checks that do not read tensor values happen here, before the op, so
-    # that the backend's errors surface in eager mode and at trace time alike.
-    dispatch.use_triton(backend, weight.device)
-    return ops.bloom_forward(input, weight, hash_cache, num_hash_functions, padding_idx, num_embeddings, backend)
+        wide_ids = ops.wide_ids_for(input, num_embeddings)
+        return rowwise.RowwiseEmbedding.apply(weight, importance, input, rows, num_hash_functions, padding_idx,
+                                              wide_ids, signed, use_triton, sparse, fused_optimizer)  # fmt: skip
+    return ops.bloom_forward(input, weight, hash_cache, importance, num_hash_functions, padding_idx, num_embeddings,
+                             signed, backend)  # fmt: skip
 
 
 def bag_layout(
@@ -166,6 +188,8 @@ def bloom_embedding_bag(
     backend: str = "auto",
     sparse: bool = False,
     fused_optimizer=None,
+    signed: bool = False,
+    importance: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     r"""Pool the Bloom embeddings of bags of ids, as
     :func:`torch.nn.functional.embedding_bag` pools rows.
@@ -192,6 +216,8 @@ def bloom_embedding_bag(
         sparse (bool): ``weight``'s gradient is a coalesced sparse COO tensor.
         fused_optimizer (FusedSGD or FusedRowWiseAdagrad, optional): update
             the touched rows inside the backward pass (see :mod:`triton_bloom.optim`).
+        signed (bool), importance (Tensor, optional): the variants, as in
+            :func:`bloom_embedding`.
 
     Shape:
         - Output: :math:`(B, H)`; empty bags give zeros.
@@ -211,6 +237,7 @@ def bloom_embedding_bag(
     check_id_tensor(ids)
     if ids.device != weight.device:
         raise RuntimeError(f"input is on {ids.device} but weight is on {weight.device}")
+    check_importance(importance, weight, num_hash_functions)
     use_triton = dispatch.use_triton(backend, weight.device)
     if per_sample_weights is not None:
         per_sample_weights = per_sample_weights.to(weight.dtype)
@@ -218,9 +245,9 @@ def bloom_embedding_bag(
         check_id_range(ids, num_embeddings)
         check_offsets(offsets, ids.numel())
         wide_ids = ops.wide_ids_for(ids, num_embeddings)
-        return rowwise.RowwiseEmbeddingBag.apply(weight, per_sample_weights, ids, offsets, num_hash_functions,
-                                                 MODES.index(mode), padding_idx, wide_ids, use_triton, sparse,
-                                                 fused_optimizer)  # fmt: skip
-    out, _ = ops.bloom_bag_forward(ids, offsets, weight, per_sample_weights, num_hash_functions, MODES.index(mode),
-                                   padding_idx, num_embeddings, backend)  # fmt: skip
+        return rowwise.RowwiseEmbeddingBag.apply(weight, per_sample_weights, importance, ids, offsets,
+                                                 num_hash_functions, MODES.index(mode), padding_idx, wide_ids,
+                                                 signed, use_triton, sparse, fused_optimizer)  # fmt: skip
+    out, _ = ops.bloom_bag_forward(ids, offsets, weight, per_sample_weights, importance, num_hash_functions,
+                                   MODES.index(mode), padding_idx, num_embeddings, signed, backend)  # fmt: skip
     return out

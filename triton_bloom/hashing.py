@@ -20,7 +20,18 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["SEEDS", "MAX_HASH_FUNCTIONS", "bloom_hash", "hash_rows", "seed_tensor", "check_num_hash_functions"]
+__all__ = [
+    "SEEDS",
+    "SIGN_SEEDS",
+    "IMPORTANCE_SEED",
+    "MAX_HASH_FUNCTIONS",
+    "bloom_hash",
+    "bloom_signs",
+    "importance_rows",
+    "hash_rows",
+    "seed_tensor",
+    "check_num_hash_functions",
+]
 
 # Spotlight's seeds, in Spotlight's order: hash function j uses SEEDS[j].
 SEEDS = (
@@ -32,6 +43,16 @@ SEEDS = (
     179425027, 179425579, 179426081, 179426549,
 )  # fmt: skip
 MAX_HASH_FUNCTIONS = len(SEEDS)
+
+# The variants' own hashes, independent of the rows' (other seeds): the sign
+# of row j of an id (Weinberger et al. 2009) is the sign of its hash under
+# SIGN_SEEDS[j]; its importance weights (hash embeddings, Svenstrup et al.
+# 2017) are the row of a second table its hash under IMPORTANCE_SEED picks.
+SIGN_SEEDS = tuple(seed ^ 0x5BD1E995 for seed in SEEDS)
+IMPORTANCE_SEED = 0x2545F491
+# Where they sit in `seed_tensor`, which the kernels index.
+SIGN_SEED_OFFSET = MAX_HASH_FUNCTIONS
+IMPORTANCE_SEED_INDEX = 2 * MAX_HASH_FUNCTIONS
 
 _MASK32 = 0xFFFFFFFF
 _C1 = 0xCC9E2D51
@@ -97,8 +118,9 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
 
 @lru_cache(maxsize=None)
 def seed_tensor(device: torch.device) -> torch.Tensor:
-    """All 24 seeds as an int32 tensor on ``device`` (cached per device)."""
-    return torch.tensor(SEEDS, dtype=torch.int32, device=device)
+    """Every seed as an int32 tensor on ``device`` (cached per device): the 24
+    row seeds, the 24 sign seeds, then the importance seed."""
+    return torch.tensor(SEEDS + SIGN_SEEDS + (IMPORTANCE_SEED,), dtype=torch.int32, device=device)
 
 
 def murmurhash3_32(ids: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
@@ -138,6 +160,19 @@ def hash_rows(ids: torch.Tensor, num_hash_functions: int, num_rows: int) -> torc
         # A negative int32 hash maps to num_rows + hash, past int32's range.
         hashes = hashes.to(torch.int64)
     return torch.remainder(hashes, num_rows)
+
+
+def bloom_signs(ids: torch.Tensor, num_hash_functions: int) -> torch.Tensor:
+    """``(*, k)`` signs (+1 or -1) of the ids' rows, for ``signed=True``."""
+    seeds = seed_tensor(ids.device)[SIGN_SEED_OFFSET : SIGN_SEED_OFFSET + num_hash_functions]
+    return torch.where(murmurhash3_32(ids, seeds) < 0, -1, 1).to(torch.int8)
+
+
+def importance_rows(ids: torch.Tensor, num_importance_rows: int) -> torch.Tensor:
+    """``(*)`` int64 row of the importance table each id reads."""
+    seed = seed_tensor(ids.device)[IMPORTANCE_SEED_INDEX : IMPORTANCE_SEED_INDEX + 1]
+    hashes = murmurhash3_32(ids, seed).squeeze(-1).to(torch.int64)
+    return torch.remainder(hashes, num_importance_rows)
 
 
 def bloom_hash(ids: torch.Tensor, num_hash_functions: int, num_rows: int) -> torch.Tensor:

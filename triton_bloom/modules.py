@@ -11,7 +11,7 @@ import torch.nn as nn
 from . import dispatch
 from .checks import WEIGHT_DTYPES
 from .functional import MODES, bloom_embedding, bloom_embedding_bag, check_training_options
-from .hashing import SEEDS, bloom_hash, check_num_hash_functions
+from .hashing import IMPORTANCE_SEED, SEEDS, SIGN_SEEDS, bloom_hash, check_num_hash_functions
 
 __all__ = ["BloomEmbedding", "BloomEmbeddingBag", "ScaledEmbedding", "ZeroEmbedding", "ScaledEmbeddingBag"]
 
@@ -115,7 +115,8 @@ class _BloomTable(nn.Module):
     parameters, and the compressed table as the submodule ``embeddings``."""
 
     def __init__(self, num_embeddings, embedding_dim, compression_ratio, num_hash_functions, padding_idx,
-                 num_rows, backend, sparse, fused_optimizer, device, dtype):  # fmt: skip
+                 num_rows, backend, sparse, fused_optimizer, signed, importance, importance_rows, device,
+                 dtype):  # fmt: skip
         super().__init__()
         if dtype is not None and dtype not in WEIGHT_DTYPES:
             raise TypeError(f"dtype must be float32, float64, float16 or bfloat16, got {dtype}")
@@ -134,7 +135,22 @@ class _BloomTable(nn.Module):
         self.backend = backend
         self.sparse = sparse
         self.fused_optimizer = fused_optimizer
-        self.embeddings = ScaledEmbedding(self.num_rows, embedding_dim, device=device, dtype=dtype)
+        # The table knows it is sparse: DDP reads that flag off nn.Embedding
+        # modules to expect sparse gradients.
+        self.embeddings = ScaledEmbedding(self.num_rows, embedding_dim, sparse=sparse, device=device, dtype=dtype)
+        self.signed = bool(signed)
+        self.importance_weight: Optional[nn.Parameter] = None
+        if importance:
+            rows = _positive_int("importance_rows", importance_rows if importance_rows is not None else self.num_rows)
+            # Ones: the layer starts as plain (signed) Bloom and learns from there.
+            self.importance_weight = nn.Parameter(
+                torch.ones(rows, num_hash_functions, device=device, dtype=torch.float32)
+            )
+        elif importance_rows is not None:
+            raise ValueError("importance_rows is given but importance=False")
+
+    def _variants(self) -> dict:
+        return {"signed": self.signed, "importance": self.importance_weight}
 
     @property
     def weight(self) -> torch.Tensor:
@@ -143,12 +159,15 @@ class _BloomTable(nn.Module):
 
     def reset_parameters(self) -> None:
         self.embeddings.reset_parameters()
+        if self.importance_weight is not None:
+            with torch.no_grad():
+                self.importance_weight.fill_(1.0)
 
     def hash_spec(self) -> dict:
         """Everything that decides which rows an id reads: saved in the state
         dict (as ``_extra_state``) and checked on load, so a checkpoint is
         never read with other hashing than it was trained with."""
-        return {
+        spec = {
             "algorithm": "murmurhash3_x86_32",
             "seeds": list(SEEDS[: self.num_hash_functions]),
             "num_hash_functions": self.num_hash_functions,
@@ -156,6 +175,13 @@ class _BloomTable(nn.Module):
             "id_bytes": "4 (int32) below 2**31, 8 (int64 little-endian) from 2**31",
             "reduction": "signed hash, floor modulo num_rows",
         }
+        # The variants only add keys, so a plain layer's spec never changes.
+        if self.signed:
+            spec["sign_seeds"] = list(SIGN_SEEDS[: self.num_hash_functions])
+        if self.importance_weight is not None:
+            spec["importance_seed"] = IMPORTANCE_SEED
+            spec["importance_rows"] = self.importance_weight.shape[0]
+        return spec
 
     def get_extra_state(self) -> dict:
         return {"hash_spec": self.hash_spec()}
@@ -194,6 +220,10 @@ class _BloomTable(nn.Module):
             s += ", sparse=True"
         if self.fused_optimizer is not None:
             s += f", fused_optimizer={self.fused_optimizer!r}"
+        if self.signed:
+            s += ", signed=True"
+        if self.importance_weight is not None:
+            s += f", importance_rows={self.importance_weight.shape[0]}"
         return s
 
 
@@ -234,6 +264,14 @@ class BloomEmbedding(_BloomTable):
         fused_optimizer (FusedSGD or FusedRowWiseAdagrad, optional): train the
             table inside the backward pass, touched rows only, with no
             gradient tensor (see :mod:`triton_bloom.optim`). Default: ``None``.
+        signed (bool): each row enters with the +-1 of a sign hash, so that
+            collisions cancel in expectation (Weinberger et al. 2009).
+            Default: ``False``.
+        importance (bool): learn per-id importance weights of the ``k`` rows,
+            read from a second hashed table ``importance_weight`` of shape
+            ``(importance_rows, k)``, initialised to ones (hash embeddings,
+            Svenstrup et al. 2017). Default: ``False``.
+        importance_rows (int, optional): rows of that table. Default: ``num_rows``.
         device, dtype: of the table; float32, float64, float16 or bfloat16
             (half-precision tables sum and accumulate in float32).
 
@@ -270,11 +308,15 @@ class BloomEmbedding(_BloomTable):
         backend: str = "auto",
         sparse: bool = False,
         fused_optimizer=None,
+        signed: bool = False,
+        importance: bool = False,
+        importance_rows: Optional[int] = None,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__(num_embeddings, embedding_dim, compression_ratio, num_hash_functions, padding_idx,
-                         num_rows, backend, sparse, fused_optimizer, device, dtype)  # fmt: skip
+                         num_rows, backend, sparse, fused_optimizer, signed, importance, importance_rows,
+                         device, dtype)  # fmt: skip
         self._bag = bag
         self.hash_cache: Optional[torch.Tensor]
         if hash_cache:
@@ -298,6 +340,7 @@ class BloomEmbedding(_BloomTable):
             backend=self.backend,
             sparse=self.sparse,
             fused_optimizer=self.fused_optimizer,
+            **self._variants(),
         )
 
     def extra_repr(self) -> str:
@@ -334,6 +377,7 @@ class BloomEmbeddingBag(_BloomTable):
         sparse (bool): sparse COO ``weight.grad``, as in ``nn.EmbeddingBag``.
         fused_optimizer (FusedSGD or FusedRowWiseAdagrad, optional): train the
             table inside the backward pass (see :mod:`triton_bloom.optim`).
+        signed, importance, importance_rows: the variants, as in :class:`BloomEmbedding`.
         device, dtype: of the table (float32, float64, float16 or bfloat16).
 
     Attributes:
@@ -379,13 +423,17 @@ class BloomEmbeddingBag(_BloomTable):
         backend: str = "auto",
         sparse: bool = False,
         fused_optimizer=None,
+        signed: bool = False,
+        importance: bool = False,
+        importance_rows: Optional[int] = None,
         device=None,
         dtype=None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode has to be one of {MODES}, got {mode!r}")
         super().__init__(num_embeddings, embedding_dim, compression_ratio, num_hash_functions, padding_idx,
-                         num_rows, backend, sparse, fused_optimizer, device, dtype)  # fmt: skip
+                         num_rows, backend, sparse, fused_optimizer, signed, importance, importance_rows,
+                         device, dtype)  # fmt: skip
         self.mode = mode
         self.include_last_offset = include_last_offset
 
@@ -408,6 +456,7 @@ class BloomEmbeddingBag(_BloomTable):
             backend=self.backend,
             sparse=self.sparse,
             fused_optimizer=self.fused_optimizer,
+            **self._variants(),
         )
 
     def extra_repr(self) -> str:

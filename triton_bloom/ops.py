@@ -22,7 +22,7 @@ import torch
 from . import dispatch, rowwise
 from .checks import check_id_range, check_offsets
 from .hashing import WIDE_ID_START, hash_rows, seed_tensor
-from .reference import bloom_backward_reference, bloom_bag_forward_reference, bloom_forward_reference
+from .reference import bloom_backward_reference, bloom_bag_forward_reference, bloom_forward_reference, row_factors
 
 __all__ = ["bloom_forward", "bloom_backward", "bloom_bag_forward", "bloom_bag_backward", "MODE_MAX"]
 
@@ -48,27 +48,31 @@ def bloom_forward(
     ids: torch.Tensor,
     weight: torch.Tensor,
     hash_cache: Optional[torch.Tensor],
+    importance: Optional[torch.Tensor],
     num_hash_functions: int,
     padding_idx: Optional[int],
     num_embeddings: Optional[int],
+    signed: bool,
     backend: str,
 ) -> torch.Tensor:
     """``(*)`` ids to the ``(*, dim)`` sums of their Bloom rows (hashed, or
-    looked up in ``hash_cache``)."""
+    looked up in ``hash_cache``), each row times its sign hash's +-1 when
+    ``signed`` and its importance weight when ``importance`` is given."""
     check_id_range(ids, num_embeddings)
     rows = cached_rows(ids, hash_cache)
     if dispatch.use_triton(backend, weight.device):
         return dispatch.kernels().bloom_forward(
             ids, weight, seed_tensor(weight.device), num_hash_functions, padding_idx, rows,
-            wide_ids_for(ids, num_embeddings),
+            wide_ids_for(ids, num_embeddings), signed, importance,
         )  # fmt: skip
     if rows is None:
         rows = hash_rows(ids, num_hash_functions, weight.shape[0])
-    return bloom_forward_reference(ids, weight, rows, padding_idx)
+    factors, _, _ = row_factors(ids, num_hash_functions, signed, importance)
+    return bloom_forward_reference(ids, weight, rows, padding_idx, factors)
 
 
 @bloom_forward.register_fake
-def _(ids, weight, hash_cache, num_hash_functions, padding_idx, num_embeddings, backend):
+def _(ids, weight, hash_cache, importance, num_hash_functions, padding_idx, num_embeddings, signed, backend):
     return weight.new_empty((*ids.shape, weight.shape[1]))
 
 
@@ -77,56 +81,71 @@ def bloom_backward(
     grad_out: torch.Tensor,
     ids: torch.Tensor,
     hash_cache: Optional[torch.Tensor],
-    num_rows: int,
+    weight: torch.Tensor,
+    importance: Optional[torch.Tensor],
     num_hash_functions: int,
     padding_idx: Optional[int],
     num_embeddings: Optional[int],
+    signed: bool,
     backend: str,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """The dense ``(num_rows, dim)`` table gradient of ``bloom_forward``.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``bloom_forward``: the dense table gradient, and the
+    importance weights' (empty without them).
 
     The Triton kernel's atomic adds make the float sums' order, and so their
     last bits, vary run to run; under ``torch.use_deterministic_algorithms``
     the rows are summed by a sort and segment reduction instead.
     """
     rows = cached_rows(ids, hash_cache)
-    if dispatch.use_triton(backend, grad_out.device):
-        wide_ids = wide_ids_for(ids, num_embeddings)
-        if torch.are_deterministic_algorithms_enabled():
-            rows = rowwise.id_rows(ids, num_hash_functions, num_rows, rows, wide_ids, use_triton=True)
-            unique_rows, values = rowwise.embedding_row_gradients(ids, rows, grad_out, padding_idx, use_triton=True)
-            return rowwise.densify(unique_rows, values, num_rows, dtype)
-        return dispatch.kernels().bloom_backward(
-            grad_out, ids, seed_tensor(grad_out.device), num_rows, num_hash_functions, padding_idx, rows,
-            wide_ids, dtype,
+    use_triton = dispatch.use_triton(backend, grad_out.device)
+    wide_ids = wide_ids_for(ids, num_embeddings)
+    if use_triton and not torch.are_deterministic_algorithms_enabled():
+        grad_weight, grad_importance = dispatch.kernels().bloom_backward(
+            grad_out, ids, seed_tensor(grad_out.device), weight.shape[0], num_hash_functions, padding_idx, rows,
+            wide_ids, weight.dtype, signed, weight, importance,
         )  # fmt: skip
-    if rows is None:
-        rows = hash_rows(ids, num_hash_functions, num_rows)
-    return bloom_backward_reference(grad_out, ids, rows, num_rows, padding_idx, dtype)
+    elif use_triton:
+        rows = rowwise.id_rows(ids, num_hash_functions, weight.shape[0], rows, wide_ids, use_triton=True)
+        entries = rowwise.embedding_entries(ids, grad_out, padding_idx)
+        unique_rows, values, grad_importance = rowwise.table_gradients(rows, entries, weight, importance, signed, ids,
+                                                                       use_triton=True)  # fmt: skip
+        grad_weight = rowwise.densify(unique_rows, values, weight.shape[0], weight.dtype)
+    else:
+        if rows is None:
+            rows = hash_rows(ids, num_hash_functions, weight.shape[0])
+        factors, signs, imp_rows = row_factors(ids, num_hash_functions, signed, importance)
+        grad_weight = bloom_backward_reference(grad_out, ids, rows, weight.shape[0], padding_idx, weight.dtype,
+                                               factors)  # fmt: skip
+        grad_importance = None
+        if importance is not None:
+            entries = rowwise.embedding_entries(ids, grad_out, padding_idx)
+            grad_importance = rowwise.importance_gradient(rows.reshape(-1, num_hash_functions).to(torch.int64),
+                                                          entries, weight, signs, imp_rows, importance, False)  # fmt: skip
+    if grad_importance is None:
+        grad_importance = weight.new_empty((0,))
+    return grad_weight, grad_importance
 
 
 @bloom_backward.register_fake
-def _(grad_out, ids, hash_cache, num_rows, num_hash_functions, padding_idx, num_embeddings, backend, dtype):
-    return grad_out.new_empty((num_rows, grad_out.shape[-1]), dtype=dtype)
+def _(grad_out, ids, hash_cache, weight, importance, num_hash_functions, padding_idx, num_embeddings, signed,
+      backend):  # fmt: skip
+    grad_importance = torch.empty_like(importance) if importance is not None else weight.new_empty((0,))
+    return torch.empty_like(weight), grad_importance
 
 
 def _setup_context(ctx, inputs, output):
-    ids, weight, hash_cache, num_hash_functions, padding_idx, num_embeddings, backend = inputs
-    ctx.save_for_backward(ids, hash_cache)
-    ctx.num_rows = weight.shape[0]
-    ctx.dtype = weight.dtype
-    ctx.args = (num_hash_functions, padding_idx, num_embeddings, backend)
+    ids, weight, hash_cache, importance, num_hash_functions, padding_idx, num_embeddings, signed, backend = inputs
+    ctx.save_for_backward(ids, hash_cache, weight, importance)
+    ctx.args = (num_hash_functions, padding_idx, num_embeddings, signed, backend)
 
 
 def _backward(ctx, grad_out):
-    ids, hash_cache = ctx.saved_tensors
-    grad_weight = None
-    if ctx.needs_input_grad[1]:
-        k, padding_idx, num_embeddings, backend = ctx.args
-        grad_weight = bloom_backward(grad_out, ids, hash_cache, ctx.num_rows, k, padding_idx, num_embeddings, backend,
-                                     ctx.dtype)  # fmt: skip
-    return None, grad_weight, None, None, None, None, None
+    ids, hash_cache, weight, importance = ctx.saved_tensors
+    grad_weight, grad_importance = None, None
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+        grad_weight, grad_importance = bloom_backward(grad_out, ids, hash_cache, weight, importance, *ctx.args)
+    return (None, grad_weight if ctx.needs_input_grad[1] else None, None,
+            grad_importance if ctx.needs_input_grad[3] else None, None, None, None, None, None)  # fmt: skip
 
 
 bloom_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -138,10 +157,12 @@ def bloom_bag_forward(
     offsets: torch.Tensor,
     weight: torch.Tensor,
     per_sample_weights: Optional[torch.Tensor],
+    importance: Optional[torch.Tensor],
     num_hash_functions: int,
     mode: int,
     padding_idx: Optional[int],
     num_embeddings: Optional[int],
+    signed: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, dim)`` pooled Bloom vectors of the bags ``ids[offsets[b]:offsets[b+1]]``,
@@ -151,14 +172,17 @@ def bloom_bag_forward(
     if dispatch.use_triton(backend, weight.device):
         return dispatch.kernels().bloom_bag_forward(
             ids, offsets, weight, seed_tensor(weight.device), num_hash_functions, mode, per_sample_weights,
-            padding_idx, wide_ids_for(ids, num_embeddings),
+            padding_idx, wide_ids_for(ids, num_embeddings), signed, importance,
         )  # fmt: skip
     rows = hash_rows(ids, num_hash_functions, weight.shape[0])
-    return bloom_bag_forward_reference(ids, offsets, weight, rows, MODES[mode], per_sample_weights, padding_idx)
+    factors, _, _ = row_factors(ids, num_hash_functions, signed, importance)
+    return bloom_bag_forward_reference(ids, offsets, weight, rows, MODES[mode], per_sample_weights, padding_idx,
+                                       factors)  # fmt: skip
 
 
 @bloom_bag_forward.register_fake
-def _(ids, offsets, weight, per_sample_weights, num_hash_functions, mode, padding_idx, num_embeddings, backend):
+def _(ids, offsets, weight, per_sample_weights, importance, num_hash_functions, mode, padding_idx, num_embeddings,
+      signed, backend):  # fmt: skip
     num_bags = offsets.shape[0] - 1
     out = weight.new_empty((num_bags, weight.shape[1]))
     argmax_shape = (num_bags, weight.shape[1]) if mode == MODE_MAX else (0,)
@@ -172,23 +196,26 @@ def bloom_bag_backward(
     offsets: torch.Tensor,
     weight: torch.Tensor,
     per_sample_weights: Optional[torch.Tensor],
+    importance: Optional[torch.Tensor],
     argmax: torch.Tensor,
     num_hash_functions: int,
     mode: int,
     padding_idx: Optional[int],
     num_embeddings: Optional[int],
+    signed: bool,
     backend: str,
     psw_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``(num_rows, dim)`` table gradient of ``bloom_bag_forward`` and the
-    ``(n,)`` per-sample weights' gradient (empty unless ``psw_grad``);
-    deterministic under ``torch.use_deterministic_algorithms(True)``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``bloom_bag_forward``: the ``(num_rows, dim)`` table's, the
+    ``(n,)`` per-sample weights' (empty unless ``psw_grad``) and the importance
+    weights' (empty without them); deterministic under
+    ``torch.use_deterministic_algorithms(True)``."""
     use_triton = dispatch.use_triton(backend, weight.device)
     wide_ids = wide_ids_for(ids, num_embeddings)
     if use_triton and not torch.are_deterministic_algorithms_enabled():
-        grad_weight, grad_psw = dispatch.kernels().bloom_bag_backward(
+        grad_weight, grad_psw, grad_importance = dispatch.kernels().bloom_bag_backward(
             grad_out, ids, offsets, weight, seed_tensor(weight.device), num_hash_functions, mode,
-            per_sample_weights, argmax, padding_idx, wide_ids, psw_grad,
+            per_sample_weights, argmax, padding_idx, wide_ids, psw_grad, signed, importance,
         )  # fmt: skip
     else:
         # Per touched row (the reference, and the deterministic Triton path).
@@ -196,39 +223,44 @@ def bloom_bag_backward(
         grad_psw = None
         if psw_grad:
             grad_psw = rowwise.per_sample_weights_gradient(ids, offsets, weight, rows, grad_out, padding_idx,
-                                                           use_triton, wide_ids)  # fmt: skip
-        unique_rows, values = rowwise.bag_row_gradients(ids, offsets, rows, grad_out, mode, per_sample_weights,
-                                                        padding_idx, argmax, use_triton)  # fmt: skip
+                                                           use_triton, wide_ids, signed, importance)  # fmt: skip
+        entries = rowwise.bag_entries(ids, offsets, grad_out, mode, per_sample_weights, padding_idx, argmax)
+        unique_rows, values, grad_importance = rowwise.table_gradients(rows, entries, weight, importance, signed, ids,
+                                                                       use_triton)  # fmt: skip
         grad_weight = rowwise.densify(unique_rows, values, weight.shape[0], weight.dtype)
-    if grad_psw is None:
-        return grad_weight, weight.new_empty((0,))
-    return grad_weight, grad_psw.to(per_sample_weights.dtype)
+    # Distinct empty tensors: a custom op's outputs may not alias each other.
+    grad_psw = grad_psw.to(per_sample_weights.dtype) if grad_psw is not None else weight.new_empty((0,))
+    grad_importance = grad_importance if grad_importance is not None else weight.new_empty((0,))
+    return grad_weight, grad_psw, grad_importance
 
 
 @bloom_bag_backward.register_fake
-def _(grad_out, ids, offsets, weight, per_sample_weights, argmax, num_hash_functions, mode, padding_idx,
-      num_embeddings, backend, psw_grad):  # fmt: skip
+def _(grad_out, ids, offsets, weight, per_sample_weights, importance, argmax, num_hash_functions, mode, padding_idx,
+      num_embeddings, signed, backend, psw_grad):  # fmt: skip
     psw_shape = (ids.numel(),) if psw_grad else (0,)
     psw_dtype = per_sample_weights.dtype if per_sample_weights is not None else weight.dtype
-    return torch.empty_like(weight), weight.new_empty(psw_shape, dtype=psw_dtype)
+    grad_importance = torch.empty_like(importance) if importance is not None else weight.new_empty((0,))
+    return torch.empty_like(weight), weight.new_empty(psw_shape, dtype=psw_dtype), grad_importance
 
 
 def _bag_setup_context(ctx, inputs, output):
-    ids, offsets, weight, per_sample_weights, num_hash_functions, mode, padding_idx, num_embeddings, backend = inputs
+    (ids, offsets, weight, per_sample_weights, importance, num_hash_functions, mode, padding_idx, num_embeddings,
+     signed, backend) = inputs  # fmt: skip
     _, argmax = output
-    ctx.save_for_backward(ids, offsets, weight, per_sample_weights, argmax)
-    ctx.args = (num_hash_functions, mode, padding_idx, num_embeddings, backend)
+    ctx.save_for_backward(ids, offsets, weight, per_sample_weights, importance, argmax)
+    ctx.args = (num_hash_functions, mode, padding_idx, num_embeddings, signed, backend)
 
 
 def _bag_backward(ctx, grad_out, _grad_argmax):
-    ids, offsets, weight, per_sample_weights, argmax = ctx.saved_tensors
+    ids, offsets, weight, per_sample_weights, importance, argmax = ctx.saved_tensors
     psw_grad = per_sample_weights is not None and ctx.needs_input_grad[3]
-    grad_weight, grad_psw = None, None
-    if ctx.needs_input_grad[2] or psw_grad:
-        grad_weight, grad_psw = bloom_bag_backward(grad_out, ids, offsets, weight, per_sample_weights, argmax,
-                                                   *ctx.args, psw_grad)  # fmt: skip
+    grads = (None, None, None)
+    if ctx.needs_input_grad[2] or psw_grad or ctx.needs_input_grad[4]:
+        grads = bloom_bag_backward(grad_out, ids, offsets, weight, per_sample_weights, importance, argmax,
+                                   *ctx.args, psw_grad)  # fmt: skip
+    grad_weight, grad_psw, grad_importance = grads
     return (None, None, grad_weight if ctx.needs_input_grad[2] else None, grad_psw if psw_grad else None,
-            None, None, None, None, None)  # fmt: skip
+            grad_importance if ctx.needs_input_grad[4] else None) + (None,) * 6  # fmt: skip
 
 
 bloom_bag_forward.register_autograd(_bag_backward, setup_context=_bag_setup_context)

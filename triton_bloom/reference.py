@@ -22,11 +22,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .hashing import bloom_signs, importance_rows
+
 __all__ = [
     "bloom_forward_reference",
     "bloom_backward_reference",
     "bloom_bag_forward_reference",
     "bloom_row_gradients_reference",
+    "row_factors",
     "bag_sizes",
 ]
 
@@ -36,8 +39,38 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def row_factors(
+    ids: torch.Tensor, num_hash_functions: int, signed: bool = False, importance: Optional[torch.Tensor] = None
+):
+    """The variants' ``(n, k)`` factors of the flattened ids' rows, or ``None``.
+
+    Returns ``(factors, signs, importance_rows)``: ``signs * importance`` in
+    float32 (float64 for float64 importance weights), the ``(n, k)`` +-1 signs
+    (ones when not ``signed``) and the ``(n,)`` importance rows (``None``
+    without importance weights).
+    """
+    if not signed and importance is None:
+        return None, None, None
+    ids = ids.reshape(-1)
+    dtype = torch.float64 if importance is not None and importance.dtype == torch.float64 else torch.float32
+    if signed:
+        signs = bloom_signs(ids, num_hash_functions).to(dtype)
+    else:
+        signs = torch.ones((ids.numel(), num_hash_functions), dtype=dtype, device=ids.device)
+    imp_rows = None
+    factors = signs
+    if importance is not None:
+        imp_rows = importance_rows(ids, importance.shape[0])
+        factors = signs * importance.to(dtype).index_select(0, imp_rows)
+    return factors, signs, imp_rows
+
+
 def bloom_forward_reference(
-    ids: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, padding_idx: Optional[int] = None
+    ids: torch.Tensor,
+    weight: torch.Tensor,
+    rows: torch.Tensor,
+    padding_idx: Optional[int] = None,
+    factors: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Sum of the Bloom rows of every id.
 
@@ -47,6 +80,8 @@ def bloom_forward_reference(
         rows (Tensor): the ids' rows from :func:`triton_bloom.hashing.hash_rows`,
             shape ``(*, k)``.
         padding_idx (int, optional): id whose output is zero.
+        factors (Tensor, optional): ``(n, k)`` weights of the rows (the
+            variants', from :func:`row_factors`).
 
     Returns:
         Tensor of shape ``(*, dim)`` in ``weight``'s dtype.
@@ -56,10 +91,12 @@ def bloom_forward_reference(
     flat_rows = rows.reshape(-1, k)
     if flat_rows.shape[0] == 0:
         return weight.new_zeros((*ids.shape, dim))
-    per_sample_weights = None
+    per_sample_weights = factors.to(weight.dtype) if factors is not None else None
     if padding_idx is not None:
-        keep = ids.reshape(-1, 1) != padding_idx
-        per_sample_weights = keep.to(weight.dtype).expand(-1, k).contiguous()
+        keep = (ids.reshape(-1, 1) != padding_idx).to(weight.dtype)
+        per_sample_weights = keep.expand(-1, k) if per_sample_weights is None else per_sample_weights * keep
+    if per_sample_weights is not None:
+        per_sample_weights = per_sample_weights.contiguous()
     out = F.embedding_bag(flat_rows, weight, mode="sum", per_sample_weights=per_sample_weights)
     return out.view(*ids.shape, dim)
 
@@ -71,6 +108,7 @@ def bloom_backward_reference(
     num_rows: int,
     padding_idx: Optional[int] = None,
     dtype: Optional[torch.dtype] = None,
+    factors: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Gradient of :func:`bloom_forward_reference` with respect to the table.
 
@@ -89,7 +127,8 @@ def bloom_backward_reference(
         grad = grad.masked_fill(ids.reshape(-1, 1) == padding_idx, 0)
     grad_weight = torch.zeros((num_rows, dim), dtype=acc, device=grad_out.device)
     for j in range(k):
-        grad_weight.index_add_(0, flat_rows[:, j], grad)
+        scaled = grad if factors is None else grad * factors[:, j : j + 1].to(acc)
+        grad_weight.index_add_(0, flat_rows[:, j], scaled)
     return grad_weight.to(dtype)
 
 
@@ -113,6 +152,7 @@ def bloom_bag_forward_reference(
     mode: str = "sum",
     per_sample_weights: Optional[torch.Tensor] = None,
     padding_idx: Optional[int] = None,
+    factors: Optional[torch.Tensor] = None,
 ):
     """Pool the Bloom vectors of bags of ids, as ``nn.EmbeddingBag`` pools rows.
 
@@ -125,6 +165,7 @@ def bloom_bag_forward_reference(
         per_sample_weights (Tensor, optional): ``(n,)`` weights (``sum`` only).
         padding_idx (int, optional): id left out of the pooling (and of the
             mean's count).
+        factors (Tensor, optional): ``(n, k)`` weights of the rows (the variants').
 
     Returns:
         ``(out, argmax)``: the ``(B, dim)`` pooled vectors (empty bags give
@@ -141,7 +182,7 @@ def bloom_bag_forward_reference(
         return weight.new_zeros((num_bags, dim)), argmax if mode == "max" else no_argmax
     live = None if padding_idx is None else ids != padding_idx
     if mode == "max":
-        return _max_pool(bloom_forward_reference(ids, weight, rows, padding_idx), offsets, live)
+        return _max_pool(bloom_forward_reference(ids, weight, rows, padding_idx, factors), offsets, live)
     # Each id becomes k entries of one flat bag: offsets scale by k, and the
     # id's weight (its per-sample weight, 0 for padding, 1/count for mean)
     # repeats k times.
@@ -154,7 +195,11 @@ def bloom_bag_forward_reference(
         weights = inverse if weights is None else weights * inverse
     flat_rows = rows.reshape(-1)
     if weights is not None:
-        weights = weights.to(weight.dtype).unsqueeze(1).expand(n, k).reshape(-1)
+        weights = weights.to(weight.dtype).unsqueeze(1).expand(n, k)
+    if factors is not None:
+        weights = factors.to(weight.dtype) if weights is None else weights * factors.to(weight.dtype)
+    if weights is not None:
+        weights = weights.reshape(-1)
     out = F.embedding_bag(flat_rows, weight, (offsets * k).to(flat_rows.dtype), mode="sum",
                           per_sample_weights=weights, include_last_offset=True)  # fmt: skip
     return out, no_argmax
@@ -184,8 +229,9 @@ def bloom_row_gradients_reference(
     scales: Optional[torch.Tensor] = None,
     keep: Optional[torch.Tensor] = None,
 ):
-    """Sum ``grad[sources[i]] * scales[i]`` into each of ``rows[i, :]``, per
-    touched row: the twin of ``kernels.bloom_row_gradients``.
+    """Sum ``grad[sources[i]] * scales[i]`` into each of ``rows[i, :]`` (with
+    ``(n, k)`` scales, ``scales[i, j]`` into ``rows[i, j]``), per touched row:
+    the twin of ``kernels.bloom_row_gradients``.
 
     Returns ``(unique_rows, values)``: sorted ``(u,)`` int64 rows and their
     ``(u, dim)`` gradients in float32 (float64 for float64 ``grad``).
@@ -196,9 +242,10 @@ def bloom_row_gradients_reference(
     acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
     unique_rows, inverse = torch.unique(rows.to(torch.int64), sorted=True, return_inverse=True)
     contrib = grad.to(acc).index_select(0, sources)
-    if scales is not None:
+    if scales is not None and scales.dim() == 1:
         contrib = contrib * scales.to(acc).unsqueeze(1)
     values = torch.zeros((unique_rows.numel(), grad.shape[1]), dtype=acc, device=grad.device)
     for j in range(rows.shape[1]):
-        values.index_add_(0, inverse[:, j], contrib)
+        scaled = contrib * scales[:, j : j + 1].to(acc) if scales is not None and scales.dim() == 2 else contrib
+        values.index_add_(0, inverse[:, j], scaled)
     return unique_rows, values
