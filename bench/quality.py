@@ -485,8 +485,8 @@ def grid_pairs(args) -> list:
 def run_all(args, hyper: dict) -> tuple[list, dict]:
     names = args.dataset or (["ml-100k"] if args.quick else ["ml-100k", "synthetic"])
     pairs = grid_pairs(args)
-    # --quick runs the variants at the headline ratio only, to stay within minutes.
-    variant_pairs = [pair for pair in pairs if pair[0] == HEADLINE_RATIO] if args.quick else None
+    # --quick runs the variants at the headline (ratio, k) only, to stay within minutes.
+    variant_pairs = [(HEADLINE_RATIO, HEADLINE_K)] if args.quick else None
     specs = table_grid(pairs, VARIANTS, variant_pairs)
     runs, described = [], {}
     for name in names:
