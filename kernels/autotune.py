@@ -1,4 +1,4 @@
-"""Block-size configurations, and how a kernel is launched tuned or pinned.
+"""Block-size configurations, and how a kernel is launched tuned, cached or pinned.
 
 One place for every kernel's search space.  ``triton.autotune`` needs a GPU
 driver, so it is applied lazily at the first launch: importing this package
@@ -6,15 +6,31 @@ never touches the driver (older Triton raised "0 active drivers" when an
 autotuned kernel was merely defined on a CPU-only host).  Under
 ``TRITON_INTERPRET=1`` there is nothing to tune, and every launch uses one
 pinned configuration so that the interpreter runs few, predictable programs.
+
+Tuning every (kernel, key) costs seconds of benchmarking at the first launch
+of each process.  ``triton-bloom tune`` pays that once and writes the winners
+to a JSON file (:func:`cache_path`); a launch whose kernel, key values, tensor
+dtypes and GPU name have an entry there runs the plain ``@triton.jit`` kernel
+with that configuration and never builds an autotuner.  The entry is keyed
+here, not by reusing ``Autotuner.cache``'s key: that tuple's layout (key
+values, then the dtype of every argument in call order) is an internal of
+Triton and differs by how arguments are passed, while this file has to stay
+valid across Triton versions and across hosts with the same GPU.
 """
 
+from __future__ import annotations
+
 import contextlib
+import datetime
 import functools
+import json
 import os
+import tempfile
+import threading
+import warnings
 
 import torch
 import triton
-
 
 # ``triton.jit`` reads TRITON_INTERPRET when a kernel is defined, so what
 # counts is its value when this package was imported, not its value now.
@@ -93,7 +109,8 @@ def _tuned(kernel, reset_to_zero, key):
 
 
 def launch(kernel, grid_for, args, device, reset_to_zero=None, key=TUNING_KEY):
-    """Launch ``kernel`` on ``args``: tuned on a GPU, pinned under the interpreter.
+    """Launch ``kernel`` on ``args``: pinned under the interpreter; on a GPU
+    with the cached configuration when :func:`cached_configs` has one, else tuned.
 
     ``grid_for`` maps the meta-parameters (``BLOCK_N``, ``BLOCK_D``) to the grid.
     """
@@ -101,9 +118,317 @@ def launch(kernel, grid_for, args, device, reset_to_zero=None, key=TUNING_KEY):
         kernel[grid_for(INTERPRETER_META)](**args, **INTERPRETER_META)
         return
     with device_guard(device):
-        tuned(kernel, reset_to_zero, key)[grid_for](**args)
+        if not _session.retune:
+            entries = cached_configs()
+            if entries:
+                lookup_key = entry_key_for(kernel, args, key, device_name(device))
+                config = entries.get(lookup_key)
+                if config is not None and _launch_with(kernel, grid_for, args, config, lookup_key):
+                    return
+        autotuner = tuned(kernel, reset_to_zero, key)
+        if _session.records is None:
+            autotuner[grid_for](**args)
+            return
+        # Set to None first: the attribute outlives the call, and only a call
+        # that benchmarked leaves fresh timings behind.
+        autotuner.configs_timings = None
+        autotuner[grid_for](**args)
+        _record(kernel, args, key, device, autotuner)
 
 
 def device_guard(device):
     """Triton launches on the current CUDA device: make it ``device``."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------
+# The tuned-config cache file.
+
+CACHE_ENV = "TRITON_BLOOM_AUTOTUNE_CACHE"
+CACHE_FORMAT = 1
+_FILE_KIND = "triton_bloom autotune cache"
+
+
+def cache_path():
+    """Where tuned configs are read from and ``triton-bloom tune`` writes them.
+
+    ``$TRITON_BLOOM_AUTOTUNE_CACHE`` when set (empty: no cache at all), else
+    ``$XDG_CACHE_HOME/triton_bloom/autotune.json``, else
+    ``~/.cache/triton_bloom/autotune.json``.  ``set_cache_path`` overrides all
+    of these for this process.  Returns ``None`` when the cache is off.
+    """
+    if _session.path_override is not _UNSET:
+        return _session.path_override
+    value = os.environ.get(CACHE_ENV)
+    if value is not None:
+        return os.path.abspath(os.path.expanduser(value)) if value.strip() else None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "triton_bloom", "autotune.json")
+
+
+def set_cache_path(path):
+    """Read tuned configs from ``path`` from now on (``None``: use none);
+    what was loaded from the previous path is forgotten."""
+    with _lock:
+        _session.path_override = os.path.abspath(os.path.expanduser(path)) if path else None
+        _session.entries = None
+
+
+def reset_cache_path():
+    """Back to :func:`cache_path`'s environment-derived default, reloaded at next use."""
+    with _lock:
+        _session.path_override = _UNSET
+        _session.entries = None
+
+
+def entry_key(kernel_name, key_values, dtypes, device):
+    """The lookup key of one cache entry.
+
+    ``key_values`` maps the tuning-key argument names to their values,
+    ``dtypes`` every tensor argument's name to ``str(tensor.dtype)``; both are
+    sorted so that neither the order of ``TUNING_KEY`` nor the order of the
+    launcher's keyword arguments can make an entry unreachable.
+    """
+    return (
+        str(kernel_name),
+        tuple(sorted((str(k), _plain(v)) for k, v in dict(key_values).items())),
+        tuple(sorted((str(k), str(v)) for k, v in dict(dtypes).items())),
+        str(device),
+    )
+
+
+def entry_key_for(kernel, args, key, device):
+    """:func:`entry_key` of a launch of ``kernel`` on ``args`` (``device``: the GPU's name)."""
+    return entry_key(_kernel_name(kernel), {name: args[name] for name in key}, _tensor_dtypes(args), device)
+
+
+def cached_configs():
+    """The loaded cache: ``{entry_key: {"kwargs", "num_warps", "num_stages"}}``.
+
+    Read once per process, at the first GPU launch, from :func:`cache_path`.
+    A missing file is an empty cache; an unreadable one is warned about and
+    ignored, since a job must never fail because a tuning file went bad.
+    """
+    entries = _session.entries
+    if entries is None:
+        with _lock:
+            if _session.entries is None:
+                _session.entries = load_cache(cache_path())
+            entries = _session.entries
+    return entries
+
+
+def load_cache(path):
+    """``{entry_key: config}`` from the cache file at ``path`` ({} if none)."""
+    return {entry_key(e["kernel"], e["key"], e["dtypes"], e["device"]): e["config"] for e in read_entries(path)}
+
+
+def read_entries(path):
+    """The valid entries of the cache file at ``path``, as stored (a list of dicts).
+
+    Entries that do not parse are dropped with one warning, the rest kept.
+    """
+    if not path or not os.path.exists(path):
+        return []
+    try:
+        with open(path) as f:
+            payload = json.load(f)
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"triton_bloom: ignoring the autotune cache {path}: {exc}", RuntimeWarning, stacklevel=2)
+        return []
+    if not isinstance(payload, dict) or payload.get("format") != CACHE_FORMAT:
+        warnings.warn(f"triton_bloom: ignoring the autotune cache {path}: not format {CACHE_FORMAT} "
+                      f"(rerun triton-bloom tune)", RuntimeWarning, stacklevel=2)  # fmt: skip
+        return []
+    valid, bad = [], 0
+    for entry in payload.get("entries", []):
+        if _valid_entry(entry):
+            valid.append(entry)
+        else:
+            bad += 1
+    if bad:
+        warnings.warn(f"triton_bloom: ignoring {bad} malformed entries of the autotune cache {path}",
+                      RuntimeWarning, stacklevel=2)  # fmt: skip
+    return valid
+
+
+def save_cache(records, path):
+    """Merge ``records`` (dicts as :func:`recording` yields them) into the
+    cache file at ``path`` and return the number of entries it then holds.
+
+    A record replaces the stored entry with the same key.  The file is written
+    to a temporary name and renamed, so a job reading it concurrently sees the
+    old file or the new one, never half of one.
+    """
+    if not path:
+        raise ValueError("no autotune cache path: set --cache or $" + CACHE_ENV)
+    path = os.path.abspath(os.path.expanduser(path))
+    merged = {}
+    for entry in read_entries(path) + [dict(r) for r in records]:
+        if not _valid_entry(entry):
+            raise ValueError(f"not a cache entry: {entry!r}")
+        merged[entry_key(entry["kernel"], entry["key"], entry["dtypes"], entry["device"])] = entry
+    payload = {
+        "format": CACHE_FORMAT,
+        "kind": _FILE_KIND,
+        "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "entries": sorted(merged.values(), key=lambda e: repr(entry_key(e["kernel"], e["key"], e["dtypes"],
+                                                                        e["device"]))),  # fmt: skip
+    }
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".autotune-", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with _lock:
+        if _session.entries is not None and cache_path() == path:
+            _session.entries = None  # reload: this process sees what it just wrote
+    return len(merged)
+
+
+@contextlib.contextmanager
+def recording():
+    """Tune every launch inside the block, ignoring the cache, and collect
+    one record per launch that tuned: the cache entry plus ``ms`` (the
+    winner's median time as the tuner measured it, or ``None`` when the tuner
+    did not benchmark, e.g. one config survived pruning) and ``configs_tried``.
+
+    The autotuners keep their choices for the process, so a key already
+    tuned earlier in this process yields a record without timings.
+    """
+    records = []
+    previous = (_session.records, _session.retune)
+    _session.records, _session.retune = records, True
+    try:
+        yield records
+    finally:
+        _session.records, _session.retune = previous
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name_by_index(index):
+    return torch.cuda.get_device_name(index)
+
+
+def device_name(device):
+    """The name cache entries are keyed on: the GPU's marketing name (a
+    config tuned on one H200 suits every H200), ``"cpu"`` for the CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type
+    return _device_name_by_index(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# ---------------------------------------------------------------------------
+# Internals.
+
+_UNSET = object()
+
+
+class _Session:
+    """Process-wide state: the loaded cache, and the ``recording`` block."""
+
+    def __init__(self):
+        self.entries = None  # {entry_key: config}, loaded lazily
+        self.path_override = _UNSET
+        self.records = None  # a list while recording
+        self.retune = False
+
+
+_session = _Session()
+_lock = threading.Lock()
+
+
+def _launch_errors():
+    # What a config that cannot build on this GPU or Triton raises before the
+    # kernel runs; a runtime fault (bad address) is not among them and is
+    # never retried.
+    errors = []
+    for module, name in (("triton.runtime.errors", "OutOfResources"), ("triton.runtime.errors", "PTXASError"),
+                         ("triton.compiler.errors", "CompilationError")):  # fmt: skip
+        try:
+            errors.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors) or (RuntimeError,)
+
+
+def _launch_with(kernel, grid_for, args, config, lookup_key):
+    """Launch with a cached config; ``False`` (and the entry dropped) if it
+    does not build here, so the caller tunes instead of failing the job."""
+    meta = dict(config["kwargs"])
+    try:
+        kernel[grid_for({**args, **meta})](**args, **meta, num_warps=config["num_warps"],
+                                           num_stages=config["num_stages"])  # fmt: skip
+    except _launch_errors() as exc:
+        warnings.warn(f"triton_bloom: cached config {config} for {lookup_key[0]} does not build here ({exc}); "
+                      "autotuning instead", RuntimeWarning, stacklevel=3)  # fmt: skip
+        with _lock:
+            if _session.entries is not None:
+                _session.entries.pop(lookup_key, None)
+        return False
+    return True
+
+
+def _record(kernel, args, key, device, autotuner):
+    best = autotuner.best_config
+    timings = getattr(autotuner, "configs_timings", None) or {}
+    ms = timings.get(best)
+    if isinstance(ms, (list, tuple)):  # (median, p20, p80) in Triton 3.x
+        ms = ms[0]
+    _session.records.append({
+        "kernel": _kernel_name(kernel),
+        "key": {name: _plain(args[name]) for name in key},
+        "dtypes": _tensor_dtypes(args),
+        "device": device_name(device),
+        "config": {"kwargs": dict(best.kwargs), "num_warps": best.num_warps, "num_stages": best.num_stages},
+        "ms": float(ms) if ms is not None else None,
+        "configs_tried": len(timings) or None,
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "tuned_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    })  # fmt: skip
+
+
+def _kernel_name(kernel):
+    fn = kernel
+    while not hasattr(fn, "__name__") and hasattr(fn, "fn"):
+        fn = fn.fn
+    return fn.__name__
+
+
+def _tensor_dtypes(args):
+    return {name: str(value.dtype) for name, value in args.items() if isinstance(value, torch.Tensor)}
+
+
+def _plain(value):
+    # Key values come from Python ints/bools (dim, K, MODE); JSON keeps those.
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    return str(value)
+
+
+def _power_of_two(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0 and value & (value - 1) == 0
+
+
+def _valid_entry(entry):
+    try:
+        config = entry["config"]
+        ok = (isinstance(entry["kernel"], str) and isinstance(entry["key"], dict)
+              and isinstance(entry["dtypes"], dict) and isinstance(entry["device"], str)
+              and isinstance(config["kwargs"], dict) and _power_of_two(config["num_warps"])
+              and isinstance(config["num_stages"], int) and config["num_stages"] >= 1)  # fmt: skip
+        # Block sizes are tl.arange extents: powers of two, or the kernel cannot compile.
+        return ok and all(_power_of_two(v) for k, v in config["kwargs"].items() if k.startswith("BLOCK"))
+    except (KeyError, TypeError):
+        return False
