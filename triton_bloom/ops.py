@@ -225,9 +225,20 @@ def bloom_bag_backward(
             grad_psw = rowwise.per_sample_weights_gradient(ids, offsets, weight, rows, grad_out, padding_idx,
                                                            use_triton, wide_ids, signed, importance)  # fmt: skip
         entries = rowwise.bag_entries(ids, offsets, grad_out, mode, per_sample_weights, padding_idx, argmax)
-        unique_rows, values, grad_importance = rowwise.table_gradients(rows, entries, weight, importance, signed, ids,
-                                                                       use_triton)  # fmt: skip
-        grad_weight = rowwise.densify(unique_rows, values, weight.shape[0], weight.dtype)
+        if use_triton:
+            unique_rows, values, grad_importance = rowwise.table_gradients(rows, entries, weight, importance, signed,
+                                                                           ids, use_triton)  # fmt: skip
+            grad_weight = rowwise.densify(unique_rows, values, weight.shape[0], weight.dtype)
+        else:
+            # On CPU, spreading each bag's gradient over its ids and scattering
+            # with index_add_ is ~2x faster than sorting the touched rows.
+            factors, signs, imp_rows = row_factors(ids, num_hash_functions, signed, importance)
+            grad_weight = bloom_backward_reference(rowwise.per_id_gradient(entries), ids, rows, weight.shape[0],
+                                                   padding_idx, weight.dtype, factors)  # fmt: skip
+            grad_importance = None
+            if importance is not None:
+                grad_importance = rowwise.importance_gradient(rows, entries, weight, signs, imp_rows, importance,
+                                                              use_triton=False)  # fmt: skip
     # Distinct empty tensors: a custom op's outputs may not alias each other.
     grad_psw = grad_psw.to(per_sample_weights.dtype) if grad_psw is not None else weight.new_empty((0,))
     grad_importance = grad_importance if grad_importance is not None else weight.new_empty((0,))

@@ -95,6 +95,14 @@ def bag_entries(ids, offsets, grad_out, mode, per_sample_weights, padding_idx, a
     return sources, grad_out, scales, live
 
 
+def per_id_gradient(entries):
+    """The ``(n, dim)`` gradient each id receives from ``entries`` (before the
+    variants' factors; padding is left to the caller)."""
+    sources, grad, scales, _ = entries
+    per_id = grad.index_select(0, sources)
+    return per_id if scales is None else per_id * scales.to(per_id.dtype).unsqueeze(1)
+
+
 def entry_row_gradients(rows, entries, factors, use_triton):
     """Touched rows and their gradients for ``entries``, with the variants' factors."""
     sources, grad, scales, keep = entries
