@@ -14,6 +14,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Inductor's pool of compile workers, once started by a torch.compile test,
+# stalls the processes the distributed tests spawn later in the same session
+# (their training hangs until the test's deadline). On CI's 2 cores parallel
+# compilation gains little anyway: compile in the test process itself.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
 from triton_bloom import dispatch  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
