@@ -122,6 +122,9 @@ def _worker(rank, kind, port, out_dir):
                 torch.save(params, os.path.join(out_dir, f"{optimizer_name}.pt"))
     finally:
         dist.destroy_process_group()
+    # Done: skip the interpreter's teardown, where a rank that ran sparse
+    # collectives has been seen to hang (gloo's threads) after its work was saved.
+    os._exit(0)
 
 
 def free_port():
