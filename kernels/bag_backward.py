@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from .autotune import launch
-from .bag_forward import BAG_TUNING_KEY, MODE_MAX, MODE_MEAN, MODE_SUM
+from .bag_forward import BAG_TUNING_KEY, MODE_MAX, MODE_SUM
 from .hashing import bloom_rows, importance_row, premix_ids, row_factor
 
 

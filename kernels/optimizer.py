@@ -1,7 +1,6 @@
 """Fused sparse optimizers: update only the touched rows of the table, from
 their aggregated gradients, in place; no dense gradient ever exists."""
 
-import torch
 import triton
 import triton.language as tl
 

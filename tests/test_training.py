@@ -2,7 +2,6 @@
 sparse gradients, fused optimizers and tables past 2**31 elements, on both
 backends (Triton through the interpreter without a GPU)."""
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
