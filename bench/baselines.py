@@ -1,11 +1,12 @@
 """Baselines the benchmarks compare against.
 
 ``SpotlightBloomEmbedding`` computes what Spotlight's ``BloomEmbedding``
-(``shared/seeds/000_*.txt``) computes, the way it computes it: a hash table
-of every id built once with scikit-learn, the padding id's hashes forced to
-row 0 of an ``nn.Embedding`` whose padding row is frozen, then per batch an
-``index_select`` of the hashes, a gather of ``(n, k, dim)`` rows and a sum
-over ``k``.  It is re-derived from the seed's description, not copied, and
+(``spotlight/layers.py``, the project's seed, not part of this repository)
+computes, the way it computes it: a hash table of every id built once with
+scikit-learn, the padding id's hashes forced to row 0 of an ``nn.Embedding``
+whose padding row is frozen, then per batch an ``index_select`` of the
+hashes, a gather of ``(n, k, dim)`` rows and a sum over ``k``.  It is
+re-derived from the seed's description, not copied, and
 ``tests/test_spotlight.py`` holds our module to it.
 """
 

@@ -205,6 +205,17 @@ def build(case: MemoryCase, device: torch.device) -> nn.Module:
                           dtype=dtype)  # fmt: skip
 
 
+def training_step(module: nn.Module, ids: torch.Tensor, params: list, optimizer) -> int:
+    """One training step on ``ids``; returns the bytes of the gradients it made.
+    A function, not a closure in ``measure``, so that ``measure`` can drop its
+    tensors with ``del`` before emptying the CUDA cache."""
+    module(ids).sum().backward()
+    grad_bytes = tensor_bytes(p.grad for p in params)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_bytes
+
+
 def measure(case: MemoryCase, device: torch.device) -> dict:
     """Build ``case``'s module, run two training steps, return what they held."""
     cuda = device.type == "cuda"
@@ -219,27 +230,18 @@ def measure(case: MemoryCase, device: torch.device) -> dict:
     ids = torch.randint(0, case.num_embeddings, (case.batch, case.seq), device=device)
     optimizer = OPTIMIZERS[case.optimizer](module.parameters(), lr=1e-3)
     params = [p for p in module.parameters() if p.requires_grad]
-    grad_bytes = 0
-
-    def step():
-        nonlocal grad_bytes
-        module(ids).sum().backward()
-        grad_bytes = tensor_bytes(p.grad for p in params)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step()  # allocates the optimizer state
+    grad_bytes = training_step(module, ids, params, optimizer)  # allocates the optimizer state
     if cuda:
         torch.cuda.synchronize()
         built = torch.cuda.memory_allocated(device) - base
         torch.cuda.reset_peak_memory_stats(device)
-        step()
+        grad_bytes = training_step(module, ids, params, optimizer)
         torch.cuda.synchronize()
         peak, method = torch.cuda.max_memory_allocated(device) - base, "torch.cuda.max_memory_allocated"
     else:
         built = _rss() - base
         resettable = _reset_peak_rss()
-        step()
+        grad_bytes = training_step(module, ids, params, optimizer)
         peak = _peak_rss() - base if resettable else None
         method = "VmHWM (reset via /proc/self/clear_refs) - RSS before build" if resettable else "unavailable"
     state_bytes = tensor_bytes(t for s in optimizer.state.values() for t in s.values())

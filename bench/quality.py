@@ -51,6 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import data as datasets  # noqa: E402
 from bench.common import environment, write_json  # noqa: E402
 from triton_bloom import BloomEmbedding, ScaledEmbedding, ZeroEmbedding  # noqa: E402
+from triton_bloom.ranking import items_above, ranking_metrics  # noqa: E402
 
 # Bloom-layer variants, added as the module grows options: name -> extra
 # BloomEmbedding constructor kwargs.  Each runs on the same (ratio, k) grid as
@@ -265,11 +266,11 @@ def rank_metrics(model, targets: datasets.Interactions, seen: list, chunk: int =
     """MRR, AUC and HR@10 of each target item ranked against every item its
     user has not seen (``seen``: interactions masked out of the ranking).
     Ties count half, so identical vectors (hash collisions at ``k=1``) get
-    no credit for ordering."""
+    no credit for ordering (``triton_bloom.ranking``, shared with the demo)."""
     seen_u = np.concatenate([s.user for s in seen])
     seen_i = np.concatenate([s.item for s in seen])
     row_of = np.full(targets.num_users, -1, dtype=np.int64)
-    rr, auc, hit = [], [], []
+    per_user = {"mrr": [], "auc": [], "hr@10": []}
     for start in range(0, len(targets), chunk):
         users = targets.user[start : start + chunk]
         items = torch.from_numpy(targets.item[start : start + chunk])
@@ -281,14 +282,10 @@ def rank_metrics(model, targets: datasets.Interactions, seen: list, chunk: int =
         scores[torch.from_numpy(row_of[seen_u[sel]]), torch.from_numpy(seen_i[sel])] = -float("inf")
         row_of[users] = -1
         scores[rows, items] = target  # a target seen before (repeat event) still competes
-        greater = (scores > target[:, None]).sum(1).double()
-        ties = (scores == target[:, None]).sum(1).double() - 1
-        candidates = torch.isfinite(scores).sum(1).double()
-        rank = 1 + greater + ties / 2
-        rr.append(1 / rank)
-        auc.append((candidates - rank) / (candidates - 1).clamp(min=1))
-        hit.append((rank <= 10).double())
-    return {k: torch.cat(v).mean().item() for k, v in (("mrr", rr), ("auc", auc), ("hr@10", hit))}
+        negatives = torch.isfinite(scores).sum(1).double() - 1  # the unmasked items but the target
+        for name, values in ranking_metrics(items_above(scores, items), negatives, k=10).items():
+            per_user[name].append(values)
+    return {name: torch.cat(values).mean().item() for name, values in per_user.items()}
 
 
 @torch.no_grad()

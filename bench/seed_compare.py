@@ -9,8 +9,8 @@ Two comparisons, each timed in one run on the same ids, reported as ratios
   the hash cache, gather the ``(n, k, dim)`` rows, sum over ``k``, then pool
   each bag), ``batch`` bags of ``bag_length`` ids.
 
-Defaults are the issues' setting: ``num_embeddings=1_000_000``,
-``embedding_dim=64``, ``k=4``, ids ``(4096, 8)``, bags ``4096 x 20``.
+Defaults: ``num_embeddings=1_000_000``, ``embedding_dim=64``, Spotlight's
+``compression_ratio=0.2`` and ``k=4``, ids ``(4096, 8)``, bags ``4096 x 20``.
 
     python bench/seed_compare.py [--out bench/results/seed_compare_cpu.json]
 """

@@ -193,7 +193,6 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 10) -> floa
     src = torch.ones(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     ms = statistics.median(Timer(device, repeats, warmup=2, flush=False)(lambda: dst.copy_(src)))
-    del src, dst
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 

@@ -8,14 +8,15 @@ layer, timed in one run for the layouts a user would choose between:
   optimizers, which update the touched rows inside the backward.
 
 Reports milliseconds per step (median), the ratio of the full table's step
-time to each, and the bytes of weights plus optimizer state.  The issue's
-setting is the default: ``num_embeddings=10_000_000``, ``embedding_dim=64``,
-ratio 0.2, ``k=4``, a batch of 16384 ids.
+time to each, and the bytes of weights plus optimizer state.  Defaults:
+``num_embeddings=10_000_000``, ``embedding_dim=64``, Spotlight's ratio 0.2 and
+``k=4``, a batch of 16384 ids.
 
     python bench/train_step.py [--out bench/results/train_step_cpu.json]
 """
 
 import argparse
+import functools
 import os
 import sys
 
@@ -68,6 +69,18 @@ def state_bytes(module, optimizer):
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def training_step(module, optimizer, ids, target):
+    """Forward, a squared-error loss, backward, and the optimizer's update
+    (``optimizer`` is ``None`` for the fused ones, which update inside the
+    backward).  A function, not a closure in ``run``, so that ``run`` can
+    drop each layout with ``del`` before building the next."""
+    loss = (module(ids) - target).pow(2).mean()
+    loss.backward()
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
 def run(num_embeddings, dim, ratio, k, batch, repeats, device, names=None):
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     g = torch.Generator().manual_seed(0)
@@ -78,17 +91,10 @@ def run(num_embeddings, dim, ratio, k, batch, repeats, device, names=None):
         if names and name not in names:
             continue
         module, optimizer = build()
-
-        def step():
-            loss = (module(ids) - target).pow(2).mean()
-            loss.backward()
-            if optimizer is not None:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
+        step = functools.partial(training_step, module, optimizer, ids, target)
         ms = median_ms(step, repeats, warmup=2, sync=sync)
         results[name] = {"ms": ms, "state_bytes": state_bytes(module, optimizer)}
-        del module, optimizer
+        del module, optimizer, step
     base = results.get("full_embedding_adam")
     for r in results.values():
         r["speedup_vs_full_adam"] = base["ms"] / r["ms"] if base else None

@@ -1,4 +1,6 @@
-"""Shared test set-up.
+"""Shared test set-up: the environment, the report header and fixtures.
+The helpers tests import (``DEVICE``, ``TOLERANCES``, ``require_kernels``)
+live in ``support.py``.
 
 Without a CUDA device the Triton kernels run through Triton's interpreter on
 CPU tensors.  ``TRITON_INTERPRET`` must be set before ``triton.jit`` defines
@@ -20,18 +22,8 @@ if not torch.cuda.is_available():
 # compilation gains little anyway: compile in the test process itself.
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
+from support import DEVICE  # noqa: E402
 from triton_bloom import dispatch  # noqa: E402
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-# Tolerances of the kernels against the reference, per weight dtype: float32
-# sums of k rows agree to rounding; half precision rounds the output once.
-TOLERANCES = {
-    torch.float32: dict(atol=1e-5, rtol=1e-5),
-    torch.float64: dict(atol=1e-12, rtol=1e-12),
-    torch.float16: dict(atol=2e-3, rtol=2e-3),
-    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
-}
 
 
 def pytest_report_header(config):
@@ -44,9 +36,3 @@ def pytest_report_header(config):
 @pytest.fixture
 def device():
     return DEVICE
-
-
-def require_kernels():
-    """The kernels module; kernel tests fail (never skip) when it cannot load,
-    since CI must run them through the interpreter."""
-    return dispatch.kernels()

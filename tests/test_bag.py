@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DEVICE, require_kernels
 from oracle import bag_backward_oracle, bag_forward_oracle
+from support import DEVICE, require_kernels
 from triton_bloom import BloomEmbedding, BloomEmbeddingBag
 from triton_bloom.functional import bloom_embedding_bag
 

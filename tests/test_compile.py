@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import DEVICE, require_kernels
+from support import DEVICE, require_kernels
 from triton_bloom import BloomEmbedding, BloomEmbeddingBag, FusedSGD, bloom_hash, ops
 
 NUM_IDS = 500

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DEVICE, require_kernels
 from oracle import SPOTLIGHT_SEEDS, sklearn_rows
+from support import DEVICE, require_kernels
 from triton_bloom import SEEDS, bloom_hash
 from triton_bloom.hashing import murmurhash3_32 as torch_murmurhash3_32
 from triton_bloom.hashing import seed_tensor

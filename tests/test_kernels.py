@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DEVICE, TOLERANCES, require_kernels
 from oracle import backward_oracle, forward_oracle
+from support import DEVICE, TOLERANCES, require_kernels
 from triton_bloom import bloom_hash
 from triton_bloom.functional import bloom_embedding
 from triton_bloom.hashing import hash_rows, seed_tensor

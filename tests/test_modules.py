@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import DEVICE
 from oracle import forward_oracle, sklearn_rows
+from support import DEVICE
 from triton_bloom import (
     SEEDS,
     BloomEmbedding,

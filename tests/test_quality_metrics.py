@@ -43,6 +43,20 @@ def test_rank_metrics_mask_seen_items_and_split_ties():
     assert got["hr@10"] == pytest.approx(1.0)
 
 
+def test_rank_metrics_match_the_demo_on_ties():
+    """The benchmark and ``triton-bloom demo`` rank with one function."""
+    from triton_bloom import demo
+
+    scores = [[0.5, 9.0, 0.7, 0.1, 0.7], [0.0, 1.0, 2.0, 3.0, 4.0]]
+    got = Q.rank_metrics(FixedScores(scores), interactions([0, 1], [2, 0], 2, 5), [interactions([0], [1], 2, 5)])
+    data = demo.Dataset(2, 5, train_users=torch.tensor([0]), train_items=torch.tensor([1]),
+                        test_items=torch.tensor([2, 0]), train_counts=torch.tensor([1, 0]))  # fmt: skip
+    # users x items scores as a product: one-hot users, items holding their scores per user
+    ranks = demo.item_ranks(torch.eye(2), torch.tensor(scores).T, data)
+    assert ranks.tolist() == [0.5, 4.0]
+    assert demo.metrics(ranks, data) == pytest.approx((got["auc"], got["hr@10"]))
+
+
 def test_rank_metrics_keep_a_repeated_target_in_the_ranking():
     model = FixedScores([[3.0, 2.0, 1.0]])
     seen = interactions([0, 0], [0, 2], 1, 3)  # item 0 is both seen and the target

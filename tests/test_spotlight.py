@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bench.baselines import SpotlightBloomEmbedding
-from conftest import DEVICE
+from support import DEVICE
 from triton_bloom import BloomEmbedding
 
 

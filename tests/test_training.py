@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, require_kernels
 from oracle import sklearn_rows
+from support import DEVICE, require_kernels
 from triton_bloom import BloomEmbedding, BloomEmbeddingBag, FusedRowWiseAdagrad, FusedSGD, bloom_hash
 from triton_bloom.functional import bloom_embedding, bloom_embedding_bag
 

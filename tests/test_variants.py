@@ -6,8 +6,8 @@ import pytest
 import torch
 from sklearn.utils import murmurhash3_32
 
-from conftest import DEVICE, require_kernels
 from oracle import SPOTLIGHT_SEEDS, sklearn_rows
+from support import DEVICE, require_kernels
 from triton_bloom import BloomEmbedding, BloomEmbeddingBag, FusedSGD
 from triton_bloom.functional import bloom_embedding, bloom_embedding_bag
 

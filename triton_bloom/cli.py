@@ -7,9 +7,8 @@
 
 The kernels are imported inside the commands that need them, so ``--help``,
 ``info`` and ``demo`` work where Triton does not import.
-Tables are drawn with ``rich`` and long loops show ``tqdm`` bars; both are
-dependencies, but a bare environment without them (a GPU host with only its
-own preinstalled packages) still gets plain text rather than an ImportError.
+Tables are drawn with ``rich`` and long loops show ``tqdm`` bars (see
+``terminal``).
 """
 
 from __future__ import annotations
@@ -26,102 +25,12 @@ from pathlib import Path
 
 import torch
 
+from .terminal import console, cpu_model, progress, render_table
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ID_DTYPES = {"int64": torch.int64, "int32": torch.int32}
 SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 BAG_MODES = ("sum", "mean", "max")
-
-
-# ---------------------------------------------------------------------------
-# Output helpers, shared with the demo.
-
-
-class _PlainConsole:
-    def print(self, text="", **_):
-        import re
-
-        print(re.sub(r"\[/?[a-z ]+\]", "", str(text)))
-
-
-def console():
-    """A ``rich`` console, or one that prints plain text when rich is absent."""
-    try:
-        from rich.console import Console
-    except ImportError:
-        return _PlainConsole()
-    return Console(highlight=False, soft_wrap=True)
-
-
-def render_table(headers, rows, title=None, caption=None, numeric_from=None, compact=False):
-    """Print ``rows`` under ``headers``; columns from ``numeric_from`` on are
-    right-aligned.  ``compact`` drops the vertical rules, for wide tables."""
-    numeric_from = len(headers) if numeric_from is None else numeric_from
-    try:
-        from rich import box
-        from rich.console import Console
-        from rich.table import Table
-        from rich.text import Text
-    except ImportError:
-        widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
-        if title:
-            print(title)
-        lines = [headers, ["-" * w for w in widths]] if any(headers) else []
-        for row in lines + list(rows):
-            cells = [str(c).rjust(w) if i >= numeric_from else str(c).ljust(w)
-                     for i, (c, w) in enumerate(zip(row, widths))]  # fmt: skip
-            print("  ".join(cells).rstrip())
-        if caption:
-            print(caption)
-        return
-    table = Table(title=title, caption=caption, title_justify="left", caption_justify="left",
-                  show_header=any(headers), box=box.SIMPLE_HEAD if compact else box.HEAVY_HEAD)  # fmt: skip
-    for i, header in enumerate(headers):
-        # Fold rather than cut long cells: a cut path or version is useless.
-        table.add_column(header, justify="right" if i >= numeric_from else "left", no_wrap=i == 0,
-                         overflow="fold")  # fmt: skip
-    for row in rows:
-        # Text, not markup: a cell such as "bag_forward[max]" is not a style tag.
-        table.add_row(*(Text(str(c)) for c in row))
-    Console(highlight=False).print(table)
-
-
-class _NoBar:
-    def __init__(self, iterable=None, **_):
-        self.iterable = iterable
-
-    def __iter__(self):
-        return iter(self.iterable)
-
-    def update(self, n=1):
-        pass
-
-    def set_postfix_str(self, s="", refresh=True):
-        pass
-
-    def close(self):
-        pass
-
-
-def progress(iterable=None, **kwargs):
-    """A ``tqdm`` bar on stderr (so tables on stdout stay clean), or none."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _NoBar(iterable)
-    kwargs.setdefault("dynamic_ncols", True)
-    kwargs.setdefault("leave", False)
-    return tqdm(iterable, **kwargs)
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _autotune_module():
