@@ -4,7 +4,7 @@ This subpackage imports torch and triton only.  ``triton_bloom`` imports it
 lazily, so the package works where Triton is missing.
 """
 
-from .autotune import interpreting
+from .launch import interpreting
 from .backward import bloom_backward
 from .bag_backward import bloom_bag_backward
 from .bag_forward import MODE_MAX, MODE_MEAN, MODE_SUM, bloom_bag_forward

@@ -1,28 +1,31 @@
-"""Block-size configurations, and how a kernel is launched tuned, cached or pinned.
+"""Block-size configurations of the tuned kernels, and the tuned-config cache.
 
-One place for every kernel's search space.  ``triton.autotune`` needs a GPU
-driver, so it is applied lazily at the first launch: importing this package
-never touches the driver (older Triton raised "0 active drivers" when an
-autotuned kernel was merely defined on a CPU-only host).  Under
-``TRITON_INTERPRET=1`` there is nothing to tune, and every launch uses one
-pinned configuration so that the interpreter runs few, predictable programs.
+One place for the search space.  ``triton.autotune`` needs a GPU driver, so
+it is applied lazily at the first launch: importing this package never
+touches the driver (older Triton raised "0 active drivers" when an autotuned
+kernel was merely defined on a CPU-only host).  ``launch.py`` decides when a
+kernel is tuned at all (never under the interpreter).
 
-Tuning every (kernel, key) costs seconds of benchmarking at the first launch
-of each process.  ``triton-bloom tune`` pays that once and writes the winners
-to a JSON file (:func:`cache_path`); a launch whose kernel, key values, tensor
-dtypes and GPU name have an entry there runs the plain ``@triton.jit`` kernel
-with that configuration and never builds an autotuner.  The entry is keyed
-here, not by reusing ``Autotuner.cache``'s key: that tuple's layout (key
-values, then the dtype of every argument in call order) is an internal of
-Triton and differs by how arguments are passed, while this file has to stay
-valid across Triton versions and across hosts with the same GPU.
+Triton keeps an autotuner's choice for the life of the process only.
+``triton-bloom tune`` pays the benchmarking once and writes the winners to a
+JSON file (:func:`cache_path`), so that jobs on the same GPU model start
+with them; a launch whose kernel, key values, tensor dtypes and GPU name have
+an entry there runs the plain ``@triton.jit`` kernel with that configuration
+and never builds an autotuner.  Each entry carries the kernel's source key
+(Triton's hash of the kernel and what it calls, and Triton's version): an
+edited kernel or another Triton finds no entry and tunes afresh.  The entry
+is keyed here rather than by ``Autotuner.cache``'s tuple, whose layout is an
+internal of Triton that differs by how arguments are passed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import functools
+import hashlib
+import inspect
 import json
 import os
 import tempfile
@@ -31,26 +34,6 @@ import warnings
 
 import torch
 import triton
-
-# ``triton.jit`` reads TRITON_INTERPRET when a kernel is defined, so what
-# counts is its value when this package was imported, not its value now.
-try:
-    from triton import knobs as _knobs
-
-    _INTERPRETED = bool(_knobs.runtime.interpret)
-except (ImportError, AttributeError):  # Triton before knobs (< 3.4)
-    _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def interpreting() -> bool:
-    """Whether these kernels were built for Triton's CPU interpreter."""
-    return _INTERPRETED
-
-
-# Pinned under the interpreter: small enough that tests with dims such as 5
-# or 33 cover partial blocks in both directions, large enough to keep the
-# number of interpreted programs low.
-INTERPRETER_META = {"BLOCK_N": 16, "BLOCK_D": 32}
 
 
 def _gather_configs():
@@ -82,70 +65,76 @@ def _prune_block_d(configs, named_args, **kwargs):
     return kept or configs
 
 
+def candidate_configs(args):
+    """The configurations the autotuner may pick for a launch on ``args``,
+    as ``{"kwargs", "num_warps", "num_stages"}`` dicts."""
+    return [_config_dict(c) for c in _prune_block_d(_gather_configs(), args)]
+
+
 # The autotuner keys on these arguments (and, by itself, on the dtype of every
 # tensor argument, so each weight dtype is tuned on its own).
 TUNING_KEY = ("dim", "K")
 
 
-def tuned(kernel, reset_to_zero=None, key=TUNING_KEY):
-    """The autotuned twin of ``kernel``, built at first use.
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """How a kernel is tuned.
 
-    ``reset_to_zero`` names the buffers a kernel accumulates into: the tuner
-    runs every candidate on the same arguments, and without zeroing between
-    trials the gradient would be added once per trial.  ``key`` names the
-    arguments whose values get a tuning of their own.
+    Args:
+        reset_to_zero (tuple of str): the buffers the kernel accumulates
+            into: the tuner runs every candidate on the same arguments, and
+            without zeroing between trials the gradient would be added once
+            per trial.
+        key (tuple of str): the arguments whose values get a tuning of their own.
     """
-    return _tuned(kernel, tuple(reset_to_zero or ()), tuple(key))
+
+    reset_to_zero: tuple = ()
+    key: tuple = TUNING_KEY
+
+
+def tuned(kernel, tuning):
+    """The autotuned twin of ``kernel``, built at first use (``triton.autotune``
+    needs a driver, which importing this package must never touch)."""
+    return _tuned(kernel, tuning)
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel, reset_to_zero, key):
+def _tuned(kernel, tuning):
     return triton.autotune(
         configs=_gather_configs(),
-        key=list(key),
+        key=list(tuning.key),
         prune_configs_by={"early_config_prune": _prune_block_d},
-        reset_to_zero=list(reset_to_zero) or None,
+        reset_to_zero=list(tuning.reset_to_zero) or None,
     )(kernel)
 
 
-def launch(kernel, grid_for, args, device, reset_to_zero=None, key=TUNING_KEY):
-    """Launch ``kernel`` on ``args``: pinned under the interpreter; on a GPU
-    with the cached configuration when :func:`cached_configs` has one, else tuned.
-
-    ``grid_for`` maps the meta-parameters (``BLOCK_N``, ``BLOCK_D``) to the grid.
-    """
-    if interpreting():
-        kernel[grid_for(INTERPRETER_META)](**args, **INTERPRETER_META)
-        return
-    with device_guard(device):
-        if not _session.retune:
-            entries = cached_configs()
-            if entries:
-                lookup_key = entry_key_for(kernel, args, key, device_name(device))
-                config = entries.get(lookup_key)
-                if config is not None and _launch_with(kernel, grid_for, args, config, lookup_key):
-                    return
-        autotuner = tuned(kernel, reset_to_zero, key)
-        if _session.records is None:
-            autotuner[grid_for](**args)
-            return
-        # Set to None first: the attribute outlives the call, and only a call
-        # that benchmarked leaves fresh timings behind.
-        autotuner.configs_timings = None
+def run_tuned(kernel, grid_for, args, device, tuning):
+    """Run ``kernel`` on a GPU with the cached configuration when
+    :func:`cached_configs` has one, else through the autotuner.  The caller
+    holds the device guard."""
+    if not _session.retune:
+        entries = cached_configs()
+        if entries:
+            lookup_key = entry_key_for(kernel, args, tuning.key, device_name(device))
+            config = entries.get(lookup_key)
+            if config is not None and _launch_with(kernel, grid_for, args, config, lookup_key):
+                return
+    autotuner = tuned(kernel, tuning)
+    if _session.records is None:
         autotuner[grid_for](**args)
-        _record(kernel, args, key, device, autotuner)
-
-
-def device_guard(device):
-    """Triton launches on the current CUDA device: make it ``device``."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        return
+    # Set to None first: the attribute outlives the call, and only a call
+    # that benchmarked leaves fresh timings behind.
+    autotuner.configs_timings = None
+    autotuner[grid_for](**args)
+    _record(kernel, args, tuning.key, device, autotuner)
 
 
 # ---------------------------------------------------------------------------
 # The tuned-config cache file.
 
 CACHE_ENV = "TRITON_BLOOM_AUTOTUNE_CACHE"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: entries carry the kernel's source key
 _FILE_KIND = "triton_bloom autotune cache"
 
 
@@ -181,8 +170,12 @@ def reset_cache_path():
         _session.entries = None
 
 
-def entry_key(kernel_name, key_values, dtypes, device):
+def entry_key(kernel_name, source, key_values, dtypes, device):
     """The lookup key of one cache entry.
+
+    ``source`` is :func:`source_key` of the kernel the entry was tuned for:
+    an entry never outlives an edit of the kernel, of a function it calls,
+    or a change of Triton.
 
     ``key_values`` maps the tuning-key argument names to their values,
     ``dtypes`` every tensor argument's name to ``str(tensor.dtype)``; both are
@@ -191,6 +184,7 @@ def entry_key(kernel_name, key_values, dtypes, device):
     """
     return (
         str(kernel_name),
+        str(source),
         tuple(sorted((str(k), _plain(v)) for k, v in dict(key_values).items())),
         tuple(sorted((str(k), str(v)) for k, v in dict(dtypes).items())),
         str(device),
@@ -199,7 +193,22 @@ def entry_key(kernel_name, key_values, dtypes, device):
 
 def entry_key_for(kernel, args, key, device):
     """:func:`entry_key` of a launch of ``kernel`` on ``args`` (``device``: the GPU's name)."""
-    return entry_key(_kernel_name(kernel), {name: args[name] for name in key}, _tensor_dtypes(args), device)
+    return entry_key(_kernel_name(kernel), source_key(kernel), {name: args[name] for name in key},
+                     _tensor_dtypes(args), device)  # fmt: skip
+
+
+def source_key(kernel):
+    """What identifies a kernel's code: Triton's own hash of its source and of
+    every function it calls (``JITFunction.cache_key``, the key of Triton's
+    compile cache), and Triton's version, since the same source compiles to
+    other code under another Triton."""
+    fn = kernel
+    while not hasattr(fn, "cache_key") and hasattr(fn, "fn"):
+        fn = fn.fn
+    digest = getattr(fn, "cache_key", None)
+    if digest is None:  # the interpreter's kernels carry no Triton hash: the source alone
+        digest = hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()
+    return f"{digest}-triton-{triton.__version__}"
 
 
 def cached_configs():
@@ -220,7 +229,7 @@ def cached_configs():
 
 def load_cache(path):
     """``{entry_key: config}`` from the cache file at ``path`` ({} if none)."""
-    return {entry_key(e["kernel"], e["key"], e["dtypes"], e["device"]): e["config"] for e in read_entries(path)}
+    return {_stored_key(e): e["config"] for e in read_entries(path)}
 
 
 def read_entries(path):
@@ -267,13 +276,12 @@ def save_cache(records, path):
     for entry in read_entries(path) + [dict(r) for r in records]:
         if not _valid_entry(entry):
             raise ValueError(f"not a cache entry: {entry!r}")
-        merged[entry_key(entry["kernel"], entry["key"], entry["dtypes"], entry["device"])] = entry
+        merged[_stored_key(entry)] = entry
     payload = {
         "format": CACHE_FORMAT,
         "kind": _FILE_KIND,
         "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "entries": sorted(merged.values(), key=lambda e: repr(entry_key(e["kernel"], e["key"], e["dtypes"],
-                                                                        e["device"]))),  # fmt: skip
+        "entries": sorted(merged.values(), key=lambda e: repr(_stored_key(e))),
     }
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
@@ -385,16 +393,25 @@ def _record(kernel, args, key, device, autotuner):
         ms = ms[0]
     _session.records.append({
         "kernel": _kernel_name(kernel),
+        "source": source_key(kernel),
         "key": {name: _plain(args[name]) for name in key},
         "dtypes": _tensor_dtypes(args),
         "device": device_name(device),
-        "config": {"kwargs": dict(best.kwargs), "num_warps": best.num_warps, "num_stages": best.num_stages},
+        "config": _config_dict(best),
         "ms": float(ms) if ms is not None else None,
         "configs_tried": len(timings) or None,
         "triton": triton.__version__,
         "torch": torch.__version__,
         "tuned_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     })  # fmt: skip
+
+
+def _stored_key(entry):
+    return entry_key(entry["kernel"], entry["source"], entry["key"], entry["dtypes"], entry["device"])
+
+
+def _config_dict(config):
+    return {"kwargs": dict(config.kwargs), "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
 def _kernel_name(kernel):
@@ -424,7 +441,7 @@ def _power_of_two(value):
 def _valid_entry(entry):
     try:
         config = entry["config"]
-        ok = (isinstance(entry["kernel"], str) and isinstance(entry["key"], dict)
+        ok = (isinstance(entry["kernel"], str) and isinstance(entry["source"], str) and isinstance(entry["key"], dict)
               and isinstance(entry["dtypes"], dict) and isinstance(entry["device"], str)
               and isinstance(config["kwargs"], dict) and _power_of_two(config["num_warps"])
               and isinstance(config["num_stages"], int) and config["num_stages"] >= 1)  # fmt: skip

@@ -4,7 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import launch
+from .autotune import Tuning
+from .launch import launch
 from .hashing import bloom_rows, importance_row, premix_ids, row_factor
 
 
@@ -134,7 +135,8 @@ def bloom_backward(grad_out, ids, seeds, num_rows, num_hash_functions, padding_i
         def grid(meta):
             return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(dim, meta["BLOCK_D"]))
 
-        launch(_bloom_backward_kernel, grid, args, grad_out.device, reset_to_zero=["GRAD_W", "GRAD_IMPORTANCE"])
+        launch(_bloom_backward_kernel, grid, args, grad_out.device,
+               tuning=Tuning(reset_to_zero=("GRAD_W", "GRAD_IMPORTANCE")))
     grad_w = grad_w if dtype == acc_dtype else grad_w.to(dtype)
     if grad_imp is not None:
         grad_imp = grad_imp.to(importance.dtype)

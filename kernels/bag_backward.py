@@ -6,7 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import launch
+from .autotune import Tuning
+from .launch import launch
 from .bag_forward import BAG_TUNING_KEY, MODE_MAX, MODE_SUM
 from .hashing import bloom_rows, importance_row, premix_ids, row_factor
 
@@ -199,7 +200,7 @@ def bloom_bag_backward(grad_out, ids, offsets, weight, seeds, num_hash_functions
                 return (triton.cdiv(num_bags, meta["BLOCK_N"]), triton.cdiv(dim, meta["BLOCK_D"]))
 
             launch(_bloom_bag_max_backward_kernel, grid, args, weight.device,
-                   reset_to_zero=["GRAD_W", "GRAD_IMPORTANCE"])  # fmt: skip
+                   tuning=Tuning(reset_to_zero=("GRAD_W", "GRAD_IMPORTANCE")))
         else:
             args = dict(
                 IDS=ids,
@@ -227,7 +228,7 @@ def bloom_bag_backward(grad_out, ids, offsets, weight, seeds, num_hash_functions
                 return (num_bags, triton.cdiv(dim, meta["BLOCK_D"]))
 
             launch(_bloom_bag_backward_kernel, grid, args, weight.device,
-                   reset_to_zero=["GRAD_W", "GRAD_PSW", "GRAD_IMPORTANCE"], key=BAG_TUNING_KEY)  # fmt: skip
+                   tuning=Tuning(reset_to_zero=("GRAD_W", "GRAD_PSW", "GRAD_IMPORTANCE"), key=BAG_TUNING_KEY))
     grad_w = grad_w if grad_w.dtype == weight.dtype else grad_w.to(weight.dtype)
     if grad_psw is not None and per_sample_weights is not None and grad_psw.dtype != per_sample_weights.dtype:
         grad_psw = grad_psw.to(per_sample_weights.dtype)

@@ -5,7 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import TUNING_KEY, launch
+from .autotune import TUNING_KEY, Tuning
+from .launch import launch
 from .hashing import bloom_rows, importance_row, premix_ids, row_factor
 
 # Pooling modes, as the `MODE` constexpr sees them.
@@ -154,5 +155,5 @@ def bloom_bag_forward(ids, offsets, weight, seeds, num_hash_functions, mode=MODE
     def grid(meta):
         return (num_bags, triton.cdiv(dim, meta["BLOCK_D"]))
 
-    launch(_bloom_bag_forward_kernel, grid, args, weight.device, key=BAG_TUNING_KEY)
+    launch(_bloom_bag_forward_kernel, grid, args, weight.device, tuning=Tuning(key=BAG_TUNING_KEY))
     return out, argmax

@@ -4,7 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import launch
+from .autotune import Tuning
+from .launch import launch
 from .hashing import bloom_rows, importance_row, premix_ids, row_factor
 
 
@@ -120,5 +121,5 @@ def bloom_forward(ids, weight, seeds, num_hash_functions, padding_idx=None, rows
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(dim, meta["BLOCK_D"]))
 
-    launch(_bloom_forward_kernel, grid, args, weight.device)
+    launch(_bloom_forward_kernel, grid, args, weight.device, tuning=Tuning())
     return out

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import device_guard
+from .launch import launch
 
 
 @triton.jit
@@ -134,10 +134,8 @@ def bloom_hash(ids, seeds, num_hash_functions, num_rows, wide_ids=True):
     rows = torch.empty((*ids.shape, num_hash_functions), dtype=torch.int64, device=ids.device)
     n = ids.numel()
     if n:
-        block_n = 128
-        with device_guard(ids.device):
-            _bloom_hash_kernel[(triton.cdiv(n, block_n),)](
-                ids.reshape(-1).contiguous(), seeds, rows, n, num_rows,
-                K=num_hash_functions, WIDE_IDS=wide_ids, BLOCK_N=block_n,
-            )  # fmt: skip
+        args = dict(IDS=ids.reshape(-1).contiguous(), SEEDS=seeds, ROWS=rows, n=n, num_rows=num_rows,
+                    K=num_hash_functions, WIDE_IDS=wide_ids)  # fmt: skip
+        launch(_bloom_hash_kernel, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),), args, ids.device,
+               config={"kwargs": {"BLOCK_N": 128}})  # fmt: skip
     return rows

@@ -4,7 +4,7 @@ their aggregated gradients, in place; no dense gradient ever exists."""
 import triton
 import triton.language as tl
 
-from .autotune import device_guard
+from .launch import launch
 
 # Optimizers, as the `OPTIMIZER` constexpr sees them.
 FUSED_SGD, FUSED_ROWWISE_ADAGRAD = 0, 1
@@ -64,11 +64,8 @@ def bloom_rowwise_update(weight, rows, values, optimizer, lr, eps=0.0, state=Non
         return
     if weight.stride(1) != 1:
         raise ValueError("fused optimizers update the table in place: its rows must be contiguous")
-    block_d = min(256, triton.next_power_of_2(dim))
-    with device_guard(weight.device):
-        _bloom_rowwise_update_kernel[(rows.numel(),)](
-            rows.contiguous(), values.contiguous(), weight,
-            state if state is not None else values,
-            dim, weight.stride(0), float(lr), float(eps),
-            OPTIMIZER=optimizer, BLOCK_D=block_d,
-        )  # fmt: skip
+    args = dict(ROWS=rows.contiguous(), VALUES=values.contiguous(), W=weight,
+                STATE=state if state is not None else values, dim=dim, stride_w=weight.stride(0), lr=float(lr),
+                eps=float(eps), OPTIMIZER=optimizer)  # fmt: skip
+    launch(_bloom_rowwise_update_kernel, lambda meta: (rows.numel(),), args, weight.device,
+           config={"kwargs": {"BLOCK_D": min(256, triton.next_power_of_2(dim))}})  # fmt: skip

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import device_guard
+from .launch import launch
 
 # Not autotuned: BLOCK_N sets the order in which a row's terms are added, so a
 # tuner free to change it would change the bits of the result between runs.
@@ -85,18 +85,16 @@ def bloom_row_gradients(rows, sources, grad, scales=None, keep=None):
     acc_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
     values = torch.empty((unique_rows.numel(), dim), dtype=acc_dtype, device=grad.device)
     if unique_rows.numel() and dim:
-        block_d = min(128, triton.next_power_of_2(dim))
-        grid = (unique_rows.numel(), triton.cdiv(dim, block_d))
-        with device_guard(grad.device):
-            _bloom_segment_sum_kernel[grid](
-                segments,
-                flat_sources[order].contiguous(),
-                flat_scales[order].contiguous() if flat_scales is not None else segments,
-                grad.contiguous(),
-                values,
-                dim,
-                HAS_SCALE=flat_scales is not None,
-                BLOCK_N=SEGMENT_BLOCK_N,
-                BLOCK_D=block_d,
-            )
+        args = dict(
+            SEGMENTS=segments,
+            SOURCES=flat_sources[order].contiguous(),
+            SCALES=flat_scales[order].contiguous() if flat_scales is not None else segments,
+            GRAD=grad.contiguous(),
+            OUT=values,
+            dim=dim,
+            HAS_SCALE=flat_scales is not None,
+        )
+        config = {"kwargs": {"BLOCK_N": SEGMENT_BLOCK_N, "BLOCK_D": min(128, triton.next_power_of_2(dim))}}
+        launch(_bloom_segment_sum_kernel, lambda meta: (unique_rows.numel(), triton.cdiv(dim, meta["BLOCK_D"])),
+               args, grad.device, config=config)  # fmt: skip
     return unique_rows, values

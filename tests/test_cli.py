@@ -16,11 +16,11 @@ import warnings
 import pytest
 import torch
 
-from conftest import require_kernels
+from support import require_kernels
 from triton_bloom import cli, demo
 
 require_kernels()  # fail, not skip, where the kernels (and so the cache code) cannot load
-from triton_bloom.kernels import autotune  # noqa: E402
+from triton_bloom.kernels import autotune, launch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,7 +60,7 @@ def test_info_prints_versions_backends_and_cache(capsys, private_cache, monkeypa
 
 
 def test_tune_without_gpu_says_so_and_exits_zero(capsys):
-    if torch.cuda.is_available() and not autotune.interpreting():
+    if torch.cuda.is_available() and not launch.interpreting():
         pytest.skip("a GPU is present: tune would really tune")
     code, out = run_cli(capsys, "tune", "--dim", "64", "--k", "4")
     assert code == 0
@@ -175,10 +175,29 @@ def test_demo_ranks_match_a_direct_count():
         seen = set(data.train_items[data.train_users == u].tolist())
         scores = users[u] @ items.T
         target = scores[data.test_items[u]]
-        expected = sum(1 for i in range(40) if i not in seen and scores[i] > target)
+        others = [i for i in range(40) if i not in seen and i != data.test_items[u]]
+        expected = sum(1.0 if scores[i] > target else 0.5 if scores[i] == target else 0.0 for i in others)
         assert ranks[u] == expected
     auc, hits = demo.metrics(torch.zeros(50, dtype=torch.long), data)
     assert auc == 1.0 and hits == 1.0
+
+
+def test_demo_counts_a_tie_as_half_an_item_above():
+    """Items whose k rows all collide share a vector and so a score: the
+    demo ranks such a tie half above the held-out item, as bench/quality.py does."""
+    # User 0 trained on items 0 and 5 and holds out item 1; user 1 trained
+    # on items 2 and 3 and holds out item 0.
+    data = demo.Dataset(2, 6, train_users=torch.tensor([0, 0, 1, 1]), train_items=torch.tensor([0, 5, 2, 3]),
+                        test_items=torch.tensor([1, 0]), train_counts=torch.tensor([2, 2]))  # fmt: skip
+    item_scores = torch.tensor([[9.0], [2.0], [2.0], [3.0], [1.0], [7.0]])
+    ranks = demo.item_ranks(torch.ones(2, 1), item_scores, data)
+    # User 0 ranks item 1 (2.0) against items 2 (2.0, a tie), 3 (3.0, above)
+    # and 4 (1.0, below); user 1 ranks item 0 (9.0) above items 1, 4 and 5.
+    assert ranks.tolist() == [1 + 0.5, 0.0]
+    auc, hits = demo.metrics(ranks, data, k=2)
+    below_0 = (1 + 0.5) / 3  # item 4, and half of item 2
+    assert auc == pytest.approx((below_0 + 1.0) / 2)
+    assert hits == 0.5  # user 0's held-out item ranks 2.5th, outside the top 2
 
 
 def test_demo_training_is_deterministic():
@@ -199,11 +218,15 @@ def test_demo_training_is_deterministic():
 # the autotune cache
 
 
-def make_record(kernel="_fake_kernel", device="Fake GPU", dtype="torch.float32", block_n=64, block_d=32,
+FAKE_SOURCE = f"fake-source-hash-triton-{__import__('triton').__version__}"
+
+
+def make_record(kernel="_fake_kernel", source=FAKE_SOURCE, device="Fake GPU", dtype="torch.float32", block_n=64, block_d=32,
                 num_warps=4, num_stages=2, **key):  # fmt: skip
     key = key or {"dim": 64, "K": 4}
     return {
         "kernel": kernel,
+        "source": source,
         "key": key,
         "dtypes": {"IDS": "torch.int64", "W": dtype, "OUT": dtype},
         "device": device,
@@ -216,6 +239,8 @@ def make_record(kernel="_fake_kernel", device="Fake GPU", dtype="torch.float32",
 
 class FakeKernel:
     """Stands in for a ``@triton.jit`` kernel: records each launch."""
+
+    cache_key = "fake-source-hash"
 
     def __init__(self, name="_fake_kernel", error=None):
         self.__name__ = name
@@ -253,9 +278,9 @@ def on_gpu(monkeypatch):
     """``launch`` as on a GPU host: interpreter off, device name fixed, and
     the autotuner replaced by one that records its calls."""
     tuner = FakeAutotuner()
-    monkeypatch.setattr(autotune, "interpreting", lambda: False)
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
     monkeypatch.setattr(autotune, "device_name", lambda device: "Fake GPU")
-    monkeypatch.setattr(autotune, "tuned", lambda kernel, reset_to_zero=None, key=autotune.TUNING_KEY: tuner)
+    monkeypatch.setattr(autotune, "tuned", lambda kernel, tuning: tuner)
     return tuner
 
 
@@ -269,12 +294,14 @@ def grid_for(meta):
 
 
 def test_entry_key_ignores_order():
-    a = autotune.entry_key("k", {"dim": 64, "K": 4}, {"W": "torch.float32", "IDS": "torch.int64"}, "H200")
-    b = autotune.entry_key("k", {"K": 4, "dim": 64}, {"IDS": "torch.int64", "W": "torch.float32"}, "H200")
+    a = autotune.entry_key("k", "s", {"dim": 64, "K": 4}, {"W": "torch.float32", "IDS": "torch.int64"}, "H200")
+    b = autotune.entry_key("k", "s", {"K": 4, "dim": 64}, {"IDS": "torch.int64", "W": "torch.float32"}, "H200")
     assert a == b
-    assert a != autotune.entry_key("k", {"dim": 64, "K": 8}, {"W": "torch.float32", "IDS": "torch.int64"}, "H200")
-    assert a != autotune.entry_key("k", {"dim": 64, "K": 4}, {"W": "torch.bfloat16", "IDS": "torch.int64"}, "H200")
-    assert a != autotune.entry_key("k", {"dim": 64, "K": 4}, {"W": "torch.float32", "IDS": "torch.int64"}, "A100")
+    assert a != autotune.entry_key("k", "s", {"dim": 64, "K": 8}, {"W": "torch.float32", "IDS": "torch.int64"}, "H200")
+    assert a != autotune.entry_key("k", "s", {"dim": 64, "K": 4}, {"W": "torch.bfloat16", "IDS": "torch.int64"}, "H200")
+    assert a != autotune.entry_key("k", "s", {"dim": 64, "K": 4}, {"W": "torch.float32", "IDS": "torch.int64"}, "A100")
+    # An edited kernel (or another Triton) has another source key: the entry no longer applies.
+    assert a != autotune.entry_key("k", "t", {"dim": 64, "K": 4}, {"W": "torch.float32", "IDS": "torch.int64"}, "H200")
 
 
 def test_save_load_round_trip_and_merge(tmp_path):
@@ -283,7 +310,7 @@ def test_save_load_round_trip_and_merge(tmp_path):
     # Same key again: replaced, not duplicated; a new dtype: added.
     assert autotune.save_cache([make_record(block_n=16), make_record(dtype="torch.bfloat16")], str(path)) == 3
     loaded = autotune.load_cache(str(path))
-    key = autotune.entry_key("_fake_kernel", {"dim": 64, "K": 4},
+    key = autotune.entry_key("_fake_kernel", FAKE_SOURCE, {"dim": 64, "K": 4},
                              {"IDS": "torch.int64", "W": "torch.float32", "OUT": "torch.float32"}, "Fake GPU")
     assert loaded[key] == {"kwargs": {"BLOCK_N": 16, "BLOCK_D": 32}, "num_warps": 4, "num_stages": 2}
     assert not [p for p in os.listdir(path.parent) if p != "cache.json"]  # no temporary left behind
@@ -292,7 +319,22 @@ def test_save_load_round_trip_and_merge(tmp_path):
 def test_entry_key_for_a_launch_matches_the_saved_entry():
     key = autotune.entry_key_for(FakeKernel(), launch_args(), autotune.TUNING_KEY, "Fake GPU")
     record = make_record()
-    assert key == autotune.entry_key(record["kernel"], record["key"], record["dtypes"], record["device"])
+    assert key == autotune.entry_key(record["kernel"], record["source"], record["key"], record["dtypes"],
+                                     record["device"])  # fmt: skip
+
+
+def test_an_edited_kernel_does_not_reuse_the_cached_config(on_gpu, private_cache):
+    autotune.save_cache([make_record(source="hash-of-the-old-source-triton-3.0.0")], str(private_cache))
+    kernel = FakeKernel()
+    launch.launch(kernel, grid_for, launch_args(), torch.device("cpu"), tuning=autotune.Tuning())
+    assert kernel.launches == [] and len(on_gpu.calls) == 1  # tuned afresh
+
+
+def test_source_key_follows_the_kernel_source():
+    kernels = require_kernels()
+    forward = autotune.source_key(kernels.forward._bloom_forward_kernel)
+    backward = autotune.source_key(kernels.backward._bloom_backward_kernel)
+    assert forward != backward and forward.endswith(__import__("triton").__version__)
 
 
 def test_bad_cache_files_are_ignored_with_a_warning(tmp_path):
@@ -325,7 +367,7 @@ def test_cache_path_follows_the_environment(monkeypatch, tmp_path):
 def test_launch_uses_a_cached_config_without_tuning(on_gpu, private_cache):
     autotune.save_cache([make_record(block_n=32, block_d=64, num_warps=2, num_stages=1)], str(private_cache))
     kernel = FakeKernel()
-    autotune.launch(kernel, grid_for, launch_args(), torch.device("cpu"), reset_to_zero=["OUT"])
+    launch.launch(kernel, grid_for, launch_args(), torch.device("cpu"), tuning=autotune.Tuning(reset_to_zero=("OUT",)))
     assert on_gpu.calls == []  # no autotuner run
     ((grid, kwargs),) = kernel.launches
     assert grid == grid_for({"BLOCK_N": 32, "BLOCK_D": 64})
@@ -337,8 +379,8 @@ def test_launch_uses_a_cached_config_without_tuning(on_gpu, private_cache):
 def test_launch_tunes_when_nothing_matches(on_gpu, private_cache):
     autotune.save_cache([make_record(device="Another GPU")], str(private_cache))
     kernel = FakeKernel()
-    autotune.launch(kernel, grid_for, launch_args(dtype=torch.bfloat16), torch.device("cpu"))
-    autotune.launch(kernel, grid_for, launch_args(), torch.device("cpu"))
+    launch.launch(kernel, grid_for, launch_args(dtype=torch.bfloat16), torch.device("cpu"), tuning=autotune.Tuning())
+    launch.launch(kernel, grid_for, launch_args(), torch.device("cpu"), tuning=autotune.Tuning())
     assert kernel.launches == [] and len(on_gpu.calls) == 2
 
 
@@ -348,11 +390,11 @@ def test_a_cached_config_that_does_not_build_falls_back_to_tuning(on_gpu, privat
     autotune.save_cache([make_record()], str(private_cache))
     kernel = FakeKernel(error=OutOfResources(300000, 232448, "shared memory"))
     with pytest.warns(RuntimeWarning, match="autotuning instead"):
-        autotune.launch(kernel, grid_for, launch_args(), torch.device("cpu"))
+        launch.launch(kernel, grid_for, launch_args(), torch.device("cpu"), tuning=autotune.Tuning())
     assert len(on_gpu.calls) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the entry was dropped: no second warning
-        autotune.launch(kernel, grid_for, launch_args(), torch.device("cpu"))
+        launch.launch(kernel, grid_for, launch_args(), torch.device("cpu"), tuning=autotune.Tuning())
     assert len(on_gpu.calls) == 2
 
 
@@ -360,7 +402,7 @@ def test_recording_tunes_saves_and_the_next_launch_reuses(on_gpu, private_cache)
     autotune.save_cache([make_record(block_n=16)], str(private_cache))  # stale: recording ignores it
     kernel = FakeKernel()
     with autotune.recording() as records:
-        autotune.launch(kernel, grid_for, launch_args(), torch.device("cpu"))
+        launch.launch(kernel, grid_for, launch_args(), torch.device("cpu"), tuning=autotune.Tuning())
     assert kernel.launches == [] and len(on_gpu.calls) == 1
     (record,) = records
     assert record["kernel"] == "_fake_kernel" and record["key"] == {"dim": 64, "K": 4}
@@ -369,16 +411,26 @@ def test_recording_tunes_saves_and_the_next_launch_reuses(on_gpu, private_cache)
     assert record["ms"] == 0.125 and record["configs_tried"] == 2 and record["device"] == "Fake GPU"
 
     assert autotune.save_cache(records, str(private_cache)) == 1
-    autotune.launch(kernel, grid_for, launch_args(), torch.device("cpu"))
+    launch.launch(kernel, grid_for, launch_args(), torch.device("cpu"), tuning=autotune.Tuning())
     assert len(on_gpu.calls) == 1  # not tuned again
     assert kernel.launches[0][1]["BLOCK_N"] == 128 and kernel.launches[0][1]["num_warps"] == 8
 
 
 def test_the_interpreter_ignores_the_cache(monkeypatch, private_cache):
-    monkeypatch.setattr(autotune, "interpreting", lambda: True)
+    monkeypatch.setattr(launch, "interpreting", lambda: True)
     autotune.save_cache([make_record(device="cpu")], str(private_cache))
     kernel = FakeKernel()
-    autotune.launch(kernel, grid_for, launch_args(), torch.device("cpu"))
+    launch.launch(kernel, grid_for, launch_args(), torch.device("cpu"), tuning=autotune.Tuning())
     ((grid, kwargs),) = kernel.launches
-    assert {k: kwargs[k] for k in autotune.INTERPRETER_META} == autotune.INTERPRETER_META
+    assert {k: kwargs[k] for k in launch.INTERPRETER_META} == launch.INTERPRETER_META
     assert "num_warps" not in kwargs
+
+
+def test_recording_launches_lists_every_launch_with_its_candidates():
+    kernel = FakeKernel()
+    with launch.recording_launches() as recorded:
+        launch.launch(kernel, grid_for, launch_args(dim=33), torch.device("cpu"), config={"kwargs": {"BLOCK_N": 16, "BLOCK_D": 32}})
+    ((entry,),) = (recorded,)
+    assert entry["kernel"] is kernel and entry["args"]["dim"] == 33
+    assert entry["configs"] == [{"kwargs": {"BLOCK_N": 16, "BLOCK_D": 32}}]
+    assert len(kernel.launches) == 1  # recording does not stop the launch

@@ -1,0 +1,109 @@
+"""How every kernel of this package is launched.
+
+One entry point, :func:`launch`, for the kernels that are tuned and for
+those that run at a fixed configuration, so that what every launch needs is
+done once: the interpreter's pinned block sizes, the CUDA device guard, and
+the launch recorder that the ahead-of-time compile check
+(``triton_bloom.aot``) uses to learn, from the launchers themselves, every
+specialization they produce.  Tuning and its cache live in ``autotune.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import torch
+
+# ``triton.jit`` reads TRITON_INTERPRET when a kernel is defined, so what
+# counts is its value when this package was imported, not its value now.
+try:
+    from triton import knobs as _knobs
+
+    _INTERPRETED = bool(_knobs.runtime.interpret)
+except (ImportError, AttributeError):  # Triton before knobs (< 3.4)
+    _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def interpreting() -> bool:
+    """Whether these kernels were built for Triton's CPU interpreter."""
+    return _INTERPRETED
+
+
+# Pinned under the interpreter: small enough that tests with dims such as 5
+# or 33 cover partial blocks in both directions, large enough to keep the
+# number of interpreted programs low.
+INTERPRETER_META = {"BLOCK_N": 16, "BLOCK_D": 32}
+
+
+def device_guard(device):
+    """Triton launches on the current CUDA device: make it ``device``."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+class _Recorder(threading.local):
+    def __init__(self):
+        self.launches = None
+
+
+_recorder = _Recorder()
+
+
+@contextlib.contextmanager
+def recording_launches():
+    """Collect every launch made in this thread inside the block.
+
+    Yields a list that fills with one dict per launch: ``kernel`` (the
+    ``@triton.jit`` function), ``args`` (its arguments by name, tensors as
+    passed) and ``configs`` (the configurations it may run with on a GPU: the
+    autotuner's candidates for this launch, or its one fixed configuration,
+    each ``{"kwargs", "num_warps", "num_stages"}``, ``None`` for Triton's
+    default).  The launches still run.
+    """
+    previous = _recorder.launches
+    _recorder.launches = []
+    try:
+        yield _recorder.launches
+    finally:
+        _recorder.launches = previous
+
+
+def launch(kernel, grid_for, args, device, *, config=None, tuning=None):
+    """Launch ``kernel`` on ``args`` (a dict by parameter name).
+
+    Args:
+        kernel: the ``@triton.jit`` function.
+        grid_for: maps the meta-parameters (``BLOCK_N``, ``BLOCK_D``, ...)
+            to the grid.
+        args (dict): the kernel's arguments, constexprs included, block
+            sizes excluded.
+        device (torch.device): where the tensors live.
+        config (dict, optional): a fixed configuration ``{"kwargs": {...},
+            "num_warps": int or None, "num_stages": int or None}``, for a
+            kernel that is not tuned (its block sizes fix the order of its
+            sums, or are derived from the shape).
+        tuning (autotune.Tuning, optional): how a tuned kernel is tuned: the
+            buffers it accumulates into and the arguments it is keyed on.
+
+    Exactly one of ``config`` and ``tuning`` is given.  Under the interpreter
+    a tuned kernel runs at ``INTERPRETER_META``.
+    """
+    from . import autotune
+
+    if (config is None) == (tuning is None):
+        raise ValueError("launch needs exactly one of config= and tuning=")
+    if _recorder.launches is not None:
+        configs = [config] if config is not None else autotune.candidate_configs(args)
+        _recorder.launches.append({"kernel": kernel, "args": dict(args), "configs": configs})
+    if config is not None:
+        meta = config["kwargs"]
+        options = {name: config[name] for name in ("num_warps", "num_stages") if config.get(name) is not None}
+        with device_guard(device):
+            kernel[grid_for({**args, **meta})](**args, **meta, **options)
+        return
+    if interpreting():
+        kernel[grid_for(INTERPRETER_META)](**args, **INTERPRETER_META)
+        return
+    with device_guard(device):
+        autotune.run_tuned(kernel, grid_for, args, device, tuning)
