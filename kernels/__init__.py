@@ -7,10 +7,11 @@ lazily, so the package works where Triton is missing.
 from .launch import interpreting
 from .backward import bloom_backward
 from .bag_backward import bloom_bag_backward
-from .bag_forward import MODE_MAX, MODE_MEAN, MODE_SUM, bloom_bag_forward
+from ..constants import FUSED_ROWWISE_ADAGRAD, FUSED_SGD, MODE_MAX, MODE_MEAN, MODE_SUM
+from .bag_forward import bloom_bag_forward
 from .forward import bloom_forward
 from .hashing import bloom_hash
-from .optimizer import FUSED_ROWWISE_ADAGRAD, FUSED_SGD, bloom_rowwise_update
+from .optimizer import bloom_rowwise_update
 from .segment import bloom_row_gradients
 
 __all__ = [

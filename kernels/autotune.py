@@ -36,39 +36,69 @@ import torch
 import triton
 
 
-def _gather_configs():
-    configs = []
-    for block_n in (16, 32, 64, 128):
-        for block_d in (32, 64, 128, 256):
-            for num_warps in (2, 4, 8):
-                # A tile below 32 elements a thread gives the scheduler too little
-                # to hide gather latency; one above 256 spills.
-                per_thread = block_n * block_d // (32 * num_warps)
-                if 8 <= per_thread <= 128:
-                    for num_stages in (1, 2):
-                        configs.append(
-                            triton.Config(
-                                {"BLOCK_N": block_n, "BLOCK_D": block_d},
-                                num_warps=num_warps,
-                                num_stages=num_stages,
-                            )
-                        )
-    return configs
+# The search space of the lookups: tiles (BLOCK_N, BLOCK_D, warps) of 8 to
+# 32 elements a thread, at row-block widths from 32 to 256.  Each kernel
+# takes the tiles up to its own limit (Tuning.max_per_thread), set with the
+# compile check (tests/test_gpu_targets.py) at every variant on and k = 24,
+# on sm_80 and sm_90, Triton 3.6 and 3.9: one step larger spills registers.
+TILES = (
+    (32, 32, 4), (16, 64, 4), (16, 128, 8),
+    (64, 32, 4), (32, 64, 4), (16, 128, 4), (16, 256, 8),
+    (128, 32, 4), (64, 64, 4), (32, 128, 4), (32, 256, 8),
+)  # fmt: skip
+# The bag kernels keep a loop's state beside the tile. Of the ten tilings of
+# 8 elements a thread or fewer tried, only this one compiled without spills
+# for every bag kernel and dtype on both targets under both Triton versions
+# (Triton 3.6's ptxas spills some tilings even at 40 registers): the bags are
+# not tuned until a GPU shows which of the others are worth a fix.
+BAG_TILES = ((32, 64, 8),)
 
 
-def _prune_block_d(configs, named_args, **kwargs):
+def _per_thread(config):
+    return config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_D"] // (32 * config.num_warps)
+
+
+def _gather_configs(tiles):
+    # One pipelining stage: the lookups have no loop over loads to pipeline,
+    # and the bags' two-stage tilings were never measured on a GPU.
+    return [triton.Config({"BLOCK_N": n, "BLOCK_D": d}, num_warps=w, num_stages=1) for n, d, w in tiles]
+
+
+def _fits_registers(configs, args, max_per_thread):
+    # The table (or its accumulator) tells the accumulator's width: float64
+    # takes two registers an element.
+    table = args["GRAD_W"] if "GRAD_W" in args else args["W"]
+    limit = max_per_thread[1] if table.dtype == torch.float64 else max_per_thread[0]
+    return [c for c in configs if _per_thread(c) <= limit]
+
+
+def _pruner(max_per_thread):
+    def prune(configs, named_args, **kwargs):
+        # Triton hands the positional arguments and the keyword ones apart;
+        # the launchers pass everything by keyword.
+        args = {**named_args, **kwargs}
+        return _prune(configs, args, max_per_thread)
+
+    return prune
+
+
+def _prune(configs, args, max_per_thread):
+    kept = _fits_registers(configs, args, max_per_thread)
     # A BLOCK_D wider than the row only masks lanes off: keep the narrowest
     # width that covers the row, and every narrower one.
-    dim = named_args["dim"]
-    cover = max(32, triton.next_power_of_2(dim))
-    kept = [c for c in configs if c.kwargs["BLOCK_D"] <= cover]
-    return kept or configs
+    cover = max(32, triton.next_power_of_2(args["dim"]))
+    narrow = [c for c in kept if c.kwargs["BLOCK_D"] <= cover]
+    return narrow or [c for c in kept if c.kwargs["BLOCK_D"] == min(k.kwargs["BLOCK_D"] for k in kept)]
 
 
-def candidate_configs(args):
-    """The configurations the autotuner may pick for a launch on ``args``,
-    as ``{"kwargs", "num_warps", "num_stages"}`` dicts."""
-    return [_config_dict(c) for c in _prune_block_d(_gather_configs(), args)]
+def search_space(args, tuning):
+    """Every configuration the autotuner may pick for a launch on ``args``
+    at some row width, as ``{"kwargs", "num_warps", "num_stages"}`` dicts:
+    those that fit the registers for its table's dtype.  (Of them, a launch
+    tries the ones whose ``BLOCK_D`` does not pass its row; the compile check
+    takes them all, since the code depends on the row width only through its
+    divisibility.)"""
+    return [_config_dict(c) for c in _fits_registers(_gather_configs(tuning.tiles), args, tuning.max_per_thread)]
 
 
 # The autotuner keys on these arguments (and, by itself, on the dtype of every
@@ -86,10 +116,15 @@ class Tuning:
             without zeroing between trials the gradient would be added once
             per trial.
         key (tuple of str): the arguments whose values get a tuning of their own.
+        tiles (tuple): the ``(BLOCK_N, BLOCK_D, num_warps)`` tilings to try.
+        max_per_thread (tuple of int): the most tile elements a thread may
+            hold with float32 accumulators and with float64 ones.
     """
 
     reset_to_zero: tuple = ()
     key: tuple = TUNING_KEY
+    tiles: tuple = TILES
+    max_per_thread: tuple = (16, 8)
 
 
 def tuned(kernel, tuning):
@@ -101,9 +136,9 @@ def tuned(kernel, tuning):
 @functools.lru_cache(maxsize=None)
 def _tuned(kernel, tuning):
     return triton.autotune(
-        configs=_gather_configs(),
+        configs=_gather_configs(tuning.tiles),
         key=list(tuning.key),
-        prune_configs_by={"early_config_prune": _prune_block_d},
+        prune_configs_by={"early_config_prune": _pruner(tuning.max_per_thread)},
         reset_to_zero=list(tuning.reset_to_zero) or None,
     )(kernel)
 

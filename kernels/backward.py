@@ -6,7 +6,8 @@ import triton.language as tl
 
 from .autotune import Tuning
 from .launch import launch
-from .hashing import bloom_rows, importance_row, premix_ids, row_factor
+from ..constants import accumulation_dtype
+from .lookup import hashing_args, id_hashes, load_ids, padding_args, scatter_sum
 
 
 @triton.jit
@@ -34,44 +35,18 @@ def _bloom_backward_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_n = offs_n < n
-    mask_d = offs_d < dim
-
-    ids = tl.load(IDS + offs_n, mask=mask_n, other=0).to(tl.int64)
-    live = mask_n
-    if HAS_PADDING:
-        live = live & (ids != padding_idx)
-    mask = live[:, None] & mask_d[None, :]
-    grad = tl.load(GRAD_OUT + offs_n[:, None] * dim + offs_d[None, :], mask=mask, other=0.0)
-    grad = grad.to(GRAD_W.dtype.element_ty)
-    mixed_lo, mixed_hi = premix_ids(ids, WIDE_IDS)
-    imp_rows = ids
-    if HAS_IMPORTANCE:
-        imp_rows = importance_row(ids, mixed_lo, mixed_hi, SEEDS, importance_rows, WIDE_IDS)
-
-    for j in tl.static_range(K):
-        if PRECOMPUTED:
-            rows = tl.load(ROWS + offs_n * K + j, mask=live, other=0).to(tl.int64)
-        else:
-            rows = bloom_rows(ids, mixed_lo, mixed_hi, tl.load(SEEDS + j), num_rows, WIDE_IDS)
-        contrib = grad
-        if SIGNED or HAS_IMPORTANCE:
-            sign, factor = row_factor(ids, mixed_lo, mixed_hi, SEEDS, IMPORTANCE, imp_rows, live, j, K, SIGNED,
-                                      HAS_IMPORTANCE, WIDE_IDS)  # fmt: skip
-            contrib = grad * factor.to(grad.dtype)[:, None]
-        # Relaxed: the adds commute, and nothing reads GRAD_W until the kernel ends.
-        tl.atomic_add(GRAD_W + rows[:, None] * dim + offs_d[None, :], contrib, mask=mask, sem="relaxed")
-        if HAS_IMPORTANCE:
-            # d out / d importance[r, j] = sign * <grad, W[row_j]>, one partial
-            # sum per column block.
-            vals = tl.load(W + rows[:, None] * stride_w + offs_d[None, :], mask=mask, other=0.0)
-            partial = tl.sum(grad * vals.to(grad.dtype), axis=1) * sign.to(grad.dtype)
-            tl.atomic_add(GRAD_IMPORTANCE + imp_rows * K + j, partial, mask=live, sem="relaxed")
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
+    ids, live = load_ids(IDS, offs_n, offs_n < n, padding_idx, HAS_PADDING)
+    mask = live & (offs_d < dim)
+    grad = tl.load(GRAD_OUT + offs_n * dim + offs_d, mask=mask, other=0.0).to(GRAD_W.dtype.element_ty)
+    mixed_lo, mixed_hi, imp_rows = id_hashes(ids, SEEDS, importance_rows, HAS_IMPORTANCE, WIDE_IDS)
+    scatter_sum(grad, ids, live, mixed_lo, mixed_hi, imp_rows, ROWS, offs_n, SEEDS, W, IMPORTANCE, GRAD_W,
+                GRAD_IMPORTANCE, offs_d, mask, dim, num_rows, stride_w, K, PRECOMPUTED, SIGNED, HAS_IMPORTANCE,
+                WIDE_IDS, False, False)  # fmt: skip
 
 
-def bloom_backward(grad_out, ids, seeds, num_rows, num_hash_functions, padding_idx=None, rows=None,
+def bloom_backward(grad_out, ids, seeds, *, num_rows, num_hash_functions, padding_idx=None, rows=None,
                    wide_ids=True, dtype=None, signed=False, weight=None, importance=None):
     """Gradient of the Bloom forward with respect to the table.
 
@@ -97,7 +72,7 @@ def bloom_backward(grad_out, ids, seeds, num_rows, num_hash_functions, padding_i
     dtype = dtype or grad_out.dtype
     # Half-precision atomics are emulated with compare-and-swap loops and
     # contend badly: accumulate in float32 and cast once.
-    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    acc_dtype = accumulation_dtype(dtype)
     grad_w = torch.zeros((num_rows, dim), dtype=acc_dtype, device=grad_out.device)
     grad_imp = None
     if importance is not None:
@@ -115,21 +90,15 @@ def bloom_backward(grad_out, ids, seeds, num_rows, num_hash_functions, padding_i
             SEEDS=seeds,
             GRAD_OUT=grad_out,
             GRAD_W=grad_w,
-            W=weight if weight is not None else grad_w,
-            IMPORTANCE=importance.contiguous() if importance is not None else grad_w,
             GRAD_IMPORTANCE=grad_imp if grad_imp is not None else grad_w,
             n=n,
             dim=dim,
-            num_rows=num_rows,
-            stride_w=weight.stride(0) if weight is not None else dim,
-            importance_rows=importance.shape[0] if importance is not None else 1,
-            padding_idx=-1 if padding_idx is None else padding_idx,
-            K=num_hash_functions,
-            HAS_PADDING=padding_idx is not None,
             PRECOMPUTED=rows is not None,
-            SIGNED=signed,
-            HAS_IMPORTANCE=importance is not None,
-            WIDE_IDS=wide_ids,
+            # The table is read only for the importance weights' gradient; the
+            # accumulator, of the table's shape, stands in for it otherwise.
+            **hashing_args(weight if weight is not None else grad_w, num_hash_functions=num_hash_functions,
+                           wide_ids=wide_ids, signed=signed, importance=importance, absent=grad_w),
+            **padding_args(padding_idx),
         )
 
         def grid(meta):

@@ -5,14 +5,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import TUNING_KEY, Tuning
+from .. import constants
+from .autotune import BAG_TILES, TUNING_KEY, Tuning
 from .launch import launch
-from .hashing import bloom_rows, importance_row, premix_ids, row_factor
+from .lookup import accumulator, gather_sum, hashing_args, id_hashes, load_ids, padding_args
 
-# Pooling modes, as the `MODE` constexpr sees them.
-MODE_SUM, MODE_MEAN, MODE_MAX = 0, 1, 2
+# The pooling codes of triton_bloom/constants.py, as the kernels read them.
+MODE_MEAN = tl.constexpr(constants.MODE_MEAN)
+MODE_MAX = tl.constexpr(constants.MODE_MAX)
 # Each pooling mode is a different kernel: tune them apart.
-BAG_TUNING_KEY = TUNING_KEY + ("MODE",)
+BAG_TUNING = Tuning(key=TUNING_KEY + ("MODE",), tiles=BAG_TILES, max_per_thread=(8, 8))
 
 
 @triton.jit
@@ -31,7 +33,7 @@ def _bloom_bag_forward_kernel(
     importance_rows,  # rows of IMPORTANCE
     padding_idx,  # id left out of the pooling (ignored unless HAS_PADDING)
     K: tl.constexpr,
-    MODE: tl.constexpr,  # 0 sum, 1 mean, 2 max
+    MODE: tl.constexpr,  # MODE_SUM, MODE_MEAN or MODE_MAX
     HAS_PSW: tl.constexpr,
     HAS_PADDING: tl.constexpr,
     SIGNED: tl.constexpr,
@@ -50,30 +52,16 @@ def _bloom_bag_forward_kernel(
     acc = tl.zeros((BLOCK_D,), dtype=ACC)
     best = tl.full((BLOCK_D,), float("-inf"), dtype=ACC)
     best_pos = tl.full((BLOCK_D,), -1, dtype=tl.int64)
-    live_count = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    live_count = tl.zeros((BLOCK_N, 1), dtype=tl.float32)
     for first in range(start, end, BLOCK_N):
-        offs_n = first + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < end
-        ids = tl.load(IDS + offs_n, mask=mask_n, other=0).to(tl.int64)
-        live = mask_n
-        if HAS_PADDING:
-            live = live & (ids != padding_idx)
-        mask = live[:, None] & mask_d[None, :]
-        mixed_lo, mixed_hi = premix_ids(ids, WIDE_IDS)
-        imp_rows = ids
-        if HAS_IMPORTANCE:
-            imp_rows = importance_row(ids, mixed_lo, mixed_hi, SEEDS, importance_rows, WIDE_IDS)
-        vectors = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
-        for j in tl.static_range(K):
-            rows = bloom_rows(ids, mixed_lo, mixed_hi, tl.load(SEEDS + j), num_rows, WIDE_IDS)
-            vals = tl.load(W + rows[:, None] * stride_w + offs_d[None, :], mask=mask, other=0.0).to(ACC)
-            if SIGNED or HAS_IMPORTANCE:
-                _, factor = row_factor(ids, mixed_lo, mixed_hi, SEEDS, IMPORTANCE, imp_rows, live, j, K, SIGNED,
-                                       HAS_IMPORTANCE, WIDE_IDS)  # fmt: skip
-                vals = vals * factor.to(ACC)[:, None]
-            vectors += vals
-        if MODE == 2:
-            vectors = tl.where(live[:, None], vectors, float("-inf"))
+        offs_n = first + tl.arange(0, BLOCK_N)[:, None]
+        ids, live = load_ids(IDS, offs_n, offs_n < end, padding_idx, HAS_PADDING)
+        mixed_lo, mixed_hi, imp_rows = id_hashes(ids, SEEDS, importance_rows, HAS_IMPORTANCE, WIDE_IDS)
+        vectors = gather_sum(ids, live, mixed_lo, mixed_hi, imp_rows, IDS, offs_n, SEEDS, W, IMPORTANCE,
+                             offs_d[None, :], live & mask_d[None, :], num_rows, stride_w, K, False, SIGNED,
+                             HAS_IMPORTANCE, WIDE_IDS, ACC)  # fmt: skip
+        if MODE == MODE_MAX:
+            vectors = tl.where(live, vectors, float("-inf"))
             step_best = tl.max(vectors, axis=0)
             step_pos = first + tl.argmax(vectors, axis=0).to(tl.int64)
             # Strictly greater: the first id reaching the max keeps it, as in
@@ -85,18 +73,18 @@ def _bloom_bag_forward_kernel(
             weights = live.to(ACC)
             if HAS_PSW:
                 weights *= tl.load(PSW + offs_n, mask=live, other=0.0).to(ACC)
-            acc += tl.sum(vectors * weights[:, None], axis=0)
+            acc += tl.sum(vectors * weights, axis=0)
             live_count += live.to(tl.float32)
 
-    if MODE == 2:
+    if MODE == MODE_MAX:
         acc = tl.where(best_pos >= 0, best, 0.0)
         tl.store(ARGMAX + bag * dim + offs_d, best_pos, mask=mask_d)
-    if MODE == 1:
-        acc = acc / tl.maximum(tl.sum(live_count, axis=0), 1.0).to(ACC)
+    if MODE == MODE_MEAN:
+        acc = acc / tl.maximum(tl.sum(live_count), 1.0).to(ACC)
     tl.store(OUT + bag * dim + offs_d, acc.to(OUT.dtype.element_ty), mask=mask_d)
 
 
-def bloom_bag_forward(ids, offsets, weight, seeds, num_hash_functions, mode=MODE_SUM, per_sample_weights=None,
+def bloom_bag_forward(ids, offsets, weight, seeds, *, num_hash_functions, mode=constants.MODE_SUM, per_sample_weights=None,
                       padding_idx=None, wide_ids=True, signed=False, importance=None):  # fmt: skip
     """Pooled Bloom vectors of bags of ids.
 
@@ -117,10 +105,10 @@ def bloom_bag_forward(ids, offsets, weight, seeds, num_hash_functions, mode=MODE
         and for max mode the ``(B, dim)`` int64 position of each column's
         maximum (-1 for a bag with no live id); an empty tensor otherwise.
     """
-    num_rows, dim = weight.shape
+    dim = weight.shape[1]
     num_bags = offsets.numel() - 1
     out = torch.empty((num_bags, dim), dtype=weight.dtype, device=weight.device)
-    argmax_shape = (num_bags, dim) if mode == MODE_MAX else (0,)
+    argmax_shape = (num_bags, dim) if mode == constants.MODE_MAX else (0,)
     argmax = torch.empty(argmax_shape, dtype=torch.int64, device=weight.device)
     if num_bags == 0 or dim == 0:
         return out, argmax
@@ -133,27 +121,19 @@ def bloom_bag_forward(ids, offsets, weight, seeds, num_hash_functions, mode=MODE
         OFFSETS=offsets,
         PSW=per_sample_weights.contiguous() if per_sample_weights is not None else weight,
         SEEDS=seeds,
-        W=weight,
-        IMPORTANCE=importance.contiguous() if importance is not None else weight,
         OUT=out,
         ARGMAX=argmax,
         dim=dim,
-        num_rows=num_rows,
-        stride_w=weight.stride(0),
-        importance_rows=importance.shape[0] if importance is not None else 1,
-        padding_idx=-1 if padding_idx is None else padding_idx,
-        K=num_hash_functions,
         MODE=mode,
         HAS_PSW=per_sample_weights is not None,
-        HAS_PADDING=padding_idx is not None,
-        SIGNED=signed,
-        HAS_IMPORTANCE=importance is not None,
-        WIDE_IDS=wide_ids,
-        ACC=tl.float64 if weight.dtype == torch.float64 else tl.float32,
+        ACC=accumulator(weight.dtype),
+        **hashing_args(weight, num_hash_functions=num_hash_functions, wide_ids=wide_ids, signed=signed,
+                       importance=importance, absent=weight),
+        **padding_args(padding_idx),
     )
 
     def grid(meta):
         return (num_bags, triton.cdiv(dim, meta["BLOCK_D"]))
 
-    launch(_bloom_bag_forward_kernel, grid, args, weight.device, tuning=Tuning(key=BAG_TUNING_KEY))
+    launch(_bloom_bag_forward_kernel, grid, args, weight.device, tuning=BAG_TUNING)
     return out, argmax

@@ -6,12 +6,12 @@ import triton.language as tl
 
 from .autotune import Tuning
 from .launch import launch
-from .hashing import bloom_rows, importance_row, premix_ids, row_factor
+from .lookup import accumulator, gather_sum, hashing_args, id_hashes, load_ids, padding_args
 
 
 @triton.jit
 def _bloom_forward_kernel(
-    IDS,  # (n,) int32/int64 ids, or unused when PRECOMPUTED
+    IDS,  # (n,) int32/int64 ids
     ROWS,  # (n, K) int32/int64 row indices, read only when PRECOMPUTED
     SEEDS,  # (49,) int32 murmurhash3 seeds: rows, signs, importance
     W,  # (num_rows, dim) compressed table; rows `stride_w` apart, columns contiguous
@@ -34,40 +34,19 @@ def _bloom_forward_kernel(
     BLOCK_D: tl.constexpr,
 ):
     # int64 offsets throughout: n * dim and num_rows * dim may pass 2**31.
-    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_n = offs_n < n
-    mask_d = offs_d < dim
-
-    ids = tl.load(IDS + offs_n, mask=mask_n, other=0).to(tl.int64)
-    live = mask_n
-    if HAS_PADDING:
-        live = live & (ids != padding_idx)
-    mask = live[:, None] & mask_d[None, :]
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
+    in_range = (offs_n < n) & (offs_d < dim)
+    ids, live = load_ids(IDS, offs_n, offs_n < n, padding_idx, HAS_PADDING)
     # The variants hash the ids even when the rows come from a cache.
-    mixed_lo, mixed_hi = premix_ids(ids, WIDE_IDS)
-    imp_rows = ids
-    if HAS_IMPORTANCE:
-        imp_rows = importance_row(ids, mixed_lo, mixed_hi, SEEDS, importance_rows, WIDE_IDS)
-
-    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
-    for j in tl.static_range(K):
-        if PRECOMPUTED:
-            rows = tl.load(ROWS + offs_n * K + j, mask=live, other=0).to(tl.int64)
-        else:
-            rows = bloom_rows(ids, mixed_lo, mixed_hi, tl.load(SEEDS + j), num_rows, WIDE_IDS)
-        vals = tl.load(W + rows[:, None] * stride_w + offs_d[None, :], mask=mask, other=0.0).to(ACC)
-        if SIGNED or HAS_IMPORTANCE:
-            _, factor = row_factor(ids, mixed_lo, mixed_hi, SEEDS, IMPORTANCE, imp_rows, live, j, K, SIGNED,
-                                   HAS_IMPORTANCE, WIDE_IDS)  # fmt: skip
-            vals = vals * factor.to(ACC)[:, None]
-        acc += vals
-
-    out_ptrs = OUT + offs_n[:, None] * dim + offs_d[None, :]
-    tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
+    mixed_lo, mixed_hi, imp_rows = id_hashes(ids, SEEDS, importance_rows, HAS_IMPORTANCE, WIDE_IDS)
+    acc = gather_sum(ids, live, mixed_lo, mixed_hi, imp_rows, ROWS, offs_n, SEEDS, W, IMPORTANCE, offs_d,
+                     live & (offs_d < dim), num_rows, stride_w, K, PRECOMPUTED, SIGNED, HAS_IMPORTANCE, WIDE_IDS,
+                     ACC)  # fmt: skip
+    tl.store(OUT + offs_n * dim + offs_d, acc.to(OUT.dtype.element_ty), mask=in_range)
 
 
-def bloom_forward(ids, weight, seeds, num_hash_functions, padding_idx=None, rows=None, wide_ids=True,
+def bloom_forward(ids, weight, seeds, *, num_hash_functions, padding_idx=None, rows=None, wide_ids=True,
                   signed=False, importance=None):  # fmt: skip
     """Sum of the ``k`` Bloom rows of every id.
 
@@ -87,7 +66,7 @@ def bloom_forward(ids, weight, seeds, num_hash_functions, padding_idx=None, rows
     Returns:
         Tensor of shape ``(*, dim)`` and ``weight``'s dtype.
     """
-    num_rows, dim = weight.shape
+    dim = weight.shape[1]
     out = torch.empty((*ids.shape, dim), dtype=weight.dtype, device=weight.device)
     n = ids.numel()
     if n == 0 or dim == 0:
@@ -100,26 +79,18 @@ def bloom_forward(ids, weight, seeds, num_hash_functions, padding_idx=None, rows
         IDS=ids,
         ROWS=rows if rows is not None else ids,
         SEEDS=seeds,
-        W=weight,
-        IMPORTANCE=importance.contiguous() if importance is not None else weight,
         OUT=out,
         n=n,
         dim=dim,
-        num_rows=num_rows,
-        stride_w=weight.stride(0),
-        importance_rows=importance.shape[0] if importance is not None else 1,
-        padding_idx=-1 if padding_idx is None else padding_idx,
-        K=num_hash_functions,
-        HAS_PADDING=padding_idx is not None,
         PRECOMPUTED=rows is not None,
-        SIGNED=signed,
-        HAS_IMPORTANCE=importance is not None,
-        WIDE_IDS=wide_ids,
-        ACC=tl.float64 if weight.dtype == torch.float64 else tl.float32,
+        ACC=accumulator(weight.dtype),
+        **hashing_args(weight, num_hash_functions=num_hash_functions, wide_ids=wide_ids, signed=signed,
+                       importance=importance, absent=weight),
+        **padding_args(padding_idx),
     )
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(dim, meta["BLOCK_D"]))
 
-    launch(_bloom_forward_kernel, grid, args, weight.device, tuning=Tuning())
+    launch(_bloom_forward_kernel, grid, args, weight.device, tuning=Tuning(max_per_thread=(32, 8)))
     return out

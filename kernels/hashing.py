@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import hashing as reference_hashing
 from .launch import launch
 
 
@@ -57,20 +58,27 @@ def premix_ids(ids, WIDE_IDS: tl.constexpr):
 
 @triton.jit
 def murmur3_signed(ids, mixed_lo, mixed_hi, seed, WIDE_IDS: tl.constexpr):
-    """The signed 32-bit murmurhash3 of each id under ``seed``, as int64."""
+    """The signed 32-bit murmurhash3 of each id under ``seed`` (int32)."""
     h = _round(seed.to(tl.uint32), mixed_lo)
     h_narrow = _fmix32(h ^ 4)
     if WIDE_IDS:
         h_wide = _fmix32(_round(h, mixed_hi) ^ 8)
         h_narrow = tl.where(ids >= 2147483648, h_wide, h_narrow)
-    return h_narrow.to(tl.int32, bitcast=True).to(tl.int64)
+    return h_narrow.to(tl.int32, bitcast=True)
 
 
 @triton.jit
 def floor_mod(hashes, modulus):
-    # Floor modulo, as numpy's ``%`` does in Spotlight; Triton's ``%`` truncates.
+    """Floor modulo of int32 hashes, as numpy's ``%`` does in Spotlight
+    (Triton's ``%`` truncates), as int64 row indices.
+
+    The remainder is taken in 32 bits whenever the modulus fits in 32 (Triton
+    passes it as i32 then): a 64-bit remainder is a subroutine call on the
+    GPU, which costs tens of instructions and a stack frame.  A modulus of
+    ``2**31`` or more arrives as i64 and promotes the hashes.
+    """
     rows = hashes % modulus
-    return tl.where(rows < 0, rows + modulus, rows)
+    return tl.where(rows < 0, rows + modulus, rows).to(tl.int64)
 
 
 @triton.jit
@@ -79,9 +87,9 @@ def bloom_rows(ids, mixed_lo, mixed_hi, seed, num_rows, WIDE_IDS: tl.constexpr):
     return floor_mod(murmur3_signed(ids, mixed_lo, mixed_hi, seed, WIDE_IDS), num_rows)
 
 
-# Where the variants' seeds sit in the seed tensor (triton_bloom/hashing.py).
-SIGN_SEED_OFFSET = tl.constexpr(24)
-IMPORTANCE_SEED_INDEX = tl.constexpr(48)
+# Where the variants' seeds sit in the seed tensor.
+SIGN_SEED_OFFSET = tl.constexpr(reference_hashing.SIGN_SEED_OFFSET)
+IMPORTANCE_SEED_INDEX = tl.constexpr(reference_hashing.IMPORTANCE_SEED_INDEX)
 
 
 @triton.jit
@@ -128,7 +136,7 @@ def _bloom_hash_kernel(
         tl.store(ROWS + offs * K + j, rows, mask=mask)
 
 
-def bloom_hash(ids, seeds, num_hash_functions, num_rows, wide_ids=True):
+def bloom_hash(ids, seeds, *, num_hash_functions, num_rows, wide_ids=True):
     """The ``(*, k)`` int64 rows of ``ids``, hashed by the kernels' own device
     function (what the forward and backward kernels compute in registers)."""
     rows = torch.empty((*ids.shape, num_hash_functions), dtype=torch.int64, device=ids.device)

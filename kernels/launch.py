@@ -59,7 +59,8 @@ def recording_launches():
     passed) and ``configs`` (the configurations it may run with on a GPU: the
     autotuner's candidates for this launch, or its one fixed configuration,
     each ``{"kwargs", "num_warps", "num_stages"}``, ``None`` for Triton's
-    default).  The launches still run.
+    default; for a tuned kernel, its whole search space).  The launches still
+    run.
     """
     previous = _recorder.launches
     _recorder.launches = []
@@ -94,7 +95,7 @@ def launch(kernel, grid_for, args, device, *, config=None, tuning=None):
     if (config is None) == (tuning is None):
         raise ValueError("launch needs exactly one of config= and tuning=")
     if _recorder.launches is not None:
-        configs = [config] if config is not None else autotune.candidate_configs(args)
+        configs = [config] if config is not None else autotune.search_space(args, tuning)
         _recorder.launches.append({"kernel": kernel, "args": dict(args), "configs": configs})
     if config is not None:
         meta = config["kwargs"]

@@ -4,10 +4,11 @@ their aggregated gradients, in place; no dense gradient ever exists."""
 import triton
 import triton.language as tl
 
+from .. import constants
 from .launch import launch
 
-# Optimizers, as the `OPTIMIZER` constexpr sees them.
-FUSED_SGD, FUSED_ROWWISE_ADAGRAD = 0, 1
+# The optimizer codes of triton_bloom/constants.py, as the kernel reads them.
+FUSED_ROWWISE_ADAGRAD = tl.constexpr(constants.FUSED_ROWWISE_ADAGRAD)
 
 
 @triton.jit
@@ -20,13 +21,13 @@ def _bloom_rowwise_update_kernel(
     stride_w,  # elements between two rows of W
     lr,  # learning rate
     eps,  # Adagrad's denominator floor
-    OPTIMIZER: tl.constexpr,  # 0 SGD, 1 row-wise Adagrad
+    OPTIMIZER: tl.constexpr,  # FUSED_SGD or FUSED_ROWWISE_ADAGRAD
     BLOCK_D: tl.constexpr,
 ):
     u = tl.program_id(0).to(tl.int64)
     row = tl.load(ROWS + u)
     step = lr
-    if OPTIMIZER == 1:
+    if OPTIMIZER == FUSED_ROWWISE_ADAGRAD:
         # Row-wise Adagrad needs the whole row's gradient before any update.
         squares = tl.zeros((BLOCK_D,), dtype=tl.float32)
         for d0 in range(0, dim, BLOCK_D):
@@ -46,7 +47,7 @@ def _bloom_rowwise_update_kernel(
         tl.store(ptrs, (w.to(acc_ty) - step * g).to(W.dtype.element_ty), mask=mask)
 
 
-def bloom_rowwise_update(weight, rows, values, optimizer, lr, eps=0.0, state=None):
+def bloom_rowwise_update(weight, rows, values, *, optimizer, lr, eps=0.0, state=None):
     """Apply one optimizer step to ``weight``'s ``rows``, in place.
 
     Args:

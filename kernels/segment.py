@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..constants import accumulation_dtype
 from .launch import launch
 
 # Not autotuned: BLOCK_N sets the order in which a row's terms are added, so a
@@ -50,7 +51,7 @@ def _bloom_segment_sum_kernel(
     tl.store(OUT + segment * dim + offs_d, tl.sum(acc, axis=0), mask=mask_d)
 
 
-def bloom_row_gradients(rows, sources, grad, scales=None, keep=None):
+def bloom_row_gradients(rows, sources, grad, *, scales=None, keep=None):
     """Sum ``grad[sources[i]] * scales[i]`` into each of ``rows[i, :]``, per row.
 
     Args:
@@ -82,7 +83,7 @@ def bloom_row_gradients(rows, sources, grad, scales=None, keep=None):
     unique_rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
     segments = torch.zeros(unique_rows.numel() + 1, dtype=torch.int64, device=grad.device)
     torch.cumsum(counts, 0, out=segments[1:])
-    acc_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    acc_dtype = accumulation_dtype(grad.dtype)
     values = torch.empty((unique_rows.numel(), dim), dtype=acc_dtype, device=grad.device)
     if unique_rows.numel() and dim:
         args = dict(

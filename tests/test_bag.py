@@ -10,6 +10,7 @@ import torch
 from oracle import bag_backward_oracle, bag_forward_oracle
 from support import DEVICE, require_kernels
 from triton_bloom import BloomEmbedding, BloomEmbeddingBag
+from triton_bloom.constants import MODE_MAX, MODE_MEAN, MODE_SUM
 from triton_bloom.functional import bloom_embedding_bag
 
 BACKENDS = ["torch", "triton"]
@@ -184,17 +185,19 @@ def test_bag_custom_ops_opcheck(backend):
     weight = torch.randn(11, 5, generator=g).to(DEVICE).requires_grad_(True)
     psw = torch.rand(7, generator=g).to(DEVICE).requires_grad_(True)
     importance = torch.rand(5, 3, generator=g).to(DEVICE).requires_grad_(True)
-    for mode, p, pad in ((0, psw, None), (1, None, 1), (2, None, 1)):
+    lookup = dict(num_hash_functions=3, num_embeddings=50, use_triton=backend == "triton")
+    for mode, p, pad in ((MODE_SUM, psw, None), (MODE_MEAN, None, 1), (MODE_MAX, None, 1)):
         for signed, imp in ((False, None), (True, importance)):
-            args = (ids, offsets, weight, p, imp, 3, mode, pad, 50, signed, backend)
-            torch.library.opcheck(ops.bloom_bag_forward, args)
+            args = (ids, offsets, weight, p, imp, None)  # no optimizer state
+            options = dict(mode=mode, padding_idx=pad, signed=signed, **lookup)
+            torch.library.opcheck(ops.bloom_bag_forward, args, options)
     grad_out = torch.randn(3, 5, generator=g).to(DEVICE)
     argmax = torch.empty(0, dtype=torch.int64, device=DEVICE)
     # The backward op is not differentiable itself: check it on plain tensors.
     for signed, imp in ((False, None), (True, importance.detach())):
-        args = (grad_out, ids, offsets, weight.detach(), psw.detach(), imp, argmax, 3, 0, None, 50, signed, backend,
-                True)  # fmt: skip
-        torch.library.opcheck(ops.bloom_bag_backward, args)
+        args = (grad_out, ids, offsets, weight.detach(), psw.detach(), imp, argmax)
+        options = dict(mode=MODE_SUM, psw_grad=True, padding_idx=None, signed=signed, **lookup)
+        torch.library.opcheck(ops.bloom_bag_backward, args, options)
 
 
 def test_module_state_and_repr():

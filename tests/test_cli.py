@@ -434,3 +434,21 @@ def test_recording_launches_lists_every_launch_with_its_candidates():
     assert entry["kernel"] is kernel and entry["args"]["dim"] == 33
     assert entry["configs"] == [{"kwargs": {"BLOCK_N": 16, "BLOCK_D": 32}}]
     assert len(kernel.launches) == 1  # recording does not stop the launch
+
+
+@pytest.mark.parametrize("dtype, dim, widest", [(torch.float32, 48, 64), (torch.float32, 200, 256),
+                                                (torch.float64, 48, 64), (torch.bfloat16, 33, 64)])
+def test_the_autotuner_prunes_launches_made_by_keyword(dtype, dim, widest):
+    # Triton hands early_config_prune the positional arguments apart from the
+    # keyword ones, and the launchers pass everything by keyword: the pruning
+    # must read both (it read the positional ones only, a KeyError on a GPU).
+    kernels = require_kernels()
+    tuning = autotune.Tuning()
+    tuner = autotune.tuned(kernels.forward._bloom_forward_kernel, tuning)
+    tuner.nargs = {}  # what Autotuner.run leaves there for a launch by keywords
+    args = dict(IDS=torch.zeros(4, dtype=torch.int64), W=torch.zeros(10, dim, dtype=dtype), dim=dim, K=4)
+    kept = tuner.prune_configs(args)
+    assert kept and max(c.kwargs["BLOCK_D"] for c in kept) == widest
+    limit = tuning.max_per_thread[1 if dtype == torch.float64 else 0]
+    assert all(c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_D"] // (32 * c.num_warps) <= limit for c in kept)
+    assert {c.num_stages for c in kept} == {1}  # no loop to pipeline

@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 
 from support import DEVICE, require_kernels
-from triton_bloom import BloomEmbedding, BloomEmbeddingBag, FusedSGD, bloom_hash, ops
+from triton_bloom import BloomEmbedding, BloomEmbeddingBag, FusedRowWiseAdagrad, FusedSGD, bloom_hash, ops
+from triton_bloom.constants import FUSED_ROWWISE_ADAGRAD, FUSED_SGD, MODE_MAX, MODE_MEAN, MODE_SUM
 
 NUM_IDS = 500
 DIM = 8
@@ -180,82 +181,190 @@ def test_triton_backend_fullgraph_matches_eager():
     assert counter.graphs == 1
 
 
-def _sparse_and_fused_models():
+TRAININGS = ["sparse", "fused_sgd", "fused_adagrad"]
+
+
+def _training(kind):
+    """Each table's own training option (a fused optimizer belongs to one table)."""
+    if kind == "sparse":
+        return dict(sparse=True)
+    if kind == "fused_sgd":
+        return dict(fused_optimizer=FusedSGD(lr=0.5))
+    return dict(fused_optimizer=FusedRowWiseAdagrad(lr=0.5, eps=1e-6, initial_accumulator_value=0.1))
+
+
+class RowwiseRecommender(nn.Module):
+    """``Recommender``'s lookups with sparse gradients or fused optimizers:
+    a signed BloomEmbedding with importance weights and a hash cache, and
+    ``sum`` (with per-sample weights), ``mean`` and ``max`` bags with padding."""
+
+    def __init__(self, kind, backend="torch", num_ids=NUM_IDS, dim=DIM):
+        super().__init__()
+        common = dict(num_hash_functions=3, backend=backend, device=DEVICE)
+        self.item = BloomEmbedding(num_ids, dim, hash_cache=True, signed=True, importance=True, importance_rows=7,
+                                   **common, **_training(kind))  # fmt: skip
+        self.history = BloomEmbeddingBag(num_ids, dim, mode="sum", padding_idx=0, **common, **_training(kind))
+        self.tags = BloomEmbeddingBag(num_ids, dim, mode="mean", padding_idx=0, include_last_offset=True,
+                                      **common, **_training(kind))  # fmt: skip
+        self.words = BloomEmbeddingBag(num_ids, dim, mode="max", padding_idx=0, **common, **_training(kind))
+
+    def forward(self, items, history, history_weights, tags, tag_offsets, words, word_offsets):
+        x = self.item(items).sum(dim=1)
+        x = x + self.history(history, per_sample_weights=history_weights)
+        x = x + self.tags(tags, tag_offsets)
+        x = x + self.words(words, word_offsets)
+        return x
+
+
+def rowwise_step(model, batch):
+    """One training step: output, the gradients autograd leaves (tables'
+    sparse ones as their indices and values), the tables after it, and the
+    fused optimizers' states."""
+    model.zero_grad(set_to_none=True)
+    psw = batch[2].detach().requires_grad_(True)
+    out = model(*batch[:2], psw, *batch[3:])
+    out.pow(2).mean().backward()
+    grads = {"per_sample_weights": psw.grad}
+    tables, states = {}, {}
+    for name, p in model.named_parameters():
+        name = name.removeprefix("_orig_mod.")
+        if p.grad is not None and p.grad.is_sparse:
+            grads[name] = (p.grad._indices(), p.grad._values())
+        else:
+            grads[name] = p.grad
+        tables[name] = p.detach().clone()
+    for name, module in model.named_modules():
+        optimizer = getattr(module, "fused_optimizer", None)
+        if optimizer is not None and optimizer.state(module.weight) is not None:
+            states[name.removeprefix("_orig_mod.")] = optimizer.state(module.weight).clone()
+    return out.detach(), grads, tables, states
+
+
+def check_rowwise_training_matches_eager(kind, backend="torch", num_ids=NUM_IDS, dim=DIM, batch_sizes=(6, 6),
+                                         dynamic=None):  # fmt: skip
+    """Train a compiled ``RowwiseRecommender`` and an eager copy side by side,
+    one step per batch size (each step starts from the last one's tables and
+    states); returns the compiled graphs after the first step and at the end."""
     torch.manual_seed(0)
-    sparse = nn.ModuleList([BloomEmbedding(NUM_IDS, DIM, sparse=True, backend="torch", device=DEVICE),
-                            BloomEmbeddingBag(NUM_IDS, DIM, mode="mean", sparse=True, backend="torch", device=DEVICE)])
-    fused = nn.ModuleList([BloomEmbedding(NUM_IDS, DIM, fused_optimizer=FusedSGD(lr=0.5), backend="torch", device=DEVICE),
-                           BloomEmbeddingBag(NUM_IDS, DIM, fused_optimizer=FusedSGD(lr=0.5), backend="torch",
-                                             device=DEVICE)])  # fmt: skip
-    return sparse, fused
-
-
-def _rowwise_loss(modules, ids):
-    return modules[0](ids).pow(2).sum() + modules[1](ids).pow(2).sum()
-
-
-@pytest.mark.parametrize("kind", ["sparse", "fused"])
-def test_sparse_and_fused_compile_with_graph_breaks(kind):
-    # sparse=True and fused optimizers run autograd.Functions (rowwise.py)
-    # that Dynamo cannot capture whole (see the fullgraph test below); without
-    # fullgraph they fall back to eager around the breaks and stay exact.
-    model = dict(zip(("sparse", "fused"), _sparse_and_fused_models()))[kind]
-    eager_model = copy.deepcopy(model)  # its own FusedSGD objects too
-    compiled = torch.compile(lambda ids: _rowwise_loss(model, ids), backend="aot_eager")
-    for step in range(2):
-        ids = torch.randint(0, NUM_IDS, (5, 3), generator=torch.Generator().manual_seed(step)).to(DEVICE)
-        compiled(ids).backward()
-        _rowwise_loss(eager_model, ids).backward()
-        for m, e in zip(model, eager_model):
-            if kind == "sparse":
-                assert m.weight.grad.layout == torch.sparse_coo
-                torch.testing.assert_close(m.weight.grad.to_dense(), e.weight.grad.to_dense())
+    model = RowwiseRecommender(kind, backend=backend, num_ids=num_ids, dim=dim)
+    eager_model = copy.deepcopy(model)  # its own fused optimizers and states too
+    counter = CountingBackend()
+    compiled = torch.compile(model, fullgraph=True, dynamic=dynamic, backend=counter)
+    graphs = []
+    for step, batch_size in enumerate(batch_sizes):
+        batch = make_batch(batch_size, seed=step, num_ids=num_ids)
+        out, grads, tables, states = rowwise_step(compiled, batch)
+        ref_out, ref_grads, ref_tables, ref_states = rowwise_step(eager_model, batch)
+        graphs.append(counter.graphs)
+        torch.testing.assert_close(out, ref_out)
+        assert grads.keys() == ref_grads.keys() and states.keys() == ref_states.keys()
+        for name, ref in ref_grads.items():
+            got = grads[name]
+            if name.endswith("embeddings.weight") and kind != "sparse":
+                assert ref is None and got is None, name  # the fused step left no gradient
+            elif name.endswith("embeddings.weight"):
+                assert isinstance(ref, tuple) and isinstance(got, tuple), name  # sparse on both sides
+                assert torch.equal(got[0], ref[0]), name  # the same touched rows, in the same order
+                torch.testing.assert_close(got[1], ref[1], msg=lambda m: f"{name}: {m}")
             else:
-                assert m.weight.grad is None
-                torch.testing.assert_close(m.weight, e.weight)
+                assert ref is not None and got is not None, name
+                torch.testing.assert_close(got, ref, msg=lambda m: f"{name}: {m}")
+        for name, ref in {**ref_tables, **ref_states}.items():
+            torch.testing.assert_close({**tables, **states}[name], ref, msg=lambda m: f"{name}: {m}")
+        if kind == "fused_adagrad":
+            assert len(states) == 4
+    return graphs[0], graphs[-1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sparse=True / fused optimizers are not fullgraph-capturable yet: the id-range check and the "
-    "wide-id branch of the hashing read tensor values outside a custom op, the sparse backward builds a "
-    "sparse_coo_tensor, and FusedRowWiseAdagrad creates its state inside the backward",
-)
-@pytest.mark.parametrize("kind", ["sparse", "fused"])
-def test_sparse_and_fused_fullgraph(kind):
-    model = dict(zip(("sparse", "fused"), _sparse_and_fused_models()))[kind]
-    compiled = torch.compile(lambda ids: _rowwise_loss(model, ids), backend="aot_eager", fullgraph=True)
-    compiled(torch.randint(0, NUM_IDS, (5, 3)).to(DEVICE)).backward()
+@pytest.mark.parametrize("kind", TRAININGS)
+def test_sparse_and_fused_fullgraph_match_eager(kind):
+    # The touched rows come out of the backward op as dense tensors of a
+    # data-dependent size; the sparse gradient is built from them, and the
+    # fused step is a custom op that mutates the table and the optimizer
+    # state (forward inputs) inside the backward, which AOTAutograd keeps.
+    assert check_rowwise_training_matches_eager(kind) == (1, 1)
+
+
+@pytest.mark.parametrize("kind", ["sparse", "fused_adagrad"])
+def test_sparse_and_fused_dynamic_batch_sizes_compile_once(kind):
+    # (Under dynamic=True, Dynamo may trace the first step twice, restarting
+    # once to specialize the optimizer's float lr: count graphs after it.)
+    first, last = check_rowwise_training_matches_eager(kind, batch_sizes=(6, 9, 13), dynamic=True)
+    assert last == first
+
+
+def test_functional_fused_adagrad_state_made_before_compiling():
+    # A compiled backward can update the optimizer's state but not create it
+    # (AOTAutograd keeps in-place updates of graph inputs only): a module
+    # makes it when built; with the functional API the caller does.
+    from triton_bloom.functional import bloom_embedding
+
+    torch.manual_seed(0)
+    weights = [torch.randn(40, DIM, device=DEVICE).requires_grad_(True) for _ in range(2)]
+    weights[1].data.copy_(weights[0].data)
+    optimizers = [FusedRowWiseAdagrad(lr=0.5) for _ in range(2)]
+
+    def loss(ids, weight, optimizer):
+        return bloom_embedding(ids, weight, 3, fused_optimizer=optimizer, backend="torch").pow(2).sum()
+
+    ids = torch.randint(0, NUM_IDS, (5, 3), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    with pytest.raises(Exception, match="state must exist"):
+        compiled(ids, weights[0], optimizers[0])
+    optimizers[0].state(weights[0])
+    for step in range(2):
+        compiled(ids, weights[0], optimizers[0]).backward()
+        loss(ids, weights[1], optimizers[1]).backward()
+        torch.testing.assert_close(weights[0], weights[1])
+        torch.testing.assert_close(optimizers[0].accumulator, optimizers[1].accumulator)
+
+
+@pytest.mark.parametrize("kind", TRAININGS)
+def test_triton_backend_sparse_and_fused_fullgraph_match_eager(kind):
+    require_kernels()
+    graphs = check_rowwise_training_matches_eager(kind, backend="triton", num_ids=60, dim=4, batch_sizes=(4, 4))
+    assert graphs == (1, 1)
 
 
 # opcheck: the schema, fake implementation, autograd registration and AOT
 # dispatch of every op, for the argument combinations not covered in
 # test_kernels.py (bloom_forward with a cache and padding 0, bloom_backward
 # without a cache) and test_bag.py (forward: sum+weights, mean/max with
-# padding; backward: sum with weights).
+# padding; backward: sum with weights), and the ops of sparse gradients and
+# fused optimizers.
 
 OPCHECK_BACKENDS = ["torch", "triton"]
 
 
 def op_args(op, **values):
-    """``op``'s positional arguments, taken by name from ``values``.
+    """``(args, kwargs)`` of ``op``, taken by name from ``values``, for ``opcheck``.
 
     Naming the arguments keeps these checks meaningful when an op gains an
     argument for a new feature: an optional one this test does not name is
-    passed as ``None`` and a ``bool`` one as ``False`` (the feature off), and
-    names the op does not take are ignored (``num_rows`` and ``weight``, say,
-    when one replaces the other)."""
-    args = []
+    passed as ``None``, a ``bool`` one as ``False`` (the feature off), and one
+    with a default keeps it; names the op does not take are ignored
+    (``argmax``, say, for the embedding's ops)."""
+    args, kwargs = [], {}
     for arg in op._opoverload._schema.arguments:
         if arg.name in values:
-            args.append(values[arg.name])
+            value = values[arg.name]
+        elif arg.has_default_value():
+            continue
         elif isinstance(arg.type, torch.OptionalType):
-            args.append(None)
+            value = None
         elif str(arg.type) == "bool":
-            args.append(False)
+            value = False
         else:
             raise KeyError(f"{op._opoverload}: no value for argument {arg.name!r}")
-    return tuple(args)
+        if arg.kwarg_only:
+            kwargs[arg.name] = value
+        else:
+            args.append(value)
+    return tuple(args), kwargs
+
+
+def opcheck(op, **values):
+    torch.library.opcheck(op, *op_args(op, **values))
 
 
 def _opcheck_data():
@@ -277,22 +386,18 @@ def test_opcheck_embedding_ops(backend):
     _check_backend(backend)
     g, ids, weight, cache = _opcheck_data()
     grad_out = torch.randn(7, 5, generator=g).to(DEVICE)
-    common = dict(num_hash_functions=3, num_embeddings=40, backend=backend)
+    common = dict(num_hash_functions=3, num_embeddings=40, use_triton=backend == "triton")
     # Backward with a hash cache, with and without padding; int32 ids and a float64 table.
     for padding_idx in (None, 0):
-        args = op_args(ops.bloom_backward, grad_out=grad_out, ids=ids, hash_cache=cache, padding_idx=padding_idx,
-                       weight=weight, num_rows=9, dtype=torch.float32, **common)  # fmt: skip
-        torch.library.opcheck(ops.bloom_backward, args)
-    args = op_args(ops.bloom_backward, grad_out=grad_out.double(), ids=ids.int(), hash_cache=cache, padding_idx=0,
-                   weight=weight.double(), num_rows=9, dtype=torch.float64, **common)  # fmt: skip
-    torch.library.opcheck(ops.bloom_backward, args)
+        opcheck(ops.bloom_backward, grad_out=grad_out, ids=ids, hash_cache=cache, padding_idx=padding_idx,
+                weight=weight, **common)  # fmt: skip
+    opcheck(ops.bloom_backward, grad_out=grad_out.double(), ids=ids.int(), hash_cache=cache, padding_idx=0,
+            weight=weight.double(), **common)  # fmt: skip
     # Forward without padding over int32 ids, and with num_embeddings=None
     # (int64 ids then take the wide-id hashing path).
     weight.requires_grad_(True)
-    args = op_args(ops.bloom_forward, ids=ids.int(), weight=weight, padding_idx=None, **common)
-    torch.library.opcheck(ops.bloom_forward, args)
-    args = op_args(ops.bloom_forward, ids=ids, weight=weight, padding_idx=0, **{**common, "num_embeddings": None})
-    torch.library.opcheck(ops.bloom_forward, args)
+    opcheck(ops.bloom_forward, ids=ids.int(), weight=weight, padding_idx=None, **common)
+    opcheck(ops.bloom_forward, ids=ids, weight=weight, padding_idx=0, **{**common, "num_embeddings": None})
 
 
 @pytest.mark.parametrize("backend", OPCHECK_BACKENDS)
@@ -301,29 +406,62 @@ def test_opcheck_bag_ops(backend):
     g, ids, weight, _ = _opcheck_data()
     offsets = torch.tensor([0, 3, 3, 7], device=DEVICE)
     grad_out = torch.randn(3, 5, generator=g).to(DEVICE)
-    common = dict(ids=ids, offsets=offsets, num_hash_functions=3, num_embeddings=40, backend=backend)
+    common = dict(ids=ids, offsets=offsets, num_hash_functions=3, num_embeddings=40, use_triton=backend == "triton")
     # Backward of mean and max (with its arg-max positions), with and without padding.
-    for mode in (ops.MODE_MEAN, ops.MODE_MAX):
+    for mode in (MODE_MEAN, MODE_MAX):
         for padding_idx in (None, 0):
-            args = op_args(ops.bloom_bag_forward, weight=weight, mode=mode, padding_idx=padding_idx, **common)
-            argmax = ops.bloom_bag_forward(*args)[1]
-            args = op_args(ops.bloom_bag_backward, grad_out=grad_out, weight=weight, argmax=argmax, mode=mode,
-                           padding_idx=padding_idx, **common)  # fmt: skip
-            torch.library.opcheck(ops.bloom_bag_backward, args)
+            args, kwargs = op_args(ops.bloom_bag_forward, weight=weight, mode=mode, padding_idx=padding_idx, **common)
+            argmax = ops.bloom_bag_forward(*args, **kwargs)[1]
+            opcheck(ops.bloom_bag_backward, grad_out=grad_out, weight=weight, argmax=argmax, mode=mode,
+                    padding_idx=padding_idx, **common)  # fmt: skip
     # Sum with per-sample weights and padding: backward, then forward with autograd.
     psw = torch.rand(7, generator=g).to(DEVICE)
     no_argmax = torch.empty(0, dtype=torch.int64, device=DEVICE)
-    args = op_args(ops.bloom_bag_backward, grad_out=grad_out, weight=weight, per_sample_weights=psw, argmax=no_argmax,
-                   mode=ops.MODE_SUM, padding_idx=0, psw_grad=True, **common)  # fmt: skip
-    torch.library.opcheck(ops.bloom_bag_backward, args)
+    opcheck(ops.bloom_bag_backward, grad_out=grad_out, weight=weight, per_sample_weights=psw, argmax=no_argmax,
+            mode=MODE_SUM, padding_idx=0, psw_grad=True, **common)  # fmt: skip
     weight.requires_grad_(True)
     psw.requires_grad_(True)
-    args = op_args(ops.bloom_bag_forward, weight=weight, per_sample_weights=psw, mode=ops.MODE_SUM, padding_idx=0,
-                   **common)  # fmt: skip
-    torch.library.opcheck(ops.bloom_bag_forward, args)
+    opcheck(ops.bloom_bag_forward, weight=weight, per_sample_weights=psw, mode=MODE_SUM, padding_idx=0, **common)
     # Max over int32 ids with num_embeddings=None, and sum without weights.
-    args = op_args(ops.bloom_bag_forward, weight=weight, mode=ops.MODE_MAX, padding_idx=None,
-                   **{**common, "ids": ids.int(), "num_embeddings": None})  # fmt: skip
-    torch.library.opcheck(ops.bloom_bag_forward, args)
-    args = op_args(ops.bloom_bag_forward, weight=weight, mode=ops.MODE_SUM, padding_idx=None, **common)
-    torch.library.opcheck(ops.bloom_bag_forward, args)
+    opcheck(ops.bloom_bag_forward, weight=weight, mode=MODE_MAX, padding_idx=None,
+            **{**common, "ids": ids.int(), "num_embeddings": None})  # fmt: skip
+    opcheck(ops.bloom_bag_forward, weight=weight, mode=MODE_SUM, padding_idx=None, **common)
+
+
+@pytest.mark.parametrize("backend", OPCHECK_BACKENDS)
+def test_opcheck_touched_row_ops(backend):
+    # The backward ops of sparse gradients and fused optimizers (a
+    # data-dependent number of rows), and the forward with sparse=True.
+    _check_backend(backend)
+    g, ids, weight, cache = _opcheck_data()
+    use_triton = backend == "triton"
+    importance = torch.rand(4, 3, generator=g).to(DEVICE)
+    common = dict(ids=ids, weight=weight, num_hash_functions=3, num_embeddings=40, use_triton=use_triton)
+    grad_out = torch.randn(7, 5, generator=g).to(DEVICE)
+    for hash_cache, signed, imp in ((cache, False, None), (None, True, importance)):
+        opcheck(ops.bloom_backward_rows, grad_out=grad_out, hash_cache=hash_cache, signed=signed, importance=imp,
+                padding_idx=0, **common)  # fmt: skip
+    offsets = torch.tensor([0, 3, 3, 7], device=DEVICE)
+    bag_grad = torch.randn(3, 5, generator=g).to(DEVICE)
+    psw = torch.rand(7, generator=g).to(DEVICE)
+    for mode in (MODE_SUM, MODE_MAX):
+        args, kwargs = op_args(ops.bloom_bag_forward, offsets=offsets, mode=mode, padding_idx=0, **common)
+        argmax = ops.bloom_bag_forward(*args, **kwargs)[1]
+        opcheck(ops.bloom_bag_backward_rows, grad_out=bag_grad, offsets=offsets, argmax=argmax, mode=mode,
+                per_sample_weights=psw if mode == MODE_SUM else None, psw_grad=mode == MODE_SUM, signed=True,
+                importance=importance, padding_idx=0, **common)  # fmt: skip
+    opcheck(ops.bloom_forward, padding_idx=0, sparse=True, **{**common, "weight": weight.requires_grad_(True)})
+
+
+@pytest.mark.parametrize("backend", OPCHECK_BACKENDS)
+def test_opcheck_rowwise_update(backend):
+    _check_backend(backend)
+    g, _, weight, _ = _opcheck_data()
+    rows = torch.tensor([0, 4, 8], device=DEVICE)
+    values = torch.randn(3, 5, generator=g).to(DEVICE)
+    use_triton = backend == "triton"
+    opcheck(ops.bloom_rowwise_update, weight=weight, rows=rows, values=values, optimizer=FUSED_SGD, lr=0.1,
+            use_triton=use_triton)  # fmt: skip
+    state = torch.rand(9, generator=g).to(DEVICE)
+    opcheck(ops.bloom_rowwise_update, weight=weight, rows=rows, values=values, state=state,
+            optimizer=FUSED_ROWWISE_ADAGRAD, lr=0.1, eps=1e-8, use_triton=use_triton)  # fmt: skip

@@ -87,7 +87,7 @@ def test_triton_hash_matches_sklearn(num_rows, dtype):
     kernels = require_kernels()
     g = torch.Generator().manual_seed(num_rows + 1)
     ids = int32_range_sample(3_000, g)
-    rows = kernels.bloom_hash(ids.to(dtype).to(DEVICE), seed_tensor(DEVICE), 24, num_rows, wide_ids=False)
+    rows = kernels.bloom_hash(ids.to(dtype).to(DEVICE), seed_tensor(DEVICE), num_hash_functions=24, num_rows=num_rows, wide_ids=False)
     np.testing.assert_array_equal(rows.cpu().numpy(), sklearn_rows(ids.numpy(), 24, num_rows))
 
 
@@ -97,5 +97,5 @@ def test_triton_hash_wide_ids_match_torch(num_rows):
     g = torch.Generator().manual_seed(7)
     ids = torch.cat([torch.randint(0, 2**31, (500,), generator=g),
                      torch.randint(2**31, 2**63 - 1, (500,), generator=g)])  # fmt: skip
-    rows = kernels.bloom_hash(ids.to(DEVICE), seed_tensor(DEVICE), 24, num_rows, wide_ids=True)
+    rows = kernels.bloom_hash(ids.to(DEVICE), seed_tensor(DEVICE), num_hash_functions=24, num_rows=num_rows, wide_ids=True)
     assert torch.equal(rows.cpu(), bloom_hash(ids, 24, num_rows))

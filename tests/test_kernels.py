@@ -173,10 +173,10 @@ def test_launchers_directly():
     ids = torch.randint(0, 100, (4, 5), generator=g).to(DEVICE)
     weight = torch.randn(13, 9, generator=g).to(DEVICE)
     rows = hash_rows(ids, 3, 13)
-    out = kernels.bloom_forward(ids, weight, seed_tensor(DEVICE), 3, padding_idx=2)
+    out = kernels.bloom_forward(ids, weight, seed_tensor(DEVICE), num_hash_functions=3, padding_idx=2)
     torch.testing.assert_close(out, bloom_forward_reference(ids, weight, rows, 2), atol=1e-5, rtol=1e-5)
     grad_out = torch.randn(4, 5, 9, generator=g).to(DEVICE)
-    grad, grad_importance = kernels.bloom_backward(grad_out, ids, seed_tensor(DEVICE), 13, 3, padding_idx=2)
+    grad, grad_importance = kernels.bloom_backward(grad_out, ids, seed_tensor(DEVICE), num_rows=13, num_hash_functions=3, padding_idx=2)
     assert grad_importance is None
     torch.testing.assert_close(grad, bloom_backward_reference(grad_out, ids, rows, 13, 2), atol=1e-5, rtol=1e-5)
 
@@ -200,10 +200,12 @@ def test_custom_ops_opcheck(backend):
     weight = torch.randn(11, 5, generator=g).to(DEVICE).requires_grad_(True)
     cache = bloom_hash(torch.arange(50), 3, 11).to(torch.int32).to(DEVICE)
     importance = torch.rand(4, 3, generator=g).to(DEVICE).requires_grad_(True)
+    lookup = dict(num_hash_functions=3, padding_idx=0, num_embeddings=50, use_triton=backend == "triton")
     for hash_cache in (None, cache):
         for signed, imp in ((False, None), (True, importance)):
-            torch.library.opcheck(ops.bloom_forward, (ids, weight, hash_cache, imp, 3, 0, 50, signed, backend))
+            args = (ids, weight, imp, hash_cache, None)  # no optimizer state
+            torch.library.opcheck(ops.bloom_forward, args, dict(signed=signed, **lookup))
     grad_out = torch.randn(6, 5, generator=g).to(DEVICE)
     for signed, imp in ((False, None), (True, importance.detach())):
-        args = (grad_out, ids, None, weight.detach(), imp, 3, 0, 50, signed, backend)
-        torch.library.opcheck(ops.bloom_backward, args)
+        args = (grad_out, ids, weight.detach(), imp, None)  # no hash cache
+        torch.library.opcheck(ops.bloom_backward, args, dict(signed=signed, **lookup))

@@ -1,8 +1,11 @@
 """Checks of the values users hand in, with errors that name the bad value.
 
-The value checks (ids in range, offsets in order) read tensor contents, so
-they run inside the custom ops' implementations, where tensors are real:
-``torch.compile`` traces around them without a graph break.
+The argument checks (sizes, dtypes, options) run once where the arguments
+are given: in a module's ``__init__``, or in each call of the functional API.
+The input checks (``check_input``) run on every call.  The value checks (ids
+in range, offsets in order) read tensor contents, so they run inside the
+custom ops' implementations, where tensors are real: ``torch.compile`` traces
+around them without a graph break.
 """
 
 from __future__ import annotations
@@ -11,7 +14,19 @@ from typing import Optional
 
 import torch
 
-__all__ = ["WEIGHT_DTYPES", "check_weight", "check_id_tensor", "check_id_range", "check_offsets"]
+from .optim import FUSED_OPTIMIZERS
+
+__all__ = [
+    "WEIGHT_DTYPES",
+    "check_weight",
+    "check_training_options",
+    "check_importance",
+    "check_hash_cache",
+    "check_input",
+    "check_id_tensor",
+    "check_id_range",
+    "check_offsets",
+]
 
 
 WEIGHT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -23,6 +38,48 @@ def check_weight(weight: torch.Tensor) -> None:
         raise ValueError(f"weight must be a 2-D (num_rows, embedding_dim) Tensor, got {getattr(weight, 'shape', weight)}")
     if weight.dtype not in WEIGHT_DTYPES:
         raise TypeError(f"weight must be float32, float64, float16 or bfloat16, got dtype {weight.dtype}")
+
+
+def check_training_options(sparse: bool, fused_optimizer) -> None:
+    """Raise unless ``fused_optimizer`` is one of ours (or ``None``) and not
+    combined with ``sparse=True``."""
+    if fused_optimizer is not None and not isinstance(fused_optimizer, FUSED_OPTIMIZERS):
+        raise TypeError(
+            f"fused_optimizer must be a triton_bloom.optim.FusedSGD or FusedRowWiseAdagrad, got {fused_optimizer!r}"
+        )
+    if sparse and fused_optimizer is not None:
+        raise ValueError("sparse=True and a fused_optimizer exclude each other: the fused step leaves no gradient")
+
+
+def check_importance(importance: Optional[torch.Tensor], weight: torch.Tensor, num_hash_functions: int) -> None:
+    """Raise unless ``importance`` is ``None`` or a floating-point
+    ``(importance_rows, k)`` tensor on ``weight``'s device."""
+    if importance is None:
+        return
+    if importance.dim() != 2 or importance.shape[1] != num_hash_functions or importance.shape[0] < 1:
+        raise ValueError(
+            f"importance must have shape (importance_rows, {num_hash_functions}), got {tuple(importance.shape)}"
+        )
+    if not importance.is_floating_point() or importance.device != weight.device:
+        raise TypeError(
+            f"importance must be a floating-point tensor on {weight.device}, got {importance.dtype} on "
+            f"{importance.device}"
+        )
+
+
+def check_hash_cache(hash_cache: Optional[torch.Tensor], num_hash_functions: int) -> None:
+    """Raise unless ``hash_cache`` is ``None`` or ``(num_embeddings, k)``."""
+    if hash_cache is not None and (hash_cache.dim() != 2 or hash_cache.shape[1] != num_hash_functions):
+        raise ValueError(
+            f"hash_cache must have shape (num_embeddings, {num_hash_functions}), got {tuple(hash_cache.shape)}"
+        )
+
+
+def check_input(ids, weight: torch.Tensor) -> None:
+    """Raise unless ``ids`` is an id tensor (:func:`check_id_tensor`) on ``weight``'s device."""
+    check_id_tensor(ids)
+    if ids.device != weight.device:
+        raise RuntimeError(f"input is on {ids.device} but weight is on {weight.device}")
 
 
 def check_id_tensor(ids) -> None:

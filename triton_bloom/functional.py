@@ -1,4 +1,10 @@
-"""Functional form of the Bloom embedding."""
+"""Functional form of the Bloom embedding.
+
+``bloom_embedding`` and ``bloom_embedding_bag`` check their arguments, then
+run ``lookup`` and ``bag_lookup``, which the modules call directly (they
+checked the same arguments once, in ``__init__``).  Those check the input,
+decide the backend once for the call, and call the custom op in ``ops``.
+"""
 
 from __future__ import annotations
 
@@ -6,37 +12,21 @@ from typing import Optional
 
 import torch
 
-from . import dispatch, ops, rowwise
-from .checks import check_id_range, check_id_tensor, check_offsets, check_weight
+from . import dispatch, ops
+from .checks import check_hash_cache, check_importance, check_input, check_training_options, check_weight
+from .constants import MODES
 from .hashing import check_num_hash_functions
-from .optim import FUSED_OPTIMIZERS
 
 __all__ = ["bloom_embedding", "bloom_embedding_bag", "bag_layout", "check_training_options"]
 
-MODES = ops.MODES
 
-
-def check_training_options(sparse: bool, fused_optimizer) -> None:
-    if fused_optimizer is not None and not isinstance(fused_optimizer, FUSED_OPTIMIZERS):
-        raise TypeError(
-            f"fused_optimizer must be a triton_bloom.optim.FusedSGD or FusedRowWiseAdagrad, got {fused_optimizer!r}"
-        )
-    if sparse and fused_optimizer is not None:
-        raise ValueError("sparse=True and a fused_optimizer exclude each other: the fused step leaves no gradient")
-
-
-def check_importance(importance: Optional[torch.Tensor], weight: torch.Tensor, num_hash_functions: int) -> None:
-    if importance is None:
-        return
-    if importance.dim() != 2 or importance.shape[1] != num_hash_functions or importance.shape[0] < 1:
-        raise ValueError(
-            f"importance must have shape (importance_rows, {num_hash_functions}), got {tuple(importance.shape)}"
-        )
-    if not importance.is_floating_point() or importance.device != weight.device:
-        raise TypeError(
-            f"importance must be a floating-point tensor on {weight.device}, got {importance.dtype} on "
-            f"{importance.device}"
-        )
+def training_arguments(sparse: bool, fused_optimizer, weight: torch.Tensor) -> dict:
+    """The lookup ops' training options: ``sparse``, or ``fused_optimizer``'s
+    code, ``lr``, ``eps`` and its state for ``weight`` (which the op's
+    backward updates in place)."""
+    if fused_optimizer is None:
+        return {"sparse": sparse, "optimizer_state": None}
+    return fused_optimizer.step_arguments(weight)
 
 
 def bloom_embedding(
@@ -93,25 +83,38 @@ def bloom_embedding(
     dispatch.check_backend(backend)
     check_weight(weight)
     check_training_options(sparse, fused_optimizer)
-    check_id_tensor(input)
-    if input.device != weight.device:
-        raise RuntimeError(f"input is on {input.device} but weight is on {weight.device}")
-    if hash_cache is not None and (hash_cache.dim() != 2 or hash_cache.shape[1] != num_hash_functions):
-        raise ValueError(
-            f"hash_cache must have shape (num_embeddings, {num_hash_functions}), got {tuple(hash_cache.shape)}"
-        )
+    check_hash_cache(hash_cache, num_hash_functions)
     check_importance(importance, weight, num_hash_functions)
+    return lookup(input, weight, num_hash_functions=num_hash_functions, padding_idx=padding_idx,
+                  num_embeddings=num_embeddings, hash_cache=hash_cache, backend=backend, sparse=sparse,
+                  fused_optimizer=fused_optimizer, signed=signed, importance=importance)  # fmt: skip
+
+
+def lookup(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    num_hash_functions: int,
+    padding_idx: Optional[int],
+    num_embeddings: Optional[int],
+    hash_cache: Optional[torch.Tensor],
+    backend: str,
+    sparse: bool,
+    fused_optimizer,
+    signed: bool,
+    importance: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """:func:`bloom_embedding` once its arguments are checked: checks the
+    input, decides the backend for this call and runs the custom op."""
+    check_input(input, weight)
     # Checks that do not read tensor values happen here, before the op, so
     # that the backend's errors surface in eager mode and at trace time alike.
     use_triton = dispatch.use_triton(backend, weight.device)
-    if sparse or fused_optimizer is not None:
-        check_id_range(input, num_embeddings)
-        rows = ops.cached_rows(input, hash_cache)
-        wide_ids = ops.wide_ids_for(input, num_embeddings)
-        return rowwise.RowwiseEmbedding.apply(weight, importance, input, rows, num_hash_functions, padding_idx,
-                                              wide_ids, signed, use_triton, sparse, fused_optimizer)  # fmt: skip
-    return ops.bloom_forward(input, weight, hash_cache, importance, num_hash_functions, padding_idx, num_embeddings,
-                             signed, backend)  # fmt: skip
+    training = training_arguments(sparse, fused_optimizer, weight)
+    return ops.bloom_forward(input, weight, importance=importance, hash_cache=hash_cache,
+                             num_hash_functions=num_hash_functions, padding_idx=padding_idx,
+                             num_embeddings=num_embeddings, signed=signed, use_triton=use_triton,
+                             **training)  # fmt: skip
 
 
 def bag_layout(
@@ -123,9 +126,8 @@ def bag_layout(
 ):
     """Checks ``nn.EmbeddingBag``'s input conventions and turns them into one
     layout: flat ``(n,)`` ids, ``(B + 1,)`` int64 offsets ending at ``n``, and
-    flat ``(n,)`` per-sample weights or ``None``."""
-    if mode not in MODES:
-        raise ValueError(f"mode has to be one of {MODES}, got {mode!r}")
+    flat ``(n,)`` per-sample weights or ``None``.  ``mode``, one of
+    :data:`MODES`, is checked by the caller."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a Tensor of integer ids, got {type(input).__name__}")
     if input.dim() == 2:
@@ -233,21 +235,42 @@ def bloom_embedding_bag(
     dispatch.check_backend(backend)
     check_weight(weight)
     check_training_options(sparse, fused_optimizer)
-    ids, offsets, per_sample_weights = bag_layout(input, offsets, per_sample_weights, mode, include_last_offset)
-    check_id_tensor(ids)
-    if ids.device != weight.device:
-        raise RuntimeError(f"input is on {ids.device} but weight is on {weight.device}")
+    if mode not in MODES:
+        raise ValueError(f"mode has to be one of {MODES}, got {mode!r}")
     check_importance(importance, weight, num_hash_functions)
+    return bag_lookup(input, weight, offsets, per_sample_weights, mode=mode, include_last_offset=include_last_offset,
+                      num_hash_functions=num_hash_functions, padding_idx=padding_idx, num_embeddings=num_embeddings,
+                      backend=backend, sparse=sparse, fused_optimizer=fused_optimizer, signed=signed,
+                      importance=importance)  # fmt: skip
+
+
+def bag_lookup(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    offsets: Optional[torch.Tensor],
+    per_sample_weights: Optional[torch.Tensor],
+    *,
+    mode: str,
+    include_last_offset: bool,
+    num_hash_functions: int,
+    padding_idx: Optional[int],
+    num_embeddings: Optional[int],
+    backend: str,
+    sparse: bool,
+    fused_optimizer,
+    signed: bool,
+    importance: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """:func:`bloom_embedding_bag` once its arguments are checked: checks the
+    input, decides the backend for this call and runs the custom op."""
+    ids, offsets, per_sample_weights = bag_layout(input, offsets, per_sample_weights, mode, include_last_offset)
+    check_input(ids, weight)
     use_triton = dispatch.use_triton(backend, weight.device)
     if per_sample_weights is not None:
         per_sample_weights = per_sample_weights.to(weight.dtype)
-    if sparse or fused_optimizer is not None:
-        check_id_range(ids, num_embeddings)
-        check_offsets(offsets, ids.numel())
-        wide_ids = ops.wide_ids_for(ids, num_embeddings)
-        return rowwise.RowwiseEmbeddingBag.apply(weight, per_sample_weights, importance, ids, offsets,
-                                                 num_hash_functions, MODES.index(mode), padding_idx, wide_ids,
-                                                 signed, use_triton, sparse, fused_optimizer)  # fmt: skip
-    out, _ = ops.bloom_bag_forward(ids, offsets, weight, per_sample_weights, importance, num_hash_functions,
-                                   MODES.index(mode), padding_idx, num_embeddings, signed, backend)  # fmt: skip
+    training = training_arguments(sparse, fused_optimizer, weight)
+    out, _ = ops.bloom_bag_forward(ids, offsets, weight, per_sample_weights=per_sample_weights, importance=importance,
+                                   mode=MODES.index(mode), num_hash_functions=num_hash_functions,
+                                   padding_idx=padding_idx, num_embeddings=num_embeddings, signed=signed,
+                                   use_triton=use_triton, **training)  # fmt: skip
     return out

@@ -9,8 +9,9 @@ import torch
 import torch.nn as nn
 
 from . import dispatch
-from .checks import WEIGHT_DTYPES
-from .functional import MODES, bloom_embedding, bloom_embedding_bag, check_training_options
+from .checks import WEIGHT_DTYPES, check_training_options
+from .constants import MODES
+from .functional import bag_lookup, lookup
 from .hashing import IMPORTANCE_SEED, SEEDS, SIGN_SEEDS, bloom_hash, check_num_hash_functions
 
 __all__ = ["BloomEmbedding", "BloomEmbeddingBag", "ScaledEmbedding", "ZeroEmbedding", "ScaledEmbeddingBag"]
@@ -148,9 +149,31 @@ class _BloomTable(nn.Module):
             )
         elif importance_rows is not None:
             raise ValueError("importance_rows is given but importance=False")
+        self._place_optimizer_state()
 
-    def _variants(self) -> dict:
-        return {"signed": self.signed, "importance": self.importance_weight}
+    def _place_optimizer_state(self) -> None:
+        # The fused optimizer's state lives beside the table from the start:
+        # a compiled step can update it, but not create or move it.
+        if self.fused_optimizer is not None:
+            self.fused_optimizer.state(self.embeddings.weight)
+
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        self._place_optimizer_state()
+        return module
+
+    def _options(self) -> dict:
+        """The lookup's options, checked in ``__init__``."""
+        return {
+            "num_hash_functions": self.num_hash_functions,
+            "padding_idx": self.padding_idx,
+            "num_embeddings": self.num_embeddings,
+            "backend": self.backend,
+            "sparse": self.sparse,
+            "fused_optimizer": self.fused_optimizer,
+            "signed": self.signed,
+            "importance": self.importance_weight,
+        }
 
     @property
     def weight(self) -> torch.Tensor:
@@ -330,18 +353,7 @@ class BloomEmbedding(_BloomTable):
             self.hash_cache = None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return bloom_embedding(
-            input,
-            self.embeddings.weight,
-            self.num_hash_functions,
-            self.padding_idx,
-            num_embeddings=self.num_embeddings,
-            hash_cache=self.hash_cache,
-            backend=self.backend,
-            sparse=self.sparse,
-            fused_optimizer=self.fused_optimizer,
-            **self._variants(),
-        )
+        return lookup(input, self.embeddings.weight, hash_cache=self.hash_cache, **self._options())
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -443,21 +455,8 @@ class BloomEmbeddingBag(_BloomTable):
         offsets: Optional[torch.Tensor] = None,
         per_sample_weights: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        return bloom_embedding_bag(
-            input,
-            self.embeddings.weight,
-            offsets,
-            self.num_hash_functions,
-            self.mode,
-            per_sample_weights,
-            self.padding_idx,
-            self.include_last_offset,
-            num_embeddings=self.num_embeddings,
-            backend=self.backend,
-            sparse=self.sparse,
-            fused_optimizer=self.fused_optimizer,
-            **self._variants(),
-        )
+        return bag_lookup(input, self.embeddings.weight, offsets, per_sample_weights, mode=self.mode,
+                          include_last_offset=self.include_last_offset, **self._options())  # fmt: skip
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", mode={self.mode!r}"

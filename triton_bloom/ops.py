@@ -1,13 +1,35 @@
-"""The Bloom lookups as ``torch.library`` custom ops, joined by autograd.
+"""The Bloom lookups as ``torch.library`` custom ops: the one path every lookup
+takes, whatever its options (dense or ``sparse=True`` gradients, a fused
+optimizer, bags, the variants, a hash cache)::
 
-``triton_bloom::bloom_forward`` / ``bloom_backward`` and
-``triton_bloom::bloom_bag_forward`` / ``bloom_bag_backward`` run the Triton
-kernels or the PyTorch reference, as ``dispatch`` decides, behind one
-schema.  Each has a fake implementation, so ``torch.compile(fullgraph=True)``
-traces a model through them without a graph break, and each forward's
-autograd formula is its backward op.  The checks that read tensor values (ids
-in range, offsets in order) run inside the implementations, where tensors are
-real, and so never break a graph either.
+    bloom_forward, bloom_bag_forward          the lookups; their autograd formulas call
+      dense gradient:                         bloom_backward, bloom_bag_backward
+      sparse=True or a fused optimizer:       bloom_backward_rows, bloom_bag_backward_rows
+                                              (the touched rows and their summed gradients),
+                                              then a sparse COO gradient built from them, or
+                                              bloom_rowwise_update (the fused step: updates the
+                                              table and the optimizer state in place, and the
+                                              table gets no gradient)
+
+Every op has a fake implementation, so ``torch.compile(fullgraph=True)``
+captures training through them: the touched rows' count is data-dependent
+(an unbacked size while tracing), the sparse gradient is assembled outside
+the ops from dense tensors, and the fused step is a declared mutation of
+forward inputs inside the backward, which AOTAutograd keeps in the graph.
+
+Whether the Triton kernels or the PyTorch reference computes an operation is
+decided in one function per operation: ``_forward``, ``_backward``,
+``_bag_forward``, ``_bag_backward``, ``_hash``, ``_row_gradients`` and the op
+``bloom_rowwise_update``.  They read ``use_triton``, which the caller
+(``functional``) decides once per call with ``dispatch.use_triton``.  The
+value checks (ids in range, offsets in order) run inside the forward ops,
+where tensors are real, and so never break a graph.
+
+Options are keyword-only in every op and helper here.  Tensors are
+positional-or-keyword (custom ops take no keyword-only tensors), passed by
+name where two of them sit side by side, and have no defaults: the
+dispatcher drops arguments equal to their defaults before autograd sees
+them, which would shorten ``ctx.needs_input_grad``.
 
 The kernels are launched directly rather than through ``wrap_triton``: that
 also works under Triton's interpreter, which ``wrap_triton`` rejects.
@@ -15,64 +37,321 @@ also works under Triton's interpreter, which ``wrap_triton`` rejects.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 
-from . import dispatch, rowwise
+from . import dispatch
 from .checks import check_id_range, check_offsets
+from .constants import MODE_MAX, accumulation_dtype
 from .hashing import WIDE_ID_START, hash_rows, seed_tensor
-from .reference import bloom_backward_reference, bloom_bag_forward_reference, bloom_forward_reference, row_factors
+from .reference import (
+    bloom_backward_reference,
+    bloom_bag_forward_reference,
+    bloom_forward_reference,
+    bloom_row_gradients_reference,
+    bloom_rowwise_update_reference,
+    row_factors,
+)
+from .rowwise import (
+    Entries,
+    bag_entries,
+    densify,
+    embedding_entries,
+    importance_entries,
+    per_id_gradient,
+    per_sample_weights_gradient,
+    with_factors,
+)
 
-__all__ = ["bloom_forward", "bloom_backward", "bloom_bag_forward", "bloom_bag_backward", "MODE_MAX"]
+__all__ = [
+    "bloom_forward",
+    "bloom_backward",
+    "bloom_backward_rows",
+    "bloom_bag_forward",
+    "bloom_bag_backward",
+    "bloom_bag_backward_rows",
+    "bloom_rowwise_update",
+]
 
-# kernels/bag_forward.py's pooling codes, repeated so that tracing needs no Triton.
-MODE_SUM, MODE_MEAN, MODE_MAX = 0, 1, 2
-MODES = ("sum", "mean", "max")
+
+@dataclasses.dataclass(frozen=True)
+class Lookup:
+    """How a lookup turns ids into weighted rows, and which backend computes
+    it: the ops' keyword arguments of that name, as one value for the helpers."""
+
+    num_hash_functions: int
+    padding_idx: Optional[int]
+    num_embeddings: Optional[int]
+    signed: bool
+    use_triton: bool
+
+    def wide_ids(self, ids: torch.Tensor) -> bool:
+        """Whether ``ids`` need the kernels' 8-byte hashing: only int64 ids that may reach 2**31."""
+        return ids.dtype == torch.int64 and (self.num_embeddings is None or self.num_embeddings > WIDE_ID_START)
+
+    def factors(self, ids: torch.Tensor, importance: Optional[torch.Tensor]):
+        """``row_factors`` of ``ids``: ``(factors, signs, importance_rows)``."""
+        return row_factors(ids, self.num_hash_functions, signed=self.signed, importance=importance)
 
 
-def wide_ids_for(ids: torch.Tensor, num_embeddings: Optional[int]) -> bool:
-    # Only int64 ids that may reach 2**31 need the kernels' 8-byte hashing.
-    return ids.dtype == torch.int64 and (num_embeddings is None or num_embeddings > WIDE_ID_START)
+LOOKUP_OPTIONS = tuple(field.name for field in dataclasses.fields(Lookup))
 
 
-def cached_rows(ids, hash_cache):
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """What the backward does with the table's gradient: dense, a sparse COO
+    tensor (``sparse``), or a fused step of ``optimizer`` (a code from
+    ``constants``) with ``lr`` and ``eps``."""
+
+    sparse: bool = False
+    optimizer: Optional[int] = None
+    lr: float = 0.0
+    eps: float = 0.0
+
+    @property
+    def per_row(self) -> bool:
+        """Whether the table's gradient goes per touched row (sparse or fused)."""
+        return self.sparse or self.optimizer is not None
+
+
+TRAINING_OPTIONS = tuple(field.name for field in dataclasses.fields(Training))
+
+
+def _cached_rows(ids: torch.Tensor, hash_cache: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The ids' ``(*, k)`` rows from a ``(num_embeddings, k)`` hash cache."""
     if hash_cache is None:
         return None
     return hash_cache.index_select(0, ids.reshape(-1)).view(*ids.shape, hash_cache.shape[1])
 
 
+def _deterministic() -> bool:
+    return torch.are_deterministic_algorithms_enabled()
+
+
+# One function per operation: the kernels' result or the reference's. -----------
+
+
+def _hash(ids: torch.Tensor, *, num_rows: int, rows: Optional[torch.Tensor], lookup: Lookup) -> torch.Tensor:
+    """The flattened ids' ``(n, k)`` int64 rows: ``rows`` (a hash cache's)
+    when given, else hashed."""
+    n, k = ids.numel(), lookup.num_hash_functions
+    if rows is not None:
+        return rows.reshape(n, k).to(torch.int64)
+    flat = ids.reshape(-1)
+    if lookup.use_triton:
+        return dispatch.kernels().bloom_hash(flat, seed_tensor(ids.device), num_hash_functions=k, num_rows=num_rows,
+                                             wide_ids=lookup.wide_ids(ids))  # fmt: skip
+    return hash_rows(flat, k, num_rows).to(torch.int64)
+
+
+def _row_gradients(rows: torch.Tensor, entries: Entries, *, use_triton: bool):
+    """``(unique_rows, values)``: the sorted rows ``entries`` touch and their
+    summed gradients (see ``kernels/segment.py``)."""
+    if use_triton:
+        return dispatch.kernels().bloom_row_gradients(rows, entries.sources, entries.grad, scales=entries.scales,
+                                                      keep=entries.keep)  # fmt: skip
+    return bloom_row_gradients_reference(rows, entries.sources, entries.grad, scales=entries.scales, keep=entries.keep)
+
+
+def _forward(ids, weight, importance, *, rows: Optional[torch.Tensor], lookup: Lookup) -> torch.Tensor:
+    """``(*, dim)`` sums of the ids' weighted rows (``rows``: precomputed, or ``None``)."""
+    if lookup.use_triton:
+        return dispatch.kernels().bloom_forward(
+            ids, weight, seed_tensor(weight.device), num_hash_functions=lookup.num_hash_functions,
+            padding_idx=lookup.padding_idx, rows=rows, wide_ids=lookup.wide_ids(ids), signed=lookup.signed,
+            importance=importance,
+        )  # fmt: skip
+    if rows is None:
+        rows = hash_rows(ids, lookup.num_hash_functions, weight.shape[0])
+    factors, _, _ = lookup.factors(ids, importance)
+    return bloom_forward_reference(ids, weight, rows, lookup.padding_idx, factors=factors)
+
+
+def _backward(grad_out, ids, weight, importance, *, rows: Optional[torch.Tensor], lookup: Lookup):
+    """``(grad_weight, grad_importance or None)`` of ``_forward``: the dense gradients.
+
+    The Triton kernel's atomic adds make the float sums' order, and so their
+    last bits, vary run to run; under ``torch.use_deterministic_algorithms``
+    the Triton path sums each touched row in a fixed order instead.
+    """
+    num_rows = weight.shape[0]
+    if lookup.use_triton and not _deterministic():
+        return dispatch.kernels().bloom_backward(
+            grad_out, ids, seed_tensor(grad_out.device), num_rows=num_rows,
+            num_hash_functions=lookup.num_hash_functions, padding_idx=lookup.padding_idx, rows=rows,
+            wide_ids=lookup.wide_ids(ids), dtype=weight.dtype, signed=lookup.signed, weight=weight,
+            importance=importance,
+        )  # fmt: skip
+    if lookup.use_triton:
+        unique_rows, values, grad_importance = _backward_rows(grad_out, ids, weight, importance, rows=rows,
+                                                              lookup=lookup)  # fmt: skip
+        return densify(unique_rows, values, num_rows, weight.dtype), grad_importance
+    rows = _hash(ids, num_rows=num_rows, rows=rows, lookup=lookup)
+    factors, signs, imp_rows = lookup.factors(ids, importance)
+    grad_weight = bloom_backward_reference(grad_out, ids, rows, num_rows, lookup.padding_idx, dtype=weight.dtype,
+                                           factors=factors)  # fmt: skip
+    grad_importance = None
+    if importance is not None:
+        entries = embedding_entries(ids, grad_out, lookup.padding_idx)
+        grad_importance = _importance_gradient(rows, entries, weight, importance, signs=signs, imp_rows=imp_rows,
+                                               use_triton=False)  # fmt: skip
+    return grad_weight, grad_importance
+
+
+def _bag_forward(ids, offsets, weight, per_sample_weights, importance, *, mode: int, lookup: Lookup):
+    """``(out, argmax)``: the ``(B, dim)`` pooled bags, and in max mode the
+    ``(B, dim)`` positions of the maxima (empty otherwise)."""
+    if lookup.use_triton:
+        return dispatch.kernels().bloom_bag_forward(
+            ids, offsets, weight, seed_tensor(weight.device), num_hash_functions=lookup.num_hash_functions,
+            mode=mode, per_sample_weights=per_sample_weights, padding_idx=lookup.padding_idx,
+            wide_ids=lookup.wide_ids(ids), signed=lookup.signed, importance=importance,
+        )  # fmt: skip
+    rows = hash_rows(ids, lookup.num_hash_functions, weight.shape[0])
+    factors, _, _ = lookup.factors(ids, importance)
+    return bloom_bag_forward_reference(ids, offsets, weight, rows, mode=mode, per_sample_weights=per_sample_weights,
+                                       padding_idx=lookup.padding_idx, factors=factors)  # fmt: skip
+
+
+def _bag_backward(grad_out, ids, offsets, weight, per_sample_weights, importance, argmax, *, mode: int,
+                  psw_grad: bool, lookup: Lookup):  # fmt: skip
+    """``(grad_weight, grad_per_sample_weights or None, grad_importance or
+    None)`` of ``_bag_forward``: the dense gradients, deterministic under
+    ``torch.use_deterministic_algorithms(True)``."""
+    num_rows = weight.shape[0]
+    if lookup.use_triton and not _deterministic():
+        return dispatch.kernels().bloom_bag_backward(
+            grad_out, ids, offsets, weight, seed_tensor(weight.device),
+            num_hash_functions=lookup.num_hash_functions, mode=mode, per_sample_weights=per_sample_weights,
+            argmax=argmax, padding_idx=lookup.padding_idx, wide_ids=lookup.wide_ids(ids), psw_grad=psw_grad,
+            signed=lookup.signed, importance=importance,
+        )  # fmt: skip
+    if lookup.use_triton:
+        unique_rows, values, grad_psw, grad_importance = _bag_backward_rows(
+            grad_out, ids, offsets, weight, per_sample_weights, importance, argmax, mode=mode, psw_grad=psw_grad,
+            lookup=lookup,
+        )  # fmt: skip
+        return densify(unique_rows, values, num_rows, weight.dtype), grad_psw, grad_importance
+    # On CPU, spreading each bag's gradient over its ids and scattering with
+    # index_add_ is ~2x faster than summing per touched row.
+    rows = _hash(ids, num_rows=num_rows, rows=None, lookup=lookup)
+    grad_psw = None
+    if psw_grad:
+        grad_psw = _per_sample_weights_gradient(grad_out, ids, offsets, weight, importance, rows=rows, lookup=lookup)
+    entries = bag_entries(ids, offsets, grad_out, mode=mode, per_sample_weights=per_sample_weights,
+                          padding_idx=lookup.padding_idx, argmax=argmax)  # fmt: skip
+    factors, signs, imp_rows = lookup.factors(ids, importance)
+    grad_weight = bloom_backward_reference(per_id_gradient(entries), ids, rows, num_rows, lookup.padding_idx,
+                                           dtype=weight.dtype, factors=factors)  # fmt: skip
+    grad_importance = None
+    if importance is not None:
+        grad_importance = _importance_gradient(rows, entries, weight, importance, signs=signs, imp_rows=imp_rows,
+                                               use_triton=False)  # fmt: skip
+    return grad_weight, grad_psw, grad_importance
+
+
+# Gradients per touched row, from the operations above. ---------------------------
+
+
+def _importance_gradient(rows, entries: Entries, weight, importance, *, signs, imp_rows, use_triton: bool):
+    """The importance weights' dense gradient for ``entries`` over ``rows``."""
+    imp_table_rows, imp_entries = importance_entries(rows, entries, weight, signs, imp_rows, importance.dtype)
+    unique_rows, values = _row_gradients(imp_table_rows, imp_entries, use_triton=use_triton)
+    return densify(unique_rows, values, importance.shape[0], importance.dtype)
+
+
+def _table_gradients(rows, entries: Entries, ids, weight, importance, *, lookup: Lookup):
+    """``(unique_rows, values, grad_importance or None)`` of ``entries``."""
+    factors, signs, imp_rows = lookup.factors(ids, importance)
+    unique_rows, values = _row_gradients(rows, with_factors(entries, factors), use_triton=lookup.use_triton)
+    grad_importance = None
+    if importance is not None:
+        grad_importance = _importance_gradient(rows, entries, weight, importance, signs=signs, imp_rows=imp_rows,
+                                               use_triton=lookup.use_triton)  # fmt: skip
+    return unique_rows, values, grad_importance
+
+
+def _per_sample_weights_gradient(grad_out, ids, offsets, weight, importance, *, rows, lookup: Lookup):
+    """The ``(n,)`` per-sample weights' gradient: each id's vector against its bag's gradient."""
+    vectors = _forward(ids.reshape(-1), weight, importance, rows=rows, lookup=lookup)
+    return per_sample_weights_gradient(vectors, offsets, grad_out)
+
+
+def _backward_rows(grad_out, ids, weight, importance, *, rows: Optional[torch.Tensor], lookup: Lookup):
+    """``(unique_rows, values, grad_importance or None)`` of ``_forward``."""
+    rows = _hash(ids, num_rows=weight.shape[0], rows=rows, lookup=lookup)
+    entries = embedding_entries(ids, grad_out, lookup.padding_idx)
+    return _table_gradients(rows, entries, ids, weight, importance, lookup=lookup)
+
+
+def _bag_backward_rows(grad_out, ids, offsets, weight, per_sample_weights, importance, argmax, *, mode: int,
+                       psw_grad: bool, lookup: Lookup):  # fmt: skip
+    """``(unique_rows, values, grad_per_sample_weights or None,
+    grad_importance or None)`` of ``_bag_forward``."""
+    rows = _hash(ids, num_rows=weight.shape[0], rows=None, lookup=lookup)
+    grad_psw = None
+    if psw_grad:
+        grad_psw = _per_sample_weights_gradient(grad_out, ids, offsets, weight, importance, rows=rows, lookup=lookup)
+    entries = bag_entries(ids, offsets, grad_out, mode=mode, per_sample_weights=per_sample_weights,
+                          padding_idx=lookup.padding_idx, argmax=argmax)  # fmt: skip
+    unique_rows, values, grad_importance = _table_gradients(rows, entries, ids, weight, importance, lookup=lookup)
+    return unique_rows, values, grad_psw, grad_importance
+
+
+# A custom op's outputs are tensors, never None, and may not alias each other:
+# an absent gradient is a fresh empty tensor.
+
+
+def _or_empty(tensor: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor is not None else like.new_empty((0,))
+
+
+def _new_touched_rows(grad_out: torch.Tensor, dim: int):
+    """Fake ``(unique_rows, values)``: their count depends on the ids' values."""
+    touched = torch.library.get_ctx().new_dynamic_size()
+    rows = grad_out.new_empty((touched,), dtype=torch.int64)
+    return rows, grad_out.new_empty((touched, dim), dtype=accumulation_dtype(grad_out.dtype))
+
+
+# The custom ops. ----------------------------------------------------------------
+
+
 @torch.library.custom_op("triton_bloom::bloom_forward", mutates_args=())
 def bloom_forward(
     ids: torch.Tensor,
     weight: torch.Tensor,
-    hash_cache: Optional[torch.Tensor],
     importance: Optional[torch.Tensor],
+    hash_cache: Optional[torch.Tensor],
+    optimizer_state: Optional[torch.Tensor],
+    *,
     num_hash_functions: int,
     padding_idx: Optional[int],
     num_embeddings: Optional[int],
     signed: bool,
-    backend: str,
+    use_triton: bool,
+    sparse: bool = False,
+    optimizer: Optional[int] = None,
+    lr: float = 0.0,
+    eps: float = 0.0,
 ) -> torch.Tensor:
     """``(*)`` ids to the ``(*, dim)`` sums of their Bloom rows (hashed, or
     looked up in ``hash_cache``), each row times its sign hash's +-1 when
-    ``signed`` and its importance weight when ``importance`` is given."""
+    ``signed`` and its importance weight when ``importance`` is given.
+
+    ``sparse``, ``optimizer``, ``lr``, ``eps`` and ``optimizer_state`` tell
+    the backward what to do with the table's gradient (see ``Training``); the
+    forward does not read them.
+    """
     check_id_range(ids, num_embeddings)
-    rows = cached_rows(ids, hash_cache)
-    if dispatch.use_triton(backend, weight.device):
-        return dispatch.kernels().bloom_forward(
-            ids, weight, seed_tensor(weight.device), num_hash_functions, padding_idx, rows,
-            wide_ids_for(ids, num_embeddings), signed, importance,
-        )  # fmt: skip
-    if rows is None:
-        rows = hash_rows(ids, num_hash_functions, weight.shape[0])
-    factors, _, _ = row_factors(ids, num_hash_functions, signed, importance)
-    return bloom_forward_reference(ids, weight, rows, padding_idx, factors)
+    lookup = Lookup(num_hash_functions=num_hash_functions, padding_idx=padding_idx, num_embeddings=num_embeddings,
+                    signed=signed, use_triton=use_triton)  # fmt: skip
+    return _forward(ids, weight, importance, rows=_cached_rows(ids, hash_cache), lookup=lookup)
 
 
 @bloom_forward.register_fake
-def _(ids, weight, hash_cache, importance, num_hash_functions, padding_idx, num_embeddings, signed, backend):
+def _(ids, weight, importance, hash_cache, optimizer_state, **options):
     return weight.new_empty((*ids.shape, weight.shape[1]))
 
 
@@ -80,75 +359,86 @@ def _(ids, weight, hash_cache, importance, num_hash_functions, padding_idx, num_
 def bloom_backward(
     grad_out: torch.Tensor,
     ids: torch.Tensor,
-    hash_cache: Optional[torch.Tensor],
     weight: torch.Tensor,
     importance: Optional[torch.Tensor],
+    hash_cache: Optional[torch.Tensor],
+    *,
     num_hash_functions: int,
     padding_idx: Optional[int],
     num_embeddings: Optional[int],
     signed: bool,
-    backend: str,
+    use_triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of ``bloom_forward``: the dense table gradient, and the
-    importance weights' (empty without them).
-
-    The Triton kernel's atomic adds make the float sums' order, and so their
-    last bits, vary run to run; under ``torch.use_deterministic_algorithms``
-    the rows are summed by a sort and segment reduction instead.
-    """
-    rows = cached_rows(ids, hash_cache)
-    use_triton = dispatch.use_triton(backend, grad_out.device)
-    wide_ids = wide_ids_for(ids, num_embeddings)
-    if use_triton and not torch.are_deterministic_algorithms_enabled():
-        grad_weight, grad_importance = dispatch.kernels().bloom_backward(
-            grad_out, ids, seed_tensor(grad_out.device), weight.shape[0], num_hash_functions, padding_idx, rows,
-            wide_ids, weight.dtype, signed, weight, importance,
-        )  # fmt: skip
-    elif use_triton:
-        rows = rowwise.id_rows(ids, num_hash_functions, weight.shape[0], rows, wide_ids, use_triton=True)
-        entries = rowwise.embedding_entries(ids, grad_out, padding_idx)
-        unique_rows, values, grad_importance = rowwise.table_gradients(rows, entries, weight, importance, signed, ids,
-                                                                       use_triton=True)  # fmt: skip
-        grad_weight = rowwise.densify(unique_rows, values, weight.shape[0], weight.dtype)
-    else:
-        if rows is None:
-            rows = hash_rows(ids, num_hash_functions, weight.shape[0])
-        factors, signs, imp_rows = row_factors(ids, num_hash_functions, signed, importance)
-        grad_weight = bloom_backward_reference(grad_out, ids, rows, weight.shape[0], padding_idx, weight.dtype,
-                                               factors)  # fmt: skip
-        grad_importance = None
-        if importance is not None:
-            entries = rowwise.embedding_entries(ids, grad_out, padding_idx)
-            grad_importance = rowwise.importance_gradient(rows.reshape(-1, num_hash_functions).to(torch.int64),
-                                                          entries, weight, signs, imp_rows, importance, False)  # fmt: skip
-    if grad_importance is None:
-        grad_importance = weight.new_empty((0,))
-    return grad_weight, grad_importance
+    """Dense gradients of ``bloom_forward``: the ``(num_rows, dim)`` table's,
+    and the importance weights' (empty without them)."""
+    lookup = Lookup(num_hash_functions=num_hash_functions, padding_idx=padding_idx, num_embeddings=num_embeddings,
+                    signed=signed, use_triton=use_triton)  # fmt: skip
+    grad_weight, grad_importance = _backward(grad_out, ids, weight, importance, rows=_cached_rows(ids, hash_cache),
+                                             lookup=lookup)  # fmt: skip
+    return grad_weight, _or_empty(grad_importance, weight)
 
 
 @bloom_backward.register_fake
-def _(grad_out, ids, hash_cache, weight, importance, num_hash_functions, padding_idx, num_embeddings, signed,
-      backend):  # fmt: skip
+def _(grad_out, ids, weight, importance, hash_cache, **options):
+    return torch.empty_like(weight), torch.empty_like(importance) if importance is not None else weight.new_empty((0,))
+
+
+@torch.library.custom_op("triton_bloom::bloom_backward_rows", mutates_args=())
+def bloom_backward_rows(
+    grad_out: torch.Tensor,
+    ids: torch.Tensor,
+    weight: torch.Tensor,
+    importance: Optional[torch.Tensor],
+    hash_cache: Optional[torch.Tensor],
+    *,
+    num_hash_functions: int,
+    padding_idx: Optional[int],
+    num_embeddings: Optional[int],
+    signed: bool,
+    use_triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``bloom_forward`` per touched row: the sorted ``(u,)``
+    int64 rows, their ``(u, dim)`` summed gradients (float32, float64 for a
+    float64 ``grad_out``), and the importance weights' dense gradient (empty
+    without them).  Deterministic on both backends."""
+    lookup = Lookup(num_hash_functions=num_hash_functions, padding_idx=padding_idx, num_embeddings=num_embeddings,
+                    signed=signed, use_triton=use_triton)  # fmt: skip
+    rows = _cached_rows(ids, hash_cache)
+    unique_rows, values, grad_importance = _backward_rows(grad_out, ids, weight, importance, rows=rows, lookup=lookup)
+    return unique_rows, values, _or_empty(grad_importance, weight)
+
+
+@bloom_backward_rows.register_fake
+def _(grad_out, ids, weight, importance, hash_cache, **options):
     grad_importance = torch.empty_like(importance) if importance is not None else weight.new_empty((0,))
-    return torch.empty_like(weight), grad_importance
+    return (*_new_touched_rows(grad_out, weight.shape[1]), grad_importance)
 
 
-def _setup_context(ctx, inputs, output):
-    ids, weight, hash_cache, importance, num_hash_functions, padding_idx, num_embeddings, signed, backend = inputs
-    ctx.save_for_backward(ids, hash_cache, weight, importance)
-    ctx.args = (num_hash_functions, padding_idx, num_embeddings, signed, backend)
+@torch.library.custom_op("triton_bloom::bloom_rowwise_update", mutates_args=("weight", "state"))
+def bloom_rowwise_update(
+    weight: torch.Tensor,
+    rows: torch.Tensor,
+    values: torch.Tensor,
+    state: Optional[torch.Tensor],
+    *,
+    optimizer: int,
+    lr: float,
+    eps: float = 0.0,
+    use_triton: bool,
+) -> None:
+    """The fused optimizer step: ``optimizer`` (``FUSED_SGD`` or
+    ``FUSED_ROWWISE_ADAGRAD``) applied to ``weight``'s ``(u,)`` unique
+    ``rows`` with their ``(u, dim)`` gradients ``values``, in place, and to
+    row-wise Adagrad's ``(num_rows,)`` ``state``."""
+    if use_triton:
+        dispatch.kernels().bloom_rowwise_update(weight, rows, values, optimizer=optimizer, lr=lr, eps=eps, state=state)
+    else:
+        bloom_rowwise_update_reference(weight, rows, values, optimizer=optimizer, lr=lr, eps=eps, state=state)
 
 
-def _backward(ctx, grad_out):
-    ids, hash_cache, weight, importance = ctx.saved_tensors
-    grad_weight, grad_importance = None, None
-    if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
-        grad_weight, grad_importance = bloom_backward(grad_out, ids, hash_cache, weight, importance, *ctx.args)
-    return (None, grad_weight if ctx.needs_input_grad[1] else None, None,
-            grad_importance if ctx.needs_input_grad[3] else None, None, None, None, None, None)  # fmt: skip
-
-
-bloom_forward.register_autograd(_backward, setup_context=_setup_context)
+@bloom_rowwise_update.register_fake
+def _(weight, rows, values, state, **options):
+    return None
 
 
 @torch.library.custom_op("triton_bloom::bloom_bag_forward", mutates_args=())
@@ -158,35 +448,47 @@ def bloom_bag_forward(
     weight: torch.Tensor,
     per_sample_weights: Optional[torch.Tensor],
     importance: Optional[torch.Tensor],
-    num_hash_functions: int,
+    optimizer_state: Optional[torch.Tensor],
+    *,
     mode: int,
+    num_hash_functions: int,
     padding_idx: Optional[int],
     num_embeddings: Optional[int],
     signed: bool,
-    backend: str,
+    use_triton: bool,
+    sparse: bool = False,
+    optimizer: Optional[int] = None,
+    lr: float = 0.0,
+    eps: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, dim)`` pooled Bloom vectors of the bags ``ids[offsets[b]:offsets[b+1]]``,
-    and for max mode the ``(B, dim)`` positions of the maxima (empty otherwise)."""
+    """``(B, dim)`` pooled Bloom vectors of the bags ``ids[offsets[b]:offsets[b+1]]``
+    (``mode`` a code from ``constants``), and for max mode the ``(B, dim)``
+    positions of the maxima (empty otherwise).  The training options are
+    ``bloom_forward``'s."""
     check_id_range(ids, num_embeddings)
     check_offsets(offsets, ids.numel())
-    if dispatch.use_triton(backend, weight.device):
-        return dispatch.kernels().bloom_bag_forward(
-            ids, offsets, weight, seed_tensor(weight.device), num_hash_functions, mode, per_sample_weights,
-            padding_idx, wide_ids_for(ids, num_embeddings), signed, importance,
-        )  # fmt: skip
-    rows = hash_rows(ids, num_hash_functions, weight.shape[0])
-    factors, _, _ = row_factors(ids, num_hash_functions, signed, importance)
-    return bloom_bag_forward_reference(ids, offsets, weight, rows, MODES[mode], per_sample_weights, padding_idx,
-                                       factors)  # fmt: skip
+    lookup = Lookup(num_hash_functions=num_hash_functions, padding_idx=padding_idx, num_embeddings=num_embeddings,
+                    signed=signed, use_triton=use_triton)  # fmt: skip
+    return _bag_forward(ids, offsets, weight, per_sample_weights, importance, mode=mode, lookup=lookup)
 
 
 @bloom_bag_forward.register_fake
-def _(ids, offsets, weight, per_sample_weights, importance, num_hash_functions, mode, padding_idx, num_embeddings,
-      signed, backend):  # fmt: skip
+def _(ids, offsets, weight, per_sample_weights, importance, optimizer_state, *, mode, **options):
     num_bags = offsets.shape[0] - 1
     out = weight.new_empty((num_bags, weight.shape[1]))
     argmax_shape = (num_bags, weight.shape[1]) if mode == MODE_MAX else (0,)
     return out, weight.new_empty(argmax_shape, dtype=torch.int64)
+
+
+def _bag_backward_fake_extras(ids, weight, per_sample_weights, importance, psw_grad):
+    psw_shape = (ids.numel(),) if psw_grad else (0,)
+    psw_dtype = per_sample_weights.dtype if per_sample_weights is not None else weight.dtype
+    grad_importance = torch.empty_like(importance) if importance is not None else weight.new_empty((0,))
+    return weight.new_empty(psw_shape, dtype=psw_dtype), grad_importance
+
+
+def _psw_gradient_out(grad_psw: Optional[torch.Tensor], per_sample_weights, weight) -> torch.Tensor:
+    return grad_psw.to(per_sample_weights.dtype) if grad_psw is not None else weight.new_empty((0,))
 
 
 @torch.library.custom_op("triton_bloom::bloom_bag_backward", mutates_args=())
@@ -198,80 +500,159 @@ def bloom_bag_backward(
     per_sample_weights: Optional[torch.Tensor],
     importance: Optional[torch.Tensor],
     argmax: torch.Tensor,
-    num_hash_functions: int,
+    *,
     mode: int,
+    psw_grad: bool,
+    num_hash_functions: int,
     padding_idx: Optional[int],
     num_embeddings: Optional[int],
     signed: bool,
-    backend: str,
-    psw_grad: bool,
+    use_triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``bloom_bag_forward``: the ``(num_rows, dim)`` table's, the
-    ``(n,)`` per-sample weights' (empty unless ``psw_grad``) and the importance
-    weights' (empty without them); deterministic under
-    ``torch.use_deterministic_algorithms(True)``."""
-    use_triton = dispatch.use_triton(backend, weight.device)
-    wide_ids = wide_ids_for(ids, num_embeddings)
-    if use_triton and not torch.are_deterministic_algorithms_enabled():
-        grad_weight, grad_psw, grad_importance = dispatch.kernels().bloom_bag_backward(
-            grad_out, ids, offsets, weight, seed_tensor(weight.device), num_hash_functions, mode,
-            per_sample_weights, argmax, padding_idx, wide_ids, psw_grad, signed, importance,
-        )  # fmt: skip
-    else:
-        # Per touched row (the reference, and the deterministic Triton path).
-        rows = rowwise.id_rows(ids, num_hash_functions, weight.shape[0], None, wide_ids, use_triton)
-        grad_psw = None
-        if psw_grad:
-            grad_psw = rowwise.per_sample_weights_gradient(ids, offsets, weight, rows, grad_out, padding_idx,
-                                                           use_triton, wide_ids, signed, importance)  # fmt: skip
-        entries = rowwise.bag_entries(ids, offsets, grad_out, mode, per_sample_weights, padding_idx, argmax)
-        if use_triton:
-            unique_rows, values, grad_importance = rowwise.table_gradients(rows, entries, weight, importance, signed,
-                                                                           ids, use_triton)  # fmt: skip
-            grad_weight = rowwise.densify(unique_rows, values, weight.shape[0], weight.dtype)
-        else:
-            # On CPU, spreading each bag's gradient over its ids and scattering
-            # with index_add_ is ~2x faster than sorting the touched rows.
-            factors, signs, imp_rows = row_factors(ids, num_hash_functions, signed, importance)
-            grad_weight = bloom_backward_reference(rowwise.per_id_gradient(entries), ids, rows, weight.shape[0],
-                                                   padding_idx, weight.dtype, factors)  # fmt: skip
-            grad_importance = None
-            if importance is not None:
-                grad_importance = rowwise.importance_gradient(rows, entries, weight, signs, imp_rows, importance,
-                                                              use_triton=False)  # fmt: skip
-    # Distinct empty tensors: a custom op's outputs may not alias each other.
-    grad_psw = grad_psw.to(per_sample_weights.dtype) if grad_psw is not None else weight.new_empty((0,))
-    grad_importance = grad_importance if grad_importance is not None else weight.new_empty((0,))
-    return grad_weight, grad_psw, grad_importance
+    """Dense gradients of ``bloom_bag_forward``: the ``(num_rows, dim)``
+    table's, the ``(n,)`` per-sample weights' (empty unless ``psw_grad``) and
+    the importance weights' (empty without them)."""
+    lookup = Lookup(num_hash_functions=num_hash_functions, padding_idx=padding_idx, num_embeddings=num_embeddings,
+                    signed=signed, use_triton=use_triton)  # fmt: skip
+    grad_weight, grad_psw, grad_importance = _bag_backward(
+        grad_out, ids, offsets, weight, per_sample_weights, importance, argmax, mode=mode, psw_grad=psw_grad,
+        lookup=lookup,
+    )  # fmt: skip
+    return grad_weight, _psw_gradient_out(grad_psw, per_sample_weights, weight), _or_empty(grad_importance, weight)
 
 
 @bloom_bag_backward.register_fake
-def _(grad_out, ids, offsets, weight, per_sample_weights, importance, argmax, num_hash_functions, mode, padding_idx,
-      num_embeddings, signed, backend, psw_grad):  # fmt: skip
-    psw_shape = (ids.numel(),) if psw_grad else (0,)
-    psw_dtype = per_sample_weights.dtype if per_sample_weights is not None else weight.dtype
-    grad_importance = torch.empty_like(importance) if importance is not None else weight.new_empty((0,))
-    return torch.empty_like(weight), weight.new_empty(psw_shape, dtype=psw_dtype), grad_importance
+def _(grad_out, ids, offsets, weight, per_sample_weights, importance, argmax, *, psw_grad, **options):
+    return (torch.empty_like(weight), *_bag_backward_fake_extras(ids, weight, per_sample_weights, importance, psw_grad))
 
 
-def _bag_setup_context(ctx, inputs, output):
-    (ids, offsets, weight, per_sample_weights, importance, num_hash_functions, mode, padding_idx, num_embeddings,
-     signed, backend) = inputs  # fmt: skip
+@torch.library.custom_op("triton_bloom::bloom_bag_backward_rows", mutates_args=())
+def bloom_bag_backward_rows(
+    grad_out: torch.Tensor,
+    ids: torch.Tensor,
+    offsets: torch.Tensor,
+    weight: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor],
+    importance: Optional[torch.Tensor],
+    argmax: torch.Tensor,
+    *,
+    mode: int,
+    psw_grad: bool,
+    num_hash_functions: int,
+    padding_idx: Optional[int],
+    num_embeddings: Optional[int],
+    signed: bool,
+    use_triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``bloom_bag_forward`` per touched row: ``bloom_backward_rows``'s
+    rows and values, then ``bloom_bag_backward``'s per-sample weights' and
+    importance weights' gradients."""
+    lookup = Lookup(num_hash_functions=num_hash_functions, padding_idx=padding_idx, num_embeddings=num_embeddings,
+                    signed=signed, use_triton=use_triton)  # fmt: skip
+    unique_rows, values, grad_psw, grad_importance = _bag_backward_rows(
+        grad_out, ids, offsets, weight, per_sample_weights, importance, argmax, mode=mode, psw_grad=psw_grad,
+        lookup=lookup,
+    )  # fmt: skip
+    grad_psw = _psw_gradient_out(grad_psw, per_sample_weights, weight)
+    return unique_rows, values, grad_psw, _or_empty(grad_importance, weight)
+
+
+@bloom_bag_backward_rows.register_fake
+def _(grad_out, ids, offsets, weight, per_sample_weights, importance, argmax, *, psw_grad, **options):
+    extras = _bag_backward_fake_extras(ids, weight, per_sample_weights, importance, psw_grad)
+    return (*_new_touched_rows(grad_out, weight.shape[1]), *extras)
+
+
+# Autograd. -----------------------------------------------------------------------
+
+
+def _save_training(ctx, options: dict, weight: torch.Tensor, optimizer_state: Optional[torch.Tensor]):
+    """Keep the forward's options on ``ctx``; returns the table to save for
+    backward (``None`` when a fused step will change it)."""
+    ctx.lookup = {name: options[name] for name in LOOKUP_OPTIONS}
+    ctx.training = Training(**{name: options[name] for name in TRAINING_OPTIONS})
+    ctx.stepped = None
+    if ctx.training.optimizer is None:
+        return weight
+    # The fused step changes the table and the state in place: they are kept
+    # outside save_for_backward, whose version check would refuse a second
+    # lookup of the same table after the first one's step.
+    ctx.stepped = (weight, optimizer_state)
+    return None
+
+
+def _table_gradient(ctx, rows: torch.Tensor, values: torch.Tensor) -> Optional[torch.Tensor]:
+    """The table's gradient from its touched rows: a sparse COO tensor, or
+    ``None`` after the fused step."""
+    training = ctx.training
+    if training.optimizer is not None:
+        weight, state = ctx.stepped
+        bloom_rowwise_update(weight, rows, values, state, optimizer=training.optimizer, lr=training.lr,
+                             eps=training.eps, use_triton=ctx.lookup["use_triton"])  # fmt: skip
+        return None
+    weight_shape, weight_dtype = ctx.table_meta
+    # Sorted, unique rows: coalesced by construction.
+    return torch.sparse_coo_tensor(rows.unsqueeze(0), values.to(weight_dtype), weight_shape, is_coalesced=True,
+                                   check_invariants=False)  # fmt: skip
+
+
+def _setup_context(ctx, inputs, keyword_only_inputs, output):
+    ids, weight, importance, hash_cache, optimizer_state = inputs
+    saved_weight = _save_training(ctx, keyword_only_inputs, weight, optimizer_state)
+    ctx.table_meta = (weight.shape, weight.dtype)
+    ctx.save_for_backward(ids, saved_weight, importance, hash_cache)
+
+
+def _backward_formula(ctx, grad_out):
+    ids, weight, importance, hash_cache = ctx.saved_tensors
+    needs_weight, needs_importance = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    grad_weight = grad_importance = None
+    if needs_weight or needs_importance:
+        if ctx.stepped is not None:
+            weight = ctx.stepped[0]
+        tensors = dict(grad_out=grad_out, ids=ids, weight=weight, importance=importance, hash_cache=hash_cache)
+        if ctx.training.per_row:
+            rows, values, grad_importance = bloom_backward_rows(**tensors, **ctx.lookup)
+            if needs_weight:
+                grad_weight = _table_gradient(ctx, rows, values)
+        else:
+            grad_weight, grad_importance = bloom_backward(**tensors, **ctx.lookup)
+    return (None, grad_weight if needs_weight else None, grad_importance if needs_importance else None, None, None)
+
+
+bloom_forward.register_autograd(_backward_formula, setup_context=_setup_context)
+
+
+def _bag_setup_context(ctx, inputs, keyword_only_inputs, output):
+    ids, offsets, weight, per_sample_weights, importance, optimizer_state = inputs
     _, argmax = output
-    ctx.save_for_backward(ids, offsets, weight, per_sample_weights, importance, argmax)
-    ctx.args = (num_hash_functions, mode, padding_idx, num_embeddings, signed, backend)
+    saved_weight = _save_training(ctx, keyword_only_inputs, weight, optimizer_state)
+    ctx.table_meta = (weight.shape, weight.dtype)
+    ctx.mode = keyword_only_inputs["mode"]
+    ctx.save_for_backward(ids, offsets, saved_weight, per_sample_weights, importance, argmax)
 
 
-def _bag_backward(ctx, grad_out, _grad_argmax):
+def _bag_backward_formula(ctx, grad_out, _grad_argmax):
     ids, offsets, weight, per_sample_weights, importance, argmax = ctx.saved_tensors
-    psw_grad = per_sample_weights is not None and ctx.needs_input_grad[3]
-    grads = (None, None, None)
-    if ctx.needs_input_grad[2] or psw_grad or ctx.needs_input_grad[4]:
-        grads = bloom_bag_backward(grad_out, ids, offsets, weight, per_sample_weights, importance, argmax,
-                                   *ctx.args, psw_grad)  # fmt: skip
-    grad_weight, grad_psw, grad_importance = grads
-    return (None, None, grad_weight if ctx.needs_input_grad[2] else None, grad_psw if psw_grad else None,
-            grad_importance if ctx.needs_input_grad[4] else None) + (None,) * 6  # fmt: skip
+    needs_weight, needs_psw, needs_importance = ctx.needs_input_grad[2:5]
+    psw_grad = per_sample_weights is not None and needs_psw
+    grad_weight = grad_psw = grad_importance = None
+    if needs_weight or psw_grad or needs_importance:
+        if ctx.stepped is not None:
+            weight = ctx.stepped[0]
+        tensors = dict(grad_out=grad_out, ids=ids, offsets=offsets, weight=weight,
+                       per_sample_weights=per_sample_weights, importance=importance, argmax=argmax)  # fmt: skip
+        options = dict(mode=ctx.mode, psw_grad=psw_grad, **ctx.lookup)
+        if ctx.training.per_row:
+            # The step comes after this op: the per-sample weights' and
+            # importance weights' gradients read the rows before it.
+            rows, values, grad_psw, grad_importance = bloom_bag_backward_rows(**tensors, **options)
+            if needs_weight:
+                grad_weight = _table_gradient(ctx, rows, values)
+        else:
+            grad_weight, grad_psw, grad_importance = bloom_bag_backward(**tensors, **options)
+    return (None, None, grad_weight if needs_weight else None, grad_psw if psw_grad else None,
+            grad_importance if needs_importance else None, None)  # fmt: skip
 
 
-bloom_bag_forward.register_autograd(_bag_backward, setup_context=_bag_setup_context)
+bloom_bag_forward.register_autograd(_bag_backward_formula, setup_context=_bag_setup_context)

@@ -21,11 +21,23 @@ are left alone, as they would be by a zero gradient.
 An optimizer object belongs to one table.  Its state is saved with its own
 ``state_dict()``, as a ``torch.optim`` optimizer's is, so the module's state
 dict stays exactly ``embeddings.weight``.
+
+The step is a custom op called from the lookup's autograd formula, so
+``torch.compile(fullgraph=True)`` captures it with the rest of the backward.
+A compiled graph can update the state but cannot create it: the modules
+create it when they are built and move it when they are moved.  Calling the
+functional API under ``torch.compile``, create it first with
+``optimizer.state(weight)``.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+
+from .constants import FUSED_ROWWISE_ADAGRAD, FUSED_SGD
+from .reference import bloom_rowwise_update_reference
 
 __all__ = ["FusedSGD", "FusedRowWiseAdagrad"]
 
@@ -36,25 +48,38 @@ def _check_lr(lr):
     return float(lr)
 
 
-class FusedSGD:
-    """Plain SGD applied to the touched rows inside the backward pass.
+class _FusedOptimizer:
+    """What the lookups read off a fused optimizer: its code for the update
+    kernel (``kind``), ``lr``, ``eps`` and its state tensor."""
 
-    Args:
-        lr (float): learning rate; may be changed between steps (``opt.lr = ...``).
-    """
+    kind: int
+    eps = 0.0
 
-    kind = 0  # kernels/optimizer.py's FUSED_SGD
+    def state(self, weight: torch.Tensor) -> Optional[torch.Tensor]:
+        return None
 
-    def __init__(self, lr: float) -> None:
-        self.lr = _check_lr(lr)
+    def step_arguments(self, weight: torch.Tensor) -> dict:
+        """The lookup ops' arguments for this optimizer's step on ``weight``."""
+        return {"optimizer": self.kind, "lr": self.lr, "eps": self.eps, "optimizer_state": self.state(weight)}
 
     def step_reference(self, weight: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
         """The update in plain PyTorch (CPU path and test oracle)."""
-        updated = weight.index_select(0, rows).to(values.dtype) - self.lr * values
-        weight.index_copy_(0, rows, updated.to(weight.dtype))
+        bloom_rowwise_update_reference(weight, rows, values, optimizer=self.kind, lr=self.lr, eps=self.eps,
+                                       state=self.state(weight))  # fmt: skip
 
-    def state(self, weight: torch.Tensor):
-        return None
+
+class FusedSGD(_FusedOptimizer):
+    """Plain SGD applied to the touched rows inside the backward pass.
+
+    Args:
+        lr (float): learning rate; may be changed between steps (``opt.lr = ...``;
+            a compiled model recompiles for the new value).
+    """
+
+    kind = FUSED_SGD
+
+    def __init__(self, lr: float) -> None:
+        self.lr = _check_lr(lr)
 
     def state_dict(self) -> dict:
         return {"lr": self.lr}
@@ -66,7 +91,7 @@ class FusedSGD:
         return f"FusedSGD(lr={self.lr})"
 
 
-class FusedRowWiseAdagrad:
+class FusedRowWiseAdagrad(_FusedOptimizer):
     """Row-wise Adagrad applied to the touched rows inside the backward pass.
 
     Args:
@@ -76,7 +101,7 @@ class FusedRowWiseAdagrad:
             accumulator. Default: 0.
     """
 
-    kind = 1  # kernels/optimizer.py's FUSED_ROWWISE_ADAGRAD
+    kind = FUSED_ROWWISE_ADAGRAD
 
     def __init__(self, lr: float = 0.01, eps: float = 1e-10, initial_accumulator_value: float = 0.0) -> None:
         self.lr = _check_lr(lr)
@@ -89,24 +114,28 @@ class FusedRowWiseAdagrad:
         self.accumulator: torch.Tensor | None = None
 
     def state(self, weight: torch.Tensor) -> torch.Tensor:
-        """The ``(num_rows,)`` float32 accumulator, created at the first step
-        and kept on ``weight``'s device."""
-        if self.accumulator is None or self.accumulator.shape != weight.shape[:1]:
+        """The ``(num_rows,)`` float32 accumulator of ``weight``'s rows,
+        created at the first call and kept on ``weight``'s device."""
+        accumulator = self.accumulator
+        # A meta tensor (a table built on the meta device) holds no values to move.
+        missing = accumulator is None or accumulator.shape != weight.shape[:1] or accumulator.is_meta
+        if (missing or accumulator.device != weight.device) and torch.compiler.is_compiling():
+            # A compiled backward updates the state in place, which AOTAutograd
+            # keeps only for tensors that exist before the graph runs.  Raising
+            # here makes torch.compile run this call eagerly (creating the
+            # state), or, under fullgraph=True, fail with this message.
+            raise RuntimeError(
+                "FusedRowWiseAdagrad's state must exist, on the table's device, before torch.compile traces a "
+                "lookup: call optimizer.state(weight) outside the compiled code first (BloomEmbedding and "
+                "BloomEmbeddingBag do this when they are built and moved)"
+            )
+        if missing:
             self.accumulator = torch.full(
                 weight.shape[:1], self.initial_accumulator_value, dtype=torch.float32, device=weight.device
             )
         elif self.accumulator.device != weight.device:
             self.accumulator = self.accumulator.to(weight.device)
         return self.accumulator
-
-    def step_reference(self, weight: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
-        """The update in plain PyTorch (CPU path and test oracle)."""
-        accumulator = self.state(weight)
-        mean_square = values.float().pow(2).mean(dim=1)
-        accumulator.index_add_(0, rows, mean_square)
-        step = self.lr / (accumulator.index_select(0, rows).sqrt() + self.eps)
-        updated = weight.index_select(0, rows).to(values.dtype) - step.to(values.dtype).unsqueeze(1) * values
-        weight.index_copy_(0, rows, updated.to(weight.dtype))
 
     def state_dict(self) -> dict:
         return {
@@ -120,7 +149,11 @@ class FusedRowWiseAdagrad:
         self.lr = _check_lr(state_dict["lr"])
         self.eps = float(state_dict["eps"])
         self.initial_accumulator_value = float(state_dict["initial_accumulator_value"])
-        self.accumulator = state_dict["accumulator"]
+        accumulator = state_dict["accumulator"]
+        if accumulator is not None and self.accumulator is not None:
+            # Where this optimizer's table lives, as torch.optim places loaded state.
+            accumulator = accumulator.to(self.accumulator.device)
+        self.accumulator = accumulator
 
     def __repr__(self) -> str:
         return f"FusedRowWiseAdagrad(lr={self.lr}, eps={self.eps})"

@@ -9,10 +9,15 @@ backward by about 2x, because it skips the sort.
 
 Bags (``bloom_bag_forward_reference``) expand each id into its ``k`` rows and
 pool them with one ``embedding_bag``, the padding and the mean folded into
-per-sample weights; ``max`` pools the per-id vectors.  Bag gradients, sparse
-gradients and fused optimizer steps go per touched row
-(``bloom_row_gradients_reference``).  ``triton_bloom.ops`` joins forward and
-backward for autograd.
+per-sample weights; ``max`` pools the per-id vectors.  A bag's dense gradient
+is spread over its ids and scattered by the same ``index_add_`` backward.
+Sparse gradients and fused optimizer steps need each touched row's summed
+gradient (``bloom_row_gradients_reference``, then
+``bloom_rowwise_update_reference`` for a fused step).
+
+The ``bloom_*_reference`` functions are twins of the launchers in
+``triton_bloom.kernels``; ``triton_bloom.ops`` picks one of the two per
+operation and joins forward and backward for autograd.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .constants import FUSED_ROWWISE_ADAGRAD, FUSED_SGD, MODE_MAX, MODE_MEAN, MODE_SUM, accumulation_dtype
 from .hashing import bloom_signs, importance_rows
 
 __all__ = [
@@ -29,18 +35,14 @@ __all__ = [
     "bloom_backward_reference",
     "bloom_bag_forward_reference",
     "bloom_row_gradients_reference",
+    "bloom_rowwise_update_reference",
     "row_factors",
     "bag_sizes",
 ]
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Half-precision sums lose the small updates; accumulate them in float32.
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def row_factors(
-    ids: torch.Tensor, num_hash_functions: int, signed: bool = False, importance: Optional[torch.Tensor] = None
+    ids: torch.Tensor, num_hash_functions: int, *, signed: bool = False, importance: Optional[torch.Tensor] = None
 ):
     """The variants' ``(n, k)`` factors of the flattened ids' rows, or ``None``.
 
@@ -52,7 +54,7 @@ def row_factors(
     if not signed and importance is None:
         return None, None, None
     ids = ids.reshape(-1)
-    dtype = torch.float64 if importance is not None and importance.dtype == torch.float64 else torch.float32
+    dtype = accumulation_dtype(importance.dtype if importance is not None else torch.float32)
     if signed:
         signs = bloom_signs(ids, num_hash_functions).to(dtype)
     else:
@@ -70,6 +72,7 @@ def bloom_forward_reference(
     weight: torch.Tensor,
     rows: torch.Tensor,
     padding_idx: Optional[int] = None,
+    *,
     factors: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Sum of the Bloom rows of every id.
@@ -107,6 +110,7 @@ def bloom_backward_reference(
     rows: torch.Tensor,
     num_rows: int,
     padding_idx: Optional[int] = None,
+    *,
     dtype: Optional[torch.dtype] = None,
     factors: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
@@ -117,7 +121,7 @@ def bloom_backward_reference(
     """
     dim = grad_out.shape[-1]
     dtype = dtype or grad_out.dtype
-    acc = _accumulation_dtype(dtype)
+    acc = accumulation_dtype(dtype)
     k = rows.shape[-1]
     grad = grad_out.reshape(-1, dim).to(acc)
     # index_add_ takes int32 indices too, but only int64 ones reach its fast
@@ -149,7 +153,8 @@ def bloom_bag_forward_reference(
     offsets: torch.Tensor,
     weight: torch.Tensor,
     rows: torch.Tensor,
-    mode: str = "sum",
+    *,
+    mode: int = MODE_SUM,
     per_sample_weights: Optional[torch.Tensor] = None,
     padding_idx: Optional[int] = None,
     factors: Optional[torch.Tensor] = None,
@@ -161,7 +166,7 @@ def bloom_bag_forward_reference(
         offsets (Tensor): ``(B + 1,)`` int64 starts of the bags, then ``n``.
         weight (Tensor): the ``(num_rows, dim)`` table.
         rows (Tensor): ``(n, k)`` rows of the ids.
-        mode (str): ``"sum"``, ``"mean"`` or ``"max"``.
+        mode (int): ``MODE_SUM``, ``MODE_MEAN`` or ``MODE_MAX`` (``constants``).
         per_sample_weights (Tensor, optional): ``(n,)`` weights (``sum`` only).
         padding_idx (int, optional): id left out of the pooling (and of the
             mean's count).
@@ -179,17 +184,17 @@ def bloom_bag_forward_reference(
     no_argmax = torch.empty(0, dtype=torch.int64, device=weight.device)
     if n == 0:
         argmax = torch.full((num_bags, dim), -1, dtype=torch.int64, device=weight.device)
-        return weight.new_zeros((num_bags, dim)), argmax if mode == "max" else no_argmax
+        return weight.new_zeros((num_bags, dim)), argmax if mode == MODE_MAX else no_argmax
     live = None if padding_idx is None else ids != padding_idx
-    if mode == "max":
-        return _max_pool(bloom_forward_reference(ids, weight, rows, padding_idx, factors), offsets, live)
+    if mode == MODE_MAX:
+        return _max_pool(bloom_forward_reference(ids, weight, rows, padding_idx, factors=factors), offsets, live)
     # Each id becomes k entries of one flat bag: offsets scale by k, and the
     # id's weight (its per-sample weight, 0 for padding, 1/count for mean)
     # repeats k times.
     weights = per_sample_weights
     if live is not None:
         weights = live.to(weight.dtype) if weights is None else weights * live
-    if mode == "mean":
+    if mode == MODE_MEAN:
         counts = bag_sizes(offsets, live).clamp_min(1).to(weight.dtype)
         inverse = torch.repeat_interleave(counts.reciprocal(), bag_sizes(offsets), output_size=n)
         weights = inverse if weights is None else weights * inverse
@@ -217,6 +222,7 @@ def _max_pool(vectors, offsets, live):
         positions = positions.masked_fill(~live, n)
         vectors = torch.cat([vectors, vectors.new_zeros(1, dim)])
         padding = n
+    # 2 is PyTorch's own code for max pooling (aten's embedding_bag takes no names).
     out, _, _, argmax = torch.embedding_bag(vectors, positions, offsets, False, 2, False, None, True, padding)
     empty = bag_sizes(offsets, live if live is not None else torch.ones_like(positions, dtype=torch.bool)) == 0
     return out, argmax.masked_fill(empty.unsqueeze(1), -1)
@@ -226,6 +232,7 @@ def bloom_row_gradients_reference(
     rows: torch.Tensor,
     sources: torch.Tensor,
     grad: torch.Tensor,
+    *,
     scales: Optional[torch.Tensor] = None,
     keep: Optional[torch.Tensor] = None,
 ):
@@ -239,7 +246,7 @@ def bloom_row_gradients_reference(
     if keep is not None:
         rows, sources = rows[keep], sources[keep]
         scales = scales[keep] if scales is not None else None
-    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(grad.dtype)
     unique_rows, inverse = torch.unique(rows.to(torch.int64), sorted=True, return_inverse=True)
     contrib = grad.to(acc).index_select(0, sources)
     if scales is not None and scales.dim() == 1:
@@ -249,3 +256,39 @@ def bloom_row_gradients_reference(
         scaled = contrib * scales[:, j : j + 1].to(acc) if scales is not None and scales.dim() == 2 else contrib
         values.index_add_(0, inverse[:, j], scaled)
     return unique_rows, values
+
+
+def bloom_rowwise_update_reference(
+    weight: torch.Tensor,
+    rows: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    optimizer: int,
+    lr: float,
+    eps: float = 0.0,
+    state: Optional[torch.Tensor] = None,
+) -> None:
+    """One fused optimizer step on ``weight``'s ``rows``, in place: the twin
+    of ``kernels.bloom_rowwise_update``.
+
+    Args:
+        weight (Tensor): the ``(num_rows, dim)`` table.
+        rows (Tensor): ``(u,)`` unique int64 rows.
+        values (Tensor): their ``(u, dim)`` summed gradients.
+        optimizer (int): ``FUSED_SGD`` (``w -= lr * g``) or
+            ``FUSED_ROWWISE_ADAGRAD`` (``state[r] += mean(g_r ** 2)``, then
+            ``w_r -= lr * g_r / (sqrt(state[r]) + eps)``).
+        lr (float), eps (float): the optimizer's.
+        state (Tensor, optional): row-wise Adagrad's ``(num_rows,)`` float32
+            accumulator, updated in place.
+    """
+    rows_before = weight.index_select(0, rows).to(values.dtype)
+    if optimizer == FUSED_SGD:
+        updated = rows_before - lr * values
+    elif optimizer == FUSED_ROWWISE_ADAGRAD:
+        state.index_add_(0, rows, values.float().pow(2).mean(dim=1))
+        step = lr / (state.index_select(0, rows).sqrt() + eps)
+        updated = rows_before - step.to(values.dtype).unsqueeze(1) * values
+    else:
+        raise ValueError(f"unknown fused optimizer code {optimizer!r}")
+    weight.index_copy_(0, rows, updated.to(weight.dtype))

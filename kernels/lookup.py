@@ -1,0 +1,142 @@
+"""The pieces every lookup kernel shares, written once: reading a block of
+ids, hashing what their ``k`` rows have in common, gathering and summing the
+rows, and scattering a gradient into them.
+
+Ids come as a 2-D block: ``(BLOCK_N, 1)`` when each id owns a row of the
+tile (forward, backward, bags), ``(BLOCK_N, BLOCK_D)`` when each column has
+an id of its own (the max-pooled bag's backward, where each column's
+gradient goes to the id that won it).  Row offsets then broadcast against
+the ``(1, BLOCK_D)`` columns in both cases.
+
+The ``k`` hash functions run as a loop, not unrolled: unrolled, the
+compiler hoists all ``k`` row gathers to overlap them, and at ``k = 24``
+that keeps 24 tiles alive at once, which spills registers even at the
+smallest tiles (``bench/results/kernels_sm90.md``).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ..constants import accumulation_dtype
+from .hashing import bloom_rows, importance_row, premix_ids, row_factor
+
+
+def accumulator(dtype):
+    """The ``ACC`` constexpr of a table of ``dtype`` (``accumulation_dtype``'s rule)."""
+    return {torch.float32: tl.float32, torch.float64: tl.float64}[accumulation_dtype(dtype)]
+
+
+def hashing_args(table, *, num_hash_functions, wide_ids, signed, importance, absent):
+    """The arguments that every lookup kernel takes alike: the table with its
+    row stride and row count, and the hashing and its variants.  ``absent``
+    stands in for a tensor that is not given (the kernel never reads it)."""
+    return dict(
+        W=table,
+        stride_w=table.stride(0),
+        num_rows=table.shape[0],
+        IMPORTANCE=importance.contiguous() if importance is not None else absent,
+        importance_rows=importance.shape[0] if importance is not None else 1,
+        K=num_hash_functions,
+        SIGNED=signed,
+        HAS_IMPORTANCE=importance is not None,
+        WIDE_IDS=wide_ids,
+    )
+
+
+def padding_args(padding_idx):
+    """``padding_idx`` and ``HAS_PADDING`` as the kernels take them."""
+    return dict(padding_idx=-1 if padding_idx is None else padding_idx, HAS_PADDING=padding_idx is not None)
+
+
+@triton.jit
+def load_ids(IDS, offs, mask, padding_idx, HAS_PADDING: tl.constexpr):
+    """The int64 ids at ``offs`` and which of them take part: in range and,
+    with ``HAS_PADDING``, not ``padding_idx``."""
+    ids = tl.load(IDS + offs, mask=mask, other=0).to(tl.int64)
+    live = mask
+    if HAS_PADDING:
+        live = live & (ids != padding_idx)
+    return ids, live
+
+
+@triton.jit
+def id_hashes(ids, SEEDS, importance_rows, HAS_IMPORTANCE: tl.constexpr, WIDE_IDS: tl.constexpr):
+    """What the ``k`` rows of each id share: its premixed murmur blocks and
+    the row of the importance table it reads (the ids themselves without
+    importance weights: unused then)."""
+    mixed_lo, mixed_hi = premix_ids(ids, WIDE_IDS)
+    imp_rows = ids
+    if HAS_IMPORTANCE:
+        imp_rows = importance_row(ids, mixed_lo, mixed_hi, SEEDS, importance_rows, WIDE_IDS)
+    return mixed_lo, mixed_hi, imp_rows
+
+
+@triton.jit
+def row_index(ids, live, mixed_lo, mixed_hi, ROWS, offs_n, SEEDS, j, num_rows, K: tl.constexpr,
+              PRECOMPUTED: tl.constexpr, WIDE_IDS: tl.constexpr):  # fmt: skip
+    """Row ``j`` of each id: hashed, or read from the ``(n, K)`` hash cache."""
+    if PRECOMPUTED:
+        rows = tl.load(ROWS + offs_n * K + j, mask=live, other=0).to(tl.int64)
+    else:
+        rows = bloom_rows(ids, mixed_lo, mixed_hi, tl.load(SEEDS + j), num_rows, WIDE_IDS)
+    return rows
+
+
+@triton.jit
+def gather_sum(ids, live, mixed_lo, mixed_hi, imp_rows, ROWS, offs_n, SEEDS, W, IMPORTANCE, offs_d, mask,
+               num_rows, stride_w, K: tl.constexpr, PRECOMPUTED: tl.constexpr, SIGNED: tl.constexpr,
+               HAS_IMPORTANCE: tl.constexpr, WIDE_IDS: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """Each id's vector on the columns ``offs_d``: the sum of its ``K`` rows
+    of ``W``, each times its sign and importance weight, in ``ACC``; zero
+    where ``mask`` is off."""
+    acc = tl.zeros(mask.shape, dtype=ACC)
+    for j in range(K):
+        rows = row_index(ids, live, mixed_lo, mixed_hi, ROWS, offs_n, SEEDS, j, num_rows, K, PRECOMPUTED,
+                         WIDE_IDS)  # fmt: skip
+        vals = tl.load(W + rows * stride_w + offs_d, mask=mask, other=0.0).to(ACC)
+        if SIGNED or HAS_IMPORTANCE:
+            _, factor = row_factor(ids, mixed_lo, mixed_hi, SEEDS, IMPORTANCE, imp_rows, live, j, K, SIGNED,
+                                   HAS_IMPORTANCE, WIDE_IDS)  # fmt: skip
+            vals = vals * factor.to(ACC)
+        acc += vals
+    return acc
+
+
+@triton.jit
+def scatter_sum(contrib, ids, live, mixed_lo, mixed_hi, imp_rows, ROWS, offs_n, SEEDS, W, IMPORTANCE, GRAD_W,
+                GRAD_IMPORTANCE, offs_d, mask, dim, num_rows, stride_w, K: tl.constexpr, PRECOMPUTED: tl.constexpr,
+                SIGNED: tl.constexpr, HAS_IMPORTANCE: tl.constexpr, WIDE_IDS: tl.constexpr,
+                IDS_PER_COLUMN: tl.constexpr, GATHER: tl.constexpr):  # fmt: skip
+    """Add ``contrib`` (each id's gradient on the columns ``offs_d``) into
+    the ``K`` rows of each id, times the row's sign and importance weight,
+    and the importance weights' gradient ``sign * <contrib, W[row]>`` into
+    ``GRAD_IMPORTANCE``.  With ``GATHER``, also returns the ids' vectors (as
+    :func:`gather_sum` would), for the per-sample weights' gradient; the
+    rows are read once for both.
+    """
+    vectors = tl.zeros(mask.shape, dtype=contrib.dtype)
+    for j in range(K):
+        rows = row_index(ids, live, mixed_lo, mixed_hi, ROWS, offs_n, SEEDS, j, num_rows, K, PRECOMPUTED,
+                         WIDE_IDS)  # fmt: skip
+        row_contrib = contrib
+        factor = tl.full(ids.shape, 1.0, tl.float32)
+        if SIGNED or HAS_IMPORTANCE:
+            sign, factor = row_factor(ids, mixed_lo, mixed_hi, SEEDS, IMPORTANCE, imp_rows, live, j, K, SIGNED,
+                                      HAS_IMPORTANCE, WIDE_IDS)  # fmt: skip
+            row_contrib = contrib * factor.to(contrib.dtype)
+        # Relaxed: the adds commute, and nothing reads GRAD_W until the kernel ends.
+        tl.atomic_add(GRAD_W + rows * dim + offs_d, row_contrib, mask=mask, sem="relaxed")
+        if GATHER or HAS_IMPORTANCE:
+            vals = tl.load(W + rows * stride_w + offs_d, mask=mask, other=0.0).to(contrib.dtype)
+            if GATHER:
+                vectors += vals * factor.to(contrib.dtype)
+            if HAS_IMPORTANCE:
+                # d out / d importance[r, j] = sign * <contrib, W[row_j]>.
+                partial = contrib * vals
+                if not IDS_PER_COLUMN:
+                    # One id per tile row: its partial sum over this block of columns.
+                    partial = tl.sum(partial, axis=1, keep_dims=True)
+                tl.atomic_add(GRAD_IMPORTANCE + imp_rows * K + j, partial * sign.to(contrib.dtype), mask=live,
+                              sem="relaxed")  # fmt: skip
+    return vectors
