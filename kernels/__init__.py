@@ -1,7 +1,9 @@
 """Triton kernels of triton_bloom and their launchers (``triton_bloom.kernels``).
 
-This subpackage imports torch and triton only.  ``triton_bloom`` imports it
-lazily, so the package works where Triton is missing.
+This subpackage imports torch, triton and, for the codes and seeds the
+Python side shares with the kernels, ``triton_bloom.constants`` and
+``triton_bloom.hashing`` (neither imports Triton).  ``triton_bloom`` imports
+it lazily, so the package works where Triton is missing.
 """
 
 from .launch import interpreting

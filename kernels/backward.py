@@ -7,7 +7,7 @@ import triton.language as tl
 from .autotune import Tuning
 from .launch import launch
 from ..constants import accumulation_dtype
-from .lookup import hashing_args, id_hashes, load_ids, padding_args, scatter_sum
+from .lookup import hashing_args, id_args, id_hashes, load_ids, padding_args, row_contiguous, scatter_sum
 
 
 @triton.jit
@@ -80,24 +80,19 @@ def bloom_backward(grad_out, ids, seeds, *, num_rows, num_hash_functions, paddin
     n = ids.numel()
     if n and dim:
         grad_out = grad_out.reshape(n, dim).contiguous()
-        if weight is not None and weight.stride(1) != 1:
-            weight = weight.contiguous()
-        ids = ids.reshape(-1).contiguous()  # a strided 1-D view reshapes to itself
-        rows = rows.reshape(n, num_hash_functions).contiguous() if rows is not None else None
         args = dict(
-            IDS=ids,
-            ROWS=rows if rows is not None else ids,
             SEEDS=seeds,
             GRAD_OUT=grad_out,
             GRAD_W=grad_w,
             GRAD_IMPORTANCE=grad_imp if grad_imp is not None else grad_w,
             n=n,
             dim=dim,
-            PRECOMPUTED=rows is not None,
+            **id_args(ids, rows, num_hash_functions),
             # The table is read only for the importance weights' gradient; the
             # accumulator, of the table's shape, stands in for it otherwise.
-            **hashing_args(weight if weight is not None else grad_w, num_hash_functions=num_hash_functions,
-                           wide_ids=wide_ids, signed=signed, importance=importance, absent=grad_w),
+            **hashing_args(row_contiguous(weight) if weight is not None else grad_w,
+                           num_hash_functions=num_hash_functions, wide_ids=wide_ids, signed=signed,
+                           importance=importance, absent=grad_w),
             **padding_args(padding_idx),
         )
 

@@ -12,7 +12,7 @@ from .. import constants
 from .autotune import TUNING_KEY
 from .bag_forward import BAG_TUNING, MODE_MEAN
 from .launch import launch
-from .lookup import hashing_args, id_hashes, load_ids, padding_args, scatter_sum
+from .lookup import hashing_args, id_hashes, load_ids, padding_args, row_contiguous, scatter_sum
 
 
 @triton.jit
@@ -142,8 +142,7 @@ def bloom_bag_backward(grad_out, ids, offsets, weight, seeds, *, num_hash_functi
     if num_bags and dim and n:
         grad_out = grad_out.contiguous()
         ids = ids.reshape(-1).contiguous()
-        if weight.stride(1) != 1:
-            weight = weight.contiguous()
+        weight = row_contiguous(weight)
         common = dict(
             SEEDS=seeds,
             GRAD_OUT=grad_out,

@@ -8,7 +8,7 @@ import triton.language as tl
 from .. import constants
 from .autotune import BAG_TILES, TUNING_KEY, Tuning
 from .launch import launch
-from .lookup import accumulator, gather_sum, hashing_args, id_hashes, load_ids, padding_args
+from .lookup import accumulator, gather_sum, hashing_args, id_hashes, load_ids, padding_args, row_contiguous
 
 # The pooling codes of triton_bloom/constants.py, as the kernels read them.
 MODE_MEAN = tl.constexpr(constants.MODE_MEAN)
@@ -84,8 +84,9 @@ def _bloom_bag_forward_kernel(
     tl.store(OUT + bag * dim + offs_d, acc.to(OUT.dtype.element_ty), mask=mask_d)
 
 
-def bloom_bag_forward(ids, offsets, weight, seeds, *, num_hash_functions, mode=constants.MODE_SUM, per_sample_weights=None,
-                      padding_idx=None, wide_ids=True, signed=False, importance=None):  # fmt: skip
+def bloom_bag_forward(ids, offsets, weight, seeds, *, num_hash_functions, mode=constants.MODE_SUM,
+                      per_sample_weights=None, padding_idx=None, wide_ids=True, signed=False,
+                      importance=None):  # fmt: skip
     """Pooled Bloom vectors of bags of ids.
 
     Args:
@@ -112,8 +113,7 @@ def bloom_bag_forward(ids, offsets, weight, seeds, *, num_hash_functions, mode=c
     argmax = torch.empty(argmax_shape, dtype=torch.int64, device=weight.device)
     if num_bags == 0 or dim == 0:
         return out, argmax
-    if weight.stride(1) != 1:
-        weight = weight.contiguous()
+    weight = row_contiguous(weight)
     ids = ids.reshape(-1).contiguous()
     offsets = offsets.contiguous()
     args = dict(

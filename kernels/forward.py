@@ -6,7 +6,7 @@ import triton.language as tl
 
 from .autotune import Tuning
 from .launch import launch
-from .lookup import accumulator, gather_sum, hashing_args, id_hashes, load_ids, padding_args
+from .lookup import accumulator, gather_sum, hashing_args, id_args, id_hashes, load_ids, padding_args, row_contiguous
 
 
 @triton.jit
@@ -71,19 +71,14 @@ def bloom_forward(ids, weight, seeds, *, num_hash_functions, padding_idx=None, r
     n = ids.numel()
     if n == 0 or dim == 0:
         return out
-    if weight.stride(1) != 1:
-        weight = weight.contiguous()
-    ids = ids.reshape(-1).contiguous()  # a strided 1-D view reshapes to itself
-    rows = rows.reshape(n, num_hash_functions).contiguous() if rows is not None else None
+    weight = row_contiguous(weight)
     args = dict(
-        IDS=ids,
-        ROWS=rows if rows is not None else ids,
         SEEDS=seeds,
         OUT=out,
         n=n,
         dim=dim,
-        PRECOMPUTED=rows is not None,
         ACC=accumulator(weight.dtype),
+        **id_args(ids, rows, num_hash_functions),
         **hashing_args(weight, num_hash_functions=num_hash_functions, wide_ids=wide_ids, signed=signed,
                        importance=importance, absent=weight),
         **padding_args(padding_idx),

@@ -44,6 +44,21 @@ def hashing_args(table, *, num_hash_functions, wide_ids, signed, importance, abs
     )
 
 
+def id_args(ids, rows, num_hash_functions):
+    """``IDS`` flattened and contiguous, and ``ROWS``: the hash cache's rows
+    as ``(n, K)``, or the ids again when there is no cache (never read then),
+    with ``PRECOMPUTED``."""
+    ids = ids.reshape(-1).contiguous()  # a strided 1-D view reshapes to itself
+    if rows is None:
+        return dict(IDS=ids, ROWS=ids, PRECOMPUTED=False)
+    return dict(IDS=ids, ROWS=rows.reshape(ids.numel(), num_hash_functions).contiguous(), PRECOMPUTED=True)
+
+
+def row_contiguous(table):
+    """``table`` with contiguous rows, which the kernels' row offsets assume."""
+    return table if table.stride(1) == 1 else table.contiguous()
+
+
 def padding_args(padding_idx):
     """``padding_idx`` and ``HAS_PADDING`` as the kernels take them."""
     return dict(padding_idx=-1 if padding_idx is None else padding_idx, HAS_PADDING=padding_idx is not None)

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
+from .constants import MODES
 from .terminal import console, cpu_model, progress, render_table
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ID_DTYPES = {"int64": torch.int64, "int32": torch.int32}
 SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-BAG_MODES = ("sum", "mean", "max")
 
 
 def _autotune_module():
@@ -209,7 +209,7 @@ def _short_kernel(record):
     name = record["kernel"].removeprefix("_bloom_").removesuffix("_kernel")
     mode = record["key"].get("MODE")
     if mode is not None:
-        name += f"[{BAG_MODES[mode] if 0 <= mode < len(BAG_MODES) else mode}]"
+        name += f"[{MODES[mode] if 0 <= mode < len(MODES) else mode}]"
     return name
 
 
@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--bag-length", type=int, default=20, help="ids per bag for the bag kernels (default 20)")
     tune.add_argument("--layers", nargs="+", default=["embedding", "bag"], choices=["embedding", "bag"],
                       help="which layers' kernels to tune (default both)")
-    tune.add_argument("--modes", nargs="+", default=list(BAG_MODES), choices=BAG_MODES,
+    tune.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
                       help="bag pooling modes, each its own kernel key (default sum mean max)")
     tune.add_argument("--num-embeddings", type=int, default=10_000_000, help="id space (default 10,000,000)")
     tune.add_argument("--compression-ratio", type=float, default=0.2, help="table rows / ids (default 0.2)")

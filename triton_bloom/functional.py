@@ -90,31 +90,24 @@ def bloom_embedding(
                   fused_optimizer=fused_optimizer, signed=signed, importance=importance)  # fmt: skip
 
 
-def lookup(
-    input: torch.Tensor,
-    weight: torch.Tensor,
-    *,
-    num_hash_functions: int,
-    padding_idx: Optional[int],
-    num_embeddings: Optional[int],
-    hash_cache: Optional[torch.Tensor],
-    backend: str,
-    sparse: bool,
-    fused_optimizer,
-    signed: bool,
-    importance: Optional[torch.Tensor],
-) -> torch.Tensor:
-    """:func:`bloom_embedding` once its arguments are checked: checks the
-    input, decides the backend for this call and runs the custom op."""
-    check_input(input, weight)
+def op_options(weight: torch.Tensor, *, backend: str, sparse: bool, fused_optimizer, **lookup_options) -> dict:
+    """The custom ops' keyword arguments for one call: the backend decided
+    once, here, the training options as the ops take them, and the lookup's
+    own options (``num_hash_functions``, ``padding_idx``, ``num_embeddings``,
+    ``signed``) as given."""
     # Checks that do not read tensor values happen here, before the op, so
     # that the backend's errors surface in eager mode and at trace time alike.
     use_triton = dispatch.use_triton(backend, weight.device)
-    training = training_arguments(sparse, fused_optimizer, weight)
+    return dict(use_triton=use_triton, **training_arguments(sparse, fused_optimizer, weight), **lookup_options)
+
+
+def lookup(input: torch.Tensor, weight: torch.Tensor, *, hash_cache: Optional[torch.Tensor],
+           importance: Optional[torch.Tensor], **options) -> torch.Tensor:  # fmt: skip
+    """:func:`bloom_embedding` once its arguments are checked: checks the
+    input and runs the custom op with :func:`op_options` of ``options``."""
+    check_input(input, weight)
     return ops.bloom_forward(input, weight, importance=importance, hash_cache=hash_cache,
-                             num_hash_functions=num_hash_functions, padding_idx=padding_idx,
-                             num_embeddings=num_embeddings, signed=signed, use_triton=use_triton,
-                             **training)  # fmt: skip
+                             **op_options(weight, **options))  # fmt: skip
 
 
 def bag_layout(
@@ -244,33 +237,15 @@ def bloom_embedding_bag(
                       importance=importance)  # fmt: skip
 
 
-def bag_lookup(
-    input: torch.Tensor,
-    weight: torch.Tensor,
-    offsets: Optional[torch.Tensor],
-    per_sample_weights: Optional[torch.Tensor],
-    *,
-    mode: str,
-    include_last_offset: bool,
-    num_hash_functions: int,
-    padding_idx: Optional[int],
-    num_embeddings: Optional[int],
-    backend: str,
-    sparse: bool,
-    fused_optimizer,
-    signed: bool,
-    importance: Optional[torch.Tensor],
-) -> torch.Tensor:
+def bag_lookup(input: torch.Tensor, weight: torch.Tensor, offsets: Optional[torch.Tensor],
+               per_sample_weights: Optional[torch.Tensor], *, mode: str, include_last_offset: bool,
+               importance: Optional[torch.Tensor], **options) -> torch.Tensor:  # fmt: skip
     """:func:`bloom_embedding_bag` once its arguments are checked: checks the
-    input, decides the backend for this call and runs the custom op."""
+    input and runs the custom op with :func:`op_options` of ``options``."""
     ids, offsets, per_sample_weights = bag_layout(input, offsets, per_sample_weights, mode, include_last_offset)
     check_input(ids, weight)
-    use_triton = dispatch.use_triton(backend, weight.device)
     if per_sample_weights is not None:
         per_sample_weights = per_sample_weights.to(weight.dtype)
-    training = training_arguments(sparse, fused_optimizer, weight)
     out, _ = ops.bloom_bag_forward(ids, offsets, weight, per_sample_weights=per_sample_weights, importance=importance,
-                                   mode=MODES.index(mode), num_hash_functions=num_hash_functions,
-                                   padding_idx=padding_idx, num_embeddings=num_embeddings, signed=signed,
-                                   use_triton=use_triton, **training)  # fmt: skip
+                                   mode=MODES.index(mode), **op_options(weight, **options))  # fmt: skip
     return out

@@ -162,18 +162,13 @@ class _BloomTable(nn.Module):
         self._place_optimizer_state()
         return module
 
+    # Attributes that are the lookup's options under the same names.
+    _LOOKUP_OPTIONS = ("num_hash_functions", "padding_idx", "num_embeddings", "backend", "sparse", "fused_optimizer",
+                       "signed")  # fmt: skip
+
     def _options(self) -> dict:
         """The lookup's options, checked in ``__init__``."""
-        return {
-            "num_hash_functions": self.num_hash_functions,
-            "padding_idx": self.padding_idx,
-            "num_embeddings": self.num_embeddings,
-            "backend": self.backend,
-            "sparse": self.sparse,
-            "fused_optimizer": self.fused_optimizer,
-            "signed": self.signed,
-            "importance": self.importance_weight,
-        }
+        return {name: getattr(self, name) for name in self._LOOKUP_OPTIONS} | {"importance": self.importance_weight}
 
     @property
     def weight(self) -> torch.Tensor:
