@@ -115,7 +115,7 @@ class _BloomTable(nn.Module):
     """What both Bloom modules share: the checked sizes, the hashing
     parameters, and the compressed table as the submodule ``embeddings``."""
 
-    def __init__(self, num_embeddings, embedding_dim, compression_ratio, num_hash_functions, padding_idx,
+    def __init__(self, *, num_embeddings, embedding_dim, compression_ratio, num_hash_functions, padding_idx,
                  num_rows, backend, sparse, fused_optimizer, signed, importance, importance_rows, device,
                  dtype):  # fmt: skip
         super().__init__()
@@ -332,9 +332,11 @@ class BloomEmbedding(_BloomTable):
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, compression_ratio, num_hash_functions, padding_idx,
-                         num_rows, backend, sparse, fused_optimizer, signed, importance, importance_rows,
-                         device, dtype)  # fmt: skip
+        super().__init__(num_embeddings=num_embeddings, embedding_dim=embedding_dim,
+                         compression_ratio=compression_ratio, num_hash_functions=num_hash_functions,
+                         padding_idx=padding_idx, num_rows=num_rows, backend=backend, sparse=sparse,
+                         fused_optimizer=fused_optimizer, signed=signed, importance=importance,
+                         importance_rows=importance_rows, device=device, dtype=dtype)  # fmt: skip
         self._bag = bag
         self.hash_cache: Optional[torch.Tensor]
         if hash_cache:
@@ -438,9 +440,11 @@ class BloomEmbeddingBag(_BloomTable):
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode has to be one of {MODES}, got {mode!r}")
-        super().__init__(num_embeddings, embedding_dim, compression_ratio, num_hash_functions, padding_idx,
-                         num_rows, backend, sparse, fused_optimizer, signed, importance, importance_rows,
-                         device, dtype)  # fmt: skip
+        super().__init__(num_embeddings=num_embeddings, embedding_dim=embedding_dim,
+                         compression_ratio=compression_ratio, num_hash_functions=num_hash_functions,
+                         padding_idx=padding_idx, num_rows=num_rows, backend=backend, sparse=sparse,
+                         fused_optimizer=fused_optimizer, signed=signed, importance=importance,
+                         importance_rows=importance_rows, device=device, dtype=dtype)  # fmt: skip
         self.mode = mode
         self.include_last_offset = include_last_offset
 
