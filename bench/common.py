@@ -9,6 +9,8 @@ import time
 
 import torch
 
+from triton_bloom.terminal import cpu_model
+
 
 def median_ms(fn, repeats=30, warmup=5, sync=None):
     """Median wall time of ``fn()`` in milliseconds, warm-up runs excluded."""
@@ -26,17 +28,6 @@ def median_ms(fn, repeats=30, warmup=5, sync=None):
     return statistics.median(times)
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment():
     """Hardware, software versions and date, recorded with every result."""
     try:
@@ -47,7 +38,7 @@ def environment():
         triton_version = None
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu_name(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
