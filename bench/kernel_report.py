@@ -24,7 +24,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 
@@ -66,17 +65,6 @@ def bytes_per_id(kernel, dtype, k, dim, num_rows, batch):
     return None
 
 
-def record_launches(cases, path):
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
-    code = ("import json, sys; from triton_bloom import aot; "
-            f"json.dump(aot.record(json.load(open({path!r}))), open({path!r}, 'w'))")  # fmt: skip
-    with open(path, "w") as f:
-        json.dump(cases, f)
-    subprocess.run([sys.executable, "-c", code], env=env, check=True)
-    with open(path) as f:
-        return json.load(f)
-
-
 def label(case):
     parts = [case["op"] + (f"[{case['mode']}]" if case.get("mode") else ""), case["dtype"], f"k={case['k']}"]
     if case.get("psw"):
@@ -101,7 +89,7 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["TRITON_CACHE_DIR"] = os.path.join(tmp, "cache")
-        launches = record_launches(list(CASES), os.path.join(tmp, "launches.json"))
+        launches = aot.record_in_interpreter(list(CASES))
         results, stats = aot.compile_all(launches, (args.target,), args.jobs, sweep=lambda case: False)
         # The whole search space, for the plain float32 lookup.
         plain = [e for e in launches if e["case"] == CASES[0] and len(e["configs"]) > 1]

@@ -45,7 +45,7 @@ def compile_recorded(launches_file, out_file, folder, cache_dir):
 
 def test_every_specialization_compiles_for_sm80_and_sm90(tmp_path, capsys):
     require_kernels()
-    launches = aot.record()
+    launches = aot.record_in_interpreter()
     kernels = {entry["kernel"].rpartition(":")[2] for entry in launches}
     # Every kernel of the package is launched by some case of the grid.
     assert kernels == {
@@ -78,8 +78,8 @@ def test_the_recorder_sees_every_argument_and_each_constexpr_value():
     import inspect
 
     require_kernels()
-    plain = aot.record([dict(op="embedding", dtype="float32", k=4, variant="plain")])
-    signed = aot.record([dict(op="embedding", dtype="float32", k=4, variant="signed", signed=True)])
+    plain = aot.record_in_interpreter([dict(op="embedding", dtype="float32", k=4, variant="plain")])
+    signed = aot.record_in_interpreter([dict(op="embedding", dtype="float32", k=4, variant="signed", signed=True)])
     forward = [e for e in plain + signed if e["kernel"].endswith(":_bloom_forward_kernel")]
     assert [e["args"]["SIGNED"] for e in forward] == [{"bool": False}, {"bool": True}]
     module, _, name = forward[0]["kernel"].partition(":")

@@ -188,6 +188,28 @@ def record(cases=None):
     return launches
 
 
+def record_in_interpreter(cases=None):
+    """:func:`record`, from any process: in this one when its kernels were
+    built for the interpreter, else in a fresh one with ``TRITON_INTERPRET=1``
+    (on a GPU host, say)."""
+    from .dispatch import interpreter_enabled
+
+    if interpreter_enabled():
+        return record(cases)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "launches.json")
+        with open(path, "w") as f:
+            json.dump(cases, f)
+        code = ("import json, sys; from triton_bloom import aot; "
+                "json.dump(aot.record(json.load(open(sys.argv[1]))), open(sys.argv[1], 'w'))")  # fmt: skip
+        subprocess.run([sys.executable, "-c", code, path], env=env, check=True)
+        with open(path) as f:
+            return json.load(f)
+
+
 # ---------------------------------------------------------------------------
 # Step 2: compile for GPU targets.
 
