@@ -13,7 +13,7 @@ and the JSON behind it:
   vector reductions (``red.global.v4.f32`` and the like, sm_90 only);
 - the bytes each kernel must move per id against the ideal.
 
-Run: ``python bench/kernel_report.py`` (about 3 minutes on 2 cores);
+Run: ``python bench/kernel_report.py`` (under a minute on 2 cores);
 ``--target 80`` for A100, ``--out`` for another place.
 """
 
