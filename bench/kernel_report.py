@@ -43,6 +43,9 @@ CASES = (
     + [dict(op="bag", mode="max", dtype="float32", k=4, variant="all", **FULL)]
     + [dict(op="embedding", training="fused_adagrad", dtype="float32", k=4, variant="plain")]
     + [dict(op="embedding", dtype="float32", k=4, variant="odd_dim", dim=33)]
+    # Hot rows: the binary search over the hot ids in every lookup kernel.
+    + [dict(op=op, mode=mode, dtype="float32", k=4, variant="hot", hot=True)
+       for op, mode in (("embedding", None), ("bag", "sum"))]
 )
 
 

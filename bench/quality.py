@@ -1,9 +1,7 @@
-"""Accuracy versus compression: what a Bloom table costs a recommender.
+"""Accuracy versus compression at equal bytes: what a Bloom table costs a
+recommender, against the baselines a sceptical user tries first.
 
-Users and items are embedded by a full ``nn.Embedding`` (Spotlight's
-``ScaledEmbedding``, the same ``normal(0, 1/dim)`` init as the Bloom table)
-or by ``BloomEmbedding`` at several ``compression_ratio`` and ``k``, inside
-two standard models trained with the same hyperparameters for every table:
+Users and items are embedded inside two standard models:
 
 - implicit feedback: BPR matrix factorisation, ``score = <p_u, q_i> + b_i``,
   one uniformly sampled negative item per positive, leave-last-out split by
@@ -14,19 +12,33 @@ two standard models trained with the same hyperparameters for every table:
   random 80/10/10 split; reports RMSE (predictions clipped to the rating
   range).
 
-Biases are full-size tables in every model (one float per id) and are counted
-in ``total_params``; ``embedding_params`` counts the user and item tables the
-compression applies to.  A biases-only model (no tables) shows what the
-embeddings add at all.  Each model trains with Adam and stops early on the
-validation metric (AUC, resp. RMSE); test numbers are those of the best
-validation epoch.  Repeats differ in the seed of initialisation, batch order
-and negative samples; the split is fixed, and every table sees the same seeds.
+The fair protocol (issue 11):
 
-    python bench/quality.py --quick --out bench/results/quality_cpu.json
-    python bench/quality.py --dataset ml-100k --dataset synthetic --out results.json
-    python bench/quality.py --dataset /path/to/u.data --ratios 0.2 0.1 --ks 4 --out r.json
+- Every layout is compared at a byte budget, a share of the full tables'
+  embedding bytes (users + items, float32), everything a layout stores
+  counted (hashed rows, hot rows and their index, private codes and their
+  projection, importance weights).  The equal-bytes baselines: the full
+  table at the largest ``embedding_dim`` that fits (``small``), the hashing
+  trick (Bloom with ``k = 1``) and the biases-only model (no tables).
+- Every embedding parameter starts at the same per-element scale,
+  ``normal(0, 1/dim)`` of the full model's ``dim`` (Spotlight's init gives a
+  dim-6 table std 1/6, five times the full table's, which alone costs it
+  accuracy); ``--spotlight-init`` restores ``1/table_dim``.
+- Every table (each spec) gets its own learning rate and L2, picked on the
+  validation metric of seed 0 from the same small grid (``GRID``), with the
+  same epoch budget and early stopping; test numbers are those of the best
+  validation epoch, and repeats rerun the chosen setting with other seeds.
+- Every metric is reported against the full table (``/ full``) and against
+  the biases-only model (``gain kept``: ``(x - biases) / (full - biases)``,
+  the share of what the full table adds over no table at all).
 
-Writes the JSON, and a markdown summary and a PNG plot beside it.
+    python bench/quality.py --quick --out /tmp/quality_quick.json      # ml-100k, ~3 min
+    python bench/quality.py --out bench/results/quality_cpu.json      # ml-100k + synthetic, both tasks
+    python bench/quality.py --dataset /path/to/u.data --budgets 0.2 0.1 --out r.json
+
+Writes the JSON, and a markdown summary and a PNG plot beside it.  The
+helpers the budget sweep reuses: ``equal_bytes_specs``, ``make_table``,
+``tune``, ``embedding_bytes``.
 """
 
 from __future__ import annotations
@@ -49,45 +61,88 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import data as datasets  # noqa: E402
+from bench import layouts  # noqa: E402
 from bench.common import environment, write_json  # noqa: E402
 from triton_bloom import BloomEmbedding, ScaledEmbedding, ZeroEmbedding  # noqa: E402
 from triton_bloom.ranking import items_above, ranking_metrics  # noqa: E402
 
-# Bloom-layer variants, added as the module grows options: name -> extra
-# BloomEmbedding constructor kwargs.  Each runs on the same (ratio, k) grid as
-# plain Bloom (a variant that fixes num_hash_functions runs at that k only);
-# the headline reports the best variant at ratio 0.2, chosen on validation.
+# Bloom-layer variants: name -> extra BloomEmbedding constructor kwargs.  At
+# a byte budget their extra parameters (importance weights) come out of the
+# table's rows, so every variant stores no more than plain Bloom.
 VARIANTS: dict[str, dict] = {
     "signed": {"signed": True},
     "importance": {"importance": True},
     # One row of k importance weights per id (as in hash embeddings): k
-    # parameters an id instead of embedding_dim, counted in the sizes.
+    # parameters an id instead of embedding_dim.
     "importance per id": {"importance": True, "importance_ratio": 1.0},
     "signed+importance": {"signed": True, "importance": True},
 }
 
-FULL_RATIOS = (1.0, 0.5, 0.2, 0.1, 0.05)
-FULL_KS = (1, 2, 4, 8)
-QUICK_PAIRS = ((1.0, 4), (0.5, 4), (0.2, 2), (0.2, 4), (0.1, 4))
-HEADLINE_RATIO = 0.2
+# Layouts that mix private and hashed parameters (bench/layouts.py until the
+# library builds them): (share of ids that get a private full row, private
+# code dimension, k of the Bloom rows the rest of the budget buys (0: none),
+# optionally the hot rows' width).
+LAYOUTS = (
+    (0.0, 5, 4),
+    (0.02, 5, 4),
+    (0.05, 4, 4),
+    (0.03, 5, 1),
+    (0.1, 3, 4),
+)
+QUICK_LAYOUTS = ()
+# The same through the library's BloomEmbedding(hot_ids=, private_dim=).
+LIB_LAYOUTS = ((0.02, 5, 4),)
+
+FULL_BUDGETS = (0.5, 0.2, 0.1)
+FULL_KS = (2, 4)
+HEADLINE_BUDGET = 0.2
+HEADLINE_RATIO = HEADLINE_BUDGET  # a Bloom table's ratio is its share of the full table's bytes
 HEADLINE_K = 4  # Spotlight's default
+LAYOUT_KINDS = ("mixed", "hot", "planner")
+FLOAT_BYTES = 4
+# Old-style (ratio, k) grid of plain Bloom, kept for `--ratios/--ks` sweeps.
+QUICK_PAIRS = ((0.2, 4),)
 
 
 @dataclasses.dataclass(frozen=True)
 class TableSpec:
-    """How users and items are embedded: ``kind`` is ``full``, ``none``
-    (biases only), ``bloom`` or a variant's name."""
+    """How users and items are embedded.  ``kind``: ``none`` (biases only),
+    ``full`` (``dim`` None: the model's dim; else a reduced-dimension full
+    table, label ``small``), ``hash`` (Bloom with k=1), ``bloom``, a
+    variant's name, ``mixed`` (bench/layouts.py) or ``planner``.  ``budget``:
+    the share of the full table's bytes the spec was sized for."""
 
     kind: str
     ratio: Optional[float] = None
     k: Optional[int] = None
-    kwargs: tuple = ()  # the variant's BloomEmbedding kwargs, as sorted items
+    kwargs: tuple = ()  # the variant's / layout's kwargs, as sorted items
+    dim: Optional[int] = None
+    budget: Optional[float] = None
+
+    @property
+    def family(self) -> str:
+        """What the reports group by: ``small`` for a reduced-dim full table."""
+        return "small" if self.kind == "full" and self.dim is not None else self.kind
 
     @property
     def label(self) -> str:
-        if self.kind in ("full", "none"):
-            return {"full": "full table", "none": "biases only"}[self.kind]
-        return f"{self.kind} r={self.ratio:g} k={self.k}"
+        kw = dict(self.kwargs)
+        if self.kind == "none":
+            return "biases only"
+        if self.kind == "full":
+            return "full table" if self.dim is None else f"full table dim {self.dim}"
+        if self.kind == "hash":
+            return f"hashing trick r={self.ratio:g}"
+        if self.kind == "mixed":
+            hot = f"hot {kw['hot_share']:g}" + (f" x dim {kw['hot_dim']}" if kw.get("hot_dim") else "")
+            tail = f" + bloom k={self.k}" if self.k else ""
+            return f"{hot} + private {kw['private_dim']}{tail} ≤{self.budget:g}"
+        if self.kind == "hot":
+            return f"hot {kw['hot_share']:g} + private {kw['private_dim']} + bloom k={self.k} ≤{self.budget:g} (lib)"
+        if self.kind == "planner":
+            return f"planner's choice ≤{self.budget:g}"
+        size = f"r={self.ratio:g}" if self.budget is None else f"≤{self.budget:g}"
+        return f"{self.kind} {size} k={self.k}"
 
 
 @dataclasses.dataclass
@@ -98,19 +153,52 @@ class Hyper:
     l2: float = 1e-3  # on the looked-up vectors and biases of each batch
     max_epochs: int = 60
     patience: int = 5
+    # Every embedding parameter starts at normal(0, init_std); None: 1/dim of
+    # the full model, the same for every layout.  "spotlight": 1/table_dim.
+    init_std: Optional[object] = None
 
 
-# One setting per task for every table, picked by the full table's validation
-# metric (seed 0, ml-100k) in a small sweep: lr in {2e-3, 5e-3, 1e-2}, l2 in
-# {0, 1e-5, 1e-4, 1e-3, 1e-2} (implicit) and {1e-3, 1e-2, 5e-2, 2e-1}
-# (ratings).  Tuning on the full table favours it, if anything.
+# Defaults before tuning (and with --no-tune): the full table's best in a
+# small sweep on ml-100k.
 HYPER = {
     "implicit": Hyper(lr=2e-3, l2=1e-3),
     "ratings": Hyper(lr=5e-3, l2=5e-2),
 }
 
+# The same small grid for every table family, picked on validation (seed 0).
+GRID = {
+    "implicit": {"lr": (2e-3, 5e-3, 1e-2), "l2": (1e-4, 1e-3, 1e-2)},
+    "ratings": {"lr": (5e-3, 1e-2), "l2": (1e-2, 5e-2, 2e-1)},
+}
+QUICK_GRID = {
+    "implicit": {"lr": (5e-3, 1e-2), "l2": (1e-4, 1e-3)},
+    "ratings": {"lr": (1e-2,), "l2": (1e-2, 5e-2)},
+}
 
-# ----------------------------------------------------------------- grid
+
+# ------------------------------------------------------------ tables and bytes
+
+
+def full_bytes(num: int, dim: int) -> int:
+    """Bytes of a full float32 ``(num, dim)`` table: what budgets are shares of."""
+    return num * dim * FLOAT_BYTES
+
+
+def embedding_bytes(module: Optional[nn.Module]) -> int:
+    """Bytes of everything a table stores: parameters and persistent buffers
+    (a prototype layout counts the index the library would keep)."""
+    if module is None:
+        return 0
+    if isinstance(module, layouts.MixedTable):
+        return module.nbytes()
+    persistent = [b for name, b in module.named_buffers() if _persistent(module, name)]
+    return sum(t.numel() * t.element_size() for t in itertools.chain(module.parameters(), persistent))
+
+
+def _persistent(module: nn.Module, name: str) -> bool:
+    owner, _, leaf = name.rpartition(".")
+    sub = module.get_submodule(owner) if owner else module
+    return leaf not in sub._non_persistent_buffers_set
 
 
 def table_grid(pairs, variants: dict, variant_pairs=None) -> list[TableSpec]:
@@ -130,16 +218,113 @@ def table_grid(pairs, variants: dict, variant_pairs=None) -> list[TableSpec]:
     return specs
 
 
-def make_table(spec: TableSpec, num: int, dim: int) -> Optional[nn.Module]:
+def equal_bytes_specs(budget: float, dim: int, ks=(HEADLINE_K,), variants: Optional[dict] = None,
+                      layout_grid=(), planner: bool = False, library_layouts=()) -> list[TableSpec]:  # fmt: skip
+    """The tables that store at most ``budget`` of the full table's bytes:
+    the full table at the largest dim that fits, the hashing trick, plain
+    Bloom at each ``k``, the variants (their extras paid from the rows), the
+    layouts ``(hot_share, private_dim, k)`` and the planner's choice."""
+    specs = []
+    small = int(budget * dim + 1e-9)
+    if small >= 1:
+        specs.append(TableSpec("full", dim=small, budget=budget))
+    specs.append(TableSpec("hash", budget, 1, budget=budget))
+    specs += [TableSpec("bloom", budget, k, budget=budget) for k in ks]
+    for name, kwargs in (variants or {}).items():
+        if kwargs.get("importance_ratio", 0) * HEADLINE_K >= budget * dim:  # its weights alone fill the budget
+            continue
+        rest = tuple(sorted(kwargs.items()))
+        specs.append(TableSpec(name, budget, HEADLINE_K, rest, budget=budget))
+    for hot_share, private_dim, k, *hot_dim in layout_grid:
+        if private_dim >= budget * dim:  # the private codes alone would fill the budget
+            continue
+        kw = (("hot_share", hot_share), ("private_dim", private_dim)) + tuple(("hot_dim", d) for d in hot_dim)
+        specs.append(TableSpec("mixed", None, k, tuple(sorted(kw)), budget=budget))
+    for hot_share, private_dim, k in library_layouts:
+        if private_dim < budget * dim:
+            kw = (("hot_share", hot_share), ("private_dim", private_dim))
+            specs.append(TableSpec("hot", None, k, kw, budget=budget))
+    if planner:
+        specs.append(TableSpec("planner", budget=budget))
+    return specs
+
+
+def init_std_for(hp: "Hyper", table_dim: int) -> float:
+    if hp.init_std == "spotlight":
+        return 1.0 / table_dim
+    return float(hp.init_std) if hp.init_std is not None else 1.0 / hp.dim
+
+
+def make_table(spec: TableSpec, num: int, dim: int, counts: Optional[torch.Tensor] = None,
+               init_std: Optional[float] = None) -> Optional[nn.Module]:  # fmt: skip
+    """The table ``spec`` describes for ``num`` ids of ``dim`` (``counts``:
+    each id's training frequency, for layouts that favour frequent ids), its
+    embedding weights drawn from ``normal(0, init_std)`` when given."""
     if spec.kind == "none":
         return None
     if spec.kind == "full":
-        return ScaledEmbedding(num, dim)
-    # No padding id: every user and item is real, none may be the zero vector.
-    kwargs = dict(spec.kwargs)
-    if "importance_ratio" in kwargs:
-        kwargs["importance_rows"] = max(1, int(kwargs.pop("importance_ratio") * num))
-    return BloomEmbedding(num, dim, spec.ratio, spec.k, padding_idx=None, **kwargs)
+        table = ScaledEmbedding(num, spec.dim or dim)
+    elif spec.kind == "mixed":
+        kw = dict(spec.kwargs)
+        max_bytes = int(spec.budget * full_bytes(num, dim))
+        hot = int(round(kw["hot_share"] * num))
+        hot_dim = kw.get("hot_dim")
+        # On a small table the projections take a larger share: fewer hot ids.
+        while hot and layouts.layout_bytes(num, dim, hot, kw["private_dim"], 0, hot_dim) > max_bytes:
+            hot -= 1
+        rows = layouts.rows_for_budget(num, dim, hot, kw["private_dim"], max_bytes, hot_dim) if spec.k else 0
+        if counts is None:
+            raise ValueError("a mixed layout needs the ids' counts")
+        table = layouts.MixedTable(num, dim, layouts.top_ids(counts, hot), kw["private_dim"], rows, spec.k or 1,
+                                   init_std, hot_dim)  # fmt: skip
+        if table.nbytes() > max_bytes:
+            raise ValueError(f"{spec.label}: {table.nbytes()} bytes exceed the budget {max_bytes}")
+        return table
+    elif spec.kind == "hot":
+        # The library's layout: hot rows (sorted int64 index, counted by
+        # embedding_bytes) and a private code, Bloom rows with the rest.
+        kw = dict(spec.kwargs)
+        max_bytes = int(spec.budget * full_bytes(num, dim))
+        r = kw["private_dim"]
+        fixed = lambda hot: (hot * dim + num * r + r * dim) * FLOAT_BYTES + hot * 8  # noqa: E731
+        hot = int(round(kw["hot_share"] * num))
+        while hot and fixed(hot) + dim * FLOAT_BYTES > max_bytes:
+            hot -= 1
+        rows = (max_bytes - fixed(hot)) // (dim * FLOAT_BYTES)
+        if rows < 1:
+            raise ValueError(f"{spec.label}: the private part alone exceeds the budget {max_bytes}")
+        if counts is None:
+            raise ValueError("a hot-row layout needs the ids' counts")
+        table = BloomEmbedding(num, dim, num_rows=int(rows), num_hash_functions=spec.k, padding_idx=None,
+                               hot_ids=layouts.top_ids(counts, hot) if hot else None, private_dim=r)  # fmt: skip
+    elif spec.kind == "planner":
+        # Needs the library's planner (issue 11, part 4).
+        table = BloomEmbedding.from_counts(counts, dim, max_bytes=int(spec.budget * full_bytes(num, dim)),
+                                           verbose=False, padding_idx=None)  # fmt: skip
+    else:
+        # No padding id: every user and item is real, none may be the zero vector.
+        kwargs = dict(spec.kwargs)
+        if "importance_ratio" in kwargs:
+            kwargs["importance_rows"] = max(1, int(kwargs.pop("importance_ratio") * num))
+        if spec.budget is not None:
+            # Importance weights are paid from the table's rows.
+            extra = kwargs.get("importance_rows", 0) * spec.k * FLOAT_BYTES if kwargs.get("importance") else 0
+            if kwargs.get("importance") and "importance_rows" not in kwargs:
+                # importance_rows defaults to num_rows: rows * (dim + k) floats.
+                rows = int(spec.budget * full_bytes(num, dim)) // ((dim + spec.k) * FLOAT_BYTES)
+                kwargs["importance_rows"] = max(1, rows)
+                extra = kwargs["importance_rows"] * spec.k * FLOAT_BYTES
+            else:
+                rows = (int(spec.budget * full_bytes(num, dim)) - extra) // (dim * FLOAT_BYTES)
+            kwargs["num_rows"] = max(1, rows)
+        table = BloomEmbedding(num, dim, spec.ratio, spec.k, padding_idx=None, **kwargs)
+    if init_std is not None:
+        with torch.no_grad():
+            for name, param in table.named_parameters():
+                # Projections keep their own init: they map a code, they are no table.
+                if name.endswith("weight") and "importance" not in name and "projection" not in name:
+                    param.normal_(0.0, init_std)
+    return table
 
 
 # ---------------------------------------------------------------- model
@@ -158,12 +343,20 @@ class Factorization(nn.Module):
         user_bias: bool,
         mean: float = 0.0,
         compress=("users", "items"),
+        counts=(None, None),
+        init_std=None,
     ):
         super().__init__()
         self.num_items = num_items
         full = spec if spec.kind == "none" else TableSpec("full")
-        self.users = make_table(spec if "users" in compress else full, num_users, dim)
-        self.items = make_table(spec if "items" in compress else full, num_items, dim)
+
+        def table(side, num, count):
+            chosen = spec if side in compress else full
+            std = init_std(chosen.dim or dim) if callable(init_std) else init_std
+            return make_table(chosen, num, dim, count, std)
+
+        self.users = table("users", num_users, counts[0])
+        self.items = table("items", num_items, counts[1])
         self.item_bias = ZeroEmbedding(num_items, 1)
         self.user_bias = ZeroEmbedding(num_users, 1) if user_bias else None
         self.register_buffer("mean", torch.tensor(float(mean)))
@@ -183,6 +376,20 @@ class Factorization(nn.Module):
             sq = sq + p.pow(2).sum(-1) + q.pow(2).sum(-1)
         return score, sq
 
+    def bpr(self, users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor):
+        """``parts(u, pos) - parts(u, neg)`` and the sum of their squared
+        norms, looking each user up once and the items in one call."""
+        items = torch.cat([positives, negatives])
+        b_pos, b_neg = self.item_bias(items).squeeze(-1).chunk(2)
+        margin = b_pos - b_neg
+        sq = b_pos.pow(2) + b_neg.pow(2)
+        if self.users is not None:
+            p = self.users(users)
+            q_pos, q_neg = self.items(items).chunk(2)
+            margin = margin + (p * (q_pos - q_neg)).sum(-1)
+            sq = sq + 2 * p.pow(2).sum(-1) + q_pos.pow(2).sum(-1) + q_neg.pow(2).sum(-1)
+        return margin, sq
+
     @torch.no_grad()
     def user_scores(self, users: torch.Tensor) -> torch.Tensor:
         """``(len(users), num_items)`` scores against every item."""
@@ -195,22 +402,23 @@ class Factorization(nn.Module):
 
 
 def table_params(module: Optional[nn.Module]) -> tuple[int, int]:
-    """Parameters and bytes of a table, buffers (a hash cache) included."""
+    """Parameters and bytes of a table (``embedding_bytes``)."""
     if module is None:
         return 0, 0
-    tensors = list(module.parameters()) + list(module.buffers())
-    return sum(t.numel() for t in module.parameters()), sum(t.numel() * t.element_size() for t in tensors)
+    return sum(p.numel() for p in module.parameters()), embedding_bytes(module)
 
 
 def model_size(model: Factorization) -> dict:
     emb = [table_params(model.users), table_params(model.items)]
     total = sum(p.numel() for p in model.parameters())
-    total_bytes = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+    biases = sum(t.numel() * t.element_size() for t in model.parameters()) - sum(
+        p.numel() * p.element_size() for t in (model.users, model.items) if t is not None for p in t.parameters()
+    )
     return {
         "embedding_params": sum(p for p, _ in emb),
         "embedding_bytes": sum(b for _, b in emb),
         "total_params": total,
-        "total_bytes": total_bytes,
+        "total_bytes": sum(b for _, b in emb) + biases,
     }
 
 
@@ -232,10 +440,8 @@ def bpr_epoch(model, opt, train: datasets.Interactions, hp: Hyper, rng) -> float
     total = 0.0
     for idx in _batches(len(train), hp.batch_size, rng):
         idx = torch.from_numpy(idx)
-        u = users[idx]
-        pos, sq_pos = model.parts(u, items[idx])
-        neg, sq_neg = model.parts(u, negatives[idx])
-        loss = -F.logsigmoid(pos - neg).mean() + hp.l2 * (sq_pos + sq_neg).mean()
+        margin, sq = model.bpr(users[idx], items[idx], negatives[idx])
+        loss = -F.logsigmoid(margin).mean() + hp.l2 * sq.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -307,18 +513,26 @@ class Task:
     higher_is_better: bool
     compress: tuple = ("users", "items")  # which tables a compressed spec applies to
 
-    def model(self, spec: TableSpec) -> Factorization:
-        hp = self.hyper
+    @property
+    def counts(self) -> tuple:
+        """Training events per user and per item: what layouts that favour
+        frequent ids (and the planner) are built from."""
+        train = self.split.train
+        return (torch.bincount(torch.from_numpy(train.user), minlength=train.num_users),
+                torch.bincount(torch.from_numpy(train.item), minlength=train.num_items))  # fmt: skip
+
+    def model(self, spec: TableSpec, hyper: Optional[Hyper] = None) -> Factorization:
+        hp = hyper or self.hyper
         train = self.split.train
         ratings = self.name == "ratings"
         mean = float(train.rating.mean()) if ratings else 0.0
-        return Factorization(
-            spec, train.num_users, train.num_items, hp.dim, user_bias=ratings, mean=mean, compress=self.compress
-        )
+        return Factorization(spec, train.num_users, train.num_items, hp.dim, user_bias=ratings, mean=mean,
+                             compress=self.compress, counts=self.counts,
+                             init_std=lambda table_dim: init_std_for(hp, table_dim))  # fmt: skip
 
-    def epoch(self, model, opt, rng) -> float:
+    def epoch(self, model, opt, rng, hyper: Optional[Hyper] = None) -> float:
         fn = rating_epoch if self.name == "ratings" else bpr_epoch
-        return fn(model, opt, self.split.train, self.hyper, rng)
+        return fn(model, opt, self.split.train, hyper or self.hyper, rng)
 
     def evaluate(self, model, part: str) -> dict:
         s = self.split
@@ -341,20 +555,22 @@ def make_tasks(data: datasets.Interactions, names, hyper: dict, compress=("users
     return tasks
 
 
-def fit(task: Task, spec: TableSpec, seed: int) -> dict:
+def fit(task: Task, spec: TableSpec, seed: int, hyper: Optional[Hyper] = None) -> dict:
     """Train with early stopping on validation; test the best epoch's weights."""
+    hp = hyper or task.hyper
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = task.model(spec)
-    hp = task.hyper
+    model = task.model(spec, hp)
     opt = torch.optim.Adam(model.parameters(), lr=hp.lr)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     best, best_state, best_epoch, epoch = None, None, 0, 0
+    curve = []
     for epoch in range(1, hp.max_epochs + 1):
         model.train()
-        task.epoch(model, opt, rng)
+        task.epoch(model, opt, rng, hp)
         model.eval()
         valid = task.evaluate(model, "valid")
+        curve.append(round(valid[task.select], 5))
         if task.better(valid[task.select], None if best is None else best[task.select]):
             best, best_state, best_epoch = valid, copy.deepcopy(model.state_dict()), epoch
         elif epoch - best_epoch >= hp.patience:
@@ -365,9 +581,37 @@ def fit(task: Task, spec: TableSpec, seed: int) -> dict:
         "test": task.evaluate(model, "test"),
         "best_epoch": best_epoch,
         "epochs_run": epoch,
+        "valid_curve": curve,
         "seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - cpu_start,
+        "lr": hp.lr,
+        "l2": hp.l2,
         **model_size(model),
     }
+
+
+def grid_points(grid: dict) -> list[dict]:
+    keys = sorted(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def tune(task: Task, spec: TableSpec, grid: dict, seed: int = 0, hyper: Optional[Hyper] = None, log=None):
+    """Fit ``spec`` at every point of ``grid`` (``{"lr": (...), "l2": (...)}``)
+    with ``seed`` and keep the best validation metric: returns the chosen
+    ``Hyper``, that fit's result and every point's validation metric."""
+    base = hyper or task.hyper
+    best_hp, best_result, trials = None, None, []
+    for point in grid_points(grid):
+        hp = dataclasses.replace(base, **point)
+        result = fit(task, spec, seed, hp)
+        trials.append({**point, "valid": result["valid"][task.select], "best_epoch": result["best_epoch"],
+                       "seconds": result["seconds"]})  # fmt: skip
+        if log:
+            log(f"  tune {spec.label} {point}: valid {task.select}={result['valid'][task.select]:.4f} "
+                f"(epoch {result['best_epoch']}, {result['seconds']:.1f}s)")  # fmt: skip
+        if best_result is None or task.better(result["valid"][task.select], best_result["valid"][task.select]):
+            best_hp, best_result = hp, result
+    return best_hp, best_result, trials
 
 
 # ------------------------------------------------------------ summaries
@@ -378,61 +622,104 @@ def _stats(values) -> dict:
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
 
 
+SUMMARY_KEYS = ("dataset", "task", "label", "kind", "family", "ratio", "k", "dim", "budget", "variant_kwargs")
+SIZE_KEYS = ("embedding_params", "embedding_bytes", "total_params", "total_bytes")
+
+
 def summarize(runs: list) -> list:
     """One row per (dataset, task, table): mean and sample std over repeats,
-    and the share of the full table's mean metric kept."""
+    the share of the full table's mean metric kept (``kept_vs_full``) and
+    the share of its gain over biases only kept (``gain_kept``)."""
     groups: dict = {}
     for r in runs:
         groups.setdefault((r["dataset"], r["task"], r["label"]), []).append(r)
     rows = []
     for (dataset, task, label), group in groups.items():
         first = group[0]
-        row = {k: first[k] for k in ("dataset", "task", "label", "kind", "ratio", "k", "variant_kwargs")}
-        row.update({k: first[k] for k in ("embedding_params", "embedding_bytes", "total_params", "total_bytes")})
+        row = {k: first.get(k) for k in SUMMARY_KEYS}
+        row.update({k: first[k] for k in SIZE_KEYS})
+        row["hyper"] = {"lr": first.get("lr"), "l2": first.get("l2")}
+        if first.get("trials") is not None:
+            row["trials"] = first["trials"]
         for part in ("test", "valid"):
             row[part] = {m: _stats([g[part][m] for g in group]) for m in first[part]}
         row["best_epoch"] = _stats([g["best_epoch"] for g in group])
         row["seconds"] = _stats([g["seconds"] for g in group])
         rows.append(row)
     for row in rows:
-        full = next(r for r in rows if (r["dataset"], r["task"], r["kind"]) == (row["dataset"], row["task"], "full"))
+        same = [r for r in rows if (r["dataset"], r["task"]) == (row["dataset"], row["task"])]
+        full = next(r for r in same if r["kind"] == "full" and r["dim"] is None)
+        none = next((r for r in same if r["kind"] == "none"), None)
         row["kept_vs_full"] = {m: row["test"][m]["mean"] / full["test"][m]["mean"] for m in row["test"]}
         row["embedding_params_vs_full"] = row["embedding_params"] / full["embedding_params"]
+        row["embedding_bytes_vs_full"] = row["embedding_bytes"] / full["embedding_bytes"]
+        if none is not None:
+            row["gain_kept"] = {
+                m: (row["test"][m]["mean"] - none["test"][m]["mean"]) / (full["test"][m]["mean"] - none["test"][m]["mean"])
+                for m in row["test"] if full["test"][m]["mean"] != none["test"][m]["mean"]
+            }  # fmt: skip
     return rows
 
 
-def _best(rows, kinds, select, higher) -> Optional[dict]:
-    """The row of ``kinds`` at the headline ratio with the best validation
-    ``select``: choosing k or a variant on test would flatter it."""
-    pool = [r for r in rows if r["kind"] in kinds and r["ratio"] == HEADLINE_RATIO]
+def _at_budget(row: dict) -> Optional[float]:
+    """The budget a row was sized for (an old-style Bloom spec: its ratio)."""
+    return row["budget"] if row.get("budget") is not None else row.get("ratio")
+
+
+def _best(rows, kinds, select, higher, budget=HEADLINE_BUDGET) -> Optional[dict]:
+    """The row of ``kinds`` at ``budget`` with the best validation
+    ``select``: choosing k, a variant or a layout on test would flatter it."""
+    pool = [r for r in rows if r["family"] in kinds and _at_budget(r) == budget]
     if not pool:
         return None
     key = (lambda r: r["valid"][select]["mean"]) if higher else (lambda r: -r["valid"][select]["mean"])
     return max(pool, key=key)
 
 
-def headline(rows: list, tasks: dict) -> dict:
-    """Per dataset and task: the full table against plain Bloom at ratio 0.2
-    (k=4, and the k validation prefers) and the best variant there, with the
-    biases-only model as the floor any table should beat."""
+BASELINES = ("biases_only", "small", "hash", f"bloom_k{HEADLINE_K}", "bloom_best_k")
+
+
+def headline(rows: list, tasks: dict, budget: float = HEADLINE_BUDGET) -> dict:
+    """Per dataset and task, at ``budget`` of the full table's bytes: the
+    full table, the equal-bytes baselines (biases only, the full table at a
+    reduced dim, the hashing trick, plain Bloom at k=4 and at the k
+    validation prefers), the best Bloom variant and the best layout, each
+    chosen on validation; and whether the best layout beats every baseline
+    on the test metric."""
     out = {}
     for (dataset, task) in dict.fromkeys((r["dataset"], r["task"]) for r in rows):
         sub = [r for r in rows if (r["dataset"], r["task"]) == (dataset, task)]
         select, higher = tasks[task]
         picks = {
-            "biases_only": next((r for r in sub if r["kind"] == "none"), None),  # what no table at all keeps
-            "full": next(r for r in sub if r["kind"] == "full"),
-            f"bloom_r{HEADLINE_RATIO:g}_k{HEADLINE_K}": next(
-                (r for r in sub if r["kind"] == "bloom" and r["ratio"] == HEADLINE_RATIO and r["k"] == HEADLINE_K), None
-            ),
-            f"bloom_r{HEADLINE_RATIO:g}_best_k": _best(sub, {"bloom"}, select, higher),
-            f"variant_r{HEADLINE_RATIO:g}_best": _best(sub, set(VARIANTS), select, higher),
+            "full": next(r for r in sub if r["kind"] == "full" and r["dim"] is None),
+            "biases_only": next((r for r in sub if r["kind"] == "none"), None),
+            "small": _best(sub, {"small"}, select, higher, budget),
+            "hash": _best(sub, {"hash"}, select, higher, budget),
+            f"bloom_k{HEADLINE_K}": next((r for r in sub if r["kind"] == "bloom" and _at_budget(r) == budget
+                                          and r["k"] == HEADLINE_K), None),  # fmt: skip
+            "bloom_best_k": _best(sub, {"bloom"}, select, higher, budget),
+            "variant_best": _best(sub, set(VARIANTS), select, higher, budget),
+            "layout_best": _best(sub, set(LAYOUT_KINDS), select, higher, budget),
         }
-        out.setdefault(dataset, {})[task] = {
-            name: {"label": r["label"], "test": r["test"], "kept_vs_full": r["kept_vs_full"],
-                   "embedding_params": r["embedding_params"]}
+        entry = {
+            name: {"label": r["label"], "test": r["test"], "valid": r["valid"], "kept_vs_full": r["kept_vs_full"],
+                   "gain_kept": r.get("gain_kept", {}), "embedding_bytes": r["embedding_bytes"],
+                   "embedding_bytes_vs_full": r["embedding_bytes_vs_full"], "hyper": r["hyper"]}
             for name, r in picks.items() if r is not None
         }  # fmt: skip
+        best = picks["layout_best"] or picks["variant_best"] or picks["bloom_best_k"]
+        if best is not None:
+            sign = 1 if higher else -1
+            margins = {name: sign * (best["test"][select]["mean"] - picks[name]["test"][select]["mean"])
+                       for name in BASELINES if picks.get(name) is not None and picks[name] is not best}  # fmt: skip
+            entry["verdict"] = {
+                "best": best["label"],
+                "metric": select,
+                "kept_vs_full": best["kept_vs_full"][select],
+                "beats_every_baseline": all(m > 0 for m in margins.values()),
+                "margin_over": margins,
+            }
+        out.setdefault(dataset, {})[task] = entry
     return out
 
 
@@ -454,53 +741,104 @@ def load_dataset(name: str, cache_dir: Optional[str]) -> datasets.Interactions:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help=f"ml-100k only, tables {QUICK_PAIRS} (ratio, k), 3 repeats")
+    p.add_argument("--quick", action="store_true",
+                   help=f"ml-100k, implicit, budget {HEADLINE_BUDGET}: the baselines, plain Bloom k={HEADLINE_K}, "
+                        f"the library layouts {LIB_LAYOUTS} and the planner's, grid {QUICK_GRID['implicit']}, "
+                        "1 repeat")  # fmt: skip
     p.add_argument("--dataset", action="append", help="ml-100k, synthetic or a u.data/.inter path (repeatable); "
                    "default ml-100k and synthetic, ml-100k with --quick")  # fmt: skip
-    p.add_argument("--tasks", nargs="+", default=["implicit", "ratings"], choices=["implicit", "ratings"])
+    p.add_argument("--tasks", nargs="+", choices=["implicit", "ratings"],
+                   help="default implicit and ratings; implicit with --quick")  # fmt: skip
     p.add_argument("--compress", nargs="+", default=["users", "items"], choices=["users", "items"],
                    help="which tables the compressed specs replace; the others stay full (default both)")  # fmt: skip
-    p.add_argument("--ratios", nargs="+", type=float, help=f"default {FULL_RATIOS}")
-    p.add_argument("--ks", nargs="+", type=int, help=f"default {FULL_KS}")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0, help="repeat r uses seed + r")
-    p.add_argument("--dim", type=int, help=f"embedding size (default {Hyper.dim})")
+    p.add_argument("--budgets", nargs="+", type=float,
+                   help=f"shares of the full table's bytes (default {FULL_BUDGETS}; {HEADLINE_BUDGET} with --quick); "
+                        f"variants and layouts run at {HEADLINE_BUDGET} only")  # fmt: skip
+    p.add_argument("--ks", nargs="+", type=int, help=f"k of plain Bloom at each budget (default {FULL_KS})")
+    p.add_argument("--ratios", nargs="+", type=float, help="also plain Bloom at these compression ratios (at --ks)")
+    p.add_argument("--no-variants", action="store_true", help="leave out the Bloom variants (signed, importance)")
+    p.add_argument("--no-layouts", action="store_true", help="leave out the mixed layouts")
+    p.add_argument("--layout", action="append", metavar="H,R,K[,HD]",
+                   help="a bench/layouts.py layout to run instead of the defaults: hot share, private dim, k (0: no "
+                        "Bloom rows), hot rows' dim (repeatable)")  # fmt: skip
+    p.add_argument("--lib-layout", action="append", metavar="H,R,K",
+                   help="the library's hot_ids + private_dim layout: hot share, private dim, k (repeatable; "
+                        f"default {LIB_LAYOUTS})")  # fmt: skip
+    p.add_argument("--no-planner", dest="planner", action="store_false",
+                   help="leave out BloomEmbedding.from_counts's choice at each budget")  # fmt: skip
+    p.add_argument("--repeats", type=int, help="seeds per table (default 3; 1 with --quick)")
+    p.add_argument("--seed", type=int, default=0, help="repeat r uses seed + r; tuning uses seed")
+    p.add_argument("--dim", type=int, help=f"embedding size of the full table (default {Hyper.dim})")
     p.add_argument("--epochs", type=int, help=f"most epochs, early stopping on validation (default {Hyper.max_epochs})")
     p.add_argument("--patience", type=int, help=f"epochs without validation gain to stop (default {Hyper.patience})")
+    p.add_argument("--no-tune", action="store_true", help="train every table with HYPER instead of tuning lr and L2")
+    p.add_argument("--spotlight-init", action="store_true",
+                   help="init each table at normal(0, 1/its dim) (Spotlight) instead of 1/the full dim")  # fmt: skip
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: reproducible, shares the machine)")
     p.add_argument("--cache-dir", help=f"where ml-100k is kept (default {datasets.default_cache_dir()})")
     p.add_argument("--out", required=True, help="JSON path; the .md and .png are written beside it")
     return p.parse_args(argv)
 
 
-def grid_pairs(args) -> list:
-    if args.ratios is None and args.ks is None and args.quick:
-        return list(QUICK_PAIRS)
-    return list(itertools.product(args.ratios or FULL_RATIOS, args.ks or FULL_KS))
+def study_specs(args, dim: int) -> list[TableSpec]:
+    """Biases only, the full table, then at each budget the equal-bytes
+    tables; the variants and layouts at the headline budget only."""
+    budgets = args.budgets or ([HEADLINE_BUDGET] if args.quick else list(FULL_BUDGETS))
+    ks = args.ks or ([HEADLINE_K] if args.quick else list(FULL_KS))
+    variants = {} if args.no_variants or args.quick else VARIANTS
+    layout_grid = () if args.no_layouts else (QUICK_LAYOUTS if args.quick else LAYOUTS)
+    if args.layout:
+        layout_grid = [tuple(_number(v) for v in text.split(",")) for text in args.layout]
+    lib_layouts = () if args.no_layouts else LIB_LAYOUTS
+    if args.lib_layout:
+        lib_layouts = [tuple(_number(v) for v in text.split(",")) for text in args.lib_layout]
+    specs = [TableSpec("none"), TableSpec("full")]
+    for budget in budgets:
+        headline = budget == HEADLINE_BUDGET
+        specs += equal_bytes_specs(budget, dim, ks, variants if headline else None,
+                                   layout_grid if headline else (), args.planner,
+                                   lib_layouts if headline else ())  # fmt: skip
+    specs += [TableSpec("bloom", r, k) for r in args.ratios or () for k in ks]
+    return list(dict.fromkeys(specs))
 
 
-def run_all(args, hyper: dict) -> tuple[list, dict]:
+def _number(text: str):
+    return float(text) if "." in text else int(text)
+
+
+def run_all(args, hyper: dict, grids: dict, log=None) -> tuple[list, dict]:
     names = args.dataset or (["ml-100k"] if args.quick else ["ml-100k", "synthetic"])
-    pairs = grid_pairs(args)
-    # --quick runs the variants at the headline (ratio, k) only, to stay within minutes.
-    variant_pairs = [(HEADLINE_RATIO, HEADLINE_K)] if args.quick else None
-    specs = table_grid(pairs, VARIANTS, variant_pairs)
+    task_names = args.tasks or (["implicit"] if args.quick else ["implicit", "ratings"])
+    repeats = args.repeats or (1 if args.quick else 3)
+    specs = study_specs(args, hyper["implicit"].dim)
     runs, described = [], {}
     for name in names:
         data = load_dataset(name, args.cache_dir)
         described[data.name] = {**data.describe(), "splits": {}}
-        for task in make_tasks(data, args.tasks, hyper, tuple(args.compress)):
+        for task in make_tasks(data, task_names, hyper, tuple(args.compress)):
             described[data.name]["splits"][task.name] = task.split.sizes()
-            for spec, repeat in itertools.product(specs, range(args.repeats)):
-                seed = args.seed + repeat
-                result = fit(task, spec, seed)
-                runs.append({"dataset": data.name, "task": task.name, "label": spec.label, "kind": spec.kind,
-                             "ratio": spec.ratio, "k": spec.k, "variant_kwargs": dict(spec.kwargs),
-                             "repeat": repeat, "seed": seed, **result})  # fmt: skip
-                shown = ", ".join(f"{m}={v:.4f}" for m, v in result["test"].items())
-                note = f"(epoch {result['best_epoch']}, {result['seconds']:.1f}s)"
-                print(f"{data.name} {task.name} {spec.label} #{repeat}: {shown} {note}", file=sys.stderr, flush=True)
+            for spec in specs:
+                if args.no_tune:
+                    hp, first, trials = task.hyper, fit(task, spec, args.seed), None
+                else:
+                    hp, first, trials = tune(task, spec, grids[task.name], args.seed, log=log)
+                for repeat in range(repeats):
+                    seed = args.seed + repeat
+                    # The tuning fit of the chosen setting is repeat 0.
+                    result = first if repeat == 0 else fit(task, spec, seed, hp)
+                    runs.append({"dataset": data.name, "task": task.name, "label": spec.label, "kind": spec.kind,
+                                 "family": spec.family, "ratio": spec.ratio, "k": spec.k, "dim": spec.dim,
+                                 "budget": spec.budget, "variant_kwargs": dict(spec.kwargs), "repeat": repeat,
+                                 "seed": seed, "trials": trials if repeat == 0 else None, **result})  # fmt: skip
+                    shown = ", ".join(f"{m}={v:.4f}" for m, v in result["test"].items())
+                    note = f"(lr {hp.lr:g}, l2 {hp.l2:g}, epoch {result['best_epoch']}, {result['seconds']:.1f}s)"
+                    if log:
+                        log(f"{data.name} {task.name} {spec.label} #{repeat}: {shown} {note}")
     return runs, described
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def main(argv=None):
@@ -509,34 +847,51 @@ def main(argv=None):
         raise SystemExit("bench/quality.py plots with matplotlib: pip install matplotlib")
     torch.set_num_threads(args.threads)
     overrides = {k: v for k, v in dict(dim=args.dim, max_epochs=args.epochs, patience=args.patience).items() if v}
+    if args.spotlight_init:
+        overrides["init_std"] = "spotlight"
     hyper = {task: dataclasses.replace(hp, **overrides) for task, hp in HYPER.items()}
-    start = time.perf_counter()
-    runs, described = run_all(args, hyper)
+    grids = QUICK_GRID if args.quick else GRID
+    start, cpu_start = time.perf_counter(), time.process_time()
+    runs, described = run_all(args, hyper, grids, log=_log)
     rows = summarize(runs)
+    init = "normal(0, 1/table dim) (Spotlight)" if args.spotlight_init else \
+        f"normal(0, 1/{hyper['implicit'].dim}) for every embedding parameter of every layout"  # fmt: skip
     payload = {
         "benchmark": "quality",
         "environment": environment(),
         "command": "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "wall_seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - cpu_start,
         "protocol": {
             "implicit": "BPR-MF (score <p_u,q_i> + b_i), 1 uniform negative per positive; leave-last-out by "
                         "timestamp (ties: file order), second-last is validation; metrics rank the held-out item "
                         "against all items the user has not interacted with (full ranking), ties count half",
             "ratings": "MF with global mean and user/item biases, MSE loss; random 80/10/10 split (seed 0); "
                        "RMSE of predictions clipped to the training rating range",
+            "budget": "each compressed table stores at most budget x the full table's embedding bytes "
+                      "(users and items each; float32), everything counted: hashed rows, hot rows and their "
+                      f"index ({layouts.HOT_INDEX_BYTES} B per hot id), private codes and projections, "
+                      "importance weights (paid from the rows); biases are full-size in every model",
+            "baselines": "full table at the largest embedding_dim within the budget; hashing trick (Bloom k=1); "
+                         "biases only (no tables)",
+            "init": init,
+            "tuning": "no tuning: HYPER for every table" if args.no_tune else
+                      f"every table its own lr and L2 from the grid {grids}, picked on the validation metric of "
+                      f"seed {args.seed}; the same grid, epochs and patience for every table",
             "selection": "early stopping on validation (implicit: AUC, ratings: RMSE); test metrics at the "
-                         "best validation epoch; best k / variant chosen on validation means",
-            "tuning": "one setting per task for all tables, picked on the full table's validation metric "
-                      "(seed 0, ml-100k) from lr {2e-3, 5e-3, 1e-2} x l2 {0..1e-2} (implicit), {1e-3..2e-1} (ratings)",
-            "tables": "full = ScaledEmbedding (nn.Embedding, normal(0, 1/dim) init); bloom = BloomEmbedding("
-                      "padding_idx=None, backend='auto'); "
-                      f"compressed: {' and '.join(args.compress)} (the other table, if any, stays full); "
-                      "biases full-size",
+                         "best validation epoch; best k / variant / layout chosen on validation means",
+            "tables": "full = ScaledEmbedding (nn.Embedding); bloom/hash/variants = BloomEmbedding("
+                      "padding_idx=None, backend='auto'); mixed = bench/layouts.py MixedTable (hot ids by "
+                      f"training count, then a private code + projection, Bloom rows with the rest); compressed: "
+                      f"{' and '.join(args.compress)} (the other table, if any, stays full)",
+            "relative": "/ full: test metric over the full table's; gain kept: (x - biases only) / "
+                        "(full - biases only), the share of what the full table adds over no table",
             "spread": "mean and sample std (ddof=1) over repeats with seeds seed..seed+repeats-1",
         },  # fmt: skip
         "hyperparameters": {task: dataclasses.asdict(hp) for task, hp in hyper.items()},
-        "repeats": args.repeats,
-        "headline_ratio": HEADLINE_RATIO,
+        "grid": grids,
+        "repeats": args.repeats or (1 if args.quick else 3),
+        "headline_budget": HEADLINE_BUDGET,
         "variants": VARIANTS,
         "datasets": described,
         "headline": headline(rows, {"implicit": ("auc", True), "ratings": ("rmse", False)}),
@@ -549,7 +904,8 @@ def main(argv=None):
     stem = os.path.splitext(args.out)[0]
     write_markdown(stem + ".md", payload)
     write_plot(stem + ".png", payload)
-    print(f"wrote {args.out}, {stem}.md, {stem}.png in {payload['wall_seconds']:.0f}s", file=sys.stderr)
+    _log(f"wrote {args.out}, {stem}.md, {stem}.png in {payload['wall_seconds']:.0f}s wall, "
+         f"{payload['cpu_seconds']:.0f}s CPU")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -28,17 +28,33 @@ def _size(n_bytes: int) -> str:
     return f"{n_bytes / 1024:.1f} KiB"
 
 
+def _hyper(row: dict) -> str:
+    hp = row.get("hyper") or {}
+    return f"{hp['lr']:g} / {hp['l2']:g}" if hp.get("lr") is not None else "-"
+
+
+def _bytes_vs_full(row: dict) -> float:
+    # Older results recorded parameters only.
+    return row.get("embedding_bytes_vs_full", row["embedding_params_vs_full"])
+
+
+def _gain(row: dict, metric: str) -> str:
+    gain = row.get("gain_kept", {}).get(metric)
+    return "-" if gain is None else f"{gain:.3f}"
+
+
 def _task_table(rows: list, task: str) -> str:
     metrics = METRICS[task]
-    headers = ["table", "emb. params", "emb. bytes", "params vs full"]
-    headers += [m.upper() for m in metrics] + [f"{m.upper()} / full" for m in metrics] + ["best epoch", "s / run"]
+    headers = ["table", "emb. params", "emb. bytes", "bytes vs full", "lr / L2"]
+    headers += [m.upper() for m in metrics] + [f"{m.upper()} / full" for m in metrics]
+    headers += [f"{metrics[0].upper()} gain kept", "best epoch", "s / run"]
     body = []
     for r in rows:
         line = [r["label"], f"{r['embedding_params']:,}", _size(r["embedding_bytes"])]
-        line.append(f"{r['embedding_params_vs_full']:.3f}")
+        line += [f"{_bytes_vs_full(r):.3f}", _hyper(r)]
         line += [_pm(r["test"][m]) for m in metrics]
         line += [f"{r['kept_vs_full'][m]:.3f}" for m in metrics]
-        line += [f"{r['best_epoch']['mean']:.0f}", f"{r['seconds']['mean']:.1f}"]
+        line += [_gain(r, metrics[0]), f"{r['best_epoch']['mean']:.0f}", f"{r['seconds']['mean']:.1f}"]
         body.append(line)
     return markdown_table(headers, body)
 
@@ -46,23 +62,44 @@ def _task_table(rows: list, task: str) -> str:
 def _chosen(pick_name: str) -> str:
     if pick_name.startswith("variant"):
         return " (best variant on validation)"
+    if pick_name.startswith("layout"):
+        return " (best layout on validation)"
     return " (k chosen on validation)" if pick_name.endswith("best_k") else ""
 
 
 def _headline_table(headline: dict) -> str:
-    headers = ["dataset", "task", "metric", "table", "test (mean ± std)", "kept vs full"]
+    headers = ["dataset", "task", "table", "emb. bytes", "bytes vs full", "lr / L2", "metric", "test (mean ± std)",
+               "/ full", "gain kept"]  # fmt: skip
     body = []
     for dataset, tasks in headline.items():
         for task, picks in tasks.items():
             shown = set()
             for name, pick in picks.items():
-                if pick["label"] in shown:  # validation chose the k already shown
+                if name == "verdict" or pick["label"] in shown:  # validation chose the k already shown
                     continue
                 shown.add(pick["label"])
-                for m in METRICS[task][:2]:
-                    body.append([dataset, task, m.upper(), pick["label"] + _chosen(name),
-                                 _pm(pick["test"][m]), f"{pick['kept_vs_full'][m]:.3f}"])  # fmt: skip
+                m = METRICS[task][0]
+                size = [_size(pick["embedding_bytes"]), f"{pick['embedding_bytes_vs_full']:.3f}"] \
+                    if "embedding_bytes" in pick else ["-", "-"]  # fmt: skip
+                body.append([dataset, task, pick["label"] + _chosen(name), *size, _hyper(pick), m.upper(),
+                             _pm(pick["test"][m]), f"{pick['kept_vs_full'][m]:.3f}", _gain(pick, m)])  # fmt: skip
     return markdown_table(headers, body)
+
+
+def _verdicts(headline: dict) -> list:
+    lines = []
+    for dataset, tasks in headline.items():
+        for task, picks in tasks.items():
+            v = picks.get("verdict")
+            if not v:
+                continue
+            margins = ", ".join(f"{name} {m:+.4f}" for name, m in v["margin_over"].items())
+            beats = "beats every equal-bytes baseline" if v["beats_every_baseline"] else \
+                "does NOT beat every equal-bytes baseline"  # fmt: skip
+            lines.append(f"- {dataset} {task}: best {v['best']} keeps "
+                         f"{v['kept_vs_full']:.3f} of the full table's {v['metric'].upper()} and {beats} "
+                         f"(test margin over: {margins})")  # fmt: skip
+    return lines
 
 
 def render_markdown(payload: dict) -> str:
@@ -76,8 +113,9 @@ def render_markdown(payload: dict) -> str:
         f"Recorded {env['date']} on {hw}; Python {env['python']}, torch {env['torch']}, "
         f"triton {env['triton']}, {env['platform']}.",
         "",
-        f"Command: `{payload['command']}` ({payload['wall_seconds']:.0f} s wall, "
-        f"{payload['repeats']} repeats per table).",
+        f"Command: `{payload['command']}` ({payload['wall_seconds']:.0f} s wall"
+        + (f", {payload['cpu_seconds']:.0f} s CPU" if "cpu_seconds" in payload else "")
+        + f", {payload['repeats']} repeats per table).",
         "",
         "Protocol:",
         "",
@@ -89,7 +127,9 @@ def render_markdown(payload: dict) -> str:
         splits = "; ".join(f"{t}: {s}" for t, s in d["splits"].items())
         counts = f"{d['num_users']} users, {d['num_items']} items, {d['num_interactions']} events"
         out.append(f"- {name}: {counts} ({splits})")
-    out += ["", f"## At ratio {payload['headline_ratio']:g}", "", _headline_table(payload["headline"]), ""]
+    budget = payload.get("headline_budget", payload.get("headline_ratio"))
+    out += ["", f"## At {budget:g} of the full table's embedding bytes", "", _headline_table(payload["headline"]), ""]
+    out += _verdicts(payload["headline"]) + [""]
     for dataset in payload["datasets"]:
         for task in METRICS:
             rows = [r for r in payload["summary"] if r["dataset"] == dataset and r["task"] == task]
@@ -105,32 +145,44 @@ def write_markdown(path: str, payload: dict) -> None:
 
 
 def _series(rows: list) -> dict:
-    """Compressed tables grouped into lines: one per (kind, k), across ratios."""
+    """Compressed tables grouped into lines: one per (family, k) across
+    budgets; each layout is its own point series."""
     lines: dict = {}
     for r in rows:
-        if r["kind"] not in ("full", "none"):
-            lines.setdefault((r["kind"], r["k"]), []).append(r)
-    return {key: sorted(v, key=lambda r: r["embedding_params"]) for key, v in lines.items()}
+        family = r.get("family", r["kind"])
+        if family == "none" or (family == "full" and r.get("dim") is None):
+            continue
+        key = (family, r["label"]) if family in ("mixed", "hot", "planner") else (family, r["k"])
+        lines.setdefault(key, []).append(r)
+    return {key: sorted(v, key=lambda r: r["embedding_bytes"]) for key, v in lines.items()}
+
+
+def _series_label(family, second) -> str:
+    if family in ("mixed", "hot", "planner"):
+        return second
+    if family == "small":
+        return "full table, reduced dim"
+    return family if family == "hash" else f"{family} k={second}"
 
 
 def _panel(ax, rows: list, metric: str) -> None:
     from matplotlib.ticker import NullFormatter
 
-    for (kind, k), line in sorted(_series(rows).items()):
-        xs = [r["embedding_params"] for r in line]
+    for (family, second), line in sorted(_series(rows).items(), key=lambda kv: str(kv[0])):
+        xs = [r["embedding_bytes"] for r in line]
         ys = [r["test"][metric]["mean"] for r in line]
         es = [r["test"][metric]["std"] for r in line]
-        ax.errorbar(xs, ys, yerr=es, marker="o", ms=3, capsize=2, label=f"{kind} k={k}")
+        ax.errorbar(xs, ys, yerr=es, marker="o", ms=3, capsize=2, label=_series_label(family, second))
     for r in rows:
         stat = r["test"][metric]
-        if r["kind"] == "full":
-            ax.errorbar([r["embedding_params"]], [stat["mean"]], yerr=[stat["std"]], marker="*", ms=12,
+        if r["kind"] == "full" and r.get("dim") is None:
+            ax.errorbar([r["embedding_bytes"]], [stat["mean"]], yerr=[stat["std"]], marker="*", ms=12,
                         color="black", linestyle="none", label="full table")  # fmt: skip
         elif r["kind"] == "none":
             ax.axhline(stat["mean"], color="gray", linestyle="--", linewidth=1, label="biases only")
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on a short decade
-    ax.set_xlabel("embedding parameters (users + items)")
+    ax.set_xlabel("embedding bytes (users + items, everything counted)")
     ax.set_ylabel(metric.upper() + (" (lower is better)" if metric == "rmse" else ""))
     ax.grid(True, which="both", alpha=0.3)
 
@@ -157,7 +209,7 @@ def write_plot(path: str, payload: dict) -> None:
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
     env = payload["environment"]
-    fig.suptitle(f"Quality vs parameters (mean ± std over {payload['repeats']} repeats); "
+    fig.suptitle(f"Quality vs bytes (mean ± std over {payload['repeats']} repeats); "
                  f"{env['date'][:10]}, {env['cpu']}, torch {env['torch']}", fontsize=9)  # fmt: skip
     fig.tight_layout(rect=(0, 0.06, 1, 0.96))
     fig.savefig(path, dpi=110)

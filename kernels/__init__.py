@@ -14,6 +14,7 @@ from .bag_forward import bloom_bag_forward
 from .forward import bloom_forward
 from .hashing import bloom_hash
 from .optimizer import bloom_rowwise_update
+from .scores import bloom_row_score_sums, bloom_scores
 from .segment import bloom_row_gradients
 
 __all__ = [
@@ -24,6 +25,8 @@ __all__ = [
     "bloom_hash",
     "bloom_row_gradients",
     "bloom_rowwise_update",
+    "bloom_scores",
+    "bloom_row_score_sums",
     "FUSED_SGD",
     "FUSED_ROWWISE_ADAGRAD",
     "interpreting",

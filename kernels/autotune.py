@@ -307,10 +307,21 @@ def save_cache(records, path):
     if not path:
         raise ValueError("no autotune cache path: set --cache or $" + CACHE_ENV)
     path = os.path.abspath(os.path.expanduser(path))
-    merged = {}
-    for entry in read_entries(path) + [dict(r) for r in records]:
+    records = [dict(r) for r in records]
+    for entry in records:
         if not _valid_entry(entry):
             raise ValueError(f"not a cache entry: {entry!r}")
+    with _write_lock:  # threads of this process: no writer's entries lost to another's merge
+        count = _merge_into(path, records)
+    with _lock:
+        if _session.entries is not None and cache_path() == path:
+            _session.entries = None  # reload: this process sees what it just wrote
+    return count
+
+
+def _merge_into(path, records):
+    merged = {}
+    for entry in read_entries(path) + records:
         merged[_stored_key(entry)] = entry
     payload = {
         "format": CACHE_FORMAT,
@@ -330,9 +341,6 @@ def save_cache(records, path):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    with _lock:
-        if _session.entries is not None and cache_path() == path:
-            _session.entries = None  # reload: this process sees what it just wrote
     return len(merged)
 
 
@@ -387,6 +395,7 @@ class _Session:
 
 _session = _Session()
 _lock = threading.Lock()
+_write_lock = threading.Lock()
 
 
 def _launch_errors():

@@ -19,18 +19,22 @@ def _bloom_backward_kernel(
     GRAD_W,  # (num_rows, dim) float32 (float64 for float64 tables) accumulator, contiguous, zeroed
     W,  # (num_rows, dim) the table, read only when HAS_IMPORTANCE
     IMPORTANCE,  # (importance_rows, K) importance weights, read only when HAS_IMPORTANCE
+    HOT,  # (hot_count,) sorted ids with private rows num_rows.., read only when HAS_HOT
     GRAD_IMPORTANCE,  # (importance_rows, K) float32 (float64) accumulator, zeroed
     n,  # number of ids
     dim,  # embedding_dim
     num_rows,  # rows of the table, the modulus of the hash
     stride_w,  # elements between two rows of W
     importance_rows,  # rows of IMPORTANCE
+    hot_count,  # ids in HOT
     padding_idx,  # id that adds no gradient (ignored unless HAS_PADDING)
     K: tl.constexpr,
     HAS_PADDING: tl.constexpr,
     PRECOMPUTED: tl.constexpr,
     SIGNED: tl.constexpr,
     HAS_IMPORTANCE: tl.constexpr,
+    HAS_HOT: tl.constexpr,  # the ids in HOT read their private rows instead of hashing
+    HOT_STEPS: tl.constexpr,  # halvings of the binary search over HOT
     WIDE_IDS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -40,21 +44,22 @@ def _bloom_backward_kernel(
     ids, live = load_ids(IDS, offs_n, offs_n < n, padding_idx, HAS_PADDING)
     mask = live & (offs_d < dim)
     grad = tl.load(GRAD_OUT + offs_n * dim + offs_d, mask=mask, other=0.0).to(GRAD_W.dtype.element_ty)
-    mixed_lo, mixed_hi, imp_rows = id_hashes(ids, SEEDS, importance_rows, HAS_IMPORTANCE, WIDE_IDS)
-    scatter_sum(grad, ids, live, mixed_lo, mixed_hi, imp_rows, ROWS, offs_n, SEEDS, W, IMPORTANCE, GRAD_W,
+    mixed_lo, mixed_hi, imp_rows, hot = id_hashes(ids, SEEDS, importance_rows, HOT, hot_count, HOT_STEPS,
+                                                  HAS_IMPORTANCE, HAS_HOT, WIDE_IDS)  # fmt: skip
+    scatter_sum(grad, ids, live, mixed_lo, mixed_hi, imp_rows, hot, ROWS, offs_n, SEEDS, W, IMPORTANCE, GRAD_W,
                 GRAD_IMPORTANCE, offs_d, mask, dim, num_rows, stride_w, K, PRECOMPUTED, SIGNED, HAS_IMPORTANCE,
-                WIDE_IDS, False, False)  # fmt: skip
+                HAS_HOT, WIDE_IDS, False, False)  # fmt: skip
 
 
 def bloom_backward(grad_out, ids, seeds, *, num_rows, num_hash_functions, padding_idx=None, rows=None,
-                   wide_ids=True, dtype=None, signed=False, weight=None, importance=None):
+                   wide_ids=True, dtype=None, signed=False, weight=None, importance=None, hot=None):
     """Gradient of the Bloom forward with respect to the table.
 
     Args:
         grad_out (Tensor): ``(*, dim)`` gradient of the forward's output.
         ids (Tensor): the forward's ``(*)`` ids.
         seeds (Tensor): int32 seeds on the ids' device.
-        num_rows (int): rows of the table.
+        num_rows (int): rows of the table (private rows included).
         num_hash_functions (int): ``k``.
         padding_idx (int, optional): id that contributes no gradient.
         rows (Tensor, optional): precomputed ``(*, k)`` rows (hash cache).
@@ -63,6 +68,7 @@ def bloom_backward(grad_out, ids, seeds, *, num_rows, num_hash_functions, paddin
             accumulation is in float32 (float64 for float64), cast once at the end.
         signed (bool), importance (Tensor, optional): the forward's variants;
             ``importance`` also needs the table, ``weight``.
+        hot (Tensor, optional): the forward's ``(H,)`` sorted hot ids.
 
     Returns:
         ``(grad_weight, grad_importance)``: the dense ``(num_rows, dim)``
@@ -92,7 +98,7 @@ def bloom_backward(grad_out, ids, seeds, *, num_rows, num_hash_functions, paddin
             # accumulator, of the table's shape, stands in for it otherwise.
             **hashing_args(row_contiguous(weight) if weight is not None else grad_w,
                            num_hash_functions=num_hash_functions, wide_ids=wide_ids, signed=signed,
-                           importance=importance, absent=grad_w),
+                           importance=importance, hot=hot, absent=grad_w),
             **padding_args(padding_idx),
         )
 

@@ -23,6 +23,7 @@ def _bloom_bag_backward_kernel(
     SEEDS,  # (49,) int32 murmurhash3 seeds: rows, signs, importance
     W,  # (num_rows, dim) the table, read only when PSW_GRAD or HAS_IMPORTANCE
     IMPORTANCE,  # (importance_rows, K) importance weights, read only when HAS_IMPORTANCE
+    HOT,  # (hot_count,) sorted ids with private rows num_rows.., read only when HAS_HOT
     GRAD_OUT,  # (B, dim) gradient of the pooled output, contiguous
     GRAD_W,  # (num_rows, dim) float32 (float64 for float64 tables) accumulator, zeroed
     GRAD_PSW,  # (n,) float32 (float64) accumulator for the per-sample weights, zeroed
@@ -31,6 +32,7 @@ def _bloom_bag_backward_kernel(
     num_rows,  # rows of the table, the modulus of the hash
     stride_w,  # elements between two rows of W
     importance_rows,  # rows of IMPORTANCE
+    hot_count,  # ids in HOT
     padding_idx,  # id left out of the pooling (ignored unless HAS_PADDING)
     K: tl.constexpr,
     MODE: tl.constexpr,  # MODE_SUM or MODE_MEAN
@@ -39,6 +41,8 @@ def _bloom_bag_backward_kernel(
     HAS_PADDING: tl.constexpr,
     SIGNED: tl.constexpr,
     HAS_IMPORTANCE: tl.constexpr,
+    HAS_HOT: tl.constexpr,  # the ids in HOT read their private rows instead of hashing
+    HOT_STEPS: tl.constexpr,  # halvings of the binary search over HOT
     WIDE_IDS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -66,10 +70,11 @@ def _bloom_bag_backward_kernel(
         contrib = tl.broadcast_to(grad, (BLOCK_N, BLOCK_D))
         if HAS_PSW:
             contrib = contrib * tl.load(PSW + offs_n, mask=live, other=0.0).to(grad.dtype)
-        mixed_lo, mixed_hi, imp_rows = id_hashes(ids, SEEDS, importance_rows, HAS_IMPORTANCE, WIDE_IDS)
-        vectors = scatter_sum(contrib, ids, live, mixed_lo, mixed_hi, imp_rows, IDS, offs_n, SEEDS, W, IMPORTANCE,
-                              GRAD_W, GRAD_IMPORTANCE, offs_d, mask, dim, num_rows, stride_w, K, False, SIGNED,
-                              HAS_IMPORTANCE, WIDE_IDS, False, PSW_GRAD)  # fmt: skip
+        mixed_lo, mixed_hi, imp_rows, hot = id_hashes(ids, SEEDS, importance_rows, HOT, hot_count, HOT_STEPS,
+                                                       HAS_IMPORTANCE, HAS_HOT, WIDE_IDS)  # fmt: skip
+        vectors = scatter_sum(contrib, ids, live, mixed_lo, mixed_hi, imp_rows, hot, IDS, offs_n, SEEDS, W,
+                              IMPORTANCE, GRAD_W, GRAD_IMPORTANCE, offs_d, mask, dim, num_rows, stride_w, K, False,
+                              SIGNED, HAS_IMPORTANCE, HAS_HOT, WIDE_IDS, False, PSW_GRAD)  # fmt: skip
         if PSW_GRAD:
             # d out[bag] / d psw[i] = the id's vector: dot it with the gradient,
             # one partial sum per column block.
@@ -84,6 +89,7 @@ def _bloom_bag_max_backward_kernel(
     SEEDS,  # (49,) int32 murmurhash3 seeds: rows, signs, importance
     W,  # (num_rows, dim) the table, read only when HAS_IMPORTANCE
     IMPORTANCE,  # (importance_rows, K) importance weights, read only when HAS_IMPORTANCE
+    HOT,  # (hot_count,) sorted ids with private rows num_rows.., read only when HAS_HOT
     GRAD_OUT,  # (B, dim) gradient of the pooled output, contiguous
     GRAD_W,  # (num_rows, dim) float32 (float64) accumulator, zeroed
     GRAD_IMPORTANCE,  # (importance_rows, K) float32 (float64) accumulator, zeroed
@@ -92,9 +98,12 @@ def _bloom_bag_max_backward_kernel(
     num_rows,  # rows of the table, the modulus of the hash
     stride_w,  # elements between two rows of W
     importance_rows,  # rows of IMPORTANCE
+    hot_count,  # ids in HOT
     K: tl.constexpr,
     SIGNED: tl.constexpr,
     HAS_IMPORTANCE: tl.constexpr,
+    HAS_HOT: tl.constexpr,  # the ids in HOT read their private rows instead of hashing
+    HOT_STEPS: tl.constexpr,  # halvings of the binary search over HOT
     WIDE_IDS: tl.constexpr,
     BLOCK_N: tl.constexpr,  # bags per program
     BLOCK_D: tl.constexpr,
@@ -106,15 +115,16 @@ def _bloom_bag_max_backward_kernel(
     # Each column of a bag has its own arg-max id: hash a tile of ids.
     ids, live = load_ids(IDS, pos, pos >= 0, -1, False)
     grad = tl.load(GRAD_OUT + tile, mask=live, other=0.0).to(GRAD_W.dtype.element_ty)
-    mixed_lo, mixed_hi, imp_rows = id_hashes(ids, SEEDS, importance_rows, HAS_IMPORTANCE, WIDE_IDS)
-    scatter_sum(grad, ids, live, mixed_lo, mixed_hi, imp_rows, IDS, pos, SEEDS, W, IMPORTANCE, GRAD_W,
-                GRAD_IMPORTANCE, offs_d, live, dim, num_rows, stride_w, K, False, SIGNED, HAS_IMPORTANCE, WIDE_IDS,
-                True, False)  # fmt: skip
+    mixed_lo, mixed_hi, imp_rows, hot = id_hashes(ids, SEEDS, importance_rows, HOT, hot_count, HOT_STEPS,
+                                                  HAS_IMPORTANCE, HAS_HOT, WIDE_IDS)  # fmt: skip
+    scatter_sum(grad, ids, live, mixed_lo, mixed_hi, imp_rows, hot, IDS, pos, SEEDS, W, IMPORTANCE, GRAD_W,
+                GRAD_IMPORTANCE, offs_d, live, dim, num_rows, stride_w, K, False, SIGNED, HAS_IMPORTANCE, HAS_HOT,
+                WIDE_IDS, True, False)  # fmt: skip
 
 
 def bloom_bag_backward(grad_out, ids, offsets, weight, seeds, *, num_hash_functions, mode=constants.MODE_SUM,
                        per_sample_weights=None, argmax=None, padding_idx=None, wide_ids=True,
-                       psw_grad=False, signed=False, importance=None):  # fmt: skip
+                       psw_grad=False, signed=False, importance=None, hot=None):  # fmt: skip
     """Gradients of :func:`bloom_bag_forward`.
 
     Args:
@@ -124,7 +134,8 @@ def bloom_bag_backward(grad_out, ids, offsets, weight, seeds, *, num_hash_functi
             only for ``psw_grad``).
         argmax (Tensor, optional): the forward's ``(B, dim)`` arg-max (max mode).
         psw_grad (bool): also return the per-sample weights' gradient.
-        signed (bool), importance (Tensor, optional): the forward's variants.
+        signed (bool), importance (Tensor, optional), hot (Tensor, optional):
+            the forward's variants.
 
     Returns:
         ``(grad_weight, grad_per_sample_weights, grad_importance)``: the dense
@@ -150,7 +161,7 @@ def bloom_bag_backward(grad_out, ids, offsets, weight, seeds, *, num_hash_functi
             GRAD_IMPORTANCE=grad_imp if grad_imp is not None else grad_w,
             dim=dim,
             **hashing_args(weight, num_hash_functions=num_hash_functions, wide_ids=wide_ids, signed=signed,
-                           importance=importance, absent=grad_w),
+                           importance=importance, hot=hot, absent=grad_w),
         )
         if mode == constants.MODE_MAX:
             args = dict(IDS=ids, ARGMAX=argmax.contiguous(), num_bags=num_bags, **common)

@@ -25,12 +25,14 @@ def _bloom_bag_forward_kernel(
     SEEDS,  # (49,) int32 murmurhash3 seeds: rows, signs, importance
     W,  # (num_rows, dim) compressed table; rows `stride_w` apart, columns contiguous
     IMPORTANCE,  # (importance_rows, K) importance weights, read only when HAS_IMPORTANCE
+    HOT,  # (hot_count,) sorted ids with private rows num_rows.., read only when HAS_HOT
     OUT,  # (B, dim) pooled output, contiguous
     ARGMAX,  # (B, dim) int64 position in IDS of each column's max (MODE_MAX), -1 if none
     dim,  # embedding_dim
     num_rows,  # rows of W, the modulus of the hash
     stride_w,  # elements between two rows of W
     importance_rows,  # rows of IMPORTANCE
+    hot_count,  # ids in HOT
     padding_idx,  # id left out of the pooling (ignored unless HAS_PADDING)
     K: tl.constexpr,
     MODE: tl.constexpr,  # MODE_SUM, MODE_MEAN or MODE_MAX
@@ -38,6 +40,8 @@ def _bloom_bag_forward_kernel(
     HAS_PADDING: tl.constexpr,
     SIGNED: tl.constexpr,
     HAS_IMPORTANCE: tl.constexpr,
+    HAS_HOT: tl.constexpr,  # the ids in HOT read their private rows instead of hashing
+    HOT_STEPS: tl.constexpr,  # halvings of the binary search over HOT
     WIDE_IDS: tl.constexpr,
     ACC: tl.constexpr,  # accumulator dtype: float64 for float64 tables, else float32
     BLOCK_N: tl.constexpr,  # ids of the bag handled per step
@@ -56,10 +60,11 @@ def _bloom_bag_forward_kernel(
     for first in range(start, end, BLOCK_N):
         offs_n = first + tl.arange(0, BLOCK_N)[:, None]
         ids, live = load_ids(IDS, offs_n, offs_n < end, padding_idx, HAS_PADDING)
-        mixed_lo, mixed_hi, imp_rows = id_hashes(ids, SEEDS, importance_rows, HAS_IMPORTANCE, WIDE_IDS)
-        vectors = gather_sum(ids, live, mixed_lo, mixed_hi, imp_rows, IDS, offs_n, SEEDS, W, IMPORTANCE,
+        mixed_lo, mixed_hi, imp_rows, hot = id_hashes(ids, SEEDS, importance_rows, HOT, hot_count, HOT_STEPS,
+                                                       HAS_IMPORTANCE, HAS_HOT, WIDE_IDS)  # fmt: skip
+        vectors = gather_sum(ids, live, mixed_lo, mixed_hi, imp_rows, hot, IDS, offs_n, SEEDS, W, IMPORTANCE,
                              offs_d[None, :], live & mask_d[None, :], num_rows, stride_w, K, False, SIGNED,
-                             HAS_IMPORTANCE, WIDE_IDS, ACC)  # fmt: skip
+                             HAS_IMPORTANCE, HAS_HOT, WIDE_IDS, ACC)  # fmt: skip
         if MODE == MODE_MAX:
             vectors = tl.where(live, vectors, float("-inf"))
             step_best = tl.max(vectors, axis=0)
@@ -86,7 +91,7 @@ def _bloom_bag_forward_kernel(
 
 def bloom_bag_forward(ids, offsets, weight, seeds, *, num_hash_functions, mode=constants.MODE_SUM,
                       per_sample_weights=None, padding_idx=None, wide_ids=True, signed=False,
-                      importance=None):  # fmt: skip
+                      importance=None, hot=None):  # fmt: skip
     """Pooled Bloom vectors of bags of ids.
 
     Args:
@@ -99,7 +104,8 @@ def bloom_bag_forward(ids, offsets, weight, seeds, *, num_hash_functions, mode=c
         per_sample_weights (Tensor, optional): ``(n,)`` weights (sum mode).
         padding_idx (int, optional): id left out of the pooling.
         wide_ids (bool): whether ids may reach ``2**31``.
-        signed (bool), importance (Tensor, optional): as in ``bloom_forward``.
+        signed (bool), importance (Tensor, optional), hot (Tensor, optional):
+            as in ``bloom_forward``.
 
     Returns:
         ``(out, argmax)``: the ``(B, dim)`` pooled output in ``weight``'s dtype,
@@ -128,7 +134,7 @@ def bloom_bag_forward(ids, offsets, weight, seeds, *, num_hash_functions, mode=c
         HAS_PSW=per_sample_weights is not None,
         ACC=accumulator(weight.dtype),
         **hashing_args(weight, num_hash_functions=num_hash_functions, wide_ids=wide_ids, signed=signed,
-                       importance=importance, absent=weight),
+                       importance=importance, hot=hot, absent=weight),
         **padding_args(padding_idx),
     )
 

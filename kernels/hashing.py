@@ -100,18 +100,26 @@ def importance_row(ids, mixed_lo, mixed_hi, SEEDS, importance_rows, WIDE_IDS: tl
 
 
 @triton.jit
-def row_factor(ids, mixed_lo, mixed_hi, SEEDS, IMPORTANCE, imp_rows, live, j, K: tl.constexpr,
-               SIGNED: tl.constexpr, HAS_IMPORTANCE: tl.constexpr, WIDE_IDS: tl.constexpr):  # fmt: skip
+def row_factor(ids, mixed_lo, mixed_hi, SEEDS, IMPORTANCE, imp_rows, hashed, j, K: tl.constexpr,
+               SIGNED: tl.constexpr, HAS_IMPORTANCE: tl.constexpr, WIDE_IDS: tl.constexpr,
+               ONE_OUTSIDE: tl.constexpr = False):  # fmt: skip
     """``(sign, factor)`` of row ``j`` of each id: the sign hash's +-1 (1 when
     not ``SIGNED``), float32, and sign * importance weight, in the importance
-    weights' dtype (float32 without them)."""
+    weights' dtype (float32 without them).  The importance weights of ids
+    outside ``hashed`` are not read; with ``ONE_OUTSIDE`` those ids (hot
+    ids, which read a private row) get ``(1, 1)``.  (Folded into the loads
+    rather than selected after the product: Triton 3.6's ptxas spilled the
+    product's operand across the select.)"""
     sign = tl.full(ids.shape, 1.0, tl.float32)
     if SIGNED:
         h = murmur3_signed(ids, mixed_lo, mixed_hi, tl.load(SEEDS + SIGN_SEED_OFFSET + j), WIDE_IDS)
-        sign = tl.where(h < 0, -1.0, 1.0)
+        negative = h < 0
+        if ONE_OUTSIDE:
+            negative = negative & hashed
+        sign = tl.where(negative, -1.0, 1.0)
     factor = sign
     if HAS_IMPORTANCE:
-        weights = tl.load(IMPORTANCE + imp_rows * K + j, mask=live, other=0.0)
+        weights = tl.load(IMPORTANCE + imp_rows * K + j, mask=hashed, other=1.0 if ONE_OUTSIDE else 0.0)
         factor = sign.to(weights.dtype) * weights
     return sign, factor
 

@@ -31,6 +31,16 @@ def interpreting() -> bool:
     return _INTERPRETED
 
 
+# Triton's interpreter patches triton.language while it runs a kernel, so two
+# threads interpreting at once break each other ("Did you forget to add
+# @triton.jit?"): interpreted launches take turns.  GPU launches do not.
+_INTERPRETER_LOCK = threading.RLock()
+
+
+def _one_at_a_time():
+    return _INTERPRETER_LOCK if _INTERPRETED else contextlib.nullcontext()
+
+
 # Pinned under the interpreter: small enough that tests with dims such as 5
 # or 33 cover partial blocks in both directions, large enough to keep the
 # number of interpreted programs low.
@@ -100,11 +110,12 @@ def launch(kernel, grid_for, args, device, *, config=None, tuning=None):
     if config is not None:
         meta = config["kwargs"]
         options = {name: config[name] for name in ("num_warps", "num_stages") if config.get(name) is not None}
-        with device_guard(device):
+        with device_guard(device), _one_at_a_time():
             kernel[grid_for({**args, **meta})](**args, **meta, **options)
         return
     if interpreting():
-        kernel[grid_for(INTERPRETER_META)](**args, **INTERPRETER_META)
+        with _one_at_a_time():
+            kernel[grid_for(INTERPRETER_META)](**args, **INTERPRETER_META)
         return
     with device_guard(device):
         autotune.run_tuned(kernel, grid_for, args, device, tuning)

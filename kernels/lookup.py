@@ -27,14 +27,23 @@ def accumulator(dtype):
     return {torch.float32: tl.float32, torch.float64: tl.float64}[accumulation_dtype(dtype)]
 
 
-def hashing_args(table, *, num_hash_functions, wide_ids, signed, importance, absent):
+def hashing_args(table, *, num_hash_functions, wide_ids, signed, importance, hot, absent):
     """The arguments that every lookup kernel takes alike: the table with its
-    row stride and row count, and the hashing and its variants.  ``absent``
-    stands in for a tensor that is not given (the kernel never reads it)."""
+    row stride and its shared rows' count (the hash's modulus: the table's
+    rows less the ``H`` private rows at its end), and the hashing and its
+    variants.  ``hot`` holds the sorted ids that own the private rows.
+    ``absent`` stands in for a tensor that is not given (never read then)."""
+    hot_count = hot.numel() if hot is not None else 0
     return dict(
         W=table,
         stride_w=table.stride(0),
-        num_rows=table.shape[0],
+        num_rows=table.shape[0] - hot_count,
+        HOT=hot if hot is not None else absent,
+        hot_count=hot_count,
+        # A binary search over H sorted ids settles in bit_length(H) halvings,
+        # unrolled: one specialization per power of two of H.
+        HOT_STEPS=hot_count.bit_length(),
+        HAS_HOT=hot is not None,
         IMPORTANCE=importance.contiguous() if importance is not None else absent,
         importance_rows=importance.shape[0] if importance is not None else 1,
         K=num_hash_functions,
@@ -76,74 +85,123 @@ def load_ids(IDS, offs, mask, padding_idx, HAS_PADDING: tl.constexpr):
 
 
 @triton.jit
-def id_hashes(ids, SEEDS, importance_rows, HAS_IMPORTANCE: tl.constexpr, WIDE_IDS: tl.constexpr):
-    """What the ``k`` rows of each id share: its premixed murmur blocks and
-    the row of the importance table it reads (the ids themselves without
-    importance weights: unused then)."""
+def hot_positions(ids, HOT, hot_count, HOT_STEPS: tl.constexpr):
+    """Each id's int32 position in the sorted ``(hot_count,)`` hot ids, or -1
+    for an id that is not hot: a lower-bound binary search, so the hot set
+    costs memory in its own size only.  Its private row is ``num_rows`` plus
+    the position; int32 here keeps a register per id free for the callers."""
+    lo = tl.zeros(ids.shape, tl.int32)
+    hi = tl.full(ids.shape, 0, tl.int32) + hot_count
+    # Unrolled: a loop with a data-dependent trip count nested in the bags'
+    # loop over ids made Triton 3.6's ptxas spill.
+    for _ in tl.static_range(HOT_STEPS):
+        open_range = lo < hi
+        mid = (lo + hi) >> 1  # both non-negative
+        below = tl.load(HOT + mid, mask=open_range, other=0).to(tl.int64) < ids
+        lo = tl.where(open_range & below, mid + 1, lo)
+        hi = tl.where(open_range & ~below, mid, hi)
+    found = (lo < hot_count) & (tl.load(HOT + lo, mask=lo < hot_count, other=-1).to(tl.int64) == ids)
+    return tl.where(found, lo, -1)
+
+
+@triton.jit
+def id_hashes(ids, SEEDS, importance_rows, HOT, hot_count, HOT_STEPS: tl.constexpr, HAS_IMPORTANCE: tl.constexpr,
+              HAS_HOT: tl.constexpr, WIDE_IDS: tl.constexpr):  # fmt: skip
+    """What the ``k`` rows of each id share: its premixed murmur blocks, the
+    row of the importance table it reads (the ids themselves without
+    importance weights: unused then) and, with ``HAS_HOT``, its position
+    among the hot ids (-1 for ids that hash; the ids again without hot rows:
+    unused then)."""
     mixed_lo, mixed_hi = premix_ids(ids, WIDE_IDS)
     imp_rows = ids
     if HAS_IMPORTANCE:
         imp_rows = importance_row(ids, mixed_lo, mixed_hi, SEEDS, importance_rows, WIDE_IDS)
-    return mixed_lo, mixed_hi, imp_rows
+    hot = ids
+    if HAS_HOT:
+        hot = hot_positions(ids, HOT, hot_count, HOT_STEPS)
+    return mixed_lo, mixed_hi, imp_rows, hot
 
 
 @triton.jit
-def row_index(ids, live, mixed_lo, mixed_hi, ROWS, offs_n, SEEDS, j, num_rows, K: tl.constexpr,
-              PRECOMPUTED: tl.constexpr, WIDE_IDS: tl.constexpr):  # fmt: skip
-    """Row ``j`` of each id: hashed, or read from the ``(n, K)`` hash cache."""
+def row_index(ids, live, mixed_lo, mixed_hi, hot, ROWS, offs_n, SEEDS, j, num_rows, mask, K: tl.constexpr,
+              PRECOMPUTED: tl.constexpr, HAS_HOT: tl.constexpr, WIDE_IDS: tl.constexpr):  # fmt: skip
+    """Row ``j`` of each id, hashed or read from the ``(n, K)`` hash cache,
+    and the part of ``mask`` that reads it: a hot id reads its private row
+    once, at ``j = 0``, and nothing at the other ``j``."""
     if PRECOMPUTED:
         rows = tl.load(ROWS + offs_n * K + j, mask=live, other=0).to(tl.int64)
     else:
         rows = bloom_rows(ids, mixed_lo, mixed_hi, tl.load(SEEDS + j), num_rows, WIDE_IDS)
-    return rows
+    if HAS_HOT:
+        rows = tl.where(hot >= 0, num_rows + hot.to(tl.int64), rows)
+        # A branch on j (uniform across the block): a select in every
+        # iteration, or the hot ids handled apart after the loop, made
+        # ptxas spill in more of the bag kernels' specializations.
+        if K > 1:
+            if j > 0:
+                mask = mask & (hot < 0)
+    return rows, mask
 
 
 @triton.jit
-def gather_sum(ids, live, mixed_lo, mixed_hi, imp_rows, ROWS, offs_n, SEEDS, W, IMPORTANCE, offs_d, mask,
+def variant_factor(ids, mixed_lo, mixed_hi, hot, SEEDS, IMPORTANCE, imp_rows, live, j, K: tl.constexpr,
+                   SIGNED: tl.constexpr, HAS_IMPORTANCE: tl.constexpr, HAS_HOT: tl.constexpr,
+                   WIDE_IDS: tl.constexpr):  # fmt: skip
+    """``row_factor``'s ``(sign, factor)``: ``(1, 1)`` for a hot id's private row."""
+    hashed = live
+    if HAS_HOT:
+        hashed = live & (hot < 0)
+    return row_factor(ids, mixed_lo, mixed_hi, SEEDS, IMPORTANCE, imp_rows, hashed, j, K, SIGNED, HAS_IMPORTANCE,
+                      WIDE_IDS, HAS_HOT)  # fmt: skip
+
+
+@triton.jit
+def gather_sum(ids, live, mixed_lo, mixed_hi, imp_rows, hot, ROWS, offs_n, SEEDS, W, IMPORTANCE, offs_d, mask,
                num_rows, stride_w, K: tl.constexpr, PRECOMPUTED: tl.constexpr, SIGNED: tl.constexpr,
-               HAS_IMPORTANCE: tl.constexpr, WIDE_IDS: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+               HAS_IMPORTANCE: tl.constexpr, HAS_HOT: tl.constexpr, WIDE_IDS: tl.constexpr,
+               ACC: tl.constexpr):  # fmt: skip
     """Each id's vector on the columns ``offs_d``: the sum of its ``K`` rows
-    of ``W``, each times its sign and importance weight, in ``ACC``; zero
-    where ``mask`` is off."""
+    of ``W``, each times its sign and importance weight (a hot id: its
+    private row), in ``ACC``; zero where ``mask`` is off."""
     acc = tl.zeros(mask.shape, dtype=ACC)
     for j in range(K):
-        rows = row_index(ids, live, mixed_lo, mixed_hi, ROWS, offs_n, SEEDS, j, num_rows, K, PRECOMPUTED,
-                         WIDE_IDS)  # fmt: skip
-        vals = tl.load(W + rows * stride_w + offs_d, mask=mask, other=0.0).to(ACC)
+        rows, row_mask = row_index(ids, live, mixed_lo, mixed_hi, hot, ROWS, offs_n, SEEDS, j, num_rows, mask, K,
+                                   PRECOMPUTED, HAS_HOT, WIDE_IDS)  # fmt: skip
+        vals = tl.load(W + rows * stride_w + offs_d, mask=row_mask, other=0.0).to(ACC)
         if SIGNED or HAS_IMPORTANCE:
-            _, factor = row_factor(ids, mixed_lo, mixed_hi, SEEDS, IMPORTANCE, imp_rows, live, j, K, SIGNED,
-                                   HAS_IMPORTANCE, WIDE_IDS)  # fmt: skip
+            _, factor = variant_factor(ids, mixed_lo, mixed_hi, hot, SEEDS, IMPORTANCE, imp_rows, live, j, K,
+                                       SIGNED, HAS_IMPORTANCE, HAS_HOT, WIDE_IDS)  # fmt: skip
             vals = vals * factor.to(ACC)
         acc += vals
     return acc
 
 
 @triton.jit
-def scatter_sum(contrib, ids, live, mixed_lo, mixed_hi, imp_rows, ROWS, offs_n, SEEDS, W, IMPORTANCE, GRAD_W,
+def scatter_sum(contrib, ids, live, mixed_lo, mixed_hi, imp_rows, hot, ROWS, offs_n, SEEDS, W, IMPORTANCE, GRAD_W,
                 GRAD_IMPORTANCE, offs_d, mask, dim, num_rows, stride_w, K: tl.constexpr, PRECOMPUTED: tl.constexpr,
-                SIGNED: tl.constexpr, HAS_IMPORTANCE: tl.constexpr, WIDE_IDS: tl.constexpr,
+                SIGNED: tl.constexpr, HAS_IMPORTANCE: tl.constexpr, HAS_HOT: tl.constexpr, WIDE_IDS: tl.constexpr,
                 IDS_PER_COLUMN: tl.constexpr, GATHER: tl.constexpr):  # fmt: skip
     """Add ``contrib`` (each id's gradient on the columns ``offs_d``) into
-    the ``K`` rows of each id, times the row's sign and importance weight,
-    and the importance weights' gradient ``sign * <contrib, W[row]>`` into
-    ``GRAD_IMPORTANCE``.  With ``GATHER``, also returns the ids' vectors (as
-    :func:`gather_sum` would), for the per-sample weights' gradient; the
-    rows are read once for both.
+    the ``K`` rows of each id, times the row's sign and importance weight
+    (a hot id: into its private row), and the importance weights' gradient
+    ``sign * <contrib, W[row]>`` into ``GRAD_IMPORTANCE``.  With ``GATHER``,
+    also returns the ids' vectors (as :func:`gather_sum` would), for the
+    per-sample weights' gradient; the rows are read once for both.
     """
     vectors = tl.zeros(mask.shape, dtype=contrib.dtype)
     for j in range(K):
-        rows = row_index(ids, live, mixed_lo, mixed_hi, ROWS, offs_n, SEEDS, j, num_rows, K, PRECOMPUTED,
-                         WIDE_IDS)  # fmt: skip
+        rows, row_mask = row_index(ids, live, mixed_lo, mixed_hi, hot, ROWS, offs_n, SEEDS, j, num_rows, mask, K,
+                                   PRECOMPUTED, HAS_HOT, WIDE_IDS)  # fmt: skip
         row_contrib = contrib
         factor = tl.full(ids.shape, 1.0, tl.float32)
         if SIGNED or HAS_IMPORTANCE:
-            sign, factor = row_factor(ids, mixed_lo, mixed_hi, SEEDS, IMPORTANCE, imp_rows, live, j, K, SIGNED,
-                                      HAS_IMPORTANCE, WIDE_IDS)  # fmt: skip
+            sign, factor = variant_factor(ids, mixed_lo, mixed_hi, hot, SEEDS, IMPORTANCE, imp_rows, live, j, K,
+                                          SIGNED, HAS_IMPORTANCE, HAS_HOT, WIDE_IDS)  # fmt: skip
             row_contrib = contrib * factor.to(contrib.dtype)
         # Relaxed: the adds commute, and nothing reads GRAD_W until the kernel ends.
-        tl.atomic_add(GRAD_W + rows * dim + offs_d, row_contrib, mask=mask, sem="relaxed")
+        tl.atomic_add(GRAD_W + rows * dim + offs_d, row_contrib, mask=row_mask, sem="relaxed")
         if GATHER or HAS_IMPORTANCE:
-            vals = tl.load(W + rows * stride_w + offs_d, mask=mask, other=0.0).to(contrib.dtype)
+            vals = tl.load(W + rows * stride_w + offs_d, mask=row_mask, other=0.0).to(contrib.dtype)
             if GATHER:
                 vectors += vals * factor.to(contrib.dtype)
             if HAS_IMPORTANCE:
@@ -152,6 +210,10 @@ def scatter_sum(contrib, ids, live, mixed_lo, mixed_hi, imp_rows, ROWS, offs_n, 
                 if not IDS_PER_COLUMN:
                     # One id per tile row: its partial sum over this block of columns.
                     partial = tl.sum(partial, axis=1, keep_dims=True)
-                tl.atomic_add(GRAD_IMPORTANCE + imp_rows * K + j, partial * sign.to(contrib.dtype), mask=live,
+                imp_live = live
+                if HAS_HOT:
+                    # A hot id reads no importance weight.
+                    imp_live = live & (hot < 0)
+                tl.atomic_add(GRAD_IMPORTANCE + imp_rows * K + j, partial * sign.to(contrib.dtype), mask=imp_live,
                               sem="relaxed")  # fmt: skip
     return vectors

@@ -188,14 +188,15 @@ def test_bag_custom_ops_opcheck(backend):
     lookup = dict(num_hash_functions=3, num_embeddings=50, use_triton=backend == "triton")
     for mode, p, pad in ((MODE_SUM, psw, None), (MODE_MEAN, None, 1), (MODE_MAX, None, 1)):
         for signed, imp in ((False, None), (True, importance)):
-            args = (ids, offsets, weight, p, imp, None)  # no optimizer state
+            hot = torch.tensor(sorted({int(ids[1]), 40})).to(DEVICE) if signed else None
+            args = (ids, offsets, weight, p, imp, hot, None)  # no optimizer state
             options = dict(mode=mode, padding_idx=pad, signed=signed, **lookup)
             torch.library.opcheck(ops.bloom_bag_forward, args, options)
     grad_out = torch.randn(3, 5, generator=g).to(DEVICE)
     argmax = torch.empty(0, dtype=torch.int64, device=DEVICE)
     # The backward op is not differentiable itself: check it on plain tensors.
     for signed, imp in ((False, None), (True, importance.detach())):
-        args = (grad_out, ids, offsets, weight.detach(), psw.detach(), imp, argmax)
+        args = (grad_out, ids, offsets, weight.detach(), psw.detach(), imp, None, argmax)
         options = dict(mode=MODE_SUM, psw_grad=True, padding_idx=None, signed=signed, **lookup)
         torch.library.opcheck(ops.bloom_bag_backward, args, options)
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from triton_bloom import BloomEmbedding, BloomEmbeddingBag
+from triton_bloom import BloomEmbedding, BloomEmbeddingBag, TiedBloomLinear
 from triton_bloom.convert import BloomifyReport, bloomify
 
 FLOAT_BYTES = 4
@@ -151,6 +151,27 @@ def test_tiny_lm_tied_is_skipped():
     assert reasons["pos_emb"] == "16 rows < min_num_embeddings=10000"
     assert type(model.tok_emb) is nn.Embedding and model.lm_head.weight is model.tok_emb.weight
     assert report.model_bytes_before == report.model_bytes_after == before  # the shared weight counted once
+    first, last = train_lm(model)
+    assert last < first
+
+
+def test_tiny_lm_tied_share_uses_one_bloom_table_at_both_ends():
+    torch.manual_seed(0)
+    model = TinyLM(tie=True)
+    model.lm_head.bias = nn.Parameter(torch.randn(12_000))
+    report = bloomify(model, compression_ratio=0.1, num_hash_functions=2, tied="share")
+    assert [r.name for r in report.replaced] == ["tok_emb"]
+    emb, head = model.tok_emb, model.lm_head
+    assert isinstance(emb, BloomEmbedding) and isinstance(head, TiedBloomLinear) and head.embedding is emb
+    # The head scores every id against the table's vectors, with its bias.
+    hidden = torch.randn(3, 32)
+    vectors = emb(torch.arange(12_000))
+    torch.testing.assert_close(head(hidden), hidden @ vectors.T + head.bias, rtol=1e-4, atol=1e-5)
+    # One table, stored once, trained from both ends.
+    assert report.model_bytes_after < report.model_bytes_before / 5
+    assert sum("embeddings.weight" in key for key in model.state_dict()) == 1
+    head(hidden).sum().backward()
+    assert emb.weight.grad is not None and emb.weight.grad.abs().sum() > 0
     first, last = train_lm(model)
     assert last < first
 

@@ -201,11 +201,13 @@ def test_custom_ops_opcheck(backend):
     cache = bloom_hash(torch.arange(50), 3, 11).to(torch.int32).to(DEVICE)
     importance = torch.rand(4, 3, generator=g).to(DEVICE).requires_grad_(True)
     lookup = dict(num_hash_functions=3, padding_idx=0, num_embeddings=50, use_triton=backend == "triton")
+    # Two of the 11 rows private to two hot ids, with the variants on.
+    hot = torch.tensor(sorted({int(ids[0]), 49})).to(DEVICE)
     for hash_cache in (None, cache):
-        for signed, imp in ((False, None), (True, importance)):
-            args = (ids, weight, imp, hash_cache, None)  # no optimizer state
+        for signed, imp, hot_ids in ((False, None, None), (True, importance, hot)):
+            args = (ids, weight, imp, hot_ids, hash_cache, None)  # no optimizer state
             torch.library.opcheck(ops.bloom_forward, args, dict(signed=signed, **lookup))
     grad_out = torch.randn(6, 5, generator=g).to(DEVICE)
-    for signed, imp in ((False, None), (True, importance.detach())):
-        args = (grad_out, ids, weight.detach(), imp, None)  # no hash cache
+    for signed, imp, hot_ids in ((False, None, None), (True, importance.detach(), hot)):
+        args = (grad_out, ids, weight.detach(), imp, hot_ids, None)  # no hash cache
         torch.library.opcheck(ops.bloom_backward, args, dict(signed=signed, **lookup))

@@ -10,7 +10,16 @@ from .convert import BloomifyReport, bloomify
 from .dispatch import triton_available
 from .hashing import SEEDS, bloom_hash
 from .optim import FusedRowWiseAdagrad, FusedSGD
-from .modules import BloomEmbedding, BloomEmbeddingBag, ScaledEmbedding, ScaledEmbeddingBag, ZeroEmbedding
+from .planner import Plan, plan_embedding
+from .output import BloomOutputLayer, TiedBloomLinear, TopK, bloom_cross_entropy, bloom_logits, bloom_topk
+from .modules import (
+    BloomEmbedding,
+    BloomEmbeddingBag,
+    ScaledEmbedding,
+    ScaledEmbeddingBag,
+    ZeroEmbedding,
+    embedding_bytes,
+)
 
 __version__ = "0.1.0"
 
@@ -25,6 +34,15 @@ __all__ = [
     "ZeroEmbedding",
     "bloom_hash",
     "bloomify",
+    "bloom_topk",
+    "bloom_logits",
+    "bloom_cross_entropy",
+    "BloomOutputLayer",
+    "TiedBloomLinear",
+    "TopK",
+    "embedding_bytes",
+    "plan_embedding",
+    "Plan",
     "BloomifyReport",
     "functional",
     "optim",

@@ -66,9 +66,9 @@ def option_grid():
     aligned (what real tables have, and what lets the gathers vectorize),
     and once not.
     """
-    full = {"padding": True, "wide_ids": True, "signed": True, "importance": True}
+    full = {"padding": True, "wide_ids": True, "signed": True, "importance": True, "hot": True}
     variants = {"plain": {}, "all": full}
-    singles = {name: {name: True} for name in ("padding", "hash_cache", "wide_ids", "signed", "importance")}
+    singles = {name: {name: True} for name in ("padding", "hash_cache", "wide_ids", "signed", "importance", "hot")}
     bags = [dict(mode="sum"), dict(mode="mean"), dict(mode="max"), dict(mode="sum", psw=True)]
     cases = []
     for dtype in DTYPES:
@@ -91,7 +91,53 @@ def option_grid():
                 cases.append(dict(op="bag", **bag, dtype="float32", k=k, variant=name, **v))
     for op, mode in (("embedding", None), ("bag", "sum"), ("bag", "max")):
         cases.append(dict(op=op, mode=mode, dtype="float32", k=4, variant="odd_dim", dim=33))
+    cases += output_cases()
     return cases
+
+
+def output_cases():
+    """The output side's scores kernel (``kernels/scores.py``), through
+    ``BloomEmbedding.topk`` and ``BloomOutputLayer.topk``: every table dtype
+    at each ``k`` with the variants off and all on (wide ids through
+    candidates), at 1 query (the smallest query block), 40 (the largest),
+    and a row wider than one column block."""
+    full = {"padding": True, "wide_ids": True, "signed": True, "importance": True}
+    cases = []
+    for dtype in DTYPES:
+        for k in KS:
+            cases.append(dict(op="scores", dtype=dtype, k=k, variant="plain", queries=3))
+            cases.append(dict(op="scores", dtype=dtype, k=k, variant="all", queries=3, **full))
+            cases.append(dict(op="decoder", dtype=dtype, k=k, variant="plain", queries=3))
+        cases.append(dict(op="scores", dtype=dtype, k=4, variant="all", queries=40, **full))
+    for queries, dim in ((1, 33), (40, 64), (40, 200)):
+        cases.append(dict(op="scores", dtype="float32", k=4, variant="odd_dim", queries=queries, dim=dim))
+    cases.append(dict(op="decoder", dtype="float32", k=4, variant="plain", queries=40, wide_ids=True))
+    return cases
+
+
+def run_output_case(case):
+    """A top-k of ``case`` (an :func:`output_cases` entry) through the public API."""
+    import torch
+
+    from .modules import BloomEmbedding
+    from .output import BloomOutputLayer
+
+    dtype = getattr(torch, case["dtype"])
+    k, dim, nq = case["k"], case.get("dim", 32), case["queries"]
+    g = torch.Generator().manual_seed(0)
+    queries = torch.randn(nq, dim, generator=g).to(dtype)
+    # Wide ids (past 2**31) need 8-byte hashing: reached through candidates.
+    wide = case.get("wide_ids")
+    candidates = torch.randint(2**31, 2**40, (100,), generator=g) if wide else None
+    if case["op"] == "decoder":
+        layer = BloomOutputLayer(dim, 2**41 if wide else 200, num_rows=1000, num_hash_functions=k, backend="triton",
+                                 dtype=dtype)  # fmt: skip
+        layer.topk(queries, 5, candidates=candidates)
+        return
+    emb = BloomEmbedding(None if wide else 200, dim, num_rows=1000, num_hash_functions=k,
+                         padding_idx=7 if case.get("padding") else None, backend="triton",
+                         signed=bool(case.get("signed")), importance=bool(case.get("importance")), dtype=dtype)  # fmt: skip
+    emb.topk(queries, 5, candidates=candidates)
 
 
 def run_case(case):
@@ -102,6 +148,8 @@ def run_case(case):
     from .functional import bloom_embedding, bloom_embedding_bag
     from .hashing import bloom_hash
 
+    if case["op"] in ("scores", "decoder"):
+        return run_output_case(case)
     dtype = getattr(torch, case["dtype"])
     training = case.get("training")
     # Few ids and, where the kernels run a program per touched row, few rows:
@@ -113,8 +161,16 @@ def run_case(case):
     ids = torch.randint(0, 5000, (16,), generator=g, dtype=torch.int64)
     if not case.get("wide_ids"):
         ids = ids.to(torch.int32)
-    weight = torch.randn(num_rows, dim, generator=g).to(dtype).requires_grad_(True)
+    hot_ids = None
+    if case.get("hot"):
+        # A few of the ids own private rows after the shared ones (int32 hot
+        # ids for narrow ids, as the modules store them).
+        hot_ids = torch.unique(ids[1:6])
+        hot_ids = hot_ids[hot_ids != ids[0]].to(ids.dtype)
+    weight = torch.randn(num_rows + (hot_ids.numel() if hot_ids is not None else 0), dim, generator=g)
+    weight = weight.to(dtype).requires_grad_(True)
     options = dict(
+        hot_ids=hot_ids,
         num_embeddings=num_embeddings,
         backend="triton",
         signed=bool(case.get("signed")),

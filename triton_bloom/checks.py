@@ -22,6 +22,7 @@ __all__ = [
     "check_training_options",
     "check_importance",
     "check_hash_cache",
+    "check_hot",
     "check_input",
     "check_id_tensor",
     "check_id_range",
@@ -38,6 +39,9 @@ def check_weight(weight: torch.Tensor) -> None:
         raise ValueError(f"weight must be a 2-D (num_rows, embedding_dim) Tensor, got {getattr(weight, 'shape', weight)}")
     if weight.dtype not in WEIGHT_DTYPES:
         raise TypeError(f"weight must be float32, float64, float16 or bfloat16, got dtype {weight.dtype}")
+    if weight.shape[0] < 1:
+        # Every id hashes to some row: with none, the floor modulo divides by zero.
+        raise ValueError(f"weight must have at least one row, got shape {tuple(weight.shape)}")
 
 
 def check_training_options(sparse: bool, fused_optimizer) -> None:
@@ -67,12 +71,68 @@ def check_importance(importance: Optional[torch.Tensor], weight: torch.Tensor, n
         )
 
 
-def check_hash_cache(hash_cache: Optional[torch.Tensor], num_hash_functions: int) -> None:
-    """Raise unless ``hash_cache`` is ``None`` or ``(num_embeddings, k)``."""
-    if hash_cache is not None and (hash_cache.dim() != 2 or hash_cache.shape[1] != num_hash_functions):
+def check_hash_cache(hash_cache: Optional[torch.Tensor], num_hash_functions: int,
+                     weight: Optional[torch.Tensor] = None) -> None:  # fmt: skip
+    """Raise unless ``hash_cache`` is ``None`` or an int32/int64
+    ``(num_embeddings, k)`` tensor (on ``weight``'s device, when given).
+    Its values are checked per call, by :func:`check_hash_cache_rows`."""
+    if hash_cache is None:
+        return
+    if hash_cache.dim() != 2 or hash_cache.shape[1] != num_hash_functions:
         raise ValueError(
             f"hash_cache must have shape (num_embeddings, {num_hash_functions}), got {tuple(hash_cache.shape)}"
         )
+    if hash_cache.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"hash_cache must hold int32 or int64 rows, got dtype {hash_cache.dtype}")
+    if weight is not None and hash_cache.device != weight.device:
+        raise RuntimeError(f"hash_cache is on {hash_cache.device} but weight is on {weight.device}")
+
+
+def check_hash_cache_rows(ids: torch.Tensor, hash_cache: torch.Tensor, num_rows: int) -> None:
+    """``IndexError`` naming the offending value unless every id has a row
+    of ``hash_cache`` and the rows it gives lie in ``[0, num_rows)``
+    (asynchronously on CUDA).  A user's cache is read by the kernels without
+    bounds checks: this keeps a wrong one from reading outside the table."""
+    if ids.numel() == 0:
+        return
+    if hash_cache.shape[0] == 0:  # known on the host: no id has a row
+        raise IndexError(f"index {int(ids.reshape(-1)[0])} is out of range for a hash_cache of 0 ids")
+    if ids.device.type == "cuda":
+        ok = ids.max() < hash_cache.shape[0]
+        rows = hash_cache.index_select(0, ids.reshape(-1).clamp(0, max(hash_cache.shape[0] - 1, 0)))
+        ok = ok & (rows.min() >= 0) & (rows.max() < num_rows)
+        torch._assert_async(ok, f"triton_bloom: an id past the hash_cache, or a cached row outside [0, {num_rows})")
+        return
+    high = int(ids.max())
+    if high >= hash_cache.shape[0]:
+        raise IndexError(f"index {high} is out of range for a hash_cache of {hash_cache.shape[0]} ids")
+    low, high = (int(v) for v in torch.aminmax(hash_cache.index_select(0, ids.reshape(-1))))
+    bad = low if low < 0 else high
+    if low < 0 or high >= num_rows:
+        raise IndexError(f"hash_cache gives row {bad}, outside the table's {num_rows} rows")
+
+
+def check_hot(hot: Optional[torch.Tensor], weight: torch.Tensor) -> None:
+    """Raise unless ``hot`` is ``None`` or a 1-D int32/int64 tensor of
+    strictly increasing non-negative ids on ``weight``'s device, fewer than
+    ``weight``'s rows (the last ``len(hot)`` rows are theirs; at least one
+    row stays shared)."""
+    if hot is None:
+        return
+    if not isinstance(hot, torch.Tensor) or hot.dim() != 1 or hot.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"hot ids must be a 1-D int32 or int64 Tensor, got {getattr(hot, 'dtype', type(hot))} "
+                        f"of shape {tuple(getattr(hot, 'shape', ()))}")  # fmt: skip
+    if hot.device != weight.device:
+        raise RuntimeError(f"hot ids are on {hot.device} but weight is on {weight.device}")
+    if hot.numel() >= weight.shape[0]:
+        raise ValueError(f"{hot.numel()} hot ids need fewer than the table's {weight.shape[0]} rows: "
+                         "the last len(hot) rows are theirs and at least one must stay shared")  # fmt: skip
+    if hot.numel() and int(hot.min()) < 0:
+        raise ValueError(f"hot ids must be non-negative, got {int(hot.min())}")
+    if hot.numel() > 1 and not bool((hot[1:] > hot[:-1]).all()):
+        i = int(torch.nonzero(hot[1:] <= hot[:-1])[0])
+        raise ValueError(f"hot ids must be sorted and distinct, but hot[{i}]={int(hot[i])} >= "
+                         f"hot[{i + 1}]={int(hot[i + 1])}")  # fmt: skip
 
 
 def check_input(ids, weight: torch.Tensor) -> None:
@@ -114,12 +174,16 @@ def check_id_range(ids: torch.Tensor, num_embeddings: Optional[int]) -> None:
 
 def check_offsets(offsets: torch.Tensor, num_ids: int) -> None:
     """Raise ``ValueError`` unless the ``(B + 1,)`` offsets start at 0, never
-    decrease and stay within the ``num_ids`` ids (asynchronously on CUDA)."""
+    decrease and end at ``num_ids`` (asynchronously on CUDA).
+
+    With ``include_last_offset=True`` the caller's last offset is this end:
+    ``nn.EmbeddingBag`` documents it as the input's length (CSR), and ids
+    past it would belong to no bag."""
     if offsets.device.type == "cuda":
-        ok = (offsets[0] == 0) & (offsets[-1] <= num_ids)
+        ok = (offsets[0] == 0) & (offsets[-1] == num_ids)
         if offsets.numel() > 1:
             ok = ok & (offsets[1:] >= offsets[:-1]).all()
-        torch._assert_async(ok, "triton_bloom: offsets must start at 0, not decrease, and stay within the input")
+        torch._assert_async(ok, "triton_bloom: offsets must start at 0, not decrease, and end at the input's length")
         return
     first = int(offsets[0])
     if first != 0:
@@ -134,3 +198,9 @@ def check_offsets(offsets: torch.Tensor, num_ids: int) -> None:
             raise ValueError(
                 f"offsets must not decrease, but offsets[{i}]={int(offsets[i])} > offsets[{i + 1}]={int(offsets[i + 1])}"
             )
+    end = int(offsets[-1])
+    if end != num_ids:
+        raise ValueError(
+            f"with include_last_offset=True the last offset must equal the input length {num_ids} "
+            f"(it ends the last bag, as in nn.EmbeddingBag), but got {end}"
+        )

@@ -20,6 +20,7 @@ __all__ = ["bloomify", "BloomifyReport", "ReplacedModule", "SkippedModule"]
 DEFAULT_MIN_NUM_EMBEDDINGS = 10_000
 
 _CHOICES = ("skip", "error")
+_TIED_CHOICES = ("skip", "error", "share")
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,8 @@ class ReplacedModule:
         aliases (tuple of str): other paths of the same module object, which
             now hold the same Bloom module.
         before (str), after (str): short descriptions of the old and new module.
-        bytes_before (int), bytes_after (int): the module's parameter bytes.
+        bytes_before (int), bytes_after (int): the module's bytes
+            (parameters and buffers, as :func:`~triton_bloom.embedding_bytes`).
     """
 
     name: str
@@ -121,6 +123,7 @@ def bloomify(
     unsupported: str = "skip",
     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
     backend: str = "auto",
+    table_options: Optional[Dict[str, dict]] = None,
 ) -> BloomifyReport:
     r"""Replace, in place, every large :class:`torch.nn.Embedding` and
     :class:`torch.nn.EmbeddingBag` of ``model`` by a
@@ -167,14 +170,25 @@ def bloomify(
         num_hash_functions (int): ``k``, rows summed per id (1 to 24). Default: 4.
         min_num_embeddings (int): tables with fewer rows are left alone.
             Default: 10_000.
-        tied (str): ``"skip"`` (default) or ``"error"``, for tables whose
-            weight is shared with another module.
+        tied (str): ``"skip"`` (default), ``"error"`` or ``"share"``, for
+            tables whose weight is shared with another module.  ``"share"``
+            converts an embedding tied to one ``nn.Linear`` output layer (a
+            language model's head): the embedding becomes a Bloom table and
+            the head a :class:`~triton_bloom.TiedBloomLinear` scoring every
+            id against the same table (its bias kept); other ties are skipped.
         unsupported (str): ``"skip"`` (default) or ``"error"``, for tables
             using options the Bloom modules do not support.
         filter_fn (callable, optional): ``filter_fn(module, name) -> bool``;
             only modules it accepts are replaced.
         backend (str): the Bloom modules' ``backend``: ``"auto"``, ``"triton"``
             or ``"torch"``. Default: ``"auto"``.
+        table_options (dict, optional): per table, by its name in
+            ``model.named_modules()``, more constructor arguments of its Bloom
+            module, overriding the shared ones: ``num_rows``,
+            ``num_hash_functions``, ``hot_ids`` (its frequent ids),
+            ``private_dim``, ``signed``, ``importance``, ``fused_optimizer``...
+            The call signature's own (``num_embeddings``, ``embedding_dim``,
+            ``padding_idx``, ``sparse``, ``mode``) cannot be overridden.
 
     Returns:
         BloomifyReport: the replaced tables with their parameter bytes before
@@ -207,10 +221,19 @@ def bloomify(
     check_num_hash_functions(num_hash_functions)
     if isinstance(min_num_embeddings, bool) or not isinstance(min_num_embeddings, int) or min_num_embeddings < 0:
         raise ValueError(f"min_num_embeddings must be a non-negative int, got {min_num_embeddings!r}")
-    for name, value in (("tied", tied), ("unsupported", unsupported)):
-        if value not in _CHOICES:
-            raise ValueError(f"{name} must be one of {_CHOICES}, got {value!r}")
+    for name, value, choices in (("tied", tied, _TIED_CHOICES), ("unsupported", unsupported, _CHOICES)):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     dispatch.check_backend(backend)
+    table_options = dict(table_options or {})
+    known = {name for names in _embedding_modules(model).values() for name in names}
+    for name, options in table_options.items():
+        if name not in known:
+            raise ValueError(f"table_options names {name!r}, which is no nn.Embedding / nn.EmbeddingBag of the model")
+        fixed = sorted(set(options) & _SIGNATURE)
+        if fixed:
+            raise ValueError(f"table_options[{name!r}] cannot override {fixed}: the replacement keeps the table's "
+                             "call signature")  # fmt: skip
 
     model_bytes_before = _parameter_bytes(model)
     owners = _parameter_owners(model)
@@ -227,8 +250,11 @@ def bloomify(
             reason = f"{module.num_embeddings} rows < min_num_embeddings={min_num_embeddings}"
         else:
             tie = _tie(module, owners)
-            if tie is not None:
+            head = _tied_output_layer(module, owners) if tie is not None and tied == "share" else None
+            if tie is not None and head is None:
                 reason = f"weight tied to {tie}: a Bloom table cannot keep the tie"
+                if tied == "share":
+                    reason += " (tied='share' converts only a tie with one nn.Linear of its shape)"
                 if tied == "error":
                     raise ValueError(f"bloomify: {name} ({description}): {reason} (pass tied='skip' to leave it dense)")
             else:
@@ -245,8 +271,14 @@ def bloomify(
         if reason is not None:
             report.skipped.append(SkippedModule(name, description, reason, nbytes))
             continue
-        bloom = _bloom_twin(module, compression_ratio, num_hash_functions, backend)
+        options = next((table_options[n] for n in names if n in table_options), {})
+        bloom = _bloom_twin(module, compression_ratio, num_hash_functions, backend, options)
         swaps.append((names, bloom))
+        if head is not None:
+            from .output import TiedBloomLinear
+
+            linear, linear_names = head
+            swaps.append((linear_names, TiedBloomLinear(bloom, linear.bias)))
         report.replaced.append(
             ReplacedModule(name, description, _describe(bloom), nbytes, _parameter_bytes(bloom), tuple(names[1:]))
         )
@@ -260,8 +292,13 @@ def bloomify(
     return report
 
 
-def _bloom_twin(module, compression_ratio, num_hash_functions, backend):
-    """The Bloom module with ``module``'s call signature (not its values)."""
+# What the Bloom twin takes from the table it replaces, never from table_options.
+_SIGNATURE = {"num_embeddings", "embedding_dim", "padding_idx", "sparse", "mode", "include_last_offset"}
+
+
+def _bloom_twin(module, compression_ratio, num_hash_functions, backend, options):
+    """The Bloom module with ``module``'s call signature (not its values),
+    with ``options`` (its ``table_options``) added."""
     common = dict(
         num_embeddings=module.num_embeddings,
         embedding_dim=module.embedding_dim,
@@ -274,6 +311,7 @@ def _bloom_twin(module, compression_ratio, num_hash_functions, backend):
         device=module.weight.device,
         dtype=module.weight.dtype,
     )
+    common.update(options)
     if isinstance(module, nn.EmbeddingBag):
         return BloomEmbeddingBag(mode=module.mode, include_last_offset=module.include_last_offset, **common)
     return BloomEmbedding(**common)
@@ -308,6 +346,23 @@ def _parameter_owners(model: nn.Module) -> Dict[int, List[Tuple[nn.Module, str]]
     return owners
 
 
+def _tied_output_layer(module: nn.Module, owners):
+    """``(linear, its names)`` when ``module``'s weight is shared with exactly
+    one ``nn.Linear`` of the same shape (an output layer tied to the
+    embedding, as in language models), else ``None``."""
+    others = [(other, name) for other, name in owners.get(id(module.weight), ()) if other is not module]
+    linears = {id(other): other for other, _ in others}
+    if len(linears) != 1:
+        return None
+    linear = next(iter(linears.values()))
+    if type(linear) is not nn.Linear or tuple(linear.weight.shape) != tuple(module.weight.shape):
+        return None
+    if not isinstance(module, nn.Embedding):
+        return None
+    names = [name.rpartition(".")[0] for other, name in others if name.endswith(".weight") or name == "weight"]
+    return linear, names
+
+
 def _tie(module: nn.Module, owners) -> Optional[str]:
     """The name of another module's parameter sharing ``module``'s weight, if any."""
     for other, name in owners.get(id(module.weight), ()):
@@ -335,8 +390,11 @@ def _unsupported(module: nn.Module) -> Optional[str]:
 
 
 def _parameter_bytes(module: nn.Module) -> int:
-    # named_parameters() yields each Parameter once, so tied weights count once.
-    return sum(p.numel() * p.element_size() for p in module.parameters())
+    # Buffers too: a Bloom module's hot-id index is memory its table needs.
+    # Each tensor counts once, so tied weights count once.
+    from .modules import embedding_bytes
+
+    return embedding_bytes(module)
 
 
 def _describe(module: nn.Module) -> str:

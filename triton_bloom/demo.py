@@ -1,7 +1,15 @@
-"""What Bloom embeddings buy a recommender: one model trained with full
-``nn.Embedding`` / ``nn.EmbeddingBag`` tables and with ``BloomEmbedding`` /
-``BloomEmbeddingBag`` tables a few times smaller, on one synthetic dataset,
-compared side by side: parameters, memory, time per epoch, accuracy.
+"""What Bloom embeddings buy a recommender, at equal bytes: one model trained
+with full ``nn.Embedding`` / ``nn.EmbeddingBag`` tables, and at each budget
+(a share of the full tables' bytes) with the tables a sceptical user tries
+first and with ours, side by side: bytes, memory, time per epoch, accuracy.
+
+At each budget: the full table at the largest ``embedding_dim`` that fits
+(every parameter starting at the full table's scale, ``normal(0, 1/32)``),
+plain ``BloomEmbedding`` / ``BloomEmbeddingBag`` at that ``compression_ratio``,
+and the layout ``BloomEmbedding.from_counts`` plans for the budget from the
+items' training counts (hot rows for frequent ids, a private low-dimensional
+part, Bloom rows for the rest, or a plain smaller table when that is best);
+its plan is printed.  Every model trains with the same settings.
 
 Data: planted, so there is something to find.  Users and items have hidden
 rank-16 taste vectors, items have Zipf popularity, user activity is
@@ -42,7 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .modules import BloomEmbedding, BloomEmbeddingBag, ZeroEmbedding
+from .modules import BloomEmbedding, BloomEmbeddingBag, ZeroEmbedding, embedding_bytes
 from .ranking import items_above, ranking_metrics
 from .terminal import console, cpu_model, progress, render_table
 
@@ -141,14 +149,39 @@ class TwoTower(nn.Module):
         return [self.history, self.items]
 
 
-def build_model(ratio, num_items, dim, num_hash_functions, device) -> TwoTower:
-    """Full tables for ``ratio=None``, else Bloom tables ``ratio`` times smaller."""
+class MeanPooled(nn.Module):
+    """An ``nn.EmbeddingBag(mode="mean")`` made of any ``nn.Embedding``-like
+    table (the planner builds embeddings, the history tower pools them)."""
+
+    def __init__(self, table: nn.Module):
+        super().__init__()
+        self.table = table
+
+    def forward(self, input, offsets=None):
+        if offsets is None:
+            return self.table(input).mean(-2)
+        vectors = self.table(input)
+        lengths = torch.diff(offsets, append=offsets.new_tensor([input.numel()]))
+        bag = torch.repeat_interleave(torch.arange(offsets.numel(), device=input.device), lengths)
+        sums = vectors.new_zeros((offsets.numel(), vectors.shape[-1])).index_add_(0, bag, vectors)
+        return sums / lengths.clamp(min=1).to(sums.dtype)[:, None]
+
+
+def build_model(ratio, num_items, dim, num_hash_functions, device, *, small_dim=None, counts=None) -> TwoTower:
+    """Full tables for ``ratio=None`` (of ``small_dim`` when given), else
+    Bloom tables ``ratio`` times smaller, planned from ``counts`` when given."""
     if ratio is None:
-        history, items = nn.EmbeddingBag(num_items, dim, mode="mean"), nn.Embedding(num_items, dim)
+        width = small_dim or dim
+        history, items = nn.EmbeddingBag(num_items, width, mode="mean"), nn.Embedding(num_items, width)
         # Bloom tables start from normal(0, 1/dim), Spotlight's init: so do
-        # these, so that the two models differ in compression only.
+        # these, a smaller table included (1/width would start it wider), so
+        # that the models differ in layout only.
         for table in (history, items):
             nn.init.normal_(table.weight, 0.0, 1.0 / dim)
+    elif counts is not None:
+        budget = int(ratio * num_items * dim * 4)
+        history = MeanPooled(BloomEmbedding.from_counts(counts, dim, max_bytes=budget, verbose=False, padding_idx=None))
+        items = BloomEmbedding.from_counts(counts, dim, max_bytes=budget, verbose=False, padding_idx=None)
     else:
         # Ids are 0-based and all real: no padding id.
         common = dict(compression_ratio=ratio, num_hash_functions=num_hash_functions, padding_idx=None)
@@ -245,8 +278,9 @@ def training_bytes(model, optimizer):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, help=f"training epochs per model (default {FULL_SIZE['epochs']}, "
                         f"{QUICK_SIZE['epochs']} with --quick)")  # fmt: skip
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.2, 0.1], metavar="R",
-                        help="compression ratios of the Bloom tables, each in (0, 1] (default 0.5 0.2 0.1)")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.2], metavar="R",
+                        help="budgets, as shares of the full tables' bytes, each in (0, 1]; at each, a smaller "
+                             "full table, Bloom at that compression ratio and the planner's layout (default 0.2)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK_SIZE['users']:,} users x {QUICK_SIZE['items']:,} items and "
@@ -291,13 +325,24 @@ def run(args) -> int:
               f"vector + bias; dim {args.dim}, BPR, Adam lr {args.lr}, batch {args.batch_size}, {epochs} epochs, "
               f"on {device_label(device)}.")  # fmt: skip
 
-    variants = [("nn.Embedding", None)] + [(f"Bloom {r:g}", r) for r in ratios]
-    rows, full_params = [], None
+    counts = torch.bincount(data.train_items.cpu(), minlength=num_items)
+    # (label, ratio, smaller dim, planned): the full table, then per budget
+    # the smaller full table, plain Bloom and the planner's layout.
+    variants = [("nn.Embedding", None, None, False)]
+    for r in ratios:
+        small = int(r * args.dim)
+        if small >= 1:
+            variants.append((f"nn.Embedding dim {small}", None, small, False))
+        variants += [(f"Bloom {r:g}", r, None, False), (f"planned ≤{r:g}", r, None, True)]
+    rows, full_auc, full_bytes, plans = [], None, None, []
     bar = progress(total=len(variants) * epochs, desc="training", unit="epoch")
     try:
-        for index, (name, ratio) in enumerate(variants):
+        for index, (name, ratio, small, planned) in enumerate(variants):
             torch.manual_seed(args.seed + index)
-            model = build_model(ratio, num_items, args.dim, args.hashes, device)
+            model = build_model(ratio, num_items, args.dim, args.hashes, device, small_dim=small,
+                                counts=counts if planned else None)  # fmt: skip
+            if planned:
+                plans.append((name, getattr(model.items, "plan", None)))
             optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
             generator = torch.Generator(device=device).manual_seed(args.seed)
             seconds = []
@@ -311,26 +356,31 @@ def run(args) -> int:
                 bar.set_postfix_str(f"{name}, epoch {epoch + 1}/{epochs}, loss {loss:.3f}")
                 bar.update(1)
             auc, hits = metrics(item_ranks(*user_and_item_vectors(model, data), data), data)
-            params = sum(t.weight.numel() for t in model.embedding_tables())
-            full_params = full_params or params
+            nbytes = sum(embedding_bytes(t) for t in model.embedding_tables())
+            full_bytes, full_auc = full_bytes or nbytes, full_auc or auc
             mib = training_bytes(model, optimizer) / 2**20
-            rows.append([name, f"{params:,}", f"{params / full_params:.2f}", f"{mib:.2f}",
-                         f"{statistics.median(seconds):.2f}", f"{auc:.4f}", f"{hits:.4f}"])  # fmt: skip
+            rows.append([name, f"{nbytes / 1024:,.1f}", f"{nbytes / full_bytes:.3f}", f"{mib:.2f}",
+                         f"{statistics.median(seconds):.2f}", f"{auc:.4f}", f"{auc / full_auc:.3f}",
+                         f"{hits:.4f}"])  # fmt: skip
             del model, optimizer
     finally:
         bar.close()
 
     auc, hits = metrics(popularity_ranks(data, args.seed), data)
-    rows.append(["popularity", "-", "-", "-", "-", f"{auc:.4f}", f"{hits:.4f}"])
+    rows.append(["popularity", "-", "-", "-", "-", f"{auc:.4f}", f"{auc / full_auc:.3f}", f"{hits:.4f}"])
     render_table(
-        ["model", "emb. params", "of full", "MiB", "s/epoch", "AUC", "HR@10"],
+        ["model", "emb. KiB", "of full", "MiB", "s/epoch", "AUC", "AUC / full", "HR@10"],
         rows,
         title=f"{num_users:,} users x {num_items:,} items, dim {args.dim}, k={args.hashes}, {device.type}",
-        caption="emb. params: the two embedding tables (the item bias adds "
-                f"{num_items:,} to every model).  MiB: all parameters + Adam state.  s/epoch: median.  "
-                "AUC, HR@10: held-out item vs every unseen item; higher is better.",  # fmt: skip
+        caption="emb. KiB: the two item tables, everything they store (hot-id index, private part "
+                f"included; the item bias adds {num_items * 4 / 1024:,.1f} KiB to every model).  MiB: all "
+                "parameters + Adam state.  s/epoch: median.  AUC, HR@10: held-out item vs every unseen item; "
+                "higher is better.",  # fmt: skip
         numeric_from=1,
     )
+    for name, plan in plans:
+        if plan is not None:
+            out.print(f"[bold]{name}[/bold] (each of the two item tables): {plan}")
     out.print(f"Done in {time.perf_counter() - started:.0f} s.")
     return 0
 

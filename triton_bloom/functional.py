@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from . import dispatch, ops
-from .checks import check_hash_cache, check_importance, check_input, check_training_options, check_weight
+from .checks import check_hash_cache, check_hot, check_importance, check_input, check_training_options, check_weight
 from .constants import MODES
 from .hashing import check_num_hash_functions
 
@@ -42,6 +42,7 @@ def bloom_embedding(
     fused_optimizer=None,
     signed: bool = False,
     importance: Optional[torch.Tensor] = None,
+    hot_ids: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     r"""Look up the Bloom embedding of every id: the sum of the ``k`` rows of
     ``weight`` that the id's murmurhash3 hashes select.
@@ -66,6 +67,10 @@ def bloom_embedding(
         importance (Tensor, optional): ``(importance_rows, k)`` learned
             weights of the ``k`` rows, read at a hash of the id (hash
             embeddings, Svenstrup et al. 2017); differentiable.
+        hot_ids (Tensor, optional): ``(H,)`` sorted, distinct ids that own
+            the last ``H`` rows of ``weight``: the id at position ``p`` reads
+            row ``R - H + p`` alone, with no sign or importance weight, and
+            every other id hashes into the first ``R - H`` rows.
 
     Shape:
         - Input: :math:`(*)`
@@ -83,11 +88,23 @@ def bloom_embedding(
     dispatch.check_backend(backend)
     check_weight(weight)
     check_training_options(sparse, fused_optimizer)
-    check_hash_cache(hash_cache, num_hash_functions)
+    check_hash_cache(hash_cache, num_hash_functions, weight)
     check_importance(importance, weight, num_hash_functions)
+    check_hot(hot_ids, weight)
+    padding_idx = _padding_idx(padding_idx, num_embeddings)
     return lookup(input, weight, num_hash_functions=num_hash_functions, padding_idx=padding_idx,
                   num_embeddings=num_embeddings, hash_cache=hash_cache, backend=backend, sparse=sparse,
-                  fused_optimizer=fused_optimizer, signed=signed, importance=importance)  # fmt: skip
+                  fused_optimizer=fused_optimizer, signed=signed, importance=importance,
+                  hot=hot_ids)  # fmt: skip
+
+
+def _padding_idx(padding_idx, num_embeddings):
+    """The modules' rule for ``padding_idx``: an int, negative counting
+    from ``num_embeddings`` (as ``nn.functional.embedding`` counts from its
+    table), in range; a negative one matched no id before, silently."""
+    from .modules import normalize_padding_idx  # modules imports this module
+
+    return normalize_padding_idx(padding_idx, num_embeddings)
 
 
 def op_options(weight: torch.Tensor, *, backend: str, sparse: bool, fused_optimizer, **lookup_options) -> dict:
@@ -102,11 +119,11 @@ def op_options(weight: torch.Tensor, *, backend: str, sparse: bool, fused_optimi
 
 
 def lookup(input: torch.Tensor, weight: torch.Tensor, *, hash_cache: Optional[torch.Tensor],
-           importance: Optional[torch.Tensor], **options) -> torch.Tensor:  # fmt: skip
+           importance: Optional[torch.Tensor], hot: Optional[torch.Tensor], **options) -> torch.Tensor:  # fmt: skip
     """:func:`bloom_embedding` once its arguments are checked: checks the
     input and runs the custom op with :func:`op_options` of ``options``."""
     check_input(input, weight)
-    return ops.bloom_forward(input, weight, importance=importance, hash_cache=hash_cache,
+    return ops.bloom_forward(input, weight, importance=importance, hot=hot, hash_cache=hash_cache,
                              **op_options(weight, **options))  # fmt: skip
 
 
@@ -165,6 +182,8 @@ def bag_layout(
             )
         if not per_sample_weights.is_floating_point():
             raise TypeError(f"per_sample_weights must be floating point, got dtype {per_sample_weights.dtype}")
+        if per_sample_weights.device != input.device:
+            raise RuntimeError(f"input is on {input.device} but per_sample_weights is on {per_sample_weights.device}")
         per_sample_weights = per_sample_weights.reshape(-1)
     return ids, full_offsets, per_sample_weights
 
@@ -185,6 +204,7 @@ def bloom_embedding_bag(
     fused_optimizer=None,
     signed: bool = False,
     importance: Optional[torch.Tensor] = None,
+    hot_ids: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     r"""Pool the Bloom embeddings of bags of ids, as
     :func:`torch.nn.functional.embedding_bag` pools rows.
@@ -211,8 +231,8 @@ def bloom_embedding_bag(
         sparse (bool): ``weight``'s gradient is a coalesced sparse COO tensor.
         fused_optimizer (FusedSGD or FusedRowWiseAdagrad, optional): update
             the touched rows inside the backward pass (see :mod:`triton_bloom.optim`).
-        signed (bool), importance (Tensor, optional): the variants, as in
-            :func:`bloom_embedding`.
+        signed (bool), importance (Tensor, optional), hot_ids (Tensor,
+            optional): the variants, as in :func:`bloom_embedding`.
 
     Shape:
         - Output: :math:`(B, H)`; empty bags give zeros.
@@ -231,15 +251,17 @@ def bloom_embedding_bag(
     if mode not in MODES:
         raise ValueError(f"mode has to be one of {MODES}, got {mode!r}")
     check_importance(importance, weight, num_hash_functions)
+    check_hot(hot_ids, weight)
+    padding_idx = _padding_idx(padding_idx, num_embeddings)
     return bag_lookup(input, weight, offsets, per_sample_weights, mode=mode, include_last_offset=include_last_offset,
                       num_hash_functions=num_hash_functions, padding_idx=padding_idx, num_embeddings=num_embeddings,
                       backend=backend, sparse=sparse, fused_optimizer=fused_optimizer, signed=signed,
-                      importance=importance)  # fmt: skip
+                      importance=importance, hot=hot_ids)  # fmt: skip
 
 
 def bag_lookup(input: torch.Tensor, weight: torch.Tensor, offsets: Optional[torch.Tensor],
                per_sample_weights: Optional[torch.Tensor], *, mode: str, include_last_offset: bool,
-               importance: Optional[torch.Tensor], **options) -> torch.Tensor:  # fmt: skip
+               importance: Optional[torch.Tensor], hot: Optional[torch.Tensor], **options) -> torch.Tensor:  # fmt: skip
     """:func:`bloom_embedding_bag` once its arguments are checked: checks the
     input and runs the custom op with :func:`op_options` of ``options``."""
     ids, offsets, per_sample_weights = bag_layout(input, offsets, per_sample_weights, mode, include_last_offset)
@@ -247,5 +269,5 @@ def bag_lookup(input: torch.Tensor, weight: torch.Tensor, offsets: Optional[torc
     if per_sample_weights is not None:
         per_sample_weights = per_sample_weights.to(weight.dtype)
     out, _ = ops.bloom_bag_forward(ids, offsets, weight, per_sample_weights=per_sample_weights, importance=importance,
-                                   mode=MODES.index(mode), **op_options(weight, **options))  # fmt: skip
+                                   hot=hot, mode=MODES.index(mode), **op_options(weight, **options))  # fmt: skip
     return out

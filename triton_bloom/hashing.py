@@ -26,6 +26,7 @@ __all__ = [
     "IMPORTANCE_SEED",
     "MAX_HASH_FUNCTIONS",
     "bloom_hash",
+    "hot_rows",
     "bloom_signs",
     "importance_rows",
     "hash_rows",
@@ -173,6 +174,25 @@ def importance_rows(ids: torch.Tensor, num_importance_rows: int) -> torch.Tensor
     seed = seed_tensor(ids.device)[IMPORTANCE_SEED_INDEX : IMPORTANCE_SEED_INDEX + 1]
     hashes = murmurhash3_32(ids, seed).squeeze(-1).to(torch.int64)
     return torch.remainder(hashes, num_importance_rows)
+
+
+def hot_rows(ids: torch.Tensor, hot_ids: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Each id's private row, or -1: ``num_rows + p`` for the id at position
+    ``p`` of the sorted ``hot_ids``, -1 for every other id.
+
+    A binary search of the ``(H,)`` sorted hot ids, as the kernels do it: the
+    hot set costs memory in ``H``, never in the size of the id space.
+
+    Shape:
+        - ids: :math:`(*)`; output: :math:`(*)`, int64
+    """
+    hot_ids = hot_ids.to(device=ids.device, dtype=torch.int64)
+    ids = ids.to(torch.int64)
+    if hot_ids.numel() == 0:
+        return torch.full_like(ids, -1)
+    position = torch.searchsorted(hot_ids, ids)
+    found = hot_ids.index_select(0, position.clamp_max(hot_ids.numel() - 1).reshape(-1)).view_as(ids) == ids
+    return torch.where(found, position + num_rows, -1)
 
 
 def bloom_hash(ids: torch.Tensor, num_hash_functions: int, num_rows: int) -> torch.Tensor:

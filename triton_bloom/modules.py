@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import dispatch
 from .checks import WEIGHT_DTYPES, check_training_options
@@ -14,7 +17,56 @@ from .constants import MODES
 from .functional import bag_lookup, lookup
 from .hashing import IMPORTANCE_SEED, SEEDS, SIGN_SEEDS, bloom_hash, check_num_hash_functions
 
-__all__ = ["BloomEmbedding", "BloomEmbeddingBag", "ScaledEmbedding", "ZeroEmbedding", "ScaledEmbeddingBag"]
+__all__ = [
+    "BloomEmbedding",
+    "BloomEmbeddingBag",
+    "ScaledEmbedding",
+    "ZeroEmbedding",
+    "ScaledEmbeddingBag",
+    "embedding_bytes",
+]
+
+
+def embedding_bytes(module: nn.Module) -> int:
+    r"""Bytes of every parameter and buffer of ``module`` (each tensor counted
+    once): what an embedding layer costs in memory, hot-id index, importance
+    weights, private part and hash cache included, optimizer state excluded.
+
+    Examples::
+
+        >>> embedding_bytes(torch.nn.Embedding(1000, 32))
+        128000
+        >>> embedding_bytes(BloomEmbedding(1000, 32, compression_ratio=0.2))
+        25600
+    """
+    seen, total = set(), 0
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _sorted_hot_ids(hot_ids, num_embeddings: Optional[int], padding_idx: Optional[int], device) -> torch.Tensor:
+    """``hot_ids`` checked (distinct ids in range, not the padding id) and
+    sorted, in the narrowest integer type: the hot set as the kernels search it."""
+    hot = torch.as_tensor(hot_ids, device=device)
+    if hot.dim() != 1 or hot.is_floating_point() or hot.dtype == torch.bool or hot.is_complex():
+        raise TypeError(f"hot_ids must be a 1-D tensor of integer ids, got dtype {hot.dtype} and shape {tuple(hot.shape)}")
+    hot = torch.sort(hot.to(torch.int64)).values
+    if hot.numel():
+        low, high = int(hot[0]), int(hot[-1])
+        if low < 0 or (num_embeddings is not None and high >= num_embeddings):
+            bad = low if low < 0 else high
+            raise IndexError(f"hot id {bad} is out of range for num_embeddings={num_embeddings}")
+        repeated = hot[1:] == hot[:-1]
+        if bool(repeated.any()):
+            raise ValueError(f"hot_ids must be distinct, but id {int(hot[1:][repeated][0])} repeats")
+        if padding_idx is not None and bool((hot == padding_idx).any()):
+            raise ValueError(f"hot_ids must not hold padding_idx={padding_idx}: it reads no row")
+    if num_embeddings is not None and num_embeddings <= 2**31:
+        hot = hot.to(torch.int32)
+    return hot
 
 
 class ScaledEmbedding(nn.Embedding):
@@ -116,8 +168,8 @@ class _BloomTable(nn.Module):
     parameters, and the compressed table as the submodule ``embeddings``."""
 
     def __init__(self, *, num_embeddings, embedding_dim, compression_ratio, num_hash_functions, padding_idx,
-                 num_rows, backend, sparse, fused_optimizer, signed, importance, importance_rows, device,
-                 dtype):  # fmt: skip
+                 num_rows, backend, sparse, fused_optimizer, signed, importance, importance_rows, hot_ids,
+                 private_dim, device, dtype):  # fmt: skip
         super().__init__()
         if dtype is not None and dtype not in WEIGHT_DTYPES:
             raise TypeError(f"dtype must be float32, float64, float16 or bfloat16, got {dtype}")
@@ -136,9 +188,29 @@ class _BloomTable(nn.Module):
         self.backend = backend
         self.sparse = sparse
         self.fused_optimizer = fused_optimizer
+        self.hot_ids: Optional[torch.Tensor]
+        if hot_ids is not None:
+            hot = _sorted_hot_ids(hot_ids, num_embeddings, self.padding_idx, device)
+            # Saved with the table: the private rows follow the hot ids' order.
+            self.register_buffer("hot_ids", hot)
+        else:
+            self.hot_ids = None
+        hot_rows = self.hot_ids.numel() if self.hot_ids is not None else 0
         # The table knows it is sparse: DDP reads that flag off nn.Embedding
-        # modules to expect sparse gradients.
-        self.embeddings = ScaledEmbedding(self.num_rows, embedding_dim, sparse=sparse, device=device, dtype=dtype)
+        # modules to expect sparse gradients.  Its last hot_rows rows are the
+        # hot ids' private rows.
+        self.embeddings = ScaledEmbedding(self.num_rows + hot_rows, embedding_dim, sparse=sparse, device=device,
+                                          dtype=dtype)  # fmt: skip
+        self.private: Optional[ScaledEmbedding] = None
+        self.private_projection: Optional[nn.Parameter] = None
+        if private_dim:
+            if num_embeddings is None:
+                raise ValueError("private_dim needs num_embeddings: the private part has a row per id")
+            _positive_int("private_dim", private_dim)
+            self.private = ScaledEmbedding(num_embeddings, private_dim, padding_idx=self.padding_idx, sparse=sparse,
+                                           device=device, dtype=dtype)  # fmt: skip
+            self.private_projection = nn.Parameter(torch.empty(private_dim, embedding_dim, device=device, dtype=dtype))
+            self._reset_private()
         self.signed = bool(signed)
         self.importance_weight: Optional[nn.Parameter] = None
         if importance:
@@ -168,7 +240,25 @@ class _BloomTable(nn.Module):
 
     def _options(self) -> dict:
         """The lookup's options, checked in ``__init__``."""
-        return {name: getattr(self, name) for name in self._LOOKUP_OPTIONS} | {"importance": self.importance_weight}
+        options = {name: getattr(self, name) for name in self._LOOKUP_OPTIONS}
+        return options | {"importance": self.importance_weight, "hot": self.hot_ids}
+
+    def _reset_private(self) -> None:
+        # Every part starts at the table's per-element scale, std
+        # 1/embedding_dim: the codes themselves, and their projection (a sum
+        # of r code elements times weights of std 1/sqrt(r)).  The codes'
+        # own ScaledEmbedding rule, 1/r, would make a narrow code dominate.
+        r = self.private_projection.shape[0]
+        with torch.no_grad():
+            self.private.weight.normal_(0, 1.0 / self.embedding_dim)
+            if self.padding_idx is not None:
+                self.private.weight[self.padding_idx].fill_(0)
+            self.private_projection.normal_(0, 1.0 / math.sqrt(r))
+
+    @property
+    def num_hot(self) -> int:
+        """Ids with a private row (0 without ``hot_ids``)."""
+        return self.hot_ids.numel() if self.hot_ids is not None else 0
 
     @property
     def weight(self) -> torch.Tensor:
@@ -177,6 +267,8 @@ class _BloomTable(nn.Module):
 
     def reset_parameters(self) -> None:
         self.embeddings.reset_parameters()
+        if self.private is not None:
+            self._reset_private()
         if self.importance_weight is not None:
             with torch.no_grad():
                 self.importance_weight.fill_(1.0)
@@ -199,6 +291,9 @@ class _BloomTable(nn.Module):
         if self.importance_weight is not None:
             spec["importance_seed"] = IMPORTANCE_SEED
             spec["importance_rows"] = self.importance_weight.shape[0]
+        if self.hot_ids is not None:
+            # The ids themselves are the buffer hot_ids, saved beside the table.
+            spec["hot_rows"] = self.num_hot
         return spec
 
     def get_extra_state(self) -> dict:
@@ -206,7 +301,7 @@ class _BloomTable(nn.Module):
 
     def set_extra_state(self, state) -> None:
         saved = state.get("hash_spec") if isinstance(state, dict) else None
-        if saved is None:
+        if not isinstance(saved, dict):
             raise ValueError(f"this checkpoint's extra state holds no hash specification: {state!r}")
         mine = self.hash_spec()
         differ = sorted(key for key in saved.keys() | mine.keys() if saved.get(key) != mine.get(key))
@@ -217,8 +312,62 @@ class _BloomTable(nn.Module):
                 "loading it would read other rows for the same ids"
             )
 
+    def _check_checkpoint(self, state_dict, prefix: str, strict: bool) -> None:
+        """Raise, before anything is copied, unless this module's part of
+        ``state_dict`` loads whole.  PyTorch's loader copies each tensor as it
+        comes and reports a refused extra state, missing or unexpected keys
+        and size mismatches only after copying the rest: a failed load would
+        leave the module half loaded.  A dtype mismatch is refused too (the
+        loader would cast silently): convert the module or the checkpoint."""
+        extra_key = prefix + "_extra_state"
+        if extra_key in state_dict:
+            self.set_extra_state(state_dict[extra_key])  # compares only: ValueError naming each difference
+        mine = {key: value for key, value in self.state_dict(prefix=prefix, keep_vars=True).items() if key != extra_key}
+        problems = []
+        for key, tensor in mine.items():
+            saved = state_dict.get(key)
+            if key not in state_dict:
+                if strict:
+                    problems.append(f"missing key {key}")
+            elif not isinstance(saved, torch.Tensor):
+                problems.append(f"{key} is a {type(saved).__name__}, not a tensor")
+            elif saved.shape != tensor.shape:
+                problems.append(f"size mismatch for {key}: the checkpoint's shape is {tuple(saved.shape)}, "
+                                f"the module's {tuple(tensor.shape)}")  # fmt: skip
+            elif saved.dtype != tensor.dtype:
+                problems.append(f"dtype mismatch for {key}: the checkpoint's is {saved.dtype}, the module's {tensor.dtype}")
+        if strict:
+            problems += [f"unexpected key {key}" for key in state_dict
+                         if key.startswith(prefix) and key not in mine and key != extra_key]  # fmt: skip
+        if problems:
+            raise RuntimeError(
+                f"the checkpoint does not fit this {type(self).__name__}, so nothing was loaded: " + "; ".join(problems)
+            )
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # PyTorch's loader tells _load_from_state_dict nothing of `strict`
+        # (it always passes True): the keys are checked here, up front.
+        if strict:
+            self._check_checkpoint(state_dict, "", strict=True)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):  # fmt: skip
+        self._check_checkpoint(state_dict, prefix, strict=False)
+        hot = state_dict.get(prefix + "hot_ids")
+        if self.hot_ids is not None and isinstance(hot, torch.Tensor) and hot.shape == self.hot_ids.shape:
+            # The kernels binary-search the hot ids: a checkpoint's must be a
+            # sorted set of ids in range, or ids would read other rows.
+            try:
+                valid = torch.equal(_sorted_hot_ids(hot, self.num_embeddings, self.padding_idx, hot.device).long(),
+                                    hot.long())  # fmt: skip
+                problem = "" if valid else "they are not sorted"
+            except (TypeError, ValueError, IndexError) as error:
+                problem = str(error)
+            if problem:
+                # Raised before anything is copied (the submodules load after
+                # this module), so the module keeps its own state.
+                raise ValueError(f"{prefix}hot_ids of the checkpoint are not a valid hot set: {problem}")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)  # fmt: skip
         # A Spotlight checkpoint has the table and no specification: its
@@ -242,6 +391,10 @@ class _BloomTable(nn.Module):
             s += ", signed=True"
         if self.importance_weight is not None:
             s += f", importance_rows={self.importance_weight.shape[0]}"
+        if self.hot_ids is not None:
+            s += f", hot_rows={self.num_hot}"
+        if self.private is not None:
+            s += f", private_dim={self.private.embedding_dim}"
         return s
 
 
@@ -290,6 +443,21 @@ class BloomEmbedding(_BloomTable):
             ``(importance_rows, k)``, initialised to ones (hash embeddings,
             Svenstrup et al. 2017). Default: ``False``.
         importance_rows (int, optional): rows of that table. Default: ``num_rows``.
+        hot_ids (Tensor, optional): ids that each get a private row of their
+            own instead of ``k`` shared ones: the frequent ids, whose
+            collisions cost the most. The table gets ``len(hot_ids)`` rows
+            after its ``num_rows`` shared ones; the hot set is a buffer
+            (``hot_ids``, sorted) searched inside the kernels, so it costs
+            memory in its own size only. Default: ``None``.
+        private_dim (int): give every id a private ``private_dim``-dimensional
+            code (the submodule ``private``) times a shared projection
+            ``private_projection`` of shape ``(private_dim, embedding_dim)``,
+            added to its vector: the low-rank part of the embedding, free of
+            collisions, at ``private_dim`` parameters per id. Codes start at
+            std ``1/embedding_dim`` and the projection at ``1/sqrt(private_dim)``,
+            so the projected code has the table's per-element scale. Its parameters
+            train with the model's optimizer, never the fused one; with
+            ``sparse=True`` its gradient is sparse too. Default: 0 (none).
         device, dtype: of the table; float32, float64, float16 or bfloat16
             (half-precision tables sum and accumulate in float32).
 
@@ -329,6 +497,8 @@ class BloomEmbedding(_BloomTable):
         signed: bool = False,
         importance: bool = False,
         importance_rows: Optional[int] = None,
+        hot_ids: Optional[torch.Tensor] = None,
+        private_dim: int = 0,
         device=None,
         dtype=None,
     ) -> None:
@@ -336,7 +506,8 @@ class BloomEmbedding(_BloomTable):
                          compression_ratio=compression_ratio, num_hash_functions=num_hash_functions,
                          padding_idx=padding_idx, num_rows=num_rows, backend=backend, sparse=sparse,
                          fused_optimizer=fused_optimizer, signed=signed, importance=importance,
-                         importance_rows=importance_rows, device=device, dtype=dtype)  # fmt: skip
+                         importance_rows=importance_rows, hot_ids=hot_ids, private_dim=private_dim, device=device,
+                         dtype=dtype)  # fmt: skip
         self._bag = bag
         self.hash_cache: Optional[torch.Tensor]
         if hash_cache:
@@ -349,8 +520,54 @@ class BloomEmbedding(_BloomTable):
         else:
             self.hash_cache = None
 
+    @classmethod
+    def from_counts(cls, counts: torch.Tensor, embedding_dim: int, max_bytes: int, *, num_hash_functions: int = 2,
+                    verbose: bool = True, **kwargs):  # fmt: skip
+        r"""The table :func:`~triton_bloom.planner.plan_embedding` plans for
+        ``counts`` (lookups per id) within ``max_bytes``: hot rows for the
+        frequent ids, a private code, shared rows.  When the whole table fits,
+        a plain :class:`ScaledEmbedding` (no hashing at all).  The plan, with
+        its collision figures, is ``module.plan`` and is printed when
+        ``verbose``.  Other ``kwargs`` go to the constructor.
+
+        Examples::
+
+            >>> counts = torch.bincount(torch.randint(0, 1000, (5000,)) ** 2 % 1000, minlength=1000)
+            >>> emb = BloomEmbedding.from_counts(counts, 16, max_bytes=1000 * 16 * 4 // 5, verbose=False)
+            >>> embedding_bytes(emb) <= 1000 * 16 * 4 // 5
+            True
+        """
+        from .planner import plan_embedding
+
+        plan = plan_embedding(counts, embedding_dim, max_bytes, num_hash_functions=num_hash_functions,
+                              dtype=kwargs.pop("dtype", None) or torch.float32)  # fmt: skip
+        if verbose:
+            print(plan)
+        return plan.build(**kwargs)
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return lookup(input, self.embeddings.weight, hash_cache=self.hash_cache, **self._options())
+        out = lookup(input, self.embeddings.weight, hash_cache=self.hash_cache, **self._options())
+        if self.private is not None:
+            codes = F.embedding(input, self.private.weight, self.padding_idx, sparse=self.sparse)
+            out = out + codes @ self.private_projection
+        return out
+
+    def topk(self, queries: torch.Tensor, k: int, candidates: Optional[torch.Tensor] = None,
+             exclude: Optional[torch.Tensor] = None, *, chunk_size: Optional[int] = None):  # fmt: skip
+        """The ``k`` ids whose vectors score highest (``queries @ vector``) for
+        each of the ``(Q, embedding_dim)`` queries, ties to the smaller id,
+        without materialising the catalogue: :func:`triton_bloom.output.bloom_topk`.
+        Returns ``TopK(scores, ids)``, each ``(Q, k)``."""
+        from .output import bloom_topk
+
+        return bloom_topk(queries, self, k, candidates=candidates, exclude=exclude, chunk_size=chunk_size)
+
+    def logits(self, hidden: torch.Tensor, *, chunk_size: Optional[int] = None) -> torch.Tensor:
+        """``hidden @ V^T`` over every id (a tied output layer), ``(*, num_embeddings)``,
+        differentiable in ``hidden`` and the table: :func:`triton_bloom.output.bloom_logits`."""
+        from .output import bloom_logits
+
+        return bloom_logits(hidden, self, chunk_size=chunk_size)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -386,7 +603,9 @@ class BloomEmbeddingBag(_BloomTable):
         sparse (bool): sparse COO ``weight.grad``, as in ``nn.EmbeddingBag``.
         fused_optimizer (FusedSGD or FusedRowWiseAdagrad, optional): train the
             table inside the backward pass (see :mod:`triton_bloom.optim`).
-        signed, importance, importance_rows: the variants, as in :class:`BloomEmbedding`.
+        signed, importance, importance_rows, hot_ids, private_dim: the
+            variants, as in :class:`BloomEmbedding` (``private_dim`` with
+            ``mode="sum"`` or ``"mean"`` only).
         device, dtype: of the table (float32, float64, float16 or bfloat16).
 
     Attributes:
@@ -435,16 +654,24 @@ class BloomEmbeddingBag(_BloomTable):
         signed: bool = False,
         importance: bool = False,
         importance_rows: Optional[int] = None,
+        hot_ids: Optional[torch.Tensor] = None,
+        private_dim: int = 0,
         device=None,
         dtype=None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode has to be one of {MODES}, got {mode!r}")
+        if private_dim and mode == "max":
+            raise NotImplementedError(
+                f"private_dim={private_dim} with mode='max' is not supported: the max of a sum is not the sum of "
+                "the maxima, so the private part cannot be pooled apart; use mode='sum' or 'mean'"
+            )
         super().__init__(num_embeddings=num_embeddings, embedding_dim=embedding_dim,
                          compression_ratio=compression_ratio, num_hash_functions=num_hash_functions,
                          padding_idx=padding_idx, num_rows=num_rows, backend=backend, sparse=sparse,
                          fused_optimizer=fused_optimizer, signed=signed, importance=importance,
-                         importance_rows=importance_rows, device=device, dtype=dtype)  # fmt: skip
+                         importance_rows=importance_rows, hot_ids=hot_ids, private_dim=private_dim, device=device,
+                         dtype=dtype)  # fmt: skip
         self.mode = mode
         self.include_last_offset = include_last_offset
 
@@ -454,8 +681,15 @@ class BloomEmbeddingBag(_BloomTable):
         offsets: Optional[torch.Tensor] = None,
         per_sample_weights: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        return bag_lookup(input, self.embeddings.weight, offsets, per_sample_weights, mode=self.mode,
-                          include_last_offset=self.include_last_offset, **self._options())  # fmt: skip
+        out = bag_lookup(input, self.embeddings.weight, offsets, per_sample_weights, mode=self.mode,
+                         include_last_offset=self.include_last_offset, **self._options())  # fmt: skip
+        if self.private is not None:
+            # Sum and mean commute with the projection: pool the codes, then project.
+            codes = F.embedding_bag(input, self.private.weight, offsets, mode=self.mode, sparse=self.sparse,
+                                    per_sample_weights=per_sample_weights, include_last_offset=self.include_last_offset,
+                                    padding_idx=self.padding_idx)  # fmt: skip
+            out = out + codes @ self.private_projection
+        return out
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", mode={self.mode!r}"

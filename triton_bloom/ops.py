@@ -43,9 +43,9 @@ from typing import Optional
 import torch
 
 from . import dispatch
-from .checks import check_id_range, check_offsets
+from .checks import check_hash_cache_rows, check_id_range, check_offsets
 from .constants import MODE_MAX, accumulation_dtype
-from .hashing import WIDE_ID_START, hash_rows, seed_tensor
+from .hashing import WIDE_ID_START, hash_rows, hot_rows, seed_tensor
 from .reference import (
     bloom_backward_reference,
     bloom_bag_forward_reference,
@@ -53,6 +53,7 @@ from .reference import (
     bloom_row_gradients_reference,
     bloom_rowwise_update_reference,
     row_factors,
+    with_hot_rows,
 )
 from .rowwise import (
     Entries,
@@ -91,9 +92,10 @@ class Lookup:
         """Whether ``ids`` need the kernels' 8-byte hashing: only int64 ids that may reach 2**31."""
         return ids.dtype == torch.int64 and (self.num_embeddings is None or self.num_embeddings > WIDE_ID_START)
 
-    def factors(self, ids: torch.Tensor, importance: Optional[torch.Tensor]):
-        """``row_factors`` of ``ids``: ``(factors, signs, importance_rows)``."""
-        return row_factors(ids, self.num_hash_functions, signed=self.signed, importance=importance)
+    def factors(self, ids: torch.Tensor, importance: Optional[torch.Tensor], private: Optional[torch.Tensor]):
+        """``row_factors`` of ``ids`` (``private``: their private rows, see
+        :func:`_private_rows`): ``(factors, signs, importance_rows)``."""
+        return row_factors(ids, self.num_hash_functions, signed=self.signed, importance=importance, hot=private)
 
 
 LOOKUP_OPTIONS = tuple(field.name for field in dataclasses.fields(Lookup))
@@ -130,20 +132,38 @@ def _deterministic() -> bool:
     return torch.are_deterministic_algorithms_enabled()
 
 
+def _shared_rows(weight: torch.Tensor, hot: Optional[torch.Tensor]) -> int:
+    """Rows the ids hash into: the table's, less the private rows at its end."""
+    return weight.shape[0] - (hot.numel() if hot is not None else 0)
+
+
+def _private_rows(ids: torch.Tensor, weight: torch.Tensor, hot: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The flattened ids' private rows (-1 for ids that hash), or ``None``
+    without hot ids."""
+    if hot is None:
+        return None
+    return hot_rows(ids.reshape(-1), hot, _shared_rows(weight, hot))
+
+
 # One function per operation: the kernels' result or the reference's. -----------
 
 
-def _hash(ids: torch.Tensor, *, num_rows: int, rows: Optional[torch.Tensor], lookup: Lookup) -> torch.Tensor:
-    """The flattened ids' ``(n, k)`` int64 rows: ``rows`` (a hash cache's)
-    when given, else hashed."""
+def _hash(ids: torch.Tensor, weight: torch.Tensor, hot: Optional[torch.Tensor], *, rows: Optional[torch.Tensor],
+          lookup: Lookup) -> torch.Tensor:  # fmt: skip
+    """The flattened ids' ``(n, k)`` int64 rows of ``weight``: ``rows`` (a
+    hash cache's) when given, else hashed; a hot id's ``k`` rows are all its
+    private row (``row_factors`` weighs them ``1, 0, ...``)."""
     n, k = ids.numel(), lookup.num_hash_functions
-    if rows is not None:
-        return rows.reshape(n, k).to(torch.int64)
+    num_rows = _shared_rows(weight, hot)
     flat = ids.reshape(-1)
-    if lookup.use_triton:
-        return dispatch.kernels().bloom_hash(flat, seed_tensor(ids.device), num_hash_functions=k, num_rows=num_rows,
+    if rows is not None:
+        rows = rows.reshape(n, k).to(torch.int64)
+    elif lookup.use_triton:
+        rows = dispatch.kernels().bloom_hash(flat, seed_tensor(ids.device), num_hash_functions=k, num_rows=num_rows,
                                              wide_ids=lookup.wide_ids(ids))  # fmt: skip
-    return hash_rows(flat, k, num_rows).to(torch.int64)
+    else:
+        rows = hash_rows(flat, k, num_rows).to(torch.int64)
+    return with_hot_rows(rows, _private_rows(ids, weight, hot))
 
 
 def _row_gradients(rows: torch.Tensor, entries: Entries, *, use_triton: bool):
@@ -155,21 +175,22 @@ def _row_gradients(rows: torch.Tensor, entries: Entries, *, use_triton: bool):
     return bloom_row_gradients_reference(rows, entries.sources, entries.grad, scales=entries.scales, keep=entries.keep)
 
 
-def _forward(ids, weight, importance, *, rows: Optional[torch.Tensor], lookup: Lookup) -> torch.Tensor:
+def _forward(ids, weight, importance, hot, *, rows: Optional[torch.Tensor], lookup: Lookup) -> torch.Tensor:
     """``(*, dim)`` sums of the ids' weighted rows (``rows``: precomputed, or ``None``)."""
     if lookup.use_triton:
         return dispatch.kernels().bloom_forward(
             ids, weight, seed_tensor(weight.device), num_hash_functions=lookup.num_hash_functions,
             padding_idx=lookup.padding_idx, rows=rows, wide_ids=lookup.wide_ids(ids), signed=lookup.signed,
-            importance=importance,
+            importance=importance, hot=hot,
         )  # fmt: skip
+    private = _private_rows(ids, weight, hot)
     if rows is None:
-        rows = hash_rows(ids, lookup.num_hash_functions, weight.shape[0])
-    factors, _, _ = lookup.factors(ids, importance)
-    return bloom_forward_reference(ids, weight, rows, lookup.padding_idx, factors=factors)
+        rows = hash_rows(ids, lookup.num_hash_functions, _shared_rows(weight, hot))
+    factors, _, _ = lookup.factors(ids, importance, private)
+    return bloom_forward_reference(ids, weight, with_hot_rows(rows, private), lookup.padding_idx, factors=factors)
 
 
-def _backward(grad_out, ids, weight, importance, *, rows: Optional[torch.Tensor], lookup: Lookup):
+def _backward(grad_out, ids, weight, importance, hot, *, rows: Optional[torch.Tensor], lookup: Lookup):
     """``(grad_weight, grad_importance or None)`` of ``_forward``: the dense gradients.
 
     The Triton kernel's atomic adds make the float sums' order, and so their
@@ -182,14 +203,14 @@ def _backward(grad_out, ids, weight, importance, *, rows: Optional[torch.Tensor]
             grad_out, ids, seed_tensor(grad_out.device), num_rows=num_rows,
             num_hash_functions=lookup.num_hash_functions, padding_idx=lookup.padding_idx, rows=rows,
             wide_ids=lookup.wide_ids(ids), dtype=weight.dtype, signed=lookup.signed, weight=weight,
-            importance=importance,
+            importance=importance, hot=hot,
         )  # fmt: skip
     if lookup.use_triton:
-        unique_rows, values, grad_importance = _backward_rows(grad_out, ids, weight, importance, rows=rows,
+        unique_rows, values, grad_importance = _backward_rows(grad_out, ids, weight, importance, hot, rows=rows,
                                                               lookup=lookup)  # fmt: skip
         return densify(unique_rows, values, num_rows, weight.dtype), grad_importance
-    rows = _hash(ids, num_rows=num_rows, rows=rows, lookup=lookup)
-    factors, signs, imp_rows = lookup.factors(ids, importance)
+    rows = _hash(ids, weight, hot, rows=rows, lookup=lookup)
+    factors, signs, imp_rows = lookup.factors(ids, importance, _private_rows(ids, weight, hot))
     grad_weight = bloom_backward_reference(grad_out, ids, rows, num_rows, lookup.padding_idx, dtype=weight.dtype,
                                            factors=factors)  # fmt: skip
     grad_importance = None
@@ -200,22 +221,23 @@ def _backward(grad_out, ids, weight, importance, *, rows: Optional[torch.Tensor]
     return grad_weight, grad_importance
 
 
-def _bag_forward(ids, offsets, weight, per_sample_weights, importance, *, mode: int, lookup: Lookup):
+def _bag_forward(ids, offsets, weight, per_sample_weights, importance, hot, *, mode: int, lookup: Lookup):
     """``(out, argmax)``: the ``(B, dim)`` pooled bags, and in max mode the
     ``(B, dim)`` positions of the maxima (empty otherwise)."""
     if lookup.use_triton:
         return dispatch.kernels().bloom_bag_forward(
             ids, offsets, weight, seed_tensor(weight.device), num_hash_functions=lookup.num_hash_functions,
             mode=mode, per_sample_weights=per_sample_weights, padding_idx=lookup.padding_idx,
-            wide_ids=lookup.wide_ids(ids), signed=lookup.signed, importance=importance,
+            wide_ids=lookup.wide_ids(ids), signed=lookup.signed, importance=importance, hot=hot,
         )  # fmt: skip
-    rows = hash_rows(ids, lookup.num_hash_functions, weight.shape[0])
-    factors, _, _ = lookup.factors(ids, importance)
+    private = _private_rows(ids, weight, hot)
+    rows = with_hot_rows(hash_rows(ids, lookup.num_hash_functions, _shared_rows(weight, hot)), private)
+    factors, _, _ = lookup.factors(ids, importance, private)
     return bloom_bag_forward_reference(ids, offsets, weight, rows, mode=mode, per_sample_weights=per_sample_weights,
                                        padding_idx=lookup.padding_idx, factors=factors)  # fmt: skip
 
 
-def _bag_backward(grad_out, ids, offsets, weight, per_sample_weights, importance, argmax, *, mode: int,
+def _bag_backward(grad_out, ids, offsets, weight, per_sample_weights, importance, hot, argmax, *, mode: int,
                   psw_grad: bool, lookup: Lookup):  # fmt: skip
     """``(grad_weight, grad_per_sample_weights or None, grad_importance or
     None)`` of ``_bag_forward``: the dense gradients, deterministic under
@@ -226,23 +248,24 @@ def _bag_backward(grad_out, ids, offsets, weight, per_sample_weights, importance
             grad_out, ids, offsets, weight, seed_tensor(weight.device),
             num_hash_functions=lookup.num_hash_functions, mode=mode, per_sample_weights=per_sample_weights,
             argmax=argmax, padding_idx=lookup.padding_idx, wide_ids=lookup.wide_ids(ids), psw_grad=psw_grad,
-            signed=lookup.signed, importance=importance,
+            signed=lookup.signed, importance=importance, hot=hot,
         )  # fmt: skip
     if lookup.use_triton:
         unique_rows, values, grad_psw, grad_importance = _bag_backward_rows(
-            grad_out, ids, offsets, weight, per_sample_weights, importance, argmax, mode=mode, psw_grad=psw_grad,
-            lookup=lookup,
+            grad_out, ids, offsets, weight, per_sample_weights, importance, hot, argmax, mode=mode,
+            psw_grad=psw_grad, lookup=lookup,
         )  # fmt: skip
         return densify(unique_rows, values, num_rows, weight.dtype), grad_psw, grad_importance
     # On CPU, spreading each bag's gradient over its ids and scattering with
     # index_add_ is ~2x faster than summing per touched row.
-    rows = _hash(ids, num_rows=num_rows, rows=None, lookup=lookup)
+    rows = _hash(ids, weight, hot, rows=None, lookup=lookup)
     grad_psw = None
     if psw_grad:
-        grad_psw = _per_sample_weights_gradient(grad_out, ids, offsets, weight, importance, rows=rows, lookup=lookup)
+        grad_psw = _per_sample_weights_gradient(grad_out, ids, offsets, weight, importance, hot, rows=rows,
+                                                lookup=lookup)  # fmt: skip
     entries = bag_entries(ids, offsets, grad_out, mode=mode, per_sample_weights=per_sample_weights,
                           padding_idx=lookup.padding_idx, argmax=argmax)  # fmt: skip
-    factors, signs, imp_rows = lookup.factors(ids, importance)
+    factors, signs, imp_rows = lookup.factors(ids, importance, _private_rows(ids, weight, hot))
     grad_weight = bloom_backward_reference(per_id_gradient(entries), ids, rows, num_rows, lookup.padding_idx,
                                            dtype=weight.dtype, factors=factors)  # fmt: skip
     grad_importance = None
@@ -262,9 +285,9 @@ def _importance_gradient(rows, entries: Entries, weight, importance, *, signs, i
     return densify(unique_rows, values, importance.shape[0], importance.dtype)
 
 
-def _table_gradients(rows, entries: Entries, ids, weight, importance, *, lookup: Lookup):
+def _table_gradients(rows, entries: Entries, ids, weight, importance, hot, *, lookup: Lookup):
     """``(unique_rows, values, grad_importance or None)`` of ``entries``."""
-    factors, signs, imp_rows = lookup.factors(ids, importance)
+    factors, signs, imp_rows = lookup.factors(ids, importance, _private_rows(ids, weight, hot))
     unique_rows, values = _row_gradients(rows, with_factors(entries, factors), use_triton=lookup.use_triton)
     grad_importance = None
     if importance is not None:
@@ -273,30 +296,32 @@ def _table_gradients(rows, entries: Entries, ids, weight, importance, *, lookup:
     return unique_rows, values, grad_importance
 
 
-def _per_sample_weights_gradient(grad_out, ids, offsets, weight, importance, *, rows, lookup: Lookup):
+def _per_sample_weights_gradient(grad_out, ids, offsets, weight, importance, hot, *, rows, lookup: Lookup):
     """The ``(n,)`` per-sample weights' gradient: each id's vector against its bag's gradient."""
-    vectors = _forward(ids.reshape(-1), weight, importance, rows=rows, lookup=lookup)
+    vectors = _forward(ids.reshape(-1), weight, importance, hot, rows=rows, lookup=lookup)
     return per_sample_weights_gradient(vectors, offsets, grad_out)
 
 
-def _backward_rows(grad_out, ids, weight, importance, *, rows: Optional[torch.Tensor], lookup: Lookup):
+def _backward_rows(grad_out, ids, weight, importance, hot, *, rows: Optional[torch.Tensor], lookup: Lookup):
     """``(unique_rows, values, grad_importance or None)`` of ``_forward``."""
-    rows = _hash(ids, num_rows=weight.shape[0], rows=rows, lookup=lookup)
+    rows = _hash(ids, weight, hot, rows=rows, lookup=lookup)
     entries = embedding_entries(ids, grad_out, lookup.padding_idx)
-    return _table_gradients(rows, entries, ids, weight, importance, lookup=lookup)
+    return _table_gradients(rows, entries, ids, weight, importance, hot, lookup=lookup)
 
 
-def _bag_backward_rows(grad_out, ids, offsets, weight, per_sample_weights, importance, argmax, *, mode: int,
+def _bag_backward_rows(grad_out, ids, offsets, weight, per_sample_weights, importance, hot, argmax, *, mode: int,
                        psw_grad: bool, lookup: Lookup):  # fmt: skip
     """``(unique_rows, values, grad_per_sample_weights or None,
     grad_importance or None)`` of ``_bag_forward``."""
-    rows = _hash(ids, num_rows=weight.shape[0], rows=None, lookup=lookup)
+    rows = _hash(ids, weight, hot, rows=None, lookup=lookup)
     grad_psw = None
     if psw_grad:
-        grad_psw = _per_sample_weights_gradient(grad_out, ids, offsets, weight, importance, rows=rows, lookup=lookup)
+        grad_psw = _per_sample_weights_gradient(grad_out, ids, offsets, weight, importance, hot, rows=rows,
+                                                lookup=lookup)  # fmt: skip
     entries = bag_entries(ids, offsets, grad_out, mode=mode, per_sample_weights=per_sample_weights,
                           padding_idx=lookup.padding_idx, argmax=argmax)  # fmt: skip
-    unique_rows, values, grad_importance = _table_gradients(rows, entries, ids, weight, importance, lookup=lookup)
+    unique_rows, values, grad_importance = _table_gradients(rows, entries, ids, weight, importance, hot,
+                                                            lookup=lookup)  # fmt: skip
     return unique_rows, values, grad_psw, grad_importance
 
 
@@ -323,6 +348,7 @@ def bloom_forward(
     ids: torch.Tensor,
     weight: torch.Tensor,
     importance: Optional[torch.Tensor],
+    hot: Optional[torch.Tensor],
     hash_cache: Optional[torch.Tensor],
     optimizer_state: Optional[torch.Tensor],
     *,
@@ -338,20 +364,23 @@ def bloom_forward(
 ) -> torch.Tensor:
     """``(*)`` ids to the ``(*, dim)`` sums of their Bloom rows (hashed, or
     looked up in ``hash_cache``), each row times its sign hash's +-1 when
-    ``signed`` and its importance weight when ``importance`` is given.
+    ``signed`` and its importance weight when ``importance`` is given; the
+    sorted ids in ``hot`` read their private rows at the end of ``weight``.
 
     ``sparse``, ``optimizer``, ``lr``, ``eps`` and ``optimizer_state`` tell
     the backward what to do with the table's gradient (see ``Training``); the
     forward does not read them.
     """
     check_id_range(ids, num_embeddings)
+    if hash_cache is not None:
+        check_hash_cache_rows(ids, hash_cache, weight.shape[0])
     lookup = Lookup(num_hash_functions=num_hash_functions, padding_idx=padding_idx, num_embeddings=num_embeddings,
                     signed=signed, use_triton=use_triton)  # fmt: skip
-    return _forward(ids, weight, importance, rows=_cached_rows(ids, hash_cache), lookup=lookup)
+    return _forward(ids, weight, importance, hot, rows=_cached_rows(ids, hash_cache), lookup=lookup)
 
 
 @bloom_forward.register_fake
-def _(ids, weight, importance, hash_cache, optimizer_state, **options):
+def _(ids, weight, importance, hot, hash_cache, optimizer_state, **options):
     return weight.new_empty((*ids.shape, weight.shape[1]))
 
 
@@ -361,6 +390,7 @@ def bloom_backward(
     ids: torch.Tensor,
     weight: torch.Tensor,
     importance: Optional[torch.Tensor],
+    hot: Optional[torch.Tensor],
     hash_cache: Optional[torch.Tensor],
     *,
     num_hash_functions: int,
@@ -373,13 +403,13 @@ def bloom_backward(
     and the importance weights' (empty without them)."""
     lookup = Lookup(num_hash_functions=num_hash_functions, padding_idx=padding_idx, num_embeddings=num_embeddings,
                     signed=signed, use_triton=use_triton)  # fmt: skip
-    grad_weight, grad_importance = _backward(grad_out, ids, weight, importance, rows=_cached_rows(ids, hash_cache),
-                                             lookup=lookup)  # fmt: skip
+    grad_weight, grad_importance = _backward(grad_out, ids, weight, importance, hot,
+                                             rows=_cached_rows(ids, hash_cache), lookup=lookup)  # fmt: skip
     return grad_weight, _or_empty(grad_importance, weight)
 
 
 @bloom_backward.register_fake
-def _(grad_out, ids, weight, importance, hash_cache, **options):
+def _(grad_out, ids, weight, importance, hot, hash_cache, **options):
     return torch.empty_like(weight), torch.empty_like(importance) if importance is not None else weight.new_empty((0,))
 
 
@@ -389,6 +419,7 @@ def bloom_backward_rows(
     ids: torch.Tensor,
     weight: torch.Tensor,
     importance: Optional[torch.Tensor],
+    hot: Optional[torch.Tensor],
     hash_cache: Optional[torch.Tensor],
     *,
     num_hash_functions: int,
@@ -404,12 +435,13 @@ def bloom_backward_rows(
     lookup = Lookup(num_hash_functions=num_hash_functions, padding_idx=padding_idx, num_embeddings=num_embeddings,
                     signed=signed, use_triton=use_triton)  # fmt: skip
     rows = _cached_rows(ids, hash_cache)
-    unique_rows, values, grad_importance = _backward_rows(grad_out, ids, weight, importance, rows=rows, lookup=lookup)
+    unique_rows, values, grad_importance = _backward_rows(grad_out, ids, weight, importance, hot, rows=rows,
+                                                          lookup=lookup)  # fmt: skip
     return unique_rows, values, _or_empty(grad_importance, weight)
 
 
 @bloom_backward_rows.register_fake
-def _(grad_out, ids, weight, importance, hash_cache, **options):
+def _(grad_out, ids, weight, importance, hot, hash_cache, **options):
     grad_importance = torch.empty_like(importance) if importance is not None else weight.new_empty((0,))
     return (*_new_touched_rows(grad_out, weight.shape[1]), grad_importance)
 
@@ -448,6 +480,7 @@ def bloom_bag_forward(
     weight: torch.Tensor,
     per_sample_weights: Optional[torch.Tensor],
     importance: Optional[torch.Tensor],
+    hot: Optional[torch.Tensor],
     optimizer_state: Optional[torch.Tensor],
     *,
     mode: int,
@@ -469,11 +502,11 @@ def bloom_bag_forward(
     check_offsets(offsets, ids.numel())
     lookup = Lookup(num_hash_functions=num_hash_functions, padding_idx=padding_idx, num_embeddings=num_embeddings,
                     signed=signed, use_triton=use_triton)  # fmt: skip
-    return _bag_forward(ids, offsets, weight, per_sample_weights, importance, mode=mode, lookup=lookup)
+    return _bag_forward(ids, offsets, weight, per_sample_weights, importance, hot, mode=mode, lookup=lookup)
 
 
 @bloom_bag_forward.register_fake
-def _(ids, offsets, weight, per_sample_weights, importance, optimizer_state, *, mode, **options):
+def _(ids, offsets, weight, per_sample_weights, importance, hot, optimizer_state, *, mode, **options):
     num_bags = offsets.shape[0] - 1
     out = weight.new_empty((num_bags, weight.shape[1]))
     argmax_shape = (num_bags, weight.shape[1]) if mode == MODE_MAX else (0,)
@@ -499,6 +532,7 @@ def bloom_bag_backward(
     weight: torch.Tensor,
     per_sample_weights: Optional[torch.Tensor],
     importance: Optional[torch.Tensor],
+    hot: Optional[torch.Tensor],
     argmax: torch.Tensor,
     *,
     mode: int,
@@ -515,14 +549,14 @@ def bloom_bag_backward(
     lookup = Lookup(num_hash_functions=num_hash_functions, padding_idx=padding_idx, num_embeddings=num_embeddings,
                     signed=signed, use_triton=use_triton)  # fmt: skip
     grad_weight, grad_psw, grad_importance = _bag_backward(
-        grad_out, ids, offsets, weight, per_sample_weights, importance, argmax, mode=mode, psw_grad=psw_grad,
+        grad_out, ids, offsets, weight, per_sample_weights, importance, hot, argmax, mode=mode, psw_grad=psw_grad,
         lookup=lookup,
     )  # fmt: skip
     return grad_weight, _psw_gradient_out(grad_psw, per_sample_weights, weight), _or_empty(grad_importance, weight)
 
 
 @bloom_bag_backward.register_fake
-def _(grad_out, ids, offsets, weight, per_sample_weights, importance, argmax, *, psw_grad, **options):
+def _(grad_out, ids, offsets, weight, per_sample_weights, importance, hot, argmax, *, psw_grad, **options):
     return (torch.empty_like(weight), *_bag_backward_fake_extras(ids, weight, per_sample_weights, importance, psw_grad))
 
 
@@ -534,6 +568,7 @@ def bloom_bag_backward_rows(
     weight: torch.Tensor,
     per_sample_weights: Optional[torch.Tensor],
     importance: Optional[torch.Tensor],
+    hot: Optional[torch.Tensor],
     argmax: torch.Tensor,
     *,
     mode: int,
@@ -550,7 +585,7 @@ def bloom_bag_backward_rows(
     lookup = Lookup(num_hash_functions=num_hash_functions, padding_idx=padding_idx, num_embeddings=num_embeddings,
                     signed=signed, use_triton=use_triton)  # fmt: skip
     unique_rows, values, grad_psw, grad_importance = _bag_backward_rows(
-        grad_out, ids, offsets, weight, per_sample_weights, importance, argmax, mode=mode, psw_grad=psw_grad,
+        grad_out, ids, offsets, weight, per_sample_weights, importance, hot, argmax, mode=mode, psw_grad=psw_grad,
         lookup=lookup,
     )  # fmt: skip
     grad_psw = _psw_gradient_out(grad_psw, per_sample_weights, weight)
@@ -558,7 +593,7 @@ def bloom_bag_backward_rows(
 
 
 @bloom_bag_backward_rows.register_fake
-def _(grad_out, ids, offsets, weight, per_sample_weights, importance, argmax, *, psw_grad, **options):
+def _(grad_out, ids, offsets, weight, per_sample_weights, importance, hot, argmax, *, psw_grad, **options):
     extras = _bag_backward_fake_extras(ids, weight, per_sample_weights, importance, psw_grad)
     return (*_new_touched_rows(grad_out, weight.shape[1]), *extras)
 
@@ -597,43 +632,45 @@ def _table_gradient(ctx, rows: torch.Tensor, values: torch.Tensor) -> Optional[t
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
-    ids, weight, importance, hash_cache, optimizer_state = inputs
+    ids, weight, importance, hot, hash_cache, optimizer_state = inputs
     saved_weight = _save_training(ctx, keyword_only_inputs, weight, optimizer_state)
     ctx.table_meta = (weight.shape, weight.dtype)
-    ctx.save_for_backward(ids, saved_weight, importance, hash_cache)
+    ctx.save_for_backward(ids, saved_weight, importance, hot, hash_cache)
 
 
 def _backward_formula(ctx, grad_out):
-    ids, weight, importance, hash_cache = ctx.saved_tensors
+    ids, weight, importance, hot, hash_cache = ctx.saved_tensors
     needs_weight, needs_importance = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     grad_weight = grad_importance = None
     if needs_weight or needs_importance:
         if ctx.stepped is not None:
             weight = ctx.stepped[0]
-        tensors = dict(grad_out=grad_out, ids=ids, weight=weight, importance=importance, hash_cache=hash_cache)
+        tensors = dict(grad_out=grad_out, ids=ids, weight=weight, importance=importance, hot=hot,
+                       hash_cache=hash_cache)  # fmt: skip
         if ctx.training.per_row:
             rows, values, grad_importance = bloom_backward_rows(**tensors, **ctx.lookup)
             if needs_weight:
                 grad_weight = _table_gradient(ctx, rows, values)
         else:
             grad_weight, grad_importance = bloom_backward(**tensors, **ctx.lookup)
-    return (None, grad_weight if needs_weight else None, grad_importance if needs_importance else None, None, None)
+    return (None, grad_weight if needs_weight else None, grad_importance if needs_importance else None, None, None,
+            None)  # fmt: skip
 
 
 bloom_forward.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 def _bag_setup_context(ctx, inputs, keyword_only_inputs, output):
-    ids, offsets, weight, per_sample_weights, importance, optimizer_state = inputs
+    ids, offsets, weight, per_sample_weights, importance, hot, optimizer_state = inputs
     _, argmax = output
     saved_weight = _save_training(ctx, keyword_only_inputs, weight, optimizer_state)
     ctx.table_meta = (weight.shape, weight.dtype)
     ctx.mode = keyword_only_inputs["mode"]
-    ctx.save_for_backward(ids, offsets, saved_weight, per_sample_weights, importance, argmax)
+    ctx.save_for_backward(ids, offsets, saved_weight, per_sample_weights, importance, hot, argmax)
 
 
 def _bag_backward_formula(ctx, grad_out, _grad_argmax):
-    ids, offsets, weight, per_sample_weights, importance, argmax = ctx.saved_tensors
+    ids, offsets, weight, per_sample_weights, importance, hot, argmax = ctx.saved_tensors
     needs_weight, needs_psw, needs_importance = ctx.needs_input_grad[2:5]
     psw_grad = per_sample_weights is not None and needs_psw
     grad_weight = grad_psw = grad_importance = None
@@ -641,7 +678,8 @@ def _bag_backward_formula(ctx, grad_out, _grad_argmax):
         if ctx.stepped is not None:
             weight = ctx.stepped[0]
         tensors = dict(grad_out=grad_out, ids=ids, offsets=offsets, weight=weight,
-                       per_sample_weights=per_sample_weights, importance=importance, argmax=argmax)  # fmt: skip
+                       per_sample_weights=per_sample_weights, importance=importance, hot=hot,
+                       argmax=argmax)  # fmt: skip
         options = dict(mode=ctx.mode, psw_grad=psw_grad, **ctx.lookup)
         if ctx.training.per_row:
             # The step comes after this op: the per-sample weights' and
@@ -652,7 +690,7 @@ def _bag_backward_formula(ctx, grad_out, _grad_argmax):
         else:
             grad_weight, grad_psw, grad_importance = bloom_bag_backward(**tensors, **options)
     return (None, None, grad_weight if needs_weight else None, grad_psw if psw_grad else None,
-            grad_importance if needs_importance else None, None)  # fmt: skip
+            grad_importance if needs_importance else None, None, None)  # fmt: skip
 
 
 bloom_bag_forward.register_autograd(_bag_backward_formula, setup_context=_bag_setup_context)

@@ -37,21 +37,29 @@ __all__ = [
     "bloom_row_gradients_reference",
     "bloom_rowwise_update_reference",
     "row_factors",
+    "with_hot_rows",
     "bag_sizes",
 ]
 
 
 def row_factors(
-    ids: torch.Tensor, num_hash_functions: int, *, signed: bool = False, importance: Optional[torch.Tensor] = None
+    ids: torch.Tensor,
+    num_hash_functions: int,
+    *,
+    signed: bool = False,
+    importance: Optional[torch.Tensor] = None,
+    hot: Optional[torch.Tensor] = None,
 ):
     """The variants' ``(n, k)`` factors of the flattened ids' rows, or ``None``.
 
     Returns ``(factors, signs, importance_rows)``: ``signs * importance`` in
     float32 (float64 for float64 importance weights), the ``(n, k)`` +-1 signs
     (ones when not ``signed``) and the ``(n,)`` importance rows (``None``
-    without importance weights).
+    without importance weights).  ``hot`` (the ids' :func:`hot_rows`) makes
+    a hot id read its private row once: factors ``(1, 0, ..., 0)``, and signs
+    of 0, since no importance weight of it is read.
     """
-    if not signed and importance is None:
+    if not signed and importance is None and hot is None:
         return None, None, None
     ids = ids.reshape(-1)
     dtype = accumulation_dtype(importance.dtype if importance is not None else torch.float32)
@@ -64,7 +72,24 @@ def row_factors(
     if importance is not None:
         imp_rows = importance_rows(ids, importance.shape[0])
         factors = signs * importance.to(dtype).index_select(0, imp_rows)
+    if hot is not None:
+        is_hot = (hot.reshape(-1) >= 0).unsqueeze(1)
+        first_only = torch.zeros(num_hash_functions, dtype=dtype, device=ids.device)
+        first_only[0] = 1
+        factors = torch.where(is_hot, first_only, factors)
+        signs = signs.masked_fill(is_hot, 0)
     return factors, signs, imp_rows
+
+
+def with_hot_rows(rows: torch.Tensor, hot: Optional[torch.Tensor]) -> torch.Tensor:
+    """``(*, k)`` rows with every hot id's ``k`` rows replaced by its private
+    row (``hot``: the ids' :func:`hot_rows`, ``-1`` for the others), so a hot
+    id touches no shared row; :func:`row_factors` weighs them ``(1, 0, ...)``."""
+    if hot is None:
+        return rows
+    # int64: a private row may lie past int32's range when the shared rows do not.
+    hot = hot.reshape(rows.shape[:-1]).unsqueeze(-1)
+    return torch.where(hot >= 0, hot, rows.to(torch.int64))
 
 
 def bloom_forward_reference(
@@ -193,7 +218,9 @@ def bloom_bag_forward_reference(
     # repeats k times.
     weights = per_sample_weights
     if live is not None:
-        weights = live.to(weight.dtype) if weights is None else weights * live
+        # Not weights * live: a NaN or infinite weight of a padding id must
+        # stay out of its bag, as in nn.EmbeddingBag.
+        weights = live.to(weight.dtype) if weights is None else weights.masked_fill(~live, 0)
     if mode == MODE_MEAN:
         counts = bag_sizes(offsets, live).clamp_min(1).to(weight.dtype)
         inverse = torch.repeat_interleave(counts.reciprocal(), bag_sizes(offsets), output_size=n)

@@ -57,7 +57,9 @@ def bag_of_ids(offsets: torch.Tensor, n: int) -> torch.Tensor:
 def embedding_entries(ids: torch.Tensor, grad_out: torch.Tensor, padding_idx: Optional[int]) -> Entries:
     """Entries of a plain lookup: id ``i`` adds ``grad_out[i]``."""
     n = ids.numel()
-    return Entries(torch.arange(n, device=ids.device), grad_out.reshape(n, -1), None, _live(ids, padding_idx))
+    # The width is spelled out: -1 cannot be inferred when there are no ids.
+    return Entries(torch.arange(n, device=ids.device), grad_out.reshape(n, grad_out.shape[-1]), None,
+                   _live(ids, padding_idx))  # fmt: skip
 
 
 def bag_entries(
