@@ -27,6 +27,7 @@ __all__ = [
     "check_id_tensor",
     "check_id_range",
     "check_offsets",
+    "normalize_padding_idx",
 ]
 
 
@@ -204,3 +205,19 @@ def check_offsets(offsets: torch.Tensor, num_ids: int) -> None:
             f"with include_last_offset=True the last offset must equal the input length {num_ids} "
             f"(it ends the last bag, as in nn.EmbeddingBag), but got {end}"
         )
+
+
+def normalize_padding_idx(padding_idx: Optional[int], num_embeddings: Optional[int]) -> Optional[int]:
+    """``padding_idx`` as a non-negative id (negative counts from
+    ``num_embeddings``, as in ``nn.Embedding``); ``ValueError`` when out of range."""
+    if padding_idx is None:
+        return None
+    if isinstance(padding_idx, bool) or not isinstance(padding_idx, int):
+        raise TypeError(f"padding_idx must be an int or None, got {padding_idx!r}")
+    if num_embeddings is None:
+        if padding_idx < 0:
+            raise ValueError(f"padding_idx={padding_idx} must be non-negative when num_embeddings is None")
+        return padding_idx
+    if not -num_embeddings <= padding_idx < num_embeddings:
+        raise ValueError(f"padding_idx={padding_idx} must be within num_embeddings={num_embeddings}")
+    return padding_idx % num_embeddings

@@ -13,7 +13,15 @@ from typing import Optional
 import torch
 
 from . import dispatch, ops
-from .checks import check_hash_cache, check_hot, check_importance, check_input, check_training_options, check_weight
+from .checks import (
+    check_hash_cache,
+    check_hot,
+    check_importance,
+    check_input,
+    check_training_options,
+    check_weight,
+    normalize_padding_idx,
+)
 from .constants import MODES
 from .hashing import check_num_hash_functions
 
@@ -91,20 +99,11 @@ def bloom_embedding(
     check_hash_cache(hash_cache, num_hash_functions, weight)
     check_importance(importance, weight, num_hash_functions)
     check_hot(hot_ids, weight)
-    padding_idx = _padding_idx(padding_idx, num_embeddings)
+    padding_idx = normalize_padding_idx(padding_idx, num_embeddings)
     return lookup(input, weight, num_hash_functions=num_hash_functions, padding_idx=padding_idx,
                   num_embeddings=num_embeddings, hash_cache=hash_cache, backend=backend, sparse=sparse,
                   fused_optimizer=fused_optimizer, signed=signed, importance=importance,
                   hot=hot_ids)  # fmt: skip
-
-
-def _padding_idx(padding_idx, num_embeddings):
-    """The modules' rule for ``padding_idx``: an int, negative counting
-    from ``num_embeddings`` (as ``nn.functional.embedding`` counts from its
-    table), in range; a negative one matched no id before, silently."""
-    from .modules import normalize_padding_idx  # modules imports this module
-
-    return normalize_padding_idx(padding_idx, num_embeddings)
 
 
 def op_options(weight: torch.Tensor, *, backend: str, sparse: bool, fused_optimizer, **lookup_options) -> dict:
@@ -252,7 +251,7 @@ def bloom_embedding_bag(
         raise ValueError(f"mode has to be one of {MODES}, got {mode!r}")
     check_importance(importance, weight, num_hash_functions)
     check_hot(hot_ids, weight)
-    padding_idx = _padding_idx(padding_idx, num_embeddings)
+    padding_idx = normalize_padding_idx(padding_idx, num_embeddings)
     return bag_lookup(input, weight, offsets, per_sample_weights, mode=mode, include_last_offset=include_last_offset,
                       num_hash_functions=num_hash_functions, padding_idx=padding_idx, num_embeddings=num_embeddings,
                       backend=backend, sparse=sparse, fused_optimizer=fused_optimizer, signed=signed,

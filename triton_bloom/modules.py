@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import dispatch
-from .checks import WEIGHT_DTYPES, check_training_options
+from .checks import WEIGHT_DTYPES, check_training_options, normalize_padding_idx
 from .constants import MODES
 from .functional import bag_lookup, lookup
 from .hashing import IMPORTANCE_SEED, SEEDS, SIGN_SEEDS, bloom_hash, check_num_hash_functions
@@ -145,22 +145,6 @@ def compressed_rows(num_embeddings: Optional[int], compression_ratio: float, num
             f"leaves {rows} rows; the table needs at least one"
         )
     return rows
-
-
-def normalize_padding_idx(padding_idx: Optional[int], num_embeddings: Optional[int]) -> Optional[int]:
-    """``padding_idx`` as a non-negative id (negative counts from
-    ``num_embeddings``, as in ``nn.Embedding``); ``ValueError`` when out of range."""
-    if padding_idx is None:
-        return None
-    if isinstance(padding_idx, bool) or not isinstance(padding_idx, int):
-        raise TypeError(f"padding_idx must be an int or None, got {padding_idx!r}")
-    if num_embeddings is None:
-        if padding_idx < 0:
-            raise ValueError(f"padding_idx={padding_idx} must be non-negative when num_embeddings is None")
-        return padding_idx
-    if not -num_embeddings <= padding_idx < num_embeddings:
-        raise ValueError(f"padding_idx={padding_idx} must be within num_embeddings={num_embeddings}")
-    return padding_idx % num_embeddings
 
 
 class _BloomTable(nn.Module):

@@ -149,10 +149,12 @@ def _private_rows(ids: torch.Tensor, weight: torch.Tensor, hot: Optional[torch.T
 
 
 def _hash(ids: torch.Tensor, weight: torch.Tensor, hot: Optional[torch.Tensor], *, rows: Optional[torch.Tensor],
-          lookup: Lookup) -> torch.Tensor:  # fmt: skip
-    """The flattened ids' ``(n, k)`` int64 rows of ``weight``: ``rows`` (a
-    hash cache's) when given, else hashed; a hot id's ``k`` rows are all its
-    private row (``row_factors`` weighs them ``1, 0, ...``)."""
+          lookup: Lookup):  # fmt: skip
+    """``(rows, private)``: the flattened ids' ``(n, k)`` int64 rows of
+    ``weight`` (``rows``, a hash cache's, when given, else hashed), where a hot
+    id's ``k`` rows are all its private row, and the ids' private rows
+    (:func:`_private_rows`, for ``Lookup.factors``, which weighs a hot id's
+    rows ``1, 0, ...``)."""
     n, k = ids.numel(), lookup.num_hash_functions
     num_rows = _shared_rows(weight, hot)
     flat = ids.reshape(-1)
@@ -163,7 +165,8 @@ def _hash(ids: torch.Tensor, weight: torch.Tensor, hot: Optional[torch.Tensor], 
                                              wide_ids=lookup.wide_ids(ids))  # fmt: skip
     else:
         rows = hash_rows(flat, k, num_rows).to(torch.int64)
-    return with_hot_rows(rows, _private_rows(ids, weight, hot))
+    private = _private_rows(ids, weight, hot)
+    return with_hot_rows(rows, private), private
 
 
 def _row_gradients(rows: torch.Tensor, entries: Entries, *, use_triton: bool):
@@ -209,8 +212,8 @@ def _backward(grad_out, ids, weight, importance, hot, *, rows: Optional[torch.Te
         unique_rows, values, grad_importance = _backward_rows(grad_out, ids, weight, importance, hot, rows=rows,
                                                               lookup=lookup)  # fmt: skip
         return densify(unique_rows, values, num_rows, weight.dtype), grad_importance
-    rows = _hash(ids, weight, hot, rows=rows, lookup=lookup)
-    factors, signs, imp_rows = lookup.factors(ids, importance, _private_rows(ids, weight, hot))
+    rows, private = _hash(ids, weight, hot, rows=rows, lookup=lookup)
+    factors, signs, imp_rows = lookup.factors(ids, importance, private)
     grad_weight = bloom_backward_reference(grad_out, ids, rows, num_rows, lookup.padding_idx, dtype=weight.dtype,
                                            factors=factors)  # fmt: skip
     grad_importance = None
@@ -258,14 +261,14 @@ def _bag_backward(grad_out, ids, offsets, weight, per_sample_weights, importance
         return densify(unique_rows, values, num_rows, weight.dtype), grad_psw, grad_importance
     # On CPU, spreading each bag's gradient over its ids and scattering with
     # index_add_ is ~2x faster than summing per touched row.
-    rows = _hash(ids, weight, hot, rows=None, lookup=lookup)
+    rows, private = _hash(ids, weight, hot, rows=None, lookup=lookup)
     grad_psw = None
     if psw_grad:
         grad_psw = _per_sample_weights_gradient(grad_out, ids, offsets, weight, importance, hot, rows=rows,
                                                 lookup=lookup)  # fmt: skip
     entries = bag_entries(ids, offsets, grad_out, mode=mode, per_sample_weights=per_sample_weights,
                           padding_idx=lookup.padding_idx, argmax=argmax)  # fmt: skip
-    factors, signs, imp_rows = lookup.factors(ids, importance, _private_rows(ids, weight, hot))
+    factors, signs, imp_rows = lookup.factors(ids, importance, private)
     grad_weight = bloom_backward_reference(per_id_gradient(entries), ids, rows, num_rows, lookup.padding_idx,
                                            dtype=weight.dtype, factors=factors)  # fmt: skip
     grad_importance = None
@@ -285,9 +288,10 @@ def _importance_gradient(rows, entries: Entries, weight, importance, *, signs, i
     return densify(unique_rows, values, importance.shape[0], importance.dtype)
 
 
-def _table_gradients(rows, entries: Entries, ids, weight, importance, hot, *, lookup: Lookup):
-    """``(unique_rows, values, grad_importance or None)`` of ``entries``."""
-    factors, signs, imp_rows = lookup.factors(ids, importance, _private_rows(ids, weight, hot))
+def _table_gradients(rows, private, entries: Entries, ids, weight, importance, *, lookup: Lookup):
+    """``(unique_rows, values, grad_importance or None)`` of ``entries``
+    (``rows`` and ``private`` as :func:`_hash` gives them)."""
+    factors, signs, imp_rows = lookup.factors(ids, importance, private)
     unique_rows, values = _row_gradients(rows, with_factors(entries, factors), use_triton=lookup.use_triton)
     grad_importance = None
     if importance is not None:
@@ -304,23 +308,23 @@ def _per_sample_weights_gradient(grad_out, ids, offsets, weight, importance, hot
 
 def _backward_rows(grad_out, ids, weight, importance, hot, *, rows: Optional[torch.Tensor], lookup: Lookup):
     """``(unique_rows, values, grad_importance or None)`` of ``_forward``."""
-    rows = _hash(ids, weight, hot, rows=rows, lookup=lookup)
+    rows, private = _hash(ids, weight, hot, rows=rows, lookup=lookup)
     entries = embedding_entries(ids, grad_out, lookup.padding_idx)
-    return _table_gradients(rows, entries, ids, weight, importance, hot, lookup=lookup)
+    return _table_gradients(rows, private, entries, ids, weight, importance, lookup=lookup)
 
 
 def _bag_backward_rows(grad_out, ids, offsets, weight, per_sample_weights, importance, hot, argmax, *, mode: int,
                        psw_grad: bool, lookup: Lookup):  # fmt: skip
     """``(unique_rows, values, grad_per_sample_weights or None,
     grad_importance or None)`` of ``_bag_forward``."""
-    rows = _hash(ids, weight, hot, rows=None, lookup=lookup)
+    rows, private = _hash(ids, weight, hot, rows=None, lookup=lookup)
     grad_psw = None
     if psw_grad:
         grad_psw = _per_sample_weights_gradient(grad_out, ids, offsets, weight, importance, hot, rows=rows,
                                                 lookup=lookup)  # fmt: skip
     entries = bag_entries(ids, offsets, grad_out, mode=mode, per_sample_weights=per_sample_weights,
                           padding_idx=lookup.padding_idx, argmax=argmax)  # fmt: skip
-    unique_rows, values, grad_importance = _table_gradients(rows, entries, ids, weight, importance, hot,
+    unique_rows, values, grad_importance = _table_gradients(rows, private, entries, ids, weight, importance,
                                                             lookup=lookup)  # fmt: skip
     return unique_rows, values, grad_psw, grad_importance
 
