@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from support import DEVICE, require_kernels
-from triton_bloom import BloomEmbedding, BloomOutputLayer, bloom_cross_entropy, bloom_topk
+from triton_bloom import BloomEmbedding, BloomOutputLayer, TiedBloomLinear, bloom_cross_entropy, bloom_rank, bloom_topk
+from triton_bloom.ranking import items_above
 from triton_bloom.hashing import hash_rows, seed_tensor
 
 BACKENDS = ["torch", "triton"]
@@ -322,8 +323,18 @@ def test_bad_input_names_the_value():
         emb.topk(q, 3, exclude=torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="chunk_size must be a positive int, got -3"):
         emb.topk(q, 3, chunk_size=-3)
-    with pytest.raises(TypeError, match="BloomEmbedding"):
-        bloom_topk(q, torch.nn.Embedding(100, 8), 3)
+    with pytest.raises(TypeError, match="BloomEmbedding or an embedding-like"):
+        bloom_topk(q, torch.nn.Linear(8, 100), 3)
+    with pytest.raises(ValueError, match=r"bias must have shape \(num_embeddings,\) = \(100,\), got \(99,\)"):
+        emb.topk(q, 3, bias=torch.zeros(99))
+    with pytest.raises(TypeError, match="bias must be a floating point Tensor, got torch.int64"):
+        bloom_cross_entropy(q, torch.tensor([1, 5]), emb, bias=torch.zeros(100, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"targets must be a \(2,\) Tensor, one id per query, got torch.Size\(\[3\]\)"):
+        bloom_rank(q, torch.tensor([1, 2, 3]), emb)
+    with pytest.raises(IndexError, match="100"):
+        emb.rank(q, torch.tensor([1, 100]))
+    with pytest.raises(ValueError, match="padding id 0"):
+        BloomEmbedding(100, 8, padding_idx=0, backend="torch").rank(q, torch.tensor([0, 5]))
     with pytest.raises(ValueError, match="num_embeddings=None"):
         BloomEmbedding(None, 8, num_rows=10).topk(q, 3)
     with pytest.raises(IndexError, match="500"):
@@ -345,3 +356,163 @@ def test_fewer_ids_than_k_pad_with_minus_one(backend):
     assert top.ids.shape == (2, 7)
     assert (top.ids[0] >= 0).sum() == 3 and (top.ids[1] >= 0).sum() == 2  # padding 0 is never an item
     assert bool((top.scores[top.ids < 0] == NEG_INF).all())
+
+
+# Bias, rank, plain tables. ------------------------------------------------------------
+
+
+def exact_scores(queries, vectors):
+    """float32 scores that depend on the query and the vector alone (a BLAS
+    float32 product of a few columns sums in another order than one of many)."""
+    return (queries.double() @ vectors.double().T).float()
+
+
+def excluded_scores(scores, exclude, targets=None, padding_idx=None):
+    """``scores`` with each query's excluded ids (never its own target) and
+    the padding id at ``-inf``."""
+    scores = scores.clone()
+    if padding_idx is not None:
+        scores[:, padding_idx] = NEG_INF
+    if exclude is not None:
+        for q, row in enumerate(exclude.tolist()):
+            scores[q, [i for i in row if i >= 0 and (targets is None or i != int(targets[q]))]] = NEG_INF
+    return scores
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_topk_with_bias_equals_brute_force(seed, backend):
+    rnd = random.Random(800 + seed)
+    emb, g = make_embedding(rnd, backend, integer=True)
+    queries = torch.randint(-3, 4, (rnd.choice([1, 6]), emb.embedding_dim), generator=g).float().to(DEVICE)
+    bias = torch.randint(-4, 5, (emb.num_embeddings,), generator=g).float().to(DEVICE)
+    exclude = random_exclude(rnd, g, queries.shape[0], emb.num_embeddings)
+    k = rnd.choice([1, 5, 50])
+    top = emb.topk(queries, k, exclude=exclude, bias=bias, chunk_size=rnd.choice([1, 8, None]))
+    scores = excluded_scores(queries.double() @ all_vectors(emb).T + bias.double(), exclude,
+                             padding_idx=emb.padding_idx)  # fmt: skip
+    values, ids = brute_topk(scores, k)
+    assert torch.equal(top.ids.cpu(), ids.cpu())
+    assert torch.equal(top.scores.double().cpu(), values.cpu())
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_rank_equals_items_above_on_materialised_scores(seed, backend):
+    rnd = random.Random(900 + seed)
+    integer = seed % 2 == 0  # integers: many exact ties; floats: ties from collisions only
+    emb, g = make_embedding(rnd, backend, integer=integer)
+    while emb.num_embeddings < 2:  # a catalogue of the padding id alone has no target
+        emb, g = make_embedding(rnd, backend, integer=integer)
+    num_queries = rnd.choice([1, 4, 13])
+    draw = torch.randint if integer else (lambda lo, hi, shape, generator: torch.randn(shape, generator=generator))
+    queries = draw(-3, 4, (num_queries, emb.embedding_dim), generator=g).float().to(DEVICE)
+    bias = draw(-2, 3, (emb.num_embeddings,), generator=g).float().to(DEVICE) if rnd.random() < 0.6 else None
+    items = [i for i in range(emb.num_embeddings) if i != emb.padding_idx]
+    targets = torch.tensor([rnd.choice(items) for _ in range(num_queries)], device=DEVICE)
+    exclude = random_exclude(rnd, g, num_queries, emb.num_embeddings) if rnd.random() < 0.7 else None
+    if exclude is not None and exclude.shape[1]:
+        exclude[0, 0] = targets[0]  # a listed target still competes
+    ranks = emb.rank(queries, targets, exclude, bias=bias, chunk_size=rnd.choice([1, 5, 64, None]))
+
+    with torch.no_grad():  # the materialised scores, each the float64 dot product rounded once
+        scores = exact_scores(queries, emb(torch.arange(emb.num_embeddings, device=DEVICE)))
+        if bias is not None:
+            scores = scores + bias
+    scores = excluded_scores(scores, exclude, targets, emb.padding_idx)
+    assert torch.equal(ranks.above.cpu(), items_above(scores, targets).cpu())
+    assert torch.equal(ranks.others.cpu(), (torch.isfinite(scores).sum(1) - 1).cpu())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_rank_counts_collisions_half_with_float_data(seed, backend):
+    # k = 1 into 3 rows, float data: every id's vector is one of three, so the
+    # target ties with about a third of the catalogue, and only a target score
+    # computed exactly as the chunks' scores counts them half.
+    emb = BloomEmbedding(120, 16, num_rows=3, num_hash_functions=1, padding_idx=None, backend=backend, device=DEVICE)
+    g = torch.Generator().manual_seed(seed)
+    queries = torch.randn(9, 16, generator=g).to(DEVICE)
+    targets = torch.randint(0, 120, (9,), generator=g).to(DEVICE)
+    ranks = emb.rank(queries, targets, chunk_size=[7, 50, 1000, None][seed])
+    with torch.no_grad():
+        scores = exact_scores(queries, emb(torch.arange(120, device=DEVICE)))
+    assert torch.equal(ranks.above.cpu(), items_above(scores, targets).cpu())
+    assert bool((ranks.above.frac() == 0.5).any())  # ties were met
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_bloom_output_layer_rank(seed, backend):
+    rnd = random.Random(1000 + seed)
+    n = rnd.choice([30, 200])
+    layer = BloomOutputLayer(8, n, num_rows=rnd.choice([2, 5, 40]), num_hash_functions=rnd.choice([1, 3]),
+                             backend=backend, device=DEVICE)  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rnd.choice([1, 6]), 8, generator=g).to(DEVICE)
+    targets = torch.randint(0, n, (hidden.shape[0],), generator=g).to(DEVICE)
+    exclude = random_exclude(rnd, g, hidden.shape[0], n)
+    ranks = layer.rank(hidden, targets, exclude=exclude, chunk_size=rnd.choice([3, None]))
+    rows = hash_rows(torch.arange(n, device=DEVICE), layer.num_hash_functions, layer.num_rows).long()
+    with torch.no_grad():
+        scores = excluded_scores(layer(hidden)[:, rows].sum(-1), exclude, targets)
+    assert torch.equal(ranks.above.cpu(), items_above(scores, targets).cpu())
+    assert torch.equal(ranks.others.cpu(), (torch.isfinite(scores).sum(1) - 1).cpu())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fused_cross_entropy_with_bias(seed, backend):
+    rnd = random.Random(1100 + seed)
+    emb, g = make_embedding(rnd, backend, integer=False)
+    batch = rnd.choice([1, 7])
+    hidden = torch.randn(batch, emb.embedding_dim, generator=g).to(DEVICE).requires_grad_(True)
+    bias = torch.randn(emb.num_embeddings, generator=g).to(DEVICE).requires_grad_(True)
+    targets = torch.randint(0, emb.num_embeddings, (batch,), generator=g).to(DEVICE)
+    samples = rnd.choice([None, 5])
+    loss = bloom_cross_entropy(hidden, targets, emb, bias=bias, num_samples=samples, chunk_size=rnd.choice([3, None]),
+                               generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    params = [hidden, bias] + list(emb.parameters())
+    got = torch.autograd.grad(loss, params)
+
+    vectors = emb(torch.arange(emb.num_embeddings, device=DEVICE))
+    if samples is None:
+        want_loss = F.cross_entropy(hidden @ vectors.T + bias, targets)
+    else:
+        drawn = torch.randint(0, emb.num_embeddings, (samples,), generator=torch.Generator().manual_seed(seed))
+        drawn = drawn.to(DEVICE)
+        logits = torch.cat([(hidden * vectors[targets]).sum(1, keepdim=True) + bias[targets, None],
+                            hidden @ vectors[drawn].T + bias[drawn]], 1)  # fmt: skip
+        logits[:, 1:] = logits[:, 1:].masked_fill(drawn[None, :] == targets[:, None], NEG_INF)
+        want_loss = F.cross_entropy(logits, torch.zeros(batch, dtype=torch.int64, device=DEVICE))
+    want = torch.autograd.grad(want_loss, params)
+    torch.testing.assert_close(loss, want_loss, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
+
+
+def test_tied_linear_loss_and_topk_use_its_bias(backend):
+    emb, g = make_embedding(random.Random(1200), backend, integer=True)
+    head = TiedBloomLinear(emb, bias=torch.randint(-3, 4, (emb.num_embeddings,), generator=g).float().to(DEVICE))
+    hidden = torch.randint(-3, 4, (5, emb.embedding_dim), generator=g).float().to(DEVICE)
+    targets = torch.randint(0, emb.num_embeddings, (5,), generator=g).to(DEVICE)
+    torch.testing.assert_close(head.loss(hidden, targets), F.cross_entropy(head(hidden), targets))
+    top = head.topk(hidden, 3)
+    with torch.no_grad():
+        values, ids = brute_topk(excluded_scores(head(hidden).double(), None, padding_idx=emb.padding_idx), 3)
+    assert torch.equal(top.ids, ids)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_plain_embedding_is_scored_through_its_forward(seed):
+    # One evaluation for a Bloom model and its full-table baseline.
+    g = torch.Generator().manual_seed(seed)
+    table = torch.nn.Embedding(90, 6, padding_idx=[None, 4, 89][seed]).to(DEVICE)
+    with torch.no_grad():
+        table.weight.copy_(torch.randint(-3, 4, table.weight.shape, generator=g))
+    queries = torch.randint(-3, 4, (4, 6), generator=g).float().to(DEVICE)
+    exclude = random_exclude(random.Random(seed), g, 4, 90)
+    scores = excluded_scores(queries.double() @ table.weight.detach().double().T, exclude,
+                             padding_idx=table.padding_idx)  # fmt: skip
+    top = bloom_topk(queries, table, 6, exclude=exclude, chunk_size=13)
+    values, ids = brute_topk(scores, 6)
+    assert torch.equal(top.ids, ids) and torch.equal(top.scores.double(), values)
+    targets = torch.tensor([0, 10, 50, 88], device=DEVICE)
+    ranks = bloom_rank(queries, targets, table, exclude=exclude, chunk_size=13)
+    scores = excluded_scores(queries.double() @ table.weight.detach().double().T, exclude, targets, table.padding_idx)
+    assert torch.equal(ranks.above, items_above(scores, targets))

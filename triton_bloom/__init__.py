@@ -11,7 +11,8 @@ from .dispatch import triton_available
 from .hashing import SEEDS, bloom_hash
 from .optim import FusedRowWiseAdagrad, FusedSGD
 from .planner import Plan, plan_embedding
-from .output import BloomOutputLayer, TiedBloomLinear, TopK, bloom_cross_entropy, bloom_logits, bloom_topk
+from .output import (BloomOutputLayer, Ranks, TiedBloomLinear, TopK, bloom_cross_entropy, bloom_logits, bloom_rank,
+                     bloom_topk)  # fmt: skip
 from .modules import (
     BloomEmbedding,
     BloomEmbeddingBag,
@@ -35,6 +36,8 @@ __all__ = [
     "bloom_hash",
     "bloomify",
     "bloom_topk",
+    "bloom_rank",
+    "Ranks",
     "bloom_logits",
     "bloom_cross_entropy",
     "BloomOutputLayer",

@@ -537,14 +537,25 @@ class BloomEmbedding(_BloomTable):
         return out
 
     def topk(self, queries: torch.Tensor, k: int, candidates: Optional[torch.Tensor] = None,
-             exclude: Optional[torch.Tensor] = None, *, chunk_size: Optional[int] = None):  # fmt: skip
-        """The ``k`` ids whose vectors score highest (``queries @ vector``) for
-        each of the ``(Q, embedding_dim)`` queries, ties to the smaller id,
-        without materialising the catalogue: :func:`triton_bloom.output.bloom_topk`.
-        Returns ``TopK(scores, ids)``, each ``(Q, k)``."""
+             exclude: Optional[torch.Tensor] = None, *, bias: Optional[torch.Tensor] = None,
+             chunk_size: Optional[int] = None):  # fmt: skip
+        """The ``k`` ids whose vectors score highest (``queries @ vector``,
+        plus ``bias[id]`` when given) for each of the ``(Q, embedding_dim)``
+        queries, ties to the smaller id, without materialising the catalogue:
+        :func:`triton_bloom.output.bloom_topk`.  Returns ``TopK(scores, ids)``,
+        each ``(Q, k)``."""
         from .output import bloom_topk
 
-        return bloom_topk(queries, self, k, candidates=candidates, exclude=exclude, chunk_size=chunk_size)
+        return bloom_topk(queries, self, k, candidates=candidates, exclude=exclude, bias=bias, chunk_size=chunk_size)
+
+    def rank(self, queries: torch.Tensor, targets: torch.Tensor, exclude: Optional[torch.Tensor] = None, *,
+             bias: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None):  # fmt: skip
+        """Where each query's target id ranks among every id (ties count half),
+        without materialising the catalogue: :func:`triton_bloom.output.bloom_rank`.
+        Returns ``Ranks(above, others)``, each ``(Q,)``."""
+        from .output import bloom_rank
+
+        return bloom_rank(queries, targets, self, exclude=exclude, bias=bias, chunk_size=chunk_size)
 
     def logits(self, hidden: torch.Tensor, *, chunk_size: Optional[int] = None) -> torch.Tensor:
         """``hidden @ V^T`` over every id (a tied output layer), ``(*, num_embeddings)``,

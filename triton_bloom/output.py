@@ -38,7 +38,9 @@ from .reference import bloom_forward_reference, row_factors
 
 __all__ = [
     "TopK",
+    "Ranks",
     "bloom_topk",
+    "bloom_rank",
     "bloom_logits",
     "bloom_cross_entropy",
     "BloomOutputLayer",
@@ -85,10 +87,14 @@ def _chunks(n: int, size: int):
     return ((s, min(s + size, n)) for s in range(0, n, size))
 
 
+def _id_dtype(num_embeddings: int) -> torch.dtype:
+    """int32 where every id fits: the hash of an int32 id skips the 8-byte
+    case (and the kernels its code)."""
+    return torch.int32 if num_embeddings <= 2**31 else torch.int64
+
+
 def _id_range(start: int, end: int, num_embeddings: int, device) -> torch.Tensor:
-    """``arange(start, end)`` as int32 where every id fits: the hash of an
-    int32 id skips the 8-byte case (and the kernels its code)."""
-    return torch.arange(start, end, device=device, dtype=torch.int32 if num_embeddings <= 2**31 else torch.int64)
+    return torch.arange(start, end, device=device, dtype=_id_dtype(num_embeddings))
 
 
 def _acc_dtype(*dtypes) -> torch.dtype:
@@ -103,30 +109,41 @@ _KERNEL_OPTIONS = {"num_hash_functions", "padding_idx", "num_embeddings", "backe
 
 
 class _Table:
-    """A :class:`BloomEmbedding` as the output side reads it.  An id's vector
-    is always what the module's own forward returns (every variant, the
-    module's backend), so scores and gradients can never drift from the
-    lookup; the Triton path scores with the fused kernel where it implements
-    the module's options."""
+    """A :class:`BloomEmbedding` (or any embedding-like module) as the output
+    side reads it.  An id's vector is always what the module's own forward
+    returns (every variant, the module's backend), so scores and gradients
+    can never drift from the lookup; the Triton path scores a Bloom table
+    with the fused kernel where it implements the module's options.
+
+    Any other module that maps ``(C,)`` ids to ``(C, embedding_dim)``
+    vectors and says its size in integer ``num_embeddings`` and
+    ``embedding_dim`` attributes (``nn.Embedding`` and the like) is scored
+    through its forward, so one evaluation serves a Bloom model and its
+    full-table baseline alike."""
 
     def __init__(self, emb, *, need_catalogue: bool = True, need_grad: bool = False):
         from .modules import BloomEmbedding
 
-        if not isinstance(emb, BloomEmbedding):
-            raise TypeError(f"emb must be a BloomEmbedding, got {type(emb).__name__}")
-        if need_catalogue and emb.num_embeddings is None:
+        bloom = isinstance(emb, BloomEmbedding)
+        dim, num = getattr(emb, "embedding_dim", None), getattr(emb, "num_embeddings", None)
+        params = list(emb.parameters()) if isinstance(emb, nn.Module) else []
+        if not bloom and (not params or not isinstance(dim, int) or not isinstance(num, int)):
+            raise TypeError(f"emb must be a BloomEmbedding or an embedding-like nn.Module with parameters and "
+                            f"integer num_embeddings and embedding_dim attributes, got {type(emb).__name__}")  # fmt: skip
+        if need_catalogue and num is None:
             raise ValueError("scoring the whole catalogue needs num_embeddings; this module has num_embeddings=None "
                              "(pass candidates= to score a set of ids)")  # fmt: skip
-        if need_grad and emb.fused_optimizer is not None:
+        if need_grad and getattr(emb, "fused_optimizer", None) is not None:
             raise ValueError(f"a tied output cannot train a table with fused_optimizer={emb.fused_optimizer!r}: the "
                              "fused step would run once per chunk of ids; use a torch.optim optimizer")  # fmt: skip
         self.emb = emb
-        self.weight = emb.embeddings.weight
-        self.options = emb._options()
-        self.num_embeddings = emb.num_embeddings
-        self.embedding_dim = emb.embedding_dim
-        use_triton = dispatch.use_triton(emb.backend, self.weight.device)
-        plain = (set(self.options) <= _KERNEL_OPTIONS and getattr(emb, "hash_cache", None) is None
+        self.weight = emb.embeddings.weight if bloom else getattr(emb, "weight", params[0])
+        self.options = emb._options() if bloom else {}
+        self.num_embeddings = num
+        self.embedding_dim = dim
+        self.padding_idx = getattr(emb, "padding_idx", None)
+        use_triton = bloom and dispatch.use_triton(emb.backend, self.weight.device)
+        plain = (bloom and set(self.options) <= _KERNEL_OPTIONS and getattr(emb, "hash_cache", None) is None
                  and getattr(emb, "private", None) is None)  # fmt: skip
         self.kernel = use_triton and plain
         # Scoring without gradients skips the custom op (and its per-call
@@ -146,8 +163,15 @@ class _Table:
         """The ids' vectors: the module's forward (differentiable)."""
         return self.emb(ids)
 
-    def scores(self, queries, ids):
-        """``(Q, C)`` scores of the ``(C,)`` ids (no gradient), float32 or float64."""
+    def scores(self, queries, ids, *, exact=False):
+        """``(Q, C)`` scores of the ``(C,)`` ids (no gradient), float32 or float64.
+
+        With ``exact``, a float32 score is the float64 dot product rounded
+        once, so that it depends on the query and the vector alone: a BLAS
+        float32 product sums in an order that changes with the matrix's
+        width (a few columns take another path than many), and two ids with
+        the same vector scored in different chunks would then not tie.  The
+        kernel's sums depend on the number of queries and the width only."""
         acc = _acc_dtype(queries.dtype, self.weight.dtype)
         with torch.no_grad():
             if self.kernel:
@@ -166,6 +190,8 @@ class _Table:
                                                   self.options["padding_idx"], factors=factors)  # fmt: skip
             else:
                 vectors = self.vectors(ids)
+            if exact:
+                return (queries.double() @ vectors.double().T).to(acc)
             return queries.to(acc) @ vectors.to(acc).T
 
 
@@ -184,6 +210,21 @@ def _check_queries(queries, dim, name="queries"):
 def _check_k(k):
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
+
+
+def _check_bias(bias, table):
+    """The per-id bias, detached where it takes no gradient: ``(num_embeddings,)``
+    floating point on the table's device."""
+    if bias is None:
+        return None
+    if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+        raise TypeError(f"bias must be a floating point Tensor, got {getattr(bias, 'dtype', type(bias).__name__)}")
+    if table.num_embeddings is None or bias.shape != (table.num_embeddings,):
+        raise ValueError(f"bias must have shape (num_embeddings,) = ({table.num_embeddings},), "
+                         f"got {tuple(bias.shape)}")  # fmt: skip
+    if bias.device != table.device:
+        raise RuntimeError(f"bias is on {bias.device} but the table is on {table.device}")
+    return bias
 
 
 def _check_ids(ids, name, num_embeddings, *, allow_missing):
@@ -242,49 +283,44 @@ def _finish(best, k, num_queries, device, dtype):
     return TopK(values, ids)
 
 
-def _exclusion_pairs(exclude, num_queries, positions_of, num_embeddings):
+def _exclusion_pairs(exclude, num_queries, positions_of, num_embeddings, targets=None):
     """``(columns, queries)`` of the excluded (query, id) pairs, sorted by
-    column, from a ``(Q, m)`` tensor padded with -1."""
+    column, from a ``(Q, m)`` tensor padded with -1; with ``targets``, a
+    query's own target is never excluded."""
     if exclude.dim() != 2 or exclude.shape[0] != num_queries:
         raise ValueError(f"exclude must be a (num_queries={num_queries}, m) Tensor padded with -1, "
                          f"got shape {tuple(exclude.shape)}")  # fmt: skip
     _check_ids(exclude, "exclude", num_embeddings, allow_missing=True)
     query, slot = (exclude >= 0).nonzero(as_tuple=True)
-    columns, found = positions_of(exclude[query, slot].to(torch.int64))
+    ids = exclude[query, slot].to(torch.int64)
+    if targets is not None:
+        other = ids != targets[query]
+        ids, query = ids[other], query[other]
+    columns, found = positions_of(ids)
     columns, query = columns[found], query[found]
     order = columns.argsort()
     return columns[order], query[order]
 
 
-def topk_over_ids(score_chunk: Callable, num_queries: int, k: int, *, num_embeddings: Optional[int],
-                  device, dtype=torch.float32, candidates=None, exclude=None, skip_id=None,
-                  chunk_size=None, score_rows: Optional[Callable] = None) -> TopK:  # fmt: skip
-    """The top-k driver every top-k here runs: walks the ids in chunks,
-    scores each chunk, drops excluded ids and merges into a running top-k.
+class _Walk(NamedTuple):
+    """One chunk of the catalogue walk: ``scores`` ``(Q, C)`` of the ``ids``
+    (columns ``start..start+C`` of the walk), and the ``(queries, columns)``
+    within the chunk that must not count (excluded pairs, the padding id)."""
 
-    Args:
-        score_chunk (callable): ``(C,)`` int64 ids -> ``(Q, C)`` scores.
-        num_queries (int), k (int): ``Q`` and ``k``.
-        num_embeddings (int, optional): the catalogue ``[0, num_embeddings)``
-            (needed without ``candidates``).
-        candidates (Tensor, optional): ``(M,)`` ids shared by all queries, or
-            ``(Q, M)`` per query padded with -1 (scored by ``score_rows``).
-        exclude (Tensor, optional): ``(Q, m)`` ids to leave out, padded with -1.
-        skip_id (int, optional): an id never returned (the padding id).
-        chunk_size (int, optional): ids per chunk.
-        score_rows (callable, optional): ``(Q, C)`` ids -> ``(Q, C)`` scores,
-            for per-query candidates.
-    """
-    _check_k(k)
-    chunk = _check_chunk_size(chunk_size, num_queries)
-    inf = float("-inf")
-    best = (torch.empty((num_queries, 0), dtype=dtype, device=device),
-            torch.empty((num_queries, 0), dtype=torch.int64, device=device))  # fmt: skip
-    if candidates is not None and candidates.dim() == 2:
-        return _topk_per_query(score_rows, num_queries, k, candidates, exclude, skip_id, num_embeddings, chunk, best)
+    start: int
+    ids: torch.Tensor
+    scores: torch.Tensor
+    dropped: tuple
+
+
+def _walk(score_chunk, num_queries, *, num_embeddings, device, candidates, exclude, skip_id, chunk, targets=None):
+    """The chunked walk over ``[0, num_embeddings)`` or the sorted distinct
+    ``candidates`` that top-k and rank share: yields a :class:`_Walk` per
+    chunk, columns in increasing id order (so that ties can go to the
+    smaller id), never holding more than one chunk of scores."""
     if candidates is None:
         if num_embeddings is None:
-            raise ValueError("top-k over the whole catalogue needs num_embeddings (or pass candidates=)")
+            raise ValueError("walking the whole catalogue needs num_embeddings (or pass candidates=)")
         total, column_ids = num_embeddings, None
 
         def positions_of(ids):
@@ -307,23 +343,112 @@ def topk_over_ids(score_chunk: Callable, num_queries: int, k: int, *, num_embedd
     if exclude is not None:
         if exclude.device != device:
             raise RuntimeError(f"exclude is on {exclude.device} but the queries are on {device}")
-        pairs = _exclusion_pairs(exclude, num_queries, positions_of, num_embeddings)
+        pairs = _exclusion_pairs(exclude, num_queries, positions_of, num_embeddings, targets)
     skip_column = None
     if skip_id is not None:
         pos, found = positions_of(torch.tensor([skip_id], device=device))
         skip_column = int(pos) if bool(found) else None
+    no_pairs = (torch.empty(0, dtype=torch.int64, device=device),) * 2
     for s, e in _chunks(total, chunk):
         ids = _id_range(s, e, total, device) if column_ids is None else column_ids[s:e]
-        scores = score_chunk(ids)
+        queries, columns = no_pairs
         if pairs is not None:
             lo, hi = torch.searchsorted(pairs[0], torch.tensor([s, e], device=device)).tolist()
-            if hi > lo:
-                scores[pairs[1][lo:hi], pairs[0][lo:hi] - s] = inf
+            queries, columns = pairs[1][lo:hi], pairs[0][lo:hi] - s
         if skip_column is not None and s <= skip_column < e:
-            scores[:, skip_column - s] = inf
+            queries = torch.cat([queries, torch.arange(num_queries, device=device)])
+            columns = torch.cat([columns, columns.new_full((num_queries,), skip_column - s)])
+        yield _Walk(s, ids, score_chunk(ids), (queries, columns))
+
+
+def topk_over_ids(score_chunk: Callable, num_queries: int, k: int, *, num_embeddings: Optional[int],
+                  device, dtype=torch.float32, candidates=None, exclude=None, skip_id=None,
+                  chunk_size=None, score_rows: Optional[Callable] = None) -> TopK:  # fmt: skip
+    """The top-k driver every top-k here runs: walks the ids in chunks,
+    scores each chunk, drops excluded ids and merges into a running top-k.
+
+    Args:
+        score_chunk (callable): ``(C,)`` int ids -> ``(Q, C)`` scores.
+        num_queries (int), k (int): ``Q`` and ``k``.
+        num_embeddings (int, optional): the catalogue ``[0, num_embeddings)``
+            (needed without ``candidates``).
+        candidates (Tensor, optional): ``(M,)`` ids shared by all queries, or
+            ``(Q, M)`` per query padded with -1 (scored by ``score_rows``).
+        exclude (Tensor, optional): ``(Q, m)`` ids to leave out, padded with -1.
+        skip_id (int, optional): an id never returned (the padding id).
+        chunk_size (int, optional): ids per chunk.
+        score_rows (callable, optional): ``(Q, C)`` ids -> ``(Q, C)`` scores,
+            for per-query candidates.
+    """
+    _check_k(k)
+    chunk = _check_chunk_size(chunk_size, num_queries)
+    best = (torch.empty((num_queries, 0), dtype=dtype, device=device),
+            torch.empty((num_queries, 0), dtype=torch.int64, device=device))  # fmt: skip
+    if candidates is not None and candidates.dim() == 2:
+        return _topk_per_query(score_rows, num_queries, k, candidates, exclude, skip_id, num_embeddings, chunk, best)
+    for part in _walk(score_chunk, num_queries, num_embeddings=num_embeddings, device=device, candidates=candidates,
+                      exclude=exclude, skip_id=skip_id, chunk=chunk):  # fmt: skip
+        scores = part.scores
+        scores[part.dropped] = float("-inf")
         values, columns = _chunk_top(scores, k)
-        best = _merge(best, (values.to(dtype), ids[columns].long()), k)
+        best = _merge(best, (values.to(dtype), part.ids[columns].long()), k)
     return _finish(best, k, num_queries, device, dtype)
+
+
+class Ranks(NamedTuple):
+    """What the rank functions return, the two arguments of
+    :func:`triton_bloom.ranking.ranking_metrics`.
+
+    Attributes:
+        above (Tensor): ``(Q,)`` float64: the ids scoring above each query's
+            target, plus half of those scoring the same (``1 + above`` is
+            the target's rank).
+        others (Tensor): ``(Q,)`` int64: the ids ranked against the target
+            (every id but the target, the excluded ones and the padding id).
+    """
+
+    above: torch.Tensor
+    others: torch.Tensor
+
+
+def rank_over_ids(score_chunk: Callable, targets: torch.Tensor, *, num_embeddings: int, device,
+                  exclude=None, skip_id=None, chunk_size=None) -> Ranks:  # fmt: skip
+    """The rank driver: where each query's target falls among the scores of
+    every id, walking the catalogue in chunks as :func:`topk_over_ids` does.
+
+    The target's own score comes from ``score_chunk`` too (on the distinct
+    targets, one more chunk), so an id with the same vector as the target
+    ties with it wherever ``score_chunk``'s score of a pair does not depend
+    on the chunk around it (``_Table.scores`` with ``exact=True``).
+
+    Args:
+        score_chunk (callable): ``(C,)`` int ids -> ``(Q, C)`` scores.
+        targets (Tensor): ``(Q,)`` int64 ids, one per query, never excluded.
+        num_embeddings (int): the catalogue ``[0, num_embeddings)``.
+        exclude (Tensor, optional): ``(Q, m)`` ids left out, padded with -1.
+        skip_id (int, optional): an id never ranked (the padding id).
+        chunk_size (int, optional): ids per chunk.
+    """
+    num_queries = targets.shape[0]
+    chunk = _check_chunk_size(chunk_size, num_queries)
+    rows = torch.arange(num_queries, device=device)
+    distinct, slot = torch.unique(targets, return_inverse=True)
+    target_scores = score_chunk(distinct.to(_id_dtype(num_embeddings)))[rows, slot]
+    greater = torch.zeros(num_queries, dtype=torch.int64, device=device)
+    ties = torch.zeros_like(greater)
+    others = torch.zeros_like(greater)
+    for part in _walk(score_chunk, num_queries, num_embeddings=num_embeddings, device=device, candidates=None,
+                      exclude=exclude, skip_id=skip_id, chunk=chunk, targets=targets):  # fmt: skip
+        keep = torch.ones(part.scores.shape, dtype=torch.bool, device=device)
+        keep[part.dropped] = False
+        # The target is not ranked against itself.
+        own = (targets >= part.start) & (targets < part.start + part.ids.numel())
+        keep[rows[own], targets[own] - part.start] = False
+        scores = part.scores
+        greater += ((scores > target_scores[:, None]) & keep).sum(1)
+        ties += ((scores == target_scores[:, None]) & keep).sum(1)
+        others += keep.sum(1)
+    return Ranks(greater.double() + ties.double() / 2, others)
 
 
 def _topk_per_query(score_rows, num_queries, k, candidates, exclude, skip_id, num_embeddings, chunk, best):
@@ -363,7 +488,8 @@ def _topk_per_query(score_rows, num_queries, k, candidates, exclude, skip_id, nu
 
 
 def bloom_topk(queries: torch.Tensor, emb, k: int, *, candidates: Optional[torch.Tensor] = None,
-               exclude: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None) -> TopK:  # fmt: skip
+               exclude: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+               chunk_size: Optional[int] = None) -> TopK:  # fmt: skip
     r"""The ``k`` best-scoring ids of a Bloom embedding for each query, without
     materialising the catalogue's vectors: ``score(q, i) = q . emb(i)``.
 
@@ -381,8 +507,10 @@ def bloom_topk(queries: torch.Tensor, emb, k: int, *, candidates: Optional[torch
             padded with -1.  Default: every id in ``[0, num_embeddings)``.
         exclude (Tensor, optional): ``(Q, m)`` int ids never returned for
             that query (already-seen items), padded with -1.
+        bias (Tensor, optional): ``(num_embeddings,)`` added to every id's
+            score (an item bias, a tied output layer's bias).
         chunk_size (int, optional): ids scored at a time. Default:
-            :func:`default_chunk_size` (``2**24`` scores, at most 16384 ids).
+            :func:`default_chunk_size`.
 
     Returns:
         TopK: ``scores`` ``(Q, k)`` best first (float32, float64 for float64
@@ -401,54 +529,135 @@ def bloom_topk(queries: torch.Tensor, emb, k: int, *, candidates: Optional[torch
         (torch.Size([2, 10]), torch.Size([2, 10]))
     """
     table = _Table(emb, need_catalogue=candidates is None)
-    _check_queries(queries, table.embedding_dim)
-    if queries.device != table.device:
-        raise RuntimeError(f"queries are on {queries.device} but the table is on {table.device}")
+    queries, score_chunk, acc = _scorer(table, queries, bias)
     if candidates is not None and candidates.device != table.device:
         raise RuntimeError(f"candidates are on {candidates.device} but the table is on {table.device}")
-    queries = queries.detach()
-    acc = _acc_dtype(queries.dtype, table.weight.dtype)
+    bias = None if bias is None else bias.detach().to(acc)
 
     def score_rows(ids):
         with torch.no_grad():
             vectors = table.vectors(ids.reshape(-1)).view(*ids.shape, -1).to(acc)
-            return torch.bmm(vectors, queries.to(acc).unsqueeze(2)).squeeze(2)
+            scores = torch.bmm(vectors, queries.to(acc).unsqueeze(2)).squeeze(2)
+            return scores if bias is None else scores + bias[ids]
 
-    return topk_over_ids(lambda ids: table.scores(queries, ids), queries.shape[0], k,
-                         num_embeddings=table.num_embeddings, device=queries.device, dtype=acc,
-                         candidates=candidates, exclude=exclude, skip_id=table.emb.padding_idx,
-                         chunk_size=chunk_size, score_rows=score_rows)  # fmt: skip
+    return topk_over_ids(score_chunk, queries.shape[0], k, num_embeddings=table.num_embeddings,
+                         device=queries.device, dtype=acc, candidates=candidates, exclude=exclude,
+                         skip_id=table.padding_idx, chunk_size=chunk_size, score_rows=score_rows)  # fmt: skip
+
+
+def _scorer(table, queries, bias, *, exact=False):
+    """Checks the queries and the bias; returns the detached queries, the
+    ``(C,)`` ids -> ``(Q, C)`` scores function (``exact``: see
+    ``_Table.scores``) and the scores' dtype."""
+    _check_queries(queries, table.embedding_dim)
+    if queries.device != table.device:
+        raise RuntimeError(f"queries are on {queries.device} but the table is on {table.device}")
+    queries = queries.detach()
+    acc = _acc_dtype(queries.dtype, table.weight.dtype)
+    bias = _check_bias(bias, table)
+    bias = None if bias is None else bias.detach().to(acc)
+
+    def score_chunk(ids):
+        scores = table.scores(queries, ids, exact=exact)
+        return scores if bias is None else scores.add_(bias[ids])
+
+    return queries, score_chunk, acc
+
+
+def bloom_rank(queries: torch.Tensor, targets: torch.Tensor, emb, *, exclude: Optional[torch.Tensor] = None,
+               bias: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None) -> Ranks:  # fmt: skip
+    r"""Where each query's target ranks among every id of the catalogue, by
+    ``score(q, i) = q . emb(i) (+ bias[i])``, without materialising the
+    catalogue's vectors or its scores: full-ranking evaluation (MRR, AUC,
+    HR@k through :func:`triton_bloom.ranking.ranking_metrics`).
+
+    Ids scoring exactly the target's score count half (hash collisions make
+    exact ties: a strict ``>`` would give them the better half).  The
+    padding id is not an item and is never ranked.
+
+    Args:
+        queries (Tensor): ``(Q, embedding_dim)`` floating point.
+        targets (Tensor): ``(Q,)`` int ids, each query's held-out item; it
+            competes even when ``exclude`` lists it (a repeated interaction).
+        emb (BloomEmbedding): the table; or any embedding-like module with
+            integer ``num_embeddings`` and ``embedding_dim`` (scored through
+            its forward), so a baseline is ranked by the same code.
+        exclude (Tensor, optional): ``(Q, m)`` ids left out of that query's
+            ranking (already-seen items), padded with -1.
+        bias (Tensor, optional): ``(num_embeddings,)`` added to every id's score.
+        chunk_size (int, optional): ids scored at a time.
+
+    Returns:
+        Ranks: ``above`` ``(Q,)`` float64 and ``others`` ``(Q,)`` int64, the
+        number of ids ranked against the target.
+
+    Examples::
+
+        >>> emb = BloomEmbedding(10_000, 32, padding_idx=None)
+        >>> seen = torch.tensor([[3, 17, -1], [5, -1, -1]])
+        >>> ranks = bloom_rank(torch.randn(2, 32), torch.tensor([8, 9]), emb, exclude=seen)
+        >>> ranking_metrics(ranks.above, ranks.others, k=10)["hr@10"].shape
+        torch.Size([2])
+    """
+    table = _Table(emb)
+    # Exact scores: the target's own score comes from another chunk than
+    # the ids that tie with it.
+    queries, score_chunk, _ = _scorer(table, queries, bias, exact=True)
+    targets = _check_targets(targets, queries.shape[0], table.num_embeddings, table.padding_idx, queries.device)
+    return rank_over_ids(score_chunk, targets, num_embeddings=table.num_embeddings, device=queries.device,
+                         exclude=exclude, skip_id=table.padding_idx, chunk_size=chunk_size)  # fmt: skip
+
+
+def _check_targets(targets, num_queries, num_embeddings, padding_idx, device):
+    """One int64 target per query, in range, not the padding id."""
+    if not isinstance(targets, torch.Tensor) or targets.shape != (num_queries,):
+        raise ValueError(f"targets must be a ({num_queries},) Tensor, one id per query, "
+                         f"got {getattr(targets, 'shape', targets)}")  # fmt: skip
+    if targets.device != device:
+        raise RuntimeError(f"targets are on {targets.device} but the queries are on {device}")
+    _check_ids(targets, "targets", num_embeddings, allow_missing=False)
+    if padding_idx is not None and bool((targets == padding_idx).any()):
+        raise ValueError(f"targets hold the padding id {padding_idx}, which is not an item")
+    return targets.to(torch.int64)
 
 
 # Tied logits and the fused loss. ----------------------------------------------------
 
 
-def _catalogue_backward(table, hidden, chunk, needs, grad_of_chunk):
-    """Gradients of ``sum(G * (hidden @ V^T))`` over the catalogue, chunk by
-    chunk, where ``G[:, s:e] = grad_of_chunk(s, e, logits)`` (``logits`` the
-    chunk's, recomputed): ``grad_hidden`` and one per ``table.parameters()``.
-    The table's part goes through the lookup's own backward."""
+def _catalogue_backward(table, hidden, bias, chunk, needs, grad_of_chunk):
+    """Gradients of ``sum(G * (hidden @ V^T + bias))`` over the catalogue,
+    chunk by chunk, where ``G[:, s:e] = grad_of_chunk(s, e, logits)``
+    (``logits`` the chunk's, recomputed): ``grad_hidden``, ``grad_bias`` and
+    one per ``table.parameters()``.  The table's part goes through the
+    lookup's own backward."""
     params = table.parameters()
     acc = _acc_dtype(hidden.dtype, table.weight.dtype)
     hid = hidden.to(acc)
-    need_h, need_p = needs[0], needs[1:]
+    need_h, need_b, need_p = needs[0], needs[1], needs[2:]
     wanted = [p for p, need in zip(params, need_p) if need]
     grad_h = torch.zeros_like(hid) if need_h else None
+    grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
     totals = [torch.zeros(p.shape, dtype=_acc_dtype(p.dtype), device=p.device) for p in wanted]
     for s, e in _chunks(table.num_embeddings, chunk):
         with torch.enable_grad():
             vectors = table.vectors(_id_range(s, e, table.num_embeddings, hidden.device))
         v = vectors.detach().to(acc)
-        grad = grad_of_chunk(s, e, hid @ v.T)
+        logits = hid @ v.T
+        if bias is not None:
+            logits += bias[s:e].to(acc)
+        grad = grad_of_chunk(s, e, logits)
         if need_h:
             grad_h.addmm_(grad, v)
+        if need_b:
+            grad_b[s:e] = grad.sum(0)
         if wanted:
             grads = torch.autograd.grad(vectors, wanted, (grad.T @ hid).to(vectors.dtype), allow_unused=True)
             for total, g in zip(totals, grads):
                 if g is not None:
                     total += g.to(total.dtype)
     grads = iter(total.to(p.dtype) for total, p in zip(totals, wanted))
-    return (grad_h.to(hidden.dtype) if need_h else None, *(next(grads) if need else None for need in need_p))
+    return (grad_h.to(hidden.dtype) if need_h else None, grad_b.to(bias.dtype) if need_b else None,
+            *(next(grads) if need else None for need in need_p))  # fmt: skip
 
 
 class _Logits(torch.autograd.Function):
@@ -467,36 +676,38 @@ class _Logits(torch.autograd.Function):
     def backward(ctx, grad_out):
         (hidden,) = ctx.saved_tensors
         acc = _acc_dtype(hidden.dtype, ctx.table.weight.dtype)
-        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:])
-        grads = _catalogue_backward(ctx.table, hidden, ctx.chunk, needs,
+        needs = (ctx.needs_input_grad[0], False, *ctx.needs_input_grad[3:])
+        grads = _catalogue_backward(ctx.table, hidden, None, ctx.chunk, needs,
                                     lambda s, e, logits: grad_out[:, s:e].to(acc))  # fmt: skip
-        return grads[0], None, None, *grads[1:]
+        return grads[0], None, None, *grads[2:]
 
 
 class _LogSumExp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, table, chunk, *params):
+    def forward(ctx, hidden, bias, table, chunk, *params):
         acc = _acc_dtype(hidden.dtype, table.weight.dtype)
         lse = torch.full((hidden.shape[0],), float("-inf"), dtype=acc, device=hidden.device)
         for s, e in _chunks(table.num_embeddings, chunk):
             logits = table.scores(hidden, _id_range(s, e, table.num_embeddings, hidden.device))
+            if bias is not None:
+                logits += bias[s:e].to(acc)
             lse = torch.logaddexp(lse, torch.logsumexp(logits, 1))
-        ctx.save_for_backward(hidden, lse)
+        ctx.save_for_backward(hidden, bias, lse)
         ctx.table, ctx.chunk = table, chunk
         return lse
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_lse):
-        hidden, lse = ctx.saved_tensors
+        hidden, bias, lse = ctx.saved_tensors
         g, lse = grad_lse.to(lse.dtype).unsqueeze(1), lse.unsqueeze(1)
 
         def softmax_grad(s, e, logits):
             return logits.sub_(lse).exp_().mul_(g)
 
-        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:])
-        grads = _catalogue_backward(ctx.table, hidden, ctx.chunk, needs, softmax_grad)
-        return grads[0], None, None, *grads[1:]
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], *ctx.needs_input_grad[4:])
+        grads = _catalogue_backward(ctx.table, hidden, bias, ctx.chunk, needs, softmax_grad)
+        return grads[0], grads[1], None, None, *grads[2:]
 
 
 def _check_hidden(hidden, dim):
@@ -538,7 +749,8 @@ def bloom_logits(hidden: torch.Tensor, emb, *, chunk_size: Optional[int] = None)
     return out.view(*hidden.shape[:-1], table.num_embeddings)
 
 
-def bloom_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, emb, *, reduction: str = "mean",
+def bloom_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, emb, *, bias: Optional[torch.Tensor] = None,
+                        reduction: str = "mean",
                         ignore_index: int = -100, num_samples: Optional[int] = None,
                         generator: Optional[torch.Generator] = None,
                         chunk_size: Optional[int] = None) -> torch.Tensor:  # fmt: skip
@@ -557,6 +769,8 @@ def bloom_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, emb, *, red
         hidden (Tensor): ``(*, embedding_dim)`` floating point.
         targets (Tensor): ``(*)`` int64 target ids.
         emb (BloomEmbedding): the tied table.
+        bias (Tensor, optional): ``(num_embeddings,)`` output bias added to
+            every id's logit (``TiedBloomLinear.bias``); it gets a gradient.
         reduction (str): ``"mean"`` (over non-ignored targets), ``"sum"`` or ``"none"``.
         ignore_index (int): targets equal to it add no loss and no gradient.
         num_samples (int, optional): sampled softmax with this many negatives.
@@ -584,16 +798,21 @@ def bloom_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, emb, *, red
     keep = targets != ignore_index
     safe = targets.masked_fill(~keep, 0)
     _check_ids(safe, "targets", table.num_embeddings, allow_missing=False)
+    bias = _check_bias(bias, table)
     acc = _acc_dtype(hidden.dtype, table.weight.dtype)
     target_logits = (flat.to(acc) * table.vectors(safe).to(acc)).sum(-1)
+    if bias is not None:
+        target_logits = target_logits + bias[safe].to(acc)
     if num_samples is None:
-        lse = _LogSumExp.apply(flat, table, _check_chunk_size(chunk_size, flat.shape[0]), *table.parameters())
+        lse = _LogSumExp.apply(flat, bias, table, _check_chunk_size(chunk_size, flat.shape[0]), *table.parameters())
     else:
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         samples = torch.randint(0, table.num_embeddings, (num_samples,), generator=generator,
                                 device=table.device)  # fmt: skip
         sampled = flat.to(acc) @ table.vectors(samples).to(acc).T
+        if bias is not None:
+            sampled = sampled + bias[samples].to(acc)
         sampled = sampled.masked_fill(samples.unsqueeze(0) == safe.unsqueeze(1), float("-inf"))
         lse = torch.logsumexp(torch.cat([target_logits.unsqueeze(1), sampled], 1), 1)
     losses = (lse - target_logits).masked_fill(~keep, 0.0)
@@ -631,6 +850,16 @@ class TiedBloomLinear(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.embedding.logits(hidden)
         return logits if self.bias is None else logits + self.bias
+
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor, **kwargs) -> torch.Tensor:
+        """``F.cross_entropy(self(hidden), targets)`` without the logits:
+        :func:`bloom_cross_entropy` with this layer's bias (same keyword arguments)."""
+        return bloom_cross_entropy(hidden, targets, self.embedding, bias=self.bias, **kwargs)
+
+    def topk(self, hidden: torch.Tensor, k: int, **kwargs) -> TopK:
+        """The ``k`` ids with the highest logits per row of ``hidden`` ``(Q, H)``:
+        :func:`bloom_topk` with this layer's bias (same keyword arguments)."""
+        return bloom_topk(hidden, self.embedding, k, bias=self.bias, **kwargs)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -715,29 +944,48 @@ class BloomOutputLayer(nn.Module):
         at their ``k`` units, for each row of ``hidden`` ``(Q, H)``; the same
         arguments and result as :func:`bloom_topk`.  On the Triton backend
         the hashing, gathering and summing are one kernel per chunk."""
-        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
-            raise ValueError(f"hidden must be a 2-D (num_queries, in_features) Tensor, got {getattr(hidden, 'shape', hidden)}")
-        with torch.no_grad():
-            log_probs = self(hidden)
-        acc = _acc_dtype(log_probs.dtype)
-        use_triton = dispatch.use_triton(self.backend, log_probs.device)
+        log_probs, score_chunk = self._decoder(hidden)
+        acc = log_probs.dtype
         k_hash, rows_total = self.num_hash_functions, self.num_rows
-
-        def score_chunk(ids):
-            if use_triton:
-                return dispatch.kernels().bloom_row_score_sums(log_probs, ids, seed_tensor(ids.device),
-                                                               num_hash_functions=k_hash,
-                                                               wide_ids=self.num_embeddings > WIDE_ID_START)  # fmt: skip
-            rows = hash_rows(ids, k_hash, rows_total).to(torch.int64)
-            return log_probs.to(acc)[:, rows].sum(-1)
 
         def score_rows(ids):
             rows = hash_rows(ids, k_hash, rows_total).to(torch.int64)  # (Q, C, k)
-            return log_probs.to(acc).gather(1, rows.reshape(ids.shape[0], -1)).view(rows.shape).sum(-1)
+            return log_probs.gather(1, rows.reshape(ids.shape[0], -1)).view(rows.shape).sum(-1)
 
         return topk_over_ids(score_chunk, hidden.shape[0], k, num_embeddings=self.num_embeddings,
                              device=hidden.device, dtype=acc, candidates=candidates, exclude=exclude,
                              chunk_size=chunk_size, score_rows=score_rows)  # fmt: skip
+
+    def rank(self, hidden: torch.Tensor, targets: torch.Tensor, *, exclude: Optional[torch.Tensor] = None,
+             chunk_size: Optional[int] = None) -> Ranks:  # fmt: skip
+        """Where each row's target ranks by the decoder's score (the sum of
+        the log-probabilities at an id's ``k`` units) among every id: the
+        same arguments and result as :func:`bloom_rank`."""
+        log_probs, score_chunk = self._decoder(hidden)
+        targets = _check_targets(targets, hidden.shape[0], self.num_embeddings, None, hidden.device)
+        return rank_over_ids(score_chunk, targets, num_embeddings=self.num_embeddings, device=hidden.device,
+                             exclude=exclude, chunk_size=chunk_size)  # fmt: skip
+
+    def _decoder(self, hidden):
+        """The ``(Q, num_rows)`` log-probabilities (float32 or float64) and the
+        ``(C,)`` ids -> ``(Q, C)`` decoder scores function; one kernel per
+        chunk on the Triton backend."""
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
+            raise ValueError(f"hidden must be a 2-D (num_queries, in_features) Tensor, got {getattr(hidden, 'shape', hidden)}")
+        with torch.no_grad():
+            log_probs = self(hidden)
+        log_probs = log_probs.to(_acc_dtype(log_probs.dtype))
+        use_triton = dispatch.use_triton(self.backend, log_probs.device)
+
+        def score_chunk(ids):
+            if use_triton:
+                return dispatch.kernels().bloom_row_score_sums(log_probs, ids, seed_tensor(ids.device),
+                                                               num_hash_functions=self.num_hash_functions,
+                                                               wide_ids=self.num_embeddings > WIDE_ID_START)  # fmt: skip
+            rows = hash_rows(ids, self.num_hash_functions, self.num_rows).to(torch.int64)
+            return log_probs[:, rows].sum(-1)
+
+        return log_probs, score_chunk
 
     def extra_repr(self) -> str:
         return (f"{self.projection.in_features}, {self.num_embeddings}, num_rows={self.num_rows}, "
