@@ -64,7 +64,8 @@ from bench import data as datasets  # noqa: E402
 from bench import layouts  # noqa: E402
 from bench.common import environment, write_json  # noqa: E402
 from triton_bloom import BloomEmbedding, ScaledEmbedding, ZeroEmbedding  # noqa: E402
-from triton_bloom.ranking import items_above, ranking_metrics  # noqa: E402
+from triton_bloom.output import bloom_rank  # noqa: E402
+from triton_bloom.ranking import ranking_metrics  # noqa: E402
 
 # Bloom-layer variants: name -> extra BloomEmbedding constructor kwargs.  At
 # a byte budget their extra parameters (importance weights) come out of the
@@ -391,14 +392,25 @@ class Factorization(nn.Module):
         return margin, sq
 
     @torch.no_grad()
-    def user_scores(self, users: torch.Tensor) -> torch.Tensor:
-        """``(len(users), num_items)`` scores against every item."""
-        scores = self.item_bias.weight[:, 0].expand(len(users), -1) + self.mean
-        if self.user_bias is not None:
-            scores = scores + self.user_bias(users)
-        if self.users is not None:
-            scores = scores + self.users(users) @ self.items(torch.arange(self.num_items)).T
-        return scores.contiguous()
+    def ranker(self, users: torch.Tensor):
+        """What :func:`~triton_bloom.output.bloom_rank` ranks every item by for
+        ``users``: ``score(u, i) = queries[u] . table(i) + bias[i]``.
+
+        The global mean and the user bias add the same to every item of a
+        user and so cannot move the target's rank: they are left out.
+
+        Args:
+            users (Tensor): ``(Q,)`` user ids.
+
+        Returns:
+            tuple: ``(queries, table, bias)``: ``(Q, d)`` queries, the item
+            table and the ``(num_items,)`` item bias.  Without tables (biases
+            only) the bias is the table, of width 1, and every query is 1,
+            so that both models are ranked by one code path.
+        """
+        if self.users is None:
+            return self.item_bias.weight.new_ones(len(users), 1), self.item_bias, None
+        return self.users(users), self.items, self.item_bias.weight[:, 0]
 
 
 def table_params(module: Optional[nn.Module]) -> tuple[int, int]:
@@ -468,28 +480,65 @@ def rating_epoch(model, opt, train: datasets.Interactions, hp: Hyper, rng) -> fl
 # ----------------------------------------------------------- evaluation
 
 
-def rank_metrics(model, targets: datasets.Interactions, seen: list, chunk: int = 1024) -> dict:
+def padded_items(events: list, users: np.ndarray) -> torch.Tensor:
+    """Each user's items among some interactions, as ``bloom_rank``'s ``exclude``.
+
+    Args:
+        events (list): :class:`bench.data.Interactions` to gather from.
+        users (ndarray): ``(Q,)`` the users wanted (repeats allowed).
+
+    Returns:
+        Tensor: ``(Q, m)`` int64, row ``q`` holding the items of ``users[q]``
+        in event order (a repeated event repeated) and -1 after them.
+    """
+    event_users = np.concatenate([e.user for e in events])
+    order = np.argsort(event_users, kind="stable")
+    event_users, event_items = event_users[order], np.concatenate([e.item for e in events])[order]
+    first = np.searchsorted(event_users, users, side="left")
+    count = np.searchsorted(event_users, users, side="right") - first
+    width = int(count.max(initial=0))
+    if width == 0:
+        return torch.empty((len(users), 0), dtype=torch.int64)
+    column = np.arange(width)
+    inside = column < count[:, None]
+    padded = np.where(inside, event_items[np.where(inside, first[:, None] + column, 0)], -1)
+    return torch.from_numpy(padded.astype(np.int64))
+
+
+@torch.no_grad()
+def rank_metrics(model, targets: datasets.Interactions, seen: list, chunk: int = 1024, *,
+                 exclude: Optional[torch.Tensor] = None) -> dict:  # fmt: skip
     """MRR, AUC and HR@10 of each target item ranked against every item its
-    user has not seen (``seen``: interactions masked out of the ranking).
-    Ties count half, so identical vectors (hash collisions at ``k=1``) get
-    no credit for ordering (``triton_bloom.ranking``, shared with the demo)."""
-    seen_u = np.concatenate([s.user for s in seen])
-    seen_i = np.concatenate([s.item for s in seen])
-    row_of = np.full(targets.num_users, -1, dtype=np.int64)
+    user has not seen.  Ties count half, so identical vectors (hash
+    collisions at ``k=1``) get no credit for ordering
+    (``triton_bloom.ranking``, shared with the demo).
+
+    Ranked by :func:`~triton_bloom.output.bloom_rank` on ``model.ranker``'s
+    queries, table and bias: the catalogue is walked in chunks, never
+    holding every item's vector or a ``(users, items)`` score matrix.
+
+    Args:
+        model: a :class:`Factorization` (anything with ``ranker``).
+        targets (Interactions): one held-out (user, item) per row.
+        seen (list): :class:`~bench.data.Interactions` left out of the
+            ranking; a target seen before (a repeat event) still competes.
+        chunk (int): targets ranked at a time.
+        exclude (Tensor, optional): ``padded_items(seen, targets.user)``,
+            when already at hand.
+
+    Returns:
+        dict: ``{"mrr", "auc", "hr@10"}``, each the mean over the targets.
+    """
+    if exclude is None:
+        exclude = padded_items(seen, targets.user)
     per_user = {"mrr": [], "auc": [], "hr@10": []}
     for start in range(0, len(targets), chunk):
-        users = targets.user[start : start + chunk]
+        users = torch.from_numpy(targets.user[start : start + chunk])
         items = torch.from_numpy(targets.item[start : start + chunk])
-        rows = torch.arange(len(users))
-        scores = model.user_scores(torch.from_numpy(users))
-        target = scores[rows, items].clone()
-        row_of[users] = np.arange(len(users))
-        sel = row_of[seen_u] >= 0
-        scores[torch.from_numpy(row_of[seen_u[sel]]), torch.from_numpy(seen_i[sel])] = -float("inf")
-        row_of[users] = -1
-        scores[rows, items] = target  # a target seen before (repeat event) still competes
-        negatives = torch.isfinite(scores).sum(1).double() - 1  # the unmasked items but the target
-        for name, values in ranking_metrics(items_above(scores, items), negatives, k=10).items():
+        queries, table, bias = model.ranker(users)
+        # bloom_rank never excludes a query's own target: a repeat event competes.
+        ranks = bloom_rank(queries, items, table, exclude=exclude[start : start + chunk], bias=bias)
+        for name, values in ranking_metrics(ranks.above, ranks.others.double(), k=10).items():
             per_user[name].append(values)
     return {name: torch.cat(values).mean().item() for name, values in per_user.items()}
 
@@ -512,6 +561,8 @@ class Task:
     select: str
     higher_is_better: bool
     compress: tuple = ("users", "items")  # which tables a compressed spec applies to
+    # Each part's seen items, padded: the same every epoch, so built once.
+    _exclude: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def counts(self) -> tuple:
@@ -539,7 +590,10 @@ class Task:
         if self.name == "ratings":
             return rmse(model, getattr(s, part), float(s.train.rating.min()), float(s.train.rating.max()))
         seen = [s.train] if part == "valid" else [s.train, s.valid]
-        return rank_metrics(model, getattr(s, part), seen)
+        targets = getattr(s, part)
+        if part not in self._exclude:
+            self._exclude[part] = padded_items(seen, targets.user)
+        return rank_metrics(model, targets, seen, exclude=self._exclude[part])
 
     def better(self, new: float, old: Optional[float]) -> bool:
         return old is None or (new > old if self.higher_is_better else new < old)

@@ -18,6 +18,7 @@ import torch
 
 from support import require_kernels
 from triton_bloom import cli, demo
+from triton_bloom.ranking import items_above
 
 require_kernels()  # fail, not skip, where the kernels (and so the cache code) cannot load
 from triton_bloom.kernels import autotune, launch  # noqa: E402
@@ -170,16 +171,36 @@ def test_demo_ranks_match_a_direct_count():
     data = demo.make_dataset(50, 40, seed=1)
     g = torch.Generator().manual_seed(0)
     users, items = torch.randn(50, 5, generator=g), torch.randn(40, 5, generator=g)
-    ranks = demo.item_ranks(users, items, data, chunk=7)
+    ranks = demo.item_ranks(users, torch.nn.Embedding.from_pretrained(items), data, chunk=7)
     for u in range(50):
         seen = set(data.train_items[data.train_users == u].tolist())
-        scores = users[u] @ items.T
+        scores = (users[u].double() @ items.double().T).float()  # bloom_rank's rounding
         target = scores[data.test_items[u]]
         others = [i for i in range(40) if i not in seen and i != data.test_items[u]]
         expected = sum(1.0 if scores[i] > target else 0.5 if scores[i] == target else 0.0 for i in others)
         assert ranks[u] == expected
     auc, hits = demo.metrics(torch.zeros(50, dtype=torch.long), data)
     assert auc == 1.0 and hits == 1.0
+
+
+@pytest.mark.parametrize("ratio", [None, 0.3])
+def test_demo_model_ranks_match_the_materialised_count(ratio):
+    """The chunked ranking of a full and a Bloom item table, against every
+    item's vector and an (users, items) score matrix."""
+    data = demo.make_dataset(60, 50, seed=2)
+    torch.manual_seed(0)
+    model = demo.build_model(ratio, 50, 8, 1, torch.device("cpu"))
+    with torch.no_grad():
+        # A coarse bias keeps the ties of colliding items.
+        model.item_bias.weight.copy_(torch.randint(0, 2, (50, 1)) * 0.5)
+        users = demo.user_vectors(model, data)
+        vectors = model.items(torch.arange(50))
+    scores = (users.double() @ vectors.double().T).float() + model.item_bias.weight[:, 0]
+    scores[data.train_users, data.train_items] = float("-inf")
+    expected = items_above(scores, data.test_items)
+    assert torch.equal(demo.model_ranks(model, data), expected)
+    if ratio is not None:
+        assert (expected % 1 == 0.5).any()  # k=1 collisions tie
 
 
 def test_demo_counts_a_tie_as_half_an_item_above():
@@ -190,7 +211,7 @@ def test_demo_counts_a_tie_as_half_an_item_above():
     data = demo.Dataset(2, 6, train_users=torch.tensor([0, 0, 1, 1]), train_items=torch.tensor([0, 5, 2, 3]),
                         test_items=torch.tensor([1, 0]), train_counts=torch.tensor([2, 2]))  # fmt: skip
     item_scores = torch.tensor([[9.0], [2.0], [2.0], [3.0], [1.0], [7.0]])
-    ranks = demo.item_ranks(torch.ones(2, 1), item_scores, data)
+    ranks = demo.item_ranks(torch.ones(2, 1), torch.nn.Embedding.from_pretrained(item_scores), data)
     # User 0 ranks item 1 (2.0) against items 2 (2.0, a tie), 3 (3.0, above)
     # and 4 (1.0, below); user 1 ranks item 0 (9.0) above items 1, 4 and 5.
     assert ranks.tolist() == [1 + 0.5, 0.0]
@@ -209,7 +230,7 @@ def test_demo_training_is_deterministic():
         optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
         g = torch.Generator().manual_seed(0)
         demo.train_epoch(model, optimizer, data, 64, 4, 1e-4, g)
-        return demo.item_ranks(*demo.user_and_item_vectors(model, data), data)
+        return demo.model_ranks(model, data)
 
     assert torch.equal(train(), train())
 

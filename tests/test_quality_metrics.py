@@ -9,6 +9,7 @@ import torch
 
 from bench import data as D
 from bench import quality as Q
+from triton_bloom.ranking import items_above, ranking_metrics
 
 
 def interactions(users, items, num_users, num_items):
@@ -24,11 +25,15 @@ def interactions(users, items, num_users, num_items):
 
 
 class FixedScores:
-    def __init__(self, scores):
-        self.scores = torch.tensor(scores, dtype=torch.float32)
+    """Scores ``scores[u][i]``: one-hot users against an item table whose
+    column ``u`` holds user ``u``'s scores (``rank_metrics`` asks a model for
+    its ``ranker``)."""
 
-    def user_scores(self, users):
-        return self.scores[users].clone()
+    def __init__(self, scores):
+        self.items = torch.nn.Embedding.from_pretrained(torch.tensor(scores, dtype=torch.float32).T)
+
+    def ranker(self, users):
+        return torch.eye(self.items.embedding_dim)[users], self.items, None
 
 
 def test_rank_metrics_mask_seen_items_and_split_ties():
@@ -52,7 +57,7 @@ def test_rank_metrics_match_the_demo_on_ties():
     data = demo.Dataset(2, 5, train_users=torch.tensor([0]), train_items=torch.tensor([1]),
                         test_items=torch.tensor([2, 0]), train_counts=torch.tensor([1, 0]))  # fmt: skip
     # users x items scores as a product: one-hot users, items holding their scores per user
-    ranks = demo.item_ranks(torch.eye(2), torch.tensor(scores).T, data)
+    ranks = demo.item_ranks(torch.eye(2), torch.nn.Embedding.from_pretrained(torch.tensor(scores).T), data)
     assert ranks.tolist() == [0.5, 4.0]
     assert demo.metrics(ranks, data) == pytest.approx((got["auc"], got["hr@10"]))
 
@@ -62,6 +67,54 @@ def test_rank_metrics_keep_a_repeated_target_in_the_ranking():
     seen = interactions([0, 0], [0, 2], 1, 3)  # item 0 is both seen and the target
     got = Q.rank_metrics(model, interactions([0], [0], 1, 3), [seen])
     assert got["mrr"] == pytest.approx(1.0) and got["auc"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("spec", [Q.TableSpec("none"), Q.TableSpec("full"), Q.TableSpec("bloom", 0.3, 2),
+                                  Q.TableSpec("hash", 0.1, 1, budget=0.1)], ids=lambda s: s.kind)  # fmt: skip
+def test_rank_metrics_match_a_materialised_ranking(spec):
+    """Repeat events, a target seen before, a user with two targets and
+    hash collisions (exact ties) against the materialised count."""
+    torch.manual_seed(0)
+    num_users, num_items = 6, 40
+    model = Q.Factorization(spec, num_users, num_items, 4, user_bias=False)
+    with torch.no_grad():
+        # A coarse bias keeps the ties of colliding items.
+        model.item_bias.weight.copy_(torch.randint(0, 3, (num_items, 1)) * 0.25)
+    g = np.random.default_rng(0)
+    train = interactions(np.repeat(np.arange(num_users), 8), g.integers(0, num_items, 8 * num_users),
+                         num_users, num_items)  # fmt: skip
+    train.item[:3] = 5  # user 0 saw item 5 three times
+    valid = interactions(np.arange(num_users), g.integers(0, num_items, num_users), num_users, num_items)
+    targets = interactions([0, 1, 2, 3, 4, 5, 3], [5, train.item[8], 7, 8, 9, 10, 11], num_users, num_items)
+    got = Q.rank_metrics(model, targets, [train, valid], chunk=4)
+
+    with torch.no_grad():
+        items = torch.from_numpy(targets.item)
+        bias = model.item_bias.weight[:, 0]
+        if model.users is None:
+            scores = bias.expand(len(items), -1).clone()
+        else:
+            vectors = model.items(torch.arange(num_items))
+            # bloom_rank's rounding: the float64 dot product, rounded once.
+            scores = (model.users(torch.from_numpy(targets.user)).double() @ vectors.double().T).float() + bias
+    rows = torch.arange(len(items))
+    target_scores = scores[rows, items].clone()
+    for row, user in enumerate(targets.user):
+        for part in (train, valid):
+            scores[row, torch.from_numpy(part.item[part.user == user])] = -float("inf")
+    scores[rows, items] = target_scores  # a target seen before still competes
+    above = items_above(scores, items)
+    expected = ranking_metrics(above, torch.isfinite(scores).sum(1).double() - 1, k=10)
+    assert got == {name: values.mean().item() for name, values in expected.items()}
+    if spec.kind in ("none", "hash"):
+        assert (above % 1 == 0.5).any()  # ties were there to split
+
+
+def test_padded_items_keep_repeats_and_pad_with_minus_one():
+    events = [interactions([2, 0, 0], [3, 4, 4], 3, 5), interactions([0], [1], 3, 5)]
+    got = Q.padded_items(events, np.array([2, 1, 0, 2]))
+    assert got.tolist() == [[3, -1, -1], [-1, -1, -1], [4, 4, 1], [3, -1, -1]]
+    assert Q.padded_items([interactions([], [], 3, 5)], np.array([0, 1])).shape == (2, 0)
 
 
 def test_bloom_tables_have_no_padding_id():

@@ -31,7 +31,8 @@ Metrics: the held-out item is ranked against every item the user has no
 training interaction with, an item that scores the same counting as half
 above it (hash collisions make exact ties); AUC is the fraction ranked below
 it, HR@10 whether it makes the top ten.  The popularity ranking is the
-baseline to beat.
+baseline to beat.  For two users, the first Bloom model's top ten items
+are printed, as ``BloomEmbedding.topk`` serves them.
 
 Deterministic with --seed on CPU; on CUDA the atomic adds of the backward
 reorder float sums, so the last digits may move between runs.
@@ -51,7 +52,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .modules import BloomEmbedding, BloomEmbeddingBag, ZeroEmbedding, embedding_bytes
-from .ranking import items_above, ranking_metrics
+from .output import bloom_rank
+from .ranking import ranking_metrics
 from .terminal import console, cpu_model, progress, render_table
 
 FULL_SIZE = dict(users=20_000, items=10_000, epochs=15)
@@ -223,30 +225,66 @@ def train_epoch(model, optimizer, data: Dataset, batch_size, history_length, l2,
 
 
 @torch.no_grad()
-def user_and_item_vectors(model, data: Dataset):
-    """Every user's vector from the whole training history, and every item's,
-    the bias appended as one more coordinate (users get a 1 there)."""
-    device = data.train_items.device
-    users = model.history(data.train_items, data.starts)
-    items = model.items(torch.arange(data.num_items, device=device))
-    ones = torch.ones(data.num_users, 1, dtype=users.dtype, device=device)
-    return torch.cat([users, ones], 1), torch.cat([items, model.item_bias.weight.to(items.dtype)], 1)
+def user_vectors(model, data: Dataset) -> torch.Tensor:
+    """``(num_users, dim)``: each user's vector from the whole training history."""
+    return model.history(data.train_items, data.starts)
+
+
+def seen_items(data: Dataset, first: int, last: int) -> torch.Tensor:
+    """``(last - first, m)`` int64: the training items of users
+    ``first..last-1``, padded with -1 (``exclude`` of ``bloom_rank`` and
+    ``bloom_topk``)."""
+    counts = data.train_counts[first:last]
+    width = int(counts.max()) if counts.numel() else 0
+    column = torch.arange(width, device=counts.device)
+    inside = column < counts[:, None]
+    where = torch.where(inside, data.starts[first:last, None] + column, 0)
+    return torch.where(inside, data.train_items[where], -1)
 
 
 @torch.no_grad()
-def item_ranks(user_vectors, item_vectors, data: Dataset, chunk=1024):
-    """For each user, how many items score above the held-out one, among
-    the items the user has no training interaction with; an item scoring
-    the same counts half (float64)."""
-    starts = data.starts
+def item_ranks(vectors, items: nn.Module, data: Dataset, *, bias=None, chunk=1024) -> torch.Tensor:
+    """For each user, how many items score above the held-out one among the
+    items the user has no training interaction with, an item scoring the
+    same counting half: :func:`~triton_bloom.output.bloom_rank`, which walks
+    the catalogue in chunks instead of holding every item's vector.
+
+    Args:
+        vectors (Tensor): ``(num_users, dim)``, the users' vectors.
+        items (nn.Module): the item table (any embedding-like module).
+        data (Dataset): the training items to leave out and the held-out ones.
+        bias (Tensor, optional): ``(num_items,)`` added to every item's score.
+        chunk (int): users ranked at a time.
+
+    Returns:
+        Tensor: ``(num_users,)`` float64, what ``metrics`` takes.
+    """
     ranks = []
     for first in range(0, data.num_users, chunk):
         last = min(first + chunk, data.num_users)
-        scores = user_vectors[first:last] @ item_vectors.T
-        lo, hi = int(starts[first]), int(starts[last - 1] + data.train_counts[last - 1])
-        scores[data.train_users[lo:hi] - first, data.train_items[lo:hi]] = float("-inf")
-        ranks.append(items_above(scores, data.test_items[first:last]))
+        ranked = bloom_rank(vectors[first:last], data.test_items[first:last], items,
+                            exclude=seen_items(data, first, last), bias=bias)  # fmt: skip
+        ranks.append(ranked.above)
     return torch.cat(ranks)
+
+
+def model_ranks(model, data: Dataset, vectors=None) -> torch.Tensor:
+    """``item_ranks`` of a trained :class:`TwoTower` (``vectors``: its
+    ``user_vectors``, when already at hand)."""
+    vectors = user_vectors(model, data) if vectors is None else vectors
+    return item_ranks(vectors, model.items, data, bias=model.item_bias.weight[:, 0])
+
+
+def top_items_line(model, vectors, data: Dataset, user: int, label: str, k: int = 10) -> str:
+    """One line: the ``k`` items ``model`` recommends to ``user`` among those
+    the user has not trained on (``model.items.topk``: the catalogue walked
+    in chunks, as a serving system would), and where the held-out item is."""
+    top = model.items.topk(vectors[user:user + 1], k, exclude=seen_items(data, user, user + 1),
+                           bias=model.item_bias.weight[:, 0]).ids[0].tolist()  # fmt: skip
+    held_out = int(data.test_items[user])
+    where = f"at {top.index(held_out) + 1}" if held_out in top else "not among them"
+    return f"[bold]{label}[/bold], top {k} for user {user} (its training items left out): " + \
+        " ".join(map(str, top)) + f"; held-out item {held_out} {where}."  # fmt: skip
 
 
 def metrics(ranks, data: Dataset, k=10):
@@ -258,12 +296,14 @@ def metrics(ranks, data: Dataset, k=10):
 
 def popularity_ranks(data: Dataset, seed):
     """Items ranked by training count, ties broken at random: the same list
-    for every user, and the baseline a personal model has to beat."""
+    for every user, and the baseline a personal model has to beat.  Ranked
+    by the models' own code, the score a one-wide item table and every user
+    vector 1, so that the baseline is counted exactly as the models are."""
     counts = torch.bincount(data.train_items.cpu(), minlength=data.num_items).double()
     jitter = torch.rand(data.num_items, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     score = (counts + 0.5 * jitter).to(data.train_items.device)
-    ones = torch.ones(data.num_users, 1, dtype=score.dtype, device=score.device)
-    return item_ranks(ones, score[:, None], data)
+    table = nn.Embedding.from_pretrained(score[:, None])
+    return item_ranks(score.new_ones(data.num_users, 1), table, data)
 
 
 def training_bytes(model, optimizer):
@@ -334,7 +374,7 @@ def run(args) -> int:
         if small >= 1:
             variants.append((f"nn.Embedding dim {small}", None, small, False))
         variants += [(f"Bloom {r:g}", r, None, False), (f"planned ≤{r:g}", r, None, True)]
-    rows, full_auc, full_bytes, plans = [], None, None, []
+    rows, full_auc, full_bytes, plans, top_lines = [], None, None, [], []
     bar = progress(total=len(variants) * epochs, desc="training", unit="epoch")
     try:
         for index, (name, ratio, small, planned) in enumerate(variants):
@@ -355,7 +395,10 @@ def run(args) -> int:
                 seconds.append(time.perf_counter() - tick)
                 bar.set_postfix_str(f"{name}, epoch {epoch + 1}/{epochs}, loss {loss:.3f}")
                 bar.update(1)
-            auc, hits = metrics(item_ranks(*user_and_item_vectors(model, data), data), data)
+            vectors = user_vectors(model, data)
+            auc, hits = metrics(model_ranks(model, data, vectors), data)
+            if not top_lines and ratio is not None and not planned:  # the first plain Bloom model
+                top_lines = [top_items_line(model, vectors, data, u, name) for u in range(min(2, num_users))]
             nbytes = sum(embedding_bytes(t) for t in model.embedding_tables())
             full_bytes, full_auc = full_bytes or nbytes, full_auc or auc
             mib = training_bytes(model, optimizer) / 2**20
@@ -381,6 +424,8 @@ def run(args) -> int:
     for name, plan in plans:
         if plan is not None:
             out.print(f"[bold]{name}[/bold] (each of the two item tables): {plan}")
+    for line in top_lines:
+        out.print(line)
     out.print(f"Done in {time.perf_counter() - started:.0f} s.")
     return 0
 

@@ -62,7 +62,9 @@ class Plan:
     hot_ids: Optional[torch.Tensor] = None
     hot_share: float = 0.0
     ids_per_row: float = 0.0
-    tail_share_per_row: float = 0.0  # k * (lookups of the ids that hash) / rows, as a share
+    # k * (share of lookups of the ids that hash) / rows: the row reads per
+    # lookup that land on one shared row (above 1 with fewer rows than k).
+    tail_share_per_row: float = 0.0
     dtype: torch.dtype = torch.float32
     alternatives: list = dataclasses.field(default_factory=list)
 
@@ -99,7 +101,8 @@ class Plan:
                 f"  {hot:,} hot ids with private rows, covering {self.hot_share:.1%} of the lookups",
                 f"  private code of {self.private_dim} dims per id" if self.private_dim else "  no private code",
                 f"  {self.num_rows:,} shared rows, k={self.num_hash_functions}: {self.ids_per_row:.1f} ids "
-                f"share each row on average ({self.tail_share_per_row:.3f} of all lookups land on each)",
+                f"share each row on average ({self.tail_share_per_row:.3f} of a lookup's "
+                f"{self.num_hash_functions} row reads land on each)",
                 f"  {self.bytes:,} B in all ({self.bytes / full:.3f} of the full table)",
             ]
         lines.append(f"  model score {self.score:.3f} (1 = every id as good as a private full row)")
