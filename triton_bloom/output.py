@@ -61,23 +61,34 @@ class TopK(NamedTuple):
     ids: torch.Tensor
 
 
-# Elements of one chunk of scores (queries x ids): 64 MiB of float32, and at
+# Elements of one chunk of scores (queries x ids): 16 MiB of float32, and at
 # most 16384 ids (a chunk's vectors and hashing cost about 1 KiB an id on the
-# PyTorch path).  Small enough to stay a small fraction of the catalogue's
-# scores, large enough that each chunk's matmul and top-k amortise the
-# Python work around them (bench/output.py).
-SCORE_BUDGET = 2**24
+# PyTorch path).  A chunk small enough to stay in the CPU's caches between
+# the matmul that writes it and the top-k or softmax that reads it: on this
+# project's 2-core machine, one thread, the 1024-query top-k took 0.73x the
+# materialised baseline's time at 4096 ids a chunk against 0.91x at 16384,
+# the fused loss (4096 rows) 0.54x at 1024 ids against 0.75x at 4096; with
+# 16 queries 16384 ids (the cap) beat 4096 (bench/output.py measures it).
+SCORE_BUDGET = 2**22
 MIN_CHUNK, MAX_CHUNK = 1024, 16384
+# On a GPU each chunk costs a few kernel launches and the Python around them,
+# and the scores kernel writes no vectors: far larger chunks (256 MiB of
+# scores, at most 2**18 ids, a quarter of a 1M catalogue).  Not measured yet
+# (no GPU has run bench/output.py --device cuda).
+CUDA_SCORE_BUDGET, CUDA_MAX_CHUNK = 2**26, 2**18
 
 
-def default_chunk_size(num_queries: int) -> int:
-    """Ids per chunk for ``num_queries`` queries (``SCORE_BUDGET`` scores, within 1024..16384)."""
-    return max(MIN_CHUNK, min(MAX_CHUNK, SCORE_BUDGET // max(num_queries, 1)))
+def default_chunk_size(num_queries: int, device=None) -> int:
+    """Ids per chunk for ``num_queries`` queries: ``SCORE_BUDGET`` scores
+    within 1024..16384 ids, or on CUDA ``CUDA_SCORE_BUDGET`` within 1024..2**18."""
+    cuda = device is not None and torch.device(device).type == "cuda"
+    budget, most = (CUDA_SCORE_BUDGET, CUDA_MAX_CHUNK) if cuda else (SCORE_BUDGET, MAX_CHUNK)
+    return max(MIN_CHUNK, min(most, budget // max(num_queries, 1)))
 
 
-def _check_chunk_size(chunk_size, num_queries):
+def _check_chunk_size(chunk_size, num_queries, device=None):
     if chunk_size is None:
-        return default_chunk_size(num_queries)
+        return default_chunk_size(num_queries, device)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     return chunk_size
@@ -381,7 +392,7 @@ def topk_over_ids(score_chunk: Callable, num_queries: int, k: int, *, num_embedd
             for per-query candidates.
     """
     _check_k(k)
-    chunk = _check_chunk_size(chunk_size, num_queries)
+    chunk = _check_chunk_size(chunk_size, num_queries, device)
     best = (torch.empty((num_queries, 0), dtype=dtype, device=device),
             torch.empty((num_queries, 0), dtype=torch.int64, device=device))  # fmt: skip
     if candidates is not None and candidates.dim() == 2:
@@ -430,7 +441,7 @@ def rank_over_ids(score_chunk: Callable, targets: torch.Tensor, *, num_embedding
         chunk_size (int, optional): ids per chunk.
     """
     num_queries = targets.shape[0]
-    chunk = _check_chunk_size(chunk_size, num_queries)
+    chunk = _check_chunk_size(chunk_size, num_queries, device)
     rows = torch.arange(num_queries, device=device)
     distinct, slot = torch.unique(targets, return_inverse=True)
     target_scores = score_chunk(distinct.to(_id_dtype(num_embeddings)))[rows, slot]
@@ -744,7 +755,7 @@ def bloom_logits(hidden: torch.Tensor, emb, *, chunk_size: Optional[int] = None)
     table = _Table(emb, need_grad=True)
     _check_hidden(hidden, table.embedding_dim)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    chunk = _check_chunk_size(chunk_size, flat.shape[0])
+    chunk = _check_chunk_size(chunk_size, flat.shape[0], flat.device)
     out = _Logits.apply(flat, table, chunk, *table.parameters())
     return out.view(*hidden.shape[:-1], table.num_embeddings)
 
@@ -804,7 +815,8 @@ def bloom_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, emb, *, bia
     if bias is not None:
         target_logits = target_logits + bias[safe].to(acc)
     if num_samples is None:
-        lse = _LogSumExp.apply(flat, bias, table, _check_chunk_size(chunk_size, flat.shape[0]), *table.parameters())
+        lse = _LogSumExp.apply(flat, bias, table, _check_chunk_size(chunk_size, flat.shape[0], flat.device),
+                               *table.parameters())
     else:
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
