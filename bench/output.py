@@ -44,8 +44,7 @@ from bench.common import environment, markdown_table, write_json  # noqa: E402
 from triton_bloom import BloomEmbedding, bloom_cross_entropy  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-TOPK_IDS, LOSS_IDS, DIM, RATIO, K_HASH, TOP = 1_000_000, 100_000, 64, 0.2, 4, 10
-LOSS_BATCH = 4096
+DIM, RATIO, K_HASH, TOP = 64, 0.2, 4, 10
 TARGETS = {"topk": (0.1, 1.1), "loss": (0.25, 1.2)}
 
 
@@ -54,40 +53,55 @@ def _status(field):
         return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1)) * 1024
 
 
-def _setup(task, queries, device):
+def _setup(task, num_ids, queries, device):
+    """The table and the inputs: ``queries`` random queries for top-k, or
+    ``queries`` hidden states and targets for the loss."""
     torch.manual_seed(0)
     # The PyTorch path on CPU, the kernels on CUDA.
     backend = "torch" if device == "cpu" else "triton"
+    emb = BloomEmbedding(num_ids, DIM, RATIO, K_HASH, padding_idx=None, backend=backend, device=device)
     if task == "topk":
-        emb = BloomEmbedding(TOPK_IDS, DIM, RATIO, K_HASH, padding_idx=None, backend=backend, device=device)
-        q = torch.randn(queries, DIM, device=device)
-        return emb, q, None
-    emb = BloomEmbedding(LOSS_IDS, DIM, RATIO, K_HASH, padding_idx=None, backend=backend, device=device)
-    hidden = torch.randn(LOSS_BATCH, DIM, requires_grad=True, device=device)
-    targets = torch.randint(0, LOSS_IDS, (LOSS_BATCH,), device=device)
-    return emb, hidden, targets
+        return emb, torch.randn(queries, DIM, device=device), None
+    hidden = torch.randn(queries, DIM, requires_grad=True, device=device)
+    return emb, hidden, torch.randint(0, num_ids, (queries,), device=device)
 
 
 def _method(name, emb, x, targets):
-    if name == "bloom_topk":
-        return lambda: emb.topk(x, TOP)
+    """A function running ``name`` once and returning what it computed:
+    ``(scores, ids)`` of the top-k, or ``(loss, grad of x, grad of the table)``."""
+
+    def bloom_topk():
+        top = emb.topk(x, TOP)
+        return top.scores, top.ids
 
     def materialise_topk():
         with torch.no_grad():
             vectors = emb(torch.arange(emb.num_embeddings, device=x.device))
-            return (x @ vectors.T).topk(TOP, dim=1)
+            top = (x @ vectors.T).topk(TOP, dim=1)
+            return top.values, top.indices
 
     def fused_loss():
         x.grad = emb.weight.grad = None
-        bloom_cross_entropy(x, targets, emb).backward()
+        loss = bloom_cross_entropy(x, targets, emb)
+        loss.backward()
+        return loss.detach(), x.grad, emb.weight.grad
 
     def materialised_loss():
         x.grad = emb.weight.grad = None
-        logits = x @ emb(torch.arange(emb.num_embeddings, device=x.device)).T
-        F.cross_entropy(logits, targets).backward()
+        loss = F.cross_entropy(x @ emb(torch.arange(emb.num_embeddings, device=x.device)).T, targets)
+        loss.backward()
+        return loss.detach(), x.grad, emb.weight.grad
 
-    return {"materialise_topk": materialise_topk, "fused_loss": fused_loss,
+    return {"bloom_topk": bloom_topk, "materialise_topk": materialise_topk, "fused_loss": fused_loss,
             "materialised_loss": materialised_loss}[name]  # fmt: skip
+
+
+def _agree(task, mine, base):
+    """Whether the two methods computed the same thing: the same top-k ids
+    (the scores to float32 rounding), or the same loss and gradients."""
+    if task == "topk":
+        return bool(torch.equal(mine[1], base[1]) and torch.allclose(mine[0], base[0], rtol=1e-5, atol=1e-5))
+    return all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(mine, base))
 
 
 def _ms(fn, device):
@@ -99,10 +113,10 @@ def _ms(fn, device):
     return (time.perf_counter() - start) * 1e3
 
 
-def memory_worker(task, name, queries, device):
+def memory_worker(task, name, num_ids, queries, device):
     """Runs in its own process: the peak memory of one run (on CUDA, the
     caching allocator's peak above what was allocated before)."""
-    emb, x, targets = _setup(task, queries, device)
+    emb, x, targets = _setup(task, num_ids, queries, device)
     fn = _method(name, emb, x, targets)
     gc.collect()
     if device != "cpu":
@@ -120,14 +134,17 @@ def memory_worker(task, name, queries, device):
     print(json.dumps({"peak_bytes": peak, "first_ms": first_ms}))
 
 
-def time_worker(task, ours, baseline, queries, repeats, device):
-    """Runs in its own process: the two methods timed in turn."""
-    emb, x, targets = _setup(task, queries, device)
+def time_worker(task, ours, baseline, num_ids, queries, repeats, device):
+    """Runs in its own process: the two methods checked against each other,
+    then timed in turn."""
+    emb, x, targets = _setup(task, num_ids, queries, device)
     mine, base = _method(ours, emb, x, targets), _method(baseline, emb, x, targets)
-    mine(), base()  # warm-up (and on CUDA the kernels' compilation)
+    # Warm-up (on CUDA the kernels' compilation) and the check; a result is
+    # cloned because the next run clears the gradients it holds.
+    agree = _agree(task, [t.clone() for t in mine()], [t.clone() for t in base()])
     pairs = [(_ms(mine, device), _ms(base, device)) for _ in range(repeats)]
     print(json.dumps({"runs_ms": [a for a, _ in pairs], "baseline_runs_ms": [b for _, b in pairs],
-                      "ratio": statistics.median(a / b for a, b in pairs)}))  # fmt: skip
+                      "ratio": statistics.median(a / b for a, b in pairs), "agree": agree}))  # fmt: skip
 
 
 def _run(*args):
@@ -136,51 +153,54 @@ def _run(*args):
     return json.loads(out.strip().splitlines()[-1])
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--memory-worker", nargs=4, help=argparse.SUPPRESS)
-    parser.add_argument("--time-worker", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-worker", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--time-worker", nargs=7, help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=5, help="timed pairs of runs (ours, baseline) per task")
     parser.add_argument("--device", default="cpu", help="cpu (the PyTorch path) or cuda (the kernels)")
+    parser.add_argument("--topk-ids", type=int, default=1_000_000, help="catalogue of the top-k (default 1M)")
+    parser.add_argument("--queries", type=int, nargs="+", default=[16, 1024], help="top-k queries (default 16 1024)")
+    parser.add_argument("--loss-ids", type=int, default=100_000, help="catalogue of the loss (default 100k)")
+    parser.add_argument("--loss-batch", type=int, default=4096, help="hidden states of the loss (default 4096)")
     parser.add_argument("--out", help="the JSON to write (a markdown summary beside it); default "
                         "bench/results/output_<cpu|cuda>.json")  # fmt: skip
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.memory_worker:
-        task, name, queries, device = args.memory_worker
-        return memory_worker(task, name, int(queries), device)
+        task, name, num_ids, queries, device = args.memory_worker
+        return memory_worker(task, name, int(num_ids), int(queries), device)
     if args.time_worker:
-        task, ours, baseline, queries, repeats, device = args.time_worker
-        return time_worker(task, ours, baseline, int(queries), int(repeats), device)
+        task, ours, baseline, num_ids, queries, repeats, device = args.time_worker
+        return time_worker(task, ours, baseline, int(num_ids), int(queries), int(repeats), device)
     device = args.device
 
     rows = []
-    plan = [("topk", 16, "bloom_topk", "materialise_topk"), ("topk", 1024, "bloom_topk", "materialise_topk"),
-            ("loss", LOSS_BATCH, "fused_loss", "materialised_loss")]  # fmt: skip
-    for task, queries, ours, baseline in plan:
-        mine = _run("--memory-worker", task, ours, queries, device)
-        base = _run("--memory-worker", task, baseline, queries, device)
-        timed = _run("--time-worker", task, ours, baseline, queries, args.repeats, device)
+    plan = [("topk", args.topk_ids, q, "bloom_topk", "materialise_topk") for q in args.queries]
+    plan.append(("loss", args.loss_ids, args.loss_batch, "fused_loss", "materialised_loss"))
+    for task, num_ids, queries, ours, baseline in plan:
+        mine = _run("--memory-worker", task, ours, num_ids, queries, device)
+        base = _run("--memory-worker", task, baseline, num_ids, queries, device)
+        timed = _run("--time-worker", task, ours, baseline, num_ids, queries, args.repeats, device)
         memory_target, time_target = TARGETS[task]
-        memory_ratio = mine["peak_bytes"] / base["peak_bytes"]
+        memory_ratio = mine["peak_bytes"] / max(base["peak_bytes"], 1)
         time_ratio = timed["ratio"]
         mine["ms"], base["ms"] = statistics.median(timed["runs_ms"]), statistics.median(timed["baseline_runs_ms"])
         rows.append({
-            "task": task, "queries": queries, "method": ours, "baseline": baseline,
+            "task": task, "num_ids": num_ids, "queries": queries, "method": ours, "baseline": baseline,
+            "agree": timed["agree"],
             "ms": mine["ms"], "baseline_ms": base["ms"], "runs_ms": timed["runs_ms"],
             "baseline_runs_ms": timed["baseline_runs_ms"], "load_average": os.getloadavg(),
             "peak_mib": mine["peak_bytes"] / 2**20, "baseline_peak_mib": base["peak_bytes"] / 2**20,
             "memory_ratio": memory_ratio, "time_ratio": time_ratio,
             "memory_target": memory_target, "time_target": time_target,
-            "met": memory_ratio <= memory_target and time_ratio <= time_target,
+            "met": timed["agree"] and memory_ratio <= memory_target and time_ratio <= time_target,
         })  # fmt: skip
-        print(f"{task} Q={queries}: {mine['ms']:.0f} ms vs {base['ms']:.0f} ms ({time_ratio:.2f}x), "
-              f"peak {mine['peak_bytes'] / 2**20:.1f} MiB vs {base['peak_bytes'] / 2**20:.1f} MiB "
-              f"({memory_ratio:.3f}x)", flush=True)  # fmt: skip
     payload = {
         "environment": environment(),
         "device": device,
-        "setup": {"topk": f"{TOPK_IDS} ids, dim {DIM}, ratio {RATIO}, k {K_HASH}, top-{TOP}",
-                  "loss": f"{LOSS_BATCH} hidden states, {LOSS_IDS} ids, dim {DIM}, ratio {RATIO}, k {K_HASH}, "
+        "setup": {"topk": f"{args.topk_ids} ids, dim {DIM}, ratio {RATIO}, k {K_HASH}, top-{TOP}",
+                  "loss": f"{args.loss_batch} hidden states, {args.loss_ids} ids, dim {DIM}, ratio {RATIO}, "
+                          f"k {K_HASH}, "
                           "forward + backward",
                   "memory": ("VmHWM after one run minus VmRSS before it" if device == "cpu" else
                              "torch.cuda.max_memory_allocated after one run minus memory_allocated before it")
@@ -193,9 +213,10 @@ def main():
     write_json(out, payload)
     env = payload["environment"]
     table = markdown_table(
-        ["task", "queries", "ours ms", "baseline ms", "time ratio (target)", "ours peak MiB", "baseline peak MiB",
-         "memory ratio (target)", "met"],
-        [[r["task"], r["queries"], f"{r['ms']:.0f}", f"{r['baseline_ms']:.0f}",
+        ["task", "ids", "queries", "same result", "ours ms", "baseline ms", "time ratio (target)", "ours peak MiB",
+         "baseline peak MiB", "memory ratio (target)", "met"],
+        [[r["task"], f"{r['num_ids']:,}", r["queries"], "yes" if r["agree"] else "NO", f"{r['ms']:.0f}",
+          f"{r['baseline_ms']:.0f}",
           f"{r['time_ratio']:.2f}x (<= {r['time_target']}x)", f"{r['peak_mib']:.1f}", f"{r['baseline_peak_mib']:.1f}",
           f"{r['memory_ratio']:.3f} (<= {r['memory_target']})", "yes" if r["met"] else "no"] for r in rows],
     )  # fmt: skip
@@ -211,6 +232,7 @@ def main():
         f.write("Load average (1, 5, 15 min) as each task ended: "
                 + "; ".join(f"{r['task']} Q={r['queries']}: " + ", ".join(f"{v:.1f}" for v in r["load_average"])
                             for r in rows) + ".\n")  # fmt: skip
+    return payload
 
 
 if __name__ == "__main__":

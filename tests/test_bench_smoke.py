@@ -90,3 +90,21 @@ def test_memory_rows_measured_and_analytic(tmp_path):
     assert big["seed"]["module_bytes"] == big["triton_bloom"]["module_bytes"] + 10**9 * 4 * 8
     assert big["triton_bloom"]["optimizer_state_bytes"] == 2 * big["triton_bloom"]["module_bytes"]
     assert out.with_suffix(".md").exists()
+
+
+def test_output_benchmark_compares_like_with_like(tmp_path):
+    # Tiny sizes: the point is that both methods compute the same thing and
+    # every field the results file is read for is there.
+    import bench.output as output
+
+    out = tmp_path / "output.json"
+    payload = output.main(["--topk-ids", "3000", "--queries", "5", "--loss-ids", "2000", "--loss-batch", "64",
+                           "--repeats", "1", "--out", str(out)])  # fmt: skip
+    rows = json.loads(out.read_text())["results"]
+    assert rows == json.loads(json.dumps(payload["results"]))
+    assert [(r["task"], r["queries"]) for r in rows] == [("topk", 5), ("loss", 64)]
+    for row in rows:
+        assert row["agree"]
+        assert row["time_ratio"] > 0 and row["peak_mib"] >= 0 and row["baseline_peak_mib"] > 0
+        assert row["memory_ratio"] == pytest.approx(row["peak_mib"] / row["baseline_peak_mib"])  # mmap'd: > 0
+    assert "| topk | 3,000 | 5 | yes |" in out.with_suffix(".md").read_text()
