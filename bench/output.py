@@ -195,6 +195,8 @@ def main(argv=None):
             "memory_target": memory_target, "time_target": time_target,
             "met": timed["agree"] and memory_ratio <= memory_target and time_ratio <= time_target,
         })  # fmt: skip
+        print(f"{task} ids={num_ids} Q={queries}: same result {timed['agree']}, {time_ratio:.2f}x the baseline's "
+              f"time, {memory_ratio:.3f} of its peak memory", flush=True)  # fmt: skip
     payload = {
         "environment": environment(),
         "device": device,
