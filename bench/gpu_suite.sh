@@ -44,9 +44,11 @@ TRAIN_STEP_S=70
 TUNE_S=60
 
 # The CUDA test files.  conftest.py turns Triton's interpreter on only when no
-# CUDA device is present, so here they run the compiled kernels.
+# CUDA device is present, so here they run the compiled kernels.  The output
+# side's (scores kernel: top-k, rank, tied logits) comes last: should the
+# step run out of time, the lookups' tests have run.
 TEST_FILES=(tests/test_kernels.py tests/test_bag.py tests/test_training.py tests/test_variants.py
-            tests/test_hashing.py tests/test_compile.py)
+            tests/test_hashing.py tests/test_compile.py tests/test_output.py)
 # The only tests of those files that need the mmh3 package, which the GPU
 # machine lacks.  Both check the PyTorch hashing of CPU tensors against mmh3,
 # nothing on the GPU, and run in CI; test_hashing.py imports mmh3 at the top,
