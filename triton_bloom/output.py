@@ -957,12 +957,12 @@ class BloomOutputLayer(nn.Module):
         arguments and result as :func:`bloom_topk`.  On the Triton backend
         the hashing, gathering and summing are one kernel per chunk."""
         log_probs, score_chunk = self._decoder(hidden)
-        acc = log_probs.dtype
+        acc = _acc_dtype(log_probs.dtype)
         k_hash, rows_total = self.num_hash_functions, self.num_rows
 
         def score_rows(ids):
             rows = hash_rows(ids, k_hash, rows_total).to(torch.int64)  # (Q, C, k)
-            return log_probs.gather(1, rows.reshape(ids.shape[0], -1)).view(rows.shape).sum(-1)
+            return log_probs.gather(1, rows.reshape(ids.shape[0], -1)).view(rows.shape).to(acc).sum(-1)
 
         return topk_over_ids(score_chunk, hidden.shape[0], k, num_embeddings=self.num_embeddings,
                              device=hidden.device, dtype=acc, candidates=candidates, exclude=exclude,
@@ -979,14 +979,15 @@ class BloomOutputLayer(nn.Module):
                              exclude=exclude, chunk_size=chunk_size)  # fmt: skip
 
     def _decoder(self, hidden):
-        """The ``(Q, num_rows)`` log-probabilities (float32 or float64) and the
-        ``(C,)`` ids -> ``(Q, C)`` decoder scores function; one kernel per
+        """The ``(Q, num_rows)`` log-probabilities (the layer's dtype: a half
+        precision copy is half the bytes, and each sum runs in float32) and
+        the ``(C,)`` ids -> ``(Q, C)`` decoder scores function; one kernel per
         chunk on the Triton backend."""
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
             raise ValueError(f"hidden must be a 2-D (num_queries, in_features) Tensor, got {getattr(hidden, 'shape', hidden)}")
         with torch.no_grad():
             log_probs = self(hidden)
-        log_probs = log_probs.to(_acc_dtype(log_probs.dtype))
+        acc = _acc_dtype(log_probs.dtype)
         use_triton = dispatch.use_triton(self.backend, log_probs.device)
 
         def score_chunk(ids):
@@ -995,7 +996,7 @@ class BloomOutputLayer(nn.Module):
                                                                num_hash_functions=self.num_hash_functions,
                                                                wide_ids=self.num_embeddings > WIDE_ID_START)  # fmt: skip
             rows = hash_rows(ids, self.num_hash_functions, self.num_rows).to(torch.int64)
-            return log_probs[:, rows].sum(-1)
+            return log_probs[:, rows].to(acc).sum(-1)
 
         return log_probs, score_chunk
 
