@@ -67,8 +67,23 @@ count with ``triton_bloom.ranking.items_above``.  Both feed
 plain models' logits), a cross-check that differs from ``rank <= 10`` only
 through ties at the cut.
 
+**GRU user model** (``--model gru``): pooling lets a narrow table cost the
+network nothing; a sequence model whose width is fixed does not.  The user
+is then the last hidden state of a one-layer ``nn.GRU(width, width)`` over
+the same history (``GRUUser``: right-padded, read at the last real step, so
+padding cannot reach it), and the models are: the full model (width 64,
+GRU 64); the tied table at reduced width ``d'`` with a GRU of width ``d'``
+(what shrinking the embedding does to such a network); a **factorised**
+tied table, an ``r``-dim code per item times a shared ``(r, 64)``
+projection feeding the width-64 GRU, ``r`` the largest that fits (the
+plain way to keep the width); tied Bloom at width 64; and, with
+``--families``, the Bloom output layer.  The GRU's weights are outside the
+table budget and reported per model.  ``GRU`` holds its grid and epochs.
+
     python bench/sequence.py --quick --out /tmp/sequence_quick.json            # about a minute
     python bench/sequence.py --seeds 3 --out bench/results/sequence_cpu.json   # the recorded run, ~20 min
+    python bench/sequence.py --model gru --seeds 3 --families full reduced factorised tied_bloom
+        --out bench/results/sequence_gru_cpu.json                              # the GRU run, one line
 
 Writes the JSON and a markdown summary beside it.
 """
@@ -117,6 +132,14 @@ class Config:
     patience: int = 3
     batch_size: int = 256
     seeds: tuple = (0,)
+    model: str = "pool"  # the user model: pool | gru
+
+
+# The GRU study (``--model gru``): a GRU epoch costs 2-4x a pooled one on one
+# core, so to fit 3 seeds in about 45 minutes the grid drops the pooled
+# study's largest learning rate (picked there in 1 of the 12 runs of the
+# models kept here: full, tied narrow, tied Bloom) and the epochs are capped.
+GRU = dataclasses.replace(Config(), model="gru", lrs=(1e-3, 3e-3), max_epochs=15, patience=3)
 
 
 QUICK = dataclasses.replace(Config(), lrs=(1e-2,), max_epochs=4, patience=2)
@@ -197,25 +220,67 @@ def pooled(table: nn.Module, history: torch.Tensor) -> torch.Tensor:
     return vectors.sum(1) / mask.sum(1).clamp(min=1)
 
 
+class Pool(nn.Module):
+    """The pooled user (no weights): kept a module so that every model reads
+    its user the same way, ``self.user(self.items, history)``."""
+
+    def forward(self, table, history):
+        return pooled(table, history)
+
+
+class GRUUser(nn.Module):
+    """The user is the last hidden state of a one-layer GRU over the history.
+
+    Histories stay right-padded (``-1`` after the real ids) and the state is
+    read at each row's last real step: the GRU is causal, so the padding
+    that follows cannot reach that state, and the result is exactly the GRU
+    over the unpadded sequence.  Left padding with a zero vector would not
+    be: a zero input still moves a GRU's state through its biases.  Packing
+    would be exact too but costs a sort per batch; with ``seq_len`` 10 and
+    nearly every training history full, the padded steps computed and
+    thrown away are few.  An empty history gets the initial state, zeros."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.gru = nn.GRU(width, width, batch_first=True)
+
+    def forward(self, table, history):
+        lengths = (history >= 0).sum(1)
+        states, _ = self.gru(table(history.clamp(min=0)))
+        last = states[torch.arange(len(history)), (lengths - 1).clamp(min=0)]
+        return last * (lengths > 0).unsqueeze(1).to(last.dtype)
+
+
+def user_model(kind: str, width: int) -> nn.Module:
+    if kind == "pool":
+        return Pool()
+    if kind == "gru":
+        return GRUUser(width)
+    raise ValueError(f"unknown user model {kind!r}")
+
+
 class Plain(nn.Module):
     """``nn.Embedding`` input, output ``nn.Linear(width, N, bias=False)``
     (or the input table itself when ``tied``), plus an item bias."""
 
-    def __init__(self, num_items: int, width: int, tied: bool):
+    def __init__(self, num_items: int, width: int, tied: bool, user: str = "pool"):
         super().__init__()
         self.items = nn.Embedding(num_items, width)
         self.out = None if tied else nn.Linear(width, num_items, bias=False)
         self.item_bias = nn.Parameter(torch.zeros(num_items))
+        self.user = user_model(user, width)
 
     def budget_bytes(self) -> int:
         return tensor_bytes(self.items.weight, *([] if self.out is None else [self.out.weight]))
 
     def hidden(self, history):
-        return pooled(self.items, history)
+        return self.user(self.items, history)
+
+    def item_vectors(self):
+        return self.items.weight if self.out is None else self.out.weight
 
     def logits(self, hidden):
-        weight = self.items.weight if self.out is None else self.out.weight
-        return hidden @ weight.T + self.item_bias
+        return hidden @ self.item_vectors().T + self.item_bias
 
     def loss(self, hidden, targets):
         return F.cross_entropy(self.logits(hidden), targets)
@@ -243,19 +308,55 @@ class Plain(nn.Module):
         return scores.masked_fill(left_out, float("-inf")), left_out
 
 
+class FactorisedTable(nn.Module):
+    """A private ``r``-dim code per item times a shared ``(r, width)``
+    projection: a width-``width`` table whose bytes are mostly ``N * r``."""
+
+    def __init__(self, num_items: int, rank: int, width: int):
+        super().__init__()
+        self.code = nn.Embedding(num_items, rank)
+        self.proj = nn.Linear(rank, width, bias=False)
+
+    def forward(self, ids):
+        return self.proj(self.code(ids))
+
+    def full(self):
+        return self.proj(self.code.weight)
+
+
+class Factorised(Plain):
+    """The plain way to keep the width while paying for fewer floats per
+    item: a ``FactorisedTable`` at both ends, its item vectors materialised
+    for the logits (``hidden @ (code @ proj)^T + bias``)."""
+
+    def __init__(self, num_items: int, rank: int, width: int, user: str = "pool"):
+        nn.Module.__init__(self)
+        self.items = FactorisedTable(num_items, rank, width)
+        self.out = None
+        self.item_bias = nn.Parameter(torch.zeros(num_items))
+        self.user = user_model(user, width)
+
+    def budget_bytes(self) -> int:
+        return tensor_bytes(self.items.code.weight, self.items.proj.weight)
+
+    def item_vectors(self):
+        return self.items.full()
+
+
 class TiedBloom(nn.Module):
     """One ``BloomEmbedding`` at both ends, plus an item bias."""
 
-    def __init__(self, num_items: int, dim: int, rows: int, k: int):
+    def __init__(self, num_items: int, dim: int, rows: int, k: int, user: str = "pool"):
         super().__init__()
         self.items = BloomEmbedding(num_items, dim, num_rows=rows, num_hash_functions=k, padding_idx=None)
         self.item_bias = nn.Parameter(torch.zeros(num_items))
+        self.user = user_model(user, dim)
 
     def budget_bytes(self) -> int:
         return embedding_bytes(self.items)
 
     def hidden(self, history):
-        return pooled(self.items, history)
+        return self.user(self.items, history)
 
     def loss(self, hidden, targets):
         return bloom_cross_entropy(hidden, targets, self.items, bias=self.item_bias)
@@ -272,16 +373,17 @@ class TiedBloom(nn.Module):
 class BloomOut(nn.Module):
     """A ``BloomEmbedding`` input and the paper's ``BloomOutputLayer``."""
 
-    def __init__(self, num_items: int, dim: int, input_rows: int, output_rows: int, k: int):
+    def __init__(self, num_items: int, dim: int, input_rows: int, output_rows: int, k: int, user: str = "pool"):
         super().__init__()
         self.items = BloomEmbedding(num_items, dim, num_rows=input_rows, num_hash_functions=k, padding_idx=None)
         self.out = BloomOutputLayer(dim, num_items, num_hash_functions=k, num_rows=output_rows)
+        self.user = user_model(user, dim)
 
     def budget_bytes(self) -> int:
         return embedding_bytes(self.items) + tensor_bytes(*self.out.parameters())
 
     def hidden(self, history):
-        return pooled(self.items, history)
+        return self.user(self.items, history)
 
     def loss(self, hidden, targets):
         return self.out.loss(hidden, targets)
@@ -295,31 +397,50 @@ class BloomOut(nn.Module):
         return self.out.topk(hidden, k, exclude=exclude).ids
 
 
+def network_bytes(model: nn.Module) -> int:
+    """The user model's own weights (the GRU's), outside the table budget."""
+    return tensor_bytes(*model.user.parameters())
+
+
 def reinit(model: nn.Module, std: float) -> None:
-    """Every weight element from normal(0, std), every bias from 0: the same
-    scale for every model, whatever torch's per-module defaults."""
+    """Every table and output weight element from normal(0, std), every bias
+    from 0: the same scale for every model, whatever torch's per-module
+    defaults.  The GRU keeps torch's own init (uniform(+-1/sqrt(width)) at
+    its width, drawn when built from the seed): that is what a user of
+    ``nn.GRU`` gets, and normal(0, 1/64) recurrent weights would start it
+    with a state stuck near zero.  A factorised table's projection starts
+    at normal(0, 1/sqrt(r)), so that its item vectors (code @ proj) have
+    elements of scale ``std`` like every other model's."""
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if name.startswith("user."):
+                continue
             if name.endswith("bias"):
                 p.zero_()
             else:
                 p.normal_(0, std)
+        if isinstance(model.items, FactorisedTable):
+            model.items.proj.weight.normal_(0, model.items.proj.in_features**-0.5)
 
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
     name: str
-    family: str  # full | reduced | tied_bloom | bloom_output
+    family: str  # full | reduced | factorised | tied_bloom | bloom_output
     tied: bool = False
     k: int = 0
 
 
-def specs(ks=Config.ks) -> list:
+def specs(ks=Config.ks, model: str = "pool") -> list:
     """The full model first (the reference), then the baselines and the
-    Bloom models, each Bloom model once per ``k``."""
-    return [Spec("full (untied)", "full"),
-            Spec("reduced width, tied", "reduced", tied=True),
-            Spec("reduced width, untied", "reduced"),
+    Bloom models, each Bloom model once per ``k``.  With the GRU, the
+    untied narrow model (the weaker narrow baseline of the pooled study, at
+    width 12) gives way to the factorised table, the baseline that keeps
+    the width."""
+    narrow = ([Spec("reduced width, tied", "reduced", tied=True), Spec("reduced width, untied", "reduced")]
+              if model == "pool" else
+              [Spec("reduced width, tied", "reduced", tied=True), Spec("factorised, tied", "factorised", tied=True)])
+    return [Spec("full (untied)", "full"), *narrow,
             *(Spec(f"tied Bloom k={k}", "tied_bloom", tied=True, k=k) for k in ks),
             *(Spec(f"Bloom output layer k={k}", "bloom_output", k=k) for k in ks)]  # fmt: skip
 
@@ -332,22 +453,28 @@ def full_bytes(num_items: int, dim: int) -> int:
 def build(spec: Spec, num_items: int, cfg: Config, budget: Optional[int]) -> tuple[nn.Module, dict]:
     """The model of ``spec`` sized to ``budget`` bytes; ``(model, details)``."""
     row = cfg.dim * 4  # one float32 row of a dim-wide table
+    user = cfg.model
     if spec.family == "full":
-        return Plain(num_items, cfg.dim, tied=False), {"width": cfg.dim}
+        return Plain(num_items, cfg.dim, tied=False, user=user), {"width": cfg.dim}
     if spec.family == "reduced":
         tables = 1 if spec.tied else 2
         width = budget // (tables * num_items * 4)
         if width < 1:
             raise ValueError(f"budget {budget} leaves no room for a 1-wide {'tied' if spec.tied else 'untied'} table")
-        return Plain(num_items, width, tied=spec.tied), {"width": width}
+        return Plain(num_items, width, tied=spec.tied, user=user), {"width": width}
+    if spec.family == "factorised":
+        rank = budget // ((num_items + cfg.dim) * 4)  # N codes and r rows of the projection
+        if rank < 1:
+            raise ValueError(f"budget {budget} leaves no room for a rank-1 factorised table")
+        return Factorised(num_items, rank, cfg.dim, user=user), {"width": cfg.dim, "rank": rank}
     if spec.family == "tied_bloom":
         rows = budget // row
-        return TiedBloom(num_items, cfg.dim, rows, spec.k), {"width": cfg.dim, "rows": rows, "k": spec.k}
+        return TiedBloom(num_items, cfg.dim, rows, spec.k, user=user), {"width": cfg.dim, "rows": rows, "k": spec.k}
     if spec.family == "bloom_output":
         input_rows = int(cfg.input_share * budget) // row
         # A unit costs its projection row and its bias.
         output_rows = (budget - input_rows * row) // ((cfg.dim + 1) * 4)
-        model = BloomOut(num_items, cfg.dim, input_rows, output_rows, spec.k)
+        model = BloomOut(num_items, cfg.dim, input_rows, output_rows, spec.k, user=user)
         return model, {"width": cfg.dim, "input_rows": input_rows, "output_units": output_rows, "k": spec.k}
     raise ValueError(f"unknown family {spec.family!r}")
 
@@ -412,7 +539,8 @@ def fit(spec: Spec, prep: Prepared, cfg: Config, budget: Optional[int], seed: in
             best = {"lr": lr, "valid": run_best, "best_epoch": run_epoch, "epochs_run": epoch, "state": run_state}
     model.load_state_dict(best.pop("state"))
     test = evaluate(model, prep.test)
-    return {"model": spec.name, "family": spec.family, "seed": seed, "bytes": size, "details": details, **best,
+    return {"model": spec.name, "family": spec.family, "seed": seed, "bytes": size,
+            "network_bytes": network_bytes(model), "details": details, **best,
             "test": test, "by_lr": by_lr, "seconds": time.perf_counter() - start}  # fmt: skip
 
 
@@ -431,6 +559,7 @@ def summarise(runs: list, reference: float) -> list:
     for name in dict.fromkeys(r["model"] for r in runs):
         mine = [r for r in runs if r["model"] == name]
         row = {"model": name, "family": mine[0]["family"], "bytes": mine[0]["bytes"],
+               "network_bytes": mine[0].get("network_bytes", 0),
                "bytes_vs_full": mine[0]["bytes"] / reference, "details": mine[0]["details"], "seeds": len(mine),
                "lr": [r["lr"] for r in mine], "best_epoch": [r["best_epoch"] for r in mine],
                "valid_mrr": statistics.mean(r["valid"]["mrr"] for r in mine),
@@ -448,28 +577,43 @@ def verdict(runs: list, rows: list) -> list:
     """The strongest plain baseline within the budget and the best variant of
     each Bloom model, each picked on mean validation MRR (never on test), and
     each Bloom pick's test difference to that baseline, paired by seed."""
-    def pick(family):
-        pool = [r for r in rows if r["family"] == family]
+    def pick(*families):
+        pool = [r for r in rows if r["family"] in families]
         return max(pool, key=lambda r: r["valid_mrr"]) if pool else None
 
-    base = pick("reduced")
+    base = pick(*PLAIN_BASELINES)
     out = []
     for family in ("tied_bloom", "bloom_output"):
         bloom = pick(family)
         if base is None or bloom is None:
             continue
-        entry = {"baseline": base["model"], "bloom": bloom["model"]}
-        for m in ("mrr", f"hr@{TOP}"):
-            by_seed = {r["seed"]: r["test"][m] for r in runs if r["model"] == base["model"]}
-            diffs = [r["test"][m] - by_seed[r["seed"]] for r in runs if r["model"] == bloom["model"]]
-            entry[m + "_diff"], entry[m + "_diff_std"] = _mean_std(diffs)
-            entry[m + "_bloom_wins"] = sum(d > 0 for d in diffs)
-        entry["seeds"] = len(diffs)
-        out.append(entry)
+        out.append(paired(runs, bloom["model"], base["model"]))
     return out
 
 
-def run(data: datasets.Interactions, cfg: Config, log=lambda msg: None) -> dict:
+PLAIN_BASELINES = ("reduced", "factorised")  # the plain models within the budget
+
+
+def paired(runs: list, bloom: str, base: str) -> dict:
+    """Test differences ``bloom - base``, paired by seed."""
+    entry = {"baseline": base, "bloom": bloom}
+    for m in ("mrr", f"hr@{TOP}"):
+        by_seed = {r["seed"]: r["test"][m] for r in runs if r["model"] == base}
+        diffs = [r["test"][m] - by_seed[r["seed"]] for r in runs if r["model"] == bloom]
+        entry[m + "_diff"], entry[m + "_diff_std"] = _mean_std(diffs)
+        entry[m + "_bloom_wins"] = sum(d > 0 for d in diffs)
+    entry["seeds"] = len(diffs)
+    return entry
+
+
+def all_pairs(runs: list, rows: list) -> list:
+    """Every Bloom model against every plain baseline within the budget: the
+    verdict's picks on validation can hide a close second."""
+    names = lambda fams: [r["model"] for r in rows if r["family"] in fams]  # noqa: E731
+    return [paired(runs, b, p) for b in names(("tied_bloom", "bloom_output")) for p in names(PLAIN_BASELINES)]
+
+
+def run(data: datasets.Interactions, cfg: Config, log=lambda msg: None, families=None) -> dict:
     start = time.perf_counter()
     prep = prepare(data, cfg.seq_len)
     reference = full_bytes(prep.num_items, cfg.dim)
@@ -478,20 +622,40 @@ def run(data: datasets.Interactions, cfg: Config, log=lambda msg: None) -> dict:
         f"full model {reference:,} bytes, budget {cfg.budget:g} = {budget:,} bytes")  # fmt: skip
     runs = []
     for seed in cfg.seeds:
-        for spec in specs(cfg.ks):
+        for spec in specs(cfg.ks, cfg.model):
+            if families is not None and spec.family not in families:
+                continue
             result = fit(spec, prep, cfg, None if spec.family == "full" else budget, seed, log)
             runs.append(result)
             t = result["test"]
-            log(f"[seed {seed}] {spec.name}: {result['bytes']:,} bytes ({result['bytes'] / reference:.3f}), "
+            log(f"[seed {seed}] {spec.name}: {result['bytes']:,} bytes ({result['bytes'] / reference:.3f}) "
+                f"+ {result['network_bytes']:,} of network, "
                 f"test mrr {t['mrr']:.4f} hr@{TOP} {t[f'hr@{TOP}']:.4f} (top-k {t[f'hr@{TOP}_topk']:.4f}), "
                 f"lr {result['lr']:g}, epoch {result['best_epoch']}, {result['seconds']:.0f}s")  # fmt: skip
     rows = summarise(runs, reference)
+    extra = {"pairs": all_pairs(runs, rows)} if cfg.model != "pool" else {}
     return {"config": dataclasses.asdict(cfg), "data": prep.describe, "full_bytes": reference,
-            "budget_bytes": budget, "runs": runs, "rows": rows, "verdict": verdict(runs, rows),
+            "budget_bytes": budget, "runs": runs, "rows": rows, "verdict": verdict(runs, rows), **extra,
             "protocol": protocol(cfg, prep), "wall_seconds": time.perf_counter() - start}  # fmt: skip
 
 
 def protocol(cfg: Config, prep: Prepared) -> dict:
+    out = _pool_protocol(cfg, prep)
+    if cfg.model == "gru":
+        out["model"] = (f"GRU: the user is the last hidden state of a one-layer nn.GRU(width, width) over their last "
+                        f"{cfg.seq_len} items (right-padded, the state read at the last real step: padding never "
+                        f"reaches it); width {cfg.dim} for every model but the reduced-width tied table, whose GRU "
+                        f"has its own width; the factorised table: an r-dim code per item times a shared (r, "
+                        f"{cfg.dim}) projection, tied at the output through its materialised item vectors")
+        out["budget"] += "; the GRU's weights outside it too, listed per model (network bytes)"
+        out["training"] = out["training"].replace(
+            f"every weight normal(0, 1/{cfg.dim})",
+            f"every table / output weight normal(0, 1/{cfg.dim}) (factorised: code normal(0, 1/{cfg.dim}), "
+            "projection normal(0, 1/sqrt(r))), the GRU torch's default init")
+    return out
+
+
+def _pool_protocol(cfg: Config, prep: Prepared) -> dict:
     return {
         "model": f"pooling: the user is the mean of the vectors of their last {cfg.seq_len} items; hidden width "
                  f"{cfg.dim} (the reduced-width models: their own width)",
@@ -522,8 +686,10 @@ def _cell(row, metric) -> str:
 
 def write_markdown(path: str, payload: dict) -> None:
     env, cfg, data = payload["environment"], payload["config"], payload["data"]
+    gru = cfg.get("model", "pool") == "gru"
     lines = [
-        "# Next-item recommendation at equal bytes: tied Bloom and the Bloom output layer",
+        "# Next-item recommendation at equal bytes"
+        + (" with a GRU user model of fixed width" if gru else ": tied Bloom and the Bloom output layer"),
         "",
         f"`{payload['command']}` — {env['date']}, {env['cpu']} ({env['cpu_count']} cores, {env['torch_threads']} "
         f"torch thread), torch {env['torch']}, triton {env['triton']}, Python {env['python']}; "
@@ -547,12 +713,14 @@ def write_markdown(path: str, payload: dict) -> None:
     body = []
     for r in payload["rows"]:
         det = ", ".join(f"{k}={v}" for k, v in r["details"].items())
-        body.append([r["model"], det, f"{r['bytes']:,}", f"{r['bytes_vs_full']:.3f}", f"{r['valid_mrr']:.4f}",
+        net = [f"{r['network_bytes']:,}"] if gru else []
+        body.append([r["model"], det, f"{r['bytes']:,}", f"{r['bytes_vs_full']:.3f}", *net, f"{r['valid_mrr']:.4f}",
                      _cell(r, "mrr"), _cell(r, f"hr@{TOP}"), f"{r['vs_full']['mrr']:.3f}",
                      f"{r['vs_full'][f'hr@{TOP}']:.3f}",
                      _cell(r, f"hr@{TOP}_topk"), _cell(r, "auc"), "/".join(str(e) for e in r["best_epoch"]),
                      "/".join(f"{lr:g}" for lr in r["lr"]), f"{r['seconds']:.0f}"])  # fmt: skip
-    lines.append(markdown_table(["model", "shape", "bytes", "bytes / full", "valid MRR", "MRR", f"HR@{TOP}",
+    lines.append(markdown_table(["model", "shape", "bytes", "bytes / full", *(["GRU bytes"] if gru else []),
+                                 "valid MRR", "MRR", f"HR@{TOP}",
                                  "MRR / full", f"HR@{TOP} / full", f"HR@{TOP} (top-k)", "AUC", "best epoch", "lr", "s"],
                                 body))  # fmt: skip
     n = data["eval_users"]
@@ -567,6 +735,13 @@ def write_markdown(path: str, payload: dict) -> None:
             lines.append(f"- {v['bloom']} against {v['baseline']}: test MRR {v['mrr_diff']:+.4f}{spread('mrr')}, "
                          f"HR@{TOP} {v[f'hr@{TOP}_diff']:+.4f}{spread(f'hr@{TOP}')} (Bloom ahead in "
                          f"{v['mrr_bloom_wins']} of {v['seeds']} seeds on MRR).")  # fmt: skip
+    if payload.get("pairs"):
+        lines += ["", "Every Bloom model against every plain baseline within the budget, test, paired by seed "
+                  "(Bloom minus baseline):", ""]  # fmt: skip
+        body = [[v["bloom"], v["baseline"], f"{v['mrr_diff']:+.4f} ± {v['mrr_diff_std']:.4f}",
+                 f"{v[f'hr@{TOP}_diff']:+.4f} ± {v[f'hr@{TOP}_diff_std']:.4f}",
+                 f"{v['mrr_bloom_wins']} of {v['seeds']}"] for v in payload["pairs"]]  # fmt: skip
+        lines.append(markdown_table(["Bloom", "baseline", "MRR diff", f"HR@{TOP} diff", "Bloom ahead (MRR)"], body))
     if payload.get("notes"):  # written by hand after a run, kept in its JSON
         lines += ["", "## Notes", ""] + [f"- {note}" for note in payload["notes"]]
     with open(path, "w") as f:
@@ -576,6 +751,12 @@ def write_markdown(path: str, payload: dict) -> None:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help=f"one lr, {QUICK.max_epochs} epochs (about a minute)")
+    p.add_argument("--model", choices=("pool", "gru"), default="pool",
+                   help="user model: mean of the history (the recorded study) or a GRU of fixed width; "
+                        "gru brings its own default lr grid and epochs (GRU)")
+    p.add_argument("--families", nargs="+", help="run only these model families (full, reduced, factorised, "
+                   "tied_bloom, bloom_output); without full, the '/ full' ratios are over the first model run")
+    p.add_argument("--patience", type=int, help="epochs without a better validation MRR before stopping")
     p.add_argument("--budget", type=float, default=Config.budget)
     p.add_argument("--dim", type=int, default=Config.dim)
     p.add_argument("--k", nargs="+", type=int, default=list(Config.ks),
@@ -601,14 +782,15 @@ def load(name: str) -> datasets.Interactions:
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = QUICK if args.quick else Config()
-    cfg = dataclasses.replace(cfg, budget=args.budget, dim=args.dim, ks=tuple(args.k),
+    cfg = QUICK if args.quick else GRU if args.model == "gru" else Config()
+    cfg = dataclasses.replace(cfg, budget=args.budget, dim=args.dim, ks=tuple(args.k), model=args.model,
                               seeds=tuple(range(args.seed, args.seed + args.seeds)),
-                              max_epochs=args.epochs or cfg.max_epochs, lrs=tuple(args.lrs or cfg.lrs))  # fmt: skip
+                              max_epochs=args.epochs or cfg.max_epochs, lrs=tuple(args.lrs or cfg.lrs),
+                              patience=args.patience or cfg.patience)  # fmt: skip
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     payload = {"benchmark": "sequence", "environment": environment(),
                "command": "python bench/sequence.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               **run(load(args.dataset), cfg, log)}  # fmt: skip
+               **run(load(args.dataset), cfg, log, families=args.families)}  # fmt: skip
     write_json(args.out, payload)
     write_markdown(os.path.splitext(args.out)[0] + ".md", payload)
     log(f"wrote {args.out} in {payload['wall_seconds']:.0f}s")

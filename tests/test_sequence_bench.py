@@ -153,3 +153,108 @@ def test_pooling_ignores_padding():
     out = S.pooled(emb, history)
     torch.testing.assert_close(out[0], emb(torch.tensor([3, 7])).mean(0))
     torch.testing.assert_close(out[1], emb(torch.tensor(5)))
+
+
+# ------------------------------------------------------------ GRU user model
+
+TINY_GRU = dataclasses.replace(TINY, model="gru")
+
+
+def _gru_bytes(width):
+    return 3 * (2 * width * width + 2 * width) * 4  # weight_ih, weight_hh and two biases per gate
+
+
+def test_gru_models_run_within_their_budget(tiny_data, tmp_path):
+    payload = S.run(tiny_data, TINY_GRU, families={"full", "reduced", "factorised", "tied_bloom"})
+    names = [s.name for s in S.specs(TINY.ks, "gru") if s.family != "bloom_output"]
+    assert [r["model"] for r in payload["rows"]] == names
+    assert "factorised, tied" in names and "reduced width, untied" not in names
+    budget = payload["budget_bytes"]
+    for run in payload["runs"]:
+        width = run["details"]["width"]
+        # The GRU is paid for outside the table budget, at the model's own width.
+        assert run["network_bytes"] == _gru_bytes(width)
+        assert width == (TINY.dim if run["model"] != "reduced width, tied" else budget // (300 * 4))
+        if run["family"] != "full":
+            assert budget - 2 * 300 * 4 < run["bytes"] <= budget, run["model"]
+        for m in ("mrr", "hr@10", "hr@10_topk", "auc"):
+            assert 0.0 <= run["test"][m] <= 1.0
+    assert payload["verdict"] and {v["baseline"] for v in payload["pairs"]} == {"reduced width, tied",
+                                                                              "factorised, tied"}
+    payload = {**payload, "environment": environment(), "command": "test"}
+    out = tmp_path / "seq_gru.md"
+    S.write_markdown(str(out), payload)
+    text = out.read_text()
+    assert "GRU bytes" in text and "| factorised, tied |" in text and "Bloom ahead (MRR)" in text
+
+
+def test_gru_sizes_at_ml100k_scale():
+    n, cfg = 1682, S.GRU
+    budget = int(0.2 * S.full_bytes(n, cfg.dim))
+    shapes = {}
+    for spec in S.specs((2,), "gru")[1:]:
+        model, details = S.build(spec, n, cfg, budget)
+        assert model.budget_bytes() <= budget, spec
+        shapes[spec.name] = (details, S.network_bytes(model))
+    assert shapes["reduced width, tied"] == ({"width": 25}, _gru_bytes(25))
+    assert shapes["factorised, tied"] == ({"width": 64, "rank": 24}, _gru_bytes(64))  # 24 * (1682 + 64) floats
+    assert shapes["tied Bloom k=2"][0]["rows"] == 672
+
+
+def test_gru_state_ignores_padding():
+    """Right padding, however long, leaves the state at the last real step
+    alone: it is the GRU over the unpadded sequence.  Left padding with a
+    zero vector would not be (the check that this test is about something)."""
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(20, 6)
+    user = S.GRUUser(6)
+    history = torch.tensor([[3, 7, 2, -1, -1, -1, -1, -1], [3, 7, 2, -1, -1, -1, -1, -1], [5, -1, -1, -1, -1, -1, -1, -1],
+                            [-1] * 8])  # fmt: skip
+    out = user(table, history)
+    with torch.no_grad():
+        alone = user.gru(table(torch.tensor([[3, 7, 2]])))[1][0, 0]
+        shorter = user(table, torch.tensor([[3, 7, 2, -1]]))[0]
+        left_padded = user.gru(torch.cat([torch.zeros(1, 2, 6), table(torch.tensor([[3, 7, 2]]))], 1))[1][0, 0]
+    torch.testing.assert_close(out[0], alone)
+    torch.testing.assert_close(out[1], alone)
+    torch.testing.assert_close(shorter, alone)
+    torch.testing.assert_close(out[2], user.gru(table(torch.tensor([[5]])))[1][0, 0])
+    assert torch.equal(out[3], torch.zeros(6))  # no history: the initial state
+    assert not torch.allclose(left_padded, alone, atol=1e-4)
+    # No gradient reaches the ids read in place of the padding.
+    table.weight.grad = None
+    user(table, torch.tensor([[3, 7, -1, -1]])).sum().backward()
+    assert table.weight.grad[0].abs().sum() == 0 and table.weight.grad[3].abs().sum() > 0
+
+
+def test_gru_keeps_its_own_init_and_factorised_vectors_have_the_table_scale():
+    torch.manual_seed(0)
+    model = S.Factorised(2000, 24, 64, user="gru")
+    before = {k: v.clone() for k, v in model.user.state_dict().items()}
+    S.reinit(model, 1.0 / 64)
+    for k, v in model.user.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with torch.no_grad():
+        std = model.item_vectors().std().item()
+    assert abs(std * 64 - 1) < 0.1  # elements of scale 1/64, like a plain table's
+    assert model.item_vectors().shape == (2000, 64)
+
+
+def test_factorised_model_is_tied_and_counted_like_the_others():
+    n, rank, width = 300, 5, 16
+    torch.manual_seed(3)
+    model = S.Factorised(n, rank, width)
+    S.reinit(model, 1.0 / width)
+    with torch.no_grad():
+        model.item_bias.normal_(0, 0.1)
+    ids = torch.tensor([4, 9])
+    torch.testing.assert_close(model.items(ids), model.item_vectors()[ids])
+    hidden, targets, exclude = _queries(n, width, seed=3)
+    with torch.no_grad():
+        scores = hidden @ (model.items.code.weight @ model.items.proj.weight.T).T + model.item_bias
+    torch.testing.assert_close(model.logits(hidden), scores)
+    above, others = model.rank(hidden, targets, exclude)
+    ref_above, ref_others = _materialised_ranks(scores, targets, exclude)
+    torch.testing.assert_close(above, ref_above, rtol=0, atol=0)
+    assert torch.equal(others, ref_others)
+    assert model.budget_bytes() == (n * rank + rank * width) * 4
