@@ -10,14 +10,13 @@ the weights must equal a single process trained on the full batches.
 
 import datetime
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from support import free_port, spawn_ranks
 from triton_bloom import BloomEmbedding, BloomEmbeddingBag
 
 WORLD_SIZE = 2
@@ -127,32 +126,13 @@ def _worker(rank, kind, port, out_dir):
     os._exit(0)
 
 
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_two_ranks(kind, out_dir):
     """Train on two spawned ranks, once per optimizer; the parameters
     (gathered on rank 0) by optimizer name.
 
     A rank's exception is raised here with its traceback; a hang ends at
     ``TIMEOUT_S`` with both processes killed."""
-    import torch.multiprocessing as mp
-
-    context = mp.start_processes(_worker, args=(kind, free_port(), str(out_dir)),
-                                 nprocs=WORLD_SIZE, join=False, start_method="spawn")  # fmt: skip
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{kind} training did not finish in {TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-            process.join()
+    spawn_ranks(_worker, (kind, free_port(), str(out_dir)), WORLD_SIZE, TIMEOUT_S, f"{kind} training")
     return {name: torch.load(os.path.join(out_dir, f"{name}.pt")) for name in OPTIMIZERS[kind]}
 
 

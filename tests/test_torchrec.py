@@ -24,7 +24,6 @@ install it.
 
 import datetime
 import os
-import socket
 import time
 import traceback
 
@@ -32,6 +31,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from support import free_port, spawn_ranks
 from triton_bloom import BloomEmbedding, BloomEmbeddingBag, FusedRowWiseAdagrad, FusedSGD
 
 try:
@@ -299,31 +299,12 @@ def _worker(rank, port, out_dir, cases):
     os._exit(0)
 
 
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     """Every case's measurements on both ranks: ``{rank: {case: result}}``."""
     require_torchrec()
-    import torch.multiprocessing as mp
-
     out_dir = tmp_path_factory.mktemp("torchrec")
-    context = mp.start_processes(_worker, args=(free_port(), str(out_dir), CASES), nprocs=WORLD_SIZE, join=False,
-                                 start_method="spawn")  # fmt: skip
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the two ranks did not finish in {TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-            process.join()
+    spawn_ranks(_worker, (free_port(), str(out_dir), CASES), WORLD_SIZE, TIMEOUT_S, "the two ranks")
     return {rank: torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)}
 
 
