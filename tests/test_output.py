@@ -83,6 +83,24 @@ def random_exclude(rnd, g, num_queries, num_embeddings):
     return exclude.to(DEVICE)
 
 
+def exact_scores(queries, vectors):
+    """float32 scores that depend on the query and the vector alone (a BLAS
+    float32 product of a few columns sums in another order than one of many)."""
+    return (queries.double() @ vectors.double().T).float()
+
+
+def excluded_scores(scores, exclude, targets=None, padding_idx=None):
+    """``scores`` with each query's excluded ids (never its own target) and
+    the padding id at ``-inf``."""
+    scores = scores.clone()
+    if padding_idx is not None:
+        scores[:, padding_idx] = NEG_INF
+    if exclude is not None:
+        for q, row in enumerate(exclude.tolist()):
+            scores[q, [i for i in row if i >= 0 and (targets is None or i != int(targets[q]))]] = NEG_INF
+    return scores
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_topk_equals_brute_force_with_ties_and_exclusions(seed, backend):
     rnd = random.Random(seed)
@@ -93,12 +111,7 @@ def test_topk_equals_brute_force_with_ties_and_exclusions(seed, backend):
     k = rnd.choice([1, 4, 10, 400])
     top = emb.topk(queries, k, exclude=exclude, chunk_size=rnd.choice([1, 7, 64, None]))
 
-    scores = queries.double() @ all_vectors(emb).T
-    if emb.padding_idx is not None:
-        scores[:, emb.padding_idx] = NEG_INF
-    if exclude is not None:
-        for q, row in enumerate(exclude.tolist()):
-            scores[q, [i for i in row if i >= 0]] = NEG_INF
+    scores = excluded_scores(queries.double() @ all_vectors(emb).T, exclude, padding_idx=emb.padding_idx)
     values, ids = brute_topk(scores, k)
     assert torch.equal(top.ids.cpu(), ids.cpu())
     assert torch.equal(top.scores.double().cpu(), values.cpu())
@@ -167,11 +180,7 @@ def test_topk_candidates(seed, backend):
         row = candidates[q] if per_query else candidates
         allowed = sorted({i for i in row.tolist() if i >= 0})
         scores[q, allowed] = full[q, allowed]
-    if emb.padding_idx is not None:
-        scores[:, emb.padding_idx] = NEG_INF
-    if exclude is not None:
-        for q, row in enumerate(exclude.tolist()):
-            scores[q, [i for i in row if i >= 0]] = NEG_INF
+    scores = excluded_scores(scores, exclude, padding_idx=emb.padding_idx)
     values, ids = brute_topk(scores, k)
     assert torch.equal(top.ids.cpu(), ids)
     assert torch.equal(top.scores.double().cpu(), values)
@@ -284,9 +293,7 @@ def test_bloom_output_layer_decoder(seed, backend):
     # The explicit sum of log-probabilities at each id's k units.
     log_probs = F.log_softmax(layer.projection(hidden), -1).double()
     rows = hash_rows(torch.arange(n, device=DEVICE), layer.num_hash_functions, layer.num_rows).long()
-    scores = log_probs[:, rows].sum(-1)
-    for q, row in enumerate(exclude.tolist()):
-        scores[q, [i for i in row if i >= 0]] = NEG_INF
+    scores = excluded_scores(log_probs[:, rows].sum(-1), exclude)
     values, ids = brute_topk(scores, k)
     torch.testing.assert_close(top.scores.double(), values, atol=1e-5, rtol=1e-5)
     got = scores.gather(1, top.ids.clamp(min=0))
@@ -359,24 +366,6 @@ def test_fewer_ids_than_k_pad_with_minus_one(backend):
 
 
 # Bias, rank, plain tables. ------------------------------------------------------------
-
-
-def exact_scores(queries, vectors):
-    """float32 scores that depend on the query and the vector alone (a BLAS
-    float32 product of a few columns sums in another order than one of many)."""
-    return (queries.double() @ vectors.double().T).float()
-
-
-def excluded_scores(scores, exclude, targets=None, padding_idx=None):
-    """``scores`` with each query's excluded ids (never its own target) and
-    the padding id at ``-inf``."""
-    scores = scores.clone()
-    if padding_idx is not None:
-        scores[:, padding_idx] = NEG_INF
-    if exclude is not None:
-        for q, row in enumerate(exclude.tolist()):
-            scores[q, [i for i in row if i >= 0 and (targets is None or i != int(targets[q]))]] = NEG_INF
-    return scores
 
 
 @pytest.mark.parametrize("seed", range(8))

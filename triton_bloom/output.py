@@ -224,8 +224,8 @@ def _check_k(k):
 
 
 def _check_bias(bias, table):
-    """The per-id bias, detached where it takes no gradient: ``(num_embeddings,)``
-    floating point on the table's device."""
+    """The per-id bias, checked: ``(num_embeddings,)`` floating point on the
+    table's device (or None)."""
     if bias is None:
         return None
     if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
@@ -540,10 +540,9 @@ def bloom_topk(queries: torch.Tensor, emb, k: int, *, candidates: Optional[torch
         (torch.Size([2, 10]), torch.Size([2, 10]))
     """
     table = _Table(emb, need_catalogue=candidates is None)
-    queries, score_chunk, acc = _scorer(table, queries, bias)
+    queries, score_chunk, acc, bias = _scorer(table, queries, bias)
     if candidates is not None and candidates.device != table.device:
         raise RuntimeError(f"candidates are on {candidates.device} but the table is on {table.device}")
-    bias = None if bias is None else bias.detach().to(acc)
 
     def score_rows(ids):
         with torch.no_grad():
@@ -559,7 +558,7 @@ def bloom_topk(queries: torch.Tensor, emb, k: int, *, candidates: Optional[torch
 def _scorer(table, queries, bias, *, exact=False):
     """Checks the queries and the bias; returns the detached queries, the
     ``(C,)`` ids -> ``(Q, C)`` scores function (``exact``: see
-    ``_Table.scores``) and the scores' dtype."""
+    ``_Table.scores``), the scores' dtype and the bias, detached, in it."""
     _check_queries(queries, table.embedding_dim)
     if queries.device != table.device:
         raise RuntimeError(f"queries are on {queries.device} but the table is on {table.device}")
@@ -572,7 +571,7 @@ def _scorer(table, queries, bias, *, exact=False):
         scores = table.scores(queries, ids, exact=exact)
         return scores if bias is None else scores.add_(bias[ids])
 
-    return queries, score_chunk, acc
+    return queries, score_chunk, acc, bias
 
 
 def bloom_rank(queries: torch.Tensor, targets: torch.Tensor, emb, *, exclude: Optional[torch.Tensor] = None,
@@ -613,7 +612,7 @@ def bloom_rank(queries: torch.Tensor, targets: torch.Tensor, emb, *, exclude: Op
     table = _Table(emb)
     # Exact scores: the target's own score comes from another chunk than
     # the ids that tie with it.
-    queries, score_chunk, _ = _scorer(table, queries, bias, exact=True)
+    queries, score_chunk, _, _ = _scorer(table, queries, bias, exact=True)
     targets = _check_targets(targets, queries.shape[0], table.num_embeddings, table.padding_idx, queries.device)
     return rank_over_ids(score_chunk, targets, num_embeddings=table.num_embeddings, device=queries.device,
                          exclude=exclude, skip_id=table.padding_idx, chunk_size=chunk_size)  # fmt: skip
@@ -956,8 +955,7 @@ class BloomOutputLayer(nn.Module):
         at their ``k`` units, for each row of ``hidden`` ``(Q, H)``; the same
         arguments and result as :func:`bloom_topk`.  On the Triton backend
         the hashing, gathering and summing are one kernel per chunk."""
-        log_probs, score_chunk = self._decoder(hidden)
-        acc = _acc_dtype(log_probs.dtype)
+        log_probs, score_chunk, acc = self._decoder(hidden)
         k_hash, rows_total = self.num_hash_functions, self.num_rows
 
         def score_rows(ids):
@@ -973,16 +971,16 @@ class BloomOutputLayer(nn.Module):
         """Where each row's target ranks by the decoder's score (the sum of
         the log-probabilities at an id's ``k`` units) among every id: the
         same arguments and result as :func:`bloom_rank`."""
-        log_probs, score_chunk = self._decoder(hidden)
+        log_probs, score_chunk, _ = self._decoder(hidden)
         targets = _check_targets(targets, hidden.shape[0], self.num_embeddings, None, hidden.device)
         return rank_over_ids(score_chunk, targets, num_embeddings=self.num_embeddings, device=hidden.device,
                              exclude=exclude, chunk_size=chunk_size)  # fmt: skip
 
     def _decoder(self, hidden):
         """The ``(Q, num_rows)`` log-probabilities (the layer's dtype: a half
-        precision copy is half the bytes, and each sum runs in float32) and
-        the ``(C,)`` ids -> ``(Q, C)`` decoder scores function; one kernel per
-        chunk on the Triton backend."""
+        precision copy is half the bytes), the ``(C,)`` ids -> ``(Q, C)``
+        decoder scores function (one kernel per chunk on the Triton backend)
+        and the dtype its sums run in (float32, or float64)."""
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
             raise ValueError(f"hidden must be a 2-D (num_queries, in_features) Tensor, got {getattr(hidden, 'shape', hidden)}")
         with torch.no_grad():
@@ -998,7 +996,7 @@ class BloomOutputLayer(nn.Module):
             rows = hash_rows(ids, self.num_hash_functions, self.num_rows).to(torch.int64)
             return log_probs[:, rows].to(acc).sum(-1)
 
-        return log_probs, score_chunk
+        return log_probs, score_chunk, acc
 
     def extra_repr(self) -> str:
         return (f"{self.projection.in_features}, {self.num_embeddings}, num_rows={self.num_rows}, "
