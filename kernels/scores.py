@@ -53,7 +53,8 @@ def _bloom_scores_kernel(
     WIDE_IDS: tl.constexpr,
     FROM_ROW_SCORES: tl.constexpr,  # the decoder's score instead of the dot product
     USE_DOT: tl.constexpr,  # tl.dot (float32); else a broadcast sum (float64)
-    ACC: tl.constexpr,
+    VEC_ACC: tl.constexpr,  # the lookup's accumulator for the k-sum of a vector
+    ACC: tl.constexpr,  # the dot products' accumulator
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -75,9 +76,10 @@ def _bloom_scores_kernel(
             offs_d = d0 + tl.arange(0, BLOCK_D)[None, :]
             vectors = gather_sum(ids, live, mixed_lo, mixed_hi, imp_rows, hot, IDS, offs_n, SEEDS, W, IMPORTANCE,
                                  offs_d, live & (offs_d < dim), num_rows, stride_w, K, False, SIGNED, HAS_IMPORTANCE,
-                                 HAS_HOT, WIDE_IDS, ACC)  # fmt: skip
-            # Rounded as the lookup rounds its output, so that a score is the
-            # dot product with the vector the embedding returns.
+                                 HAS_HOT, WIDE_IDS, VEC_ACC)  # fmt: skip
+            # Summed and rounded as the lookup sums and rounds its output, so
+            # that a score is the dot product with the vector the embedding
+            # returns, whatever the dot products accumulate in.
             vectors = vectors.to(W.dtype.element_ty).to(ACC)
             offs_qd = tl.program_id(1).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)[:, None]
             queries = tl.load(QUERIES + offs_qd * stride_q + offs_d, mask=(offs_qd < nq) & (offs_d < dim),
@@ -109,9 +111,9 @@ def _config(nq, dim, wide_acc, from_row_scores):
 
 
 def _launch(queries, ids, table, seeds, *, num_hash_functions, padding_idx, wide_ids, signed, importance, hot,
-            from_row_scores, dim, acc_dtype):  # fmt: skip
+            from_row_scores, dim, acc_dtype, out_dtype):  # fmt: skip
     nq, n = queries.shape[0], ids.numel()
-    out = torch.empty((nq, n), dtype=acc_dtype, device=table.device)
+    out = torch.empty((nq, n), dtype=out_dtype, device=table.device)
     if nq == 0 or n == 0:
         return out
     if dim == 0:
@@ -131,6 +133,7 @@ def _launch(queries, ids, table, seeds, *, num_hash_functions, padding_idx, wide
         stride_out=out.stride(0),
         FROM_ROW_SCORES=from_row_scores,
         USE_DOT=acc_dtype == torch.float32,
+        VEC_ACC=accumulator(table.dtype),
         ACC=acc,
         **hashing_args(table, num_hash_functions=num_hash_functions, wide_ids=wide_ids, signed=signed,
                        importance=importance, hot=hot, absent=table),
@@ -148,7 +151,7 @@ def _launch(queries, ids, table, seeds, *, num_hash_functions, padding_idx, wide
 
 
 def bloom_scores(queries, ids, weight, seeds, *, num_hash_functions, padding_idx=None, wide_ids=True, signed=False,
-                 importance=None, hot=None):  # fmt: skip
+                 importance=None, hot=None, exact=False):  # fmt: skip
     """``(nq, n)`` dot products of every query with every id's Bloom vector.
 
     Args:
@@ -161,15 +164,22 @@ def bloom_scores(queries, ids, weight, seeds, *, num_hash_functions, padding_idx
         wide_ids (bool): whether ids may reach ``2**31``.
         signed (bool), importance (Tensor, optional), hot (Tensor, optional):
             the variants, as in ``bloom_forward``.
+        exact (bool): a float32 score is the float64 dot product rounded
+            once, so that it depends on the query and the vector alone.  A
+            float32 ``tl.dot`` sums in an order that may depend on where the
+            pair sits in the block (under the interpreter it is the BLAS
+            kernel's order, which changes with the CPU), and two ids with the
+            same vector must tie for ranks to count ties.
 
     Returns:
         Tensor ``(nq, n)``: float64 when ``queries`` or ``weight`` is float64,
         else float32.
     """
-    acc_dtype = torch.float64 if torch.float64 in (queries.dtype, weight.dtype) else torch.float32
+    out_dtype = torch.float64 if torch.float64 in (queries.dtype, weight.dtype) else torch.float32
+    acc_dtype = torch.float64 if exact else out_dtype
     return _launch(queries, ids, weight, seeds, num_hash_functions=num_hash_functions, padding_idx=padding_idx,
                    wide_ids=wide_ids, signed=signed, importance=importance, hot=hot, from_row_scores=False,
-                   dim=weight.shape[1], acc_dtype=acc_dtype)  # fmt: skip
+                   dim=weight.shape[1], acc_dtype=acc_dtype, out_dtype=out_dtype)  # fmt: skip
 
 
 def bloom_row_score_sums(row_scores, ids, seeds, *, num_hash_functions, wide_ids=True):
@@ -189,4 +199,4 @@ def bloom_row_score_sums(row_scores, ids, seeds, *, num_hash_functions, wide_ids
     acc_dtype = torch.float64 if row_scores.dtype == torch.float64 else torch.float32
     return _launch(row_scores, ids, row_scores, seeds, num_hash_functions=num_hash_functions, padding_idx=None,
                    wide_ids=wide_ids, signed=False, importance=None, hot=None, from_row_scores=True, dim=1,
-                   acc_dtype=acc_dtype)  # fmt: skip
+                   acc_dtype=acc_dtype, out_dtype=acc_dtype)  # fmt: skip

@@ -178,11 +178,11 @@ class _Table:
         """``(Q, C)`` scores of the ``(C,)`` ids (no gradient), float32 or float64.
 
         With ``exact``, a float32 score is the float64 dot product rounded
-        once, so that it depends on the query and the vector alone: a BLAS
-        float32 product sums in an order that changes with the matrix's
-        width (a few columns take another path than many), and two ids with
-        the same vector scored in different chunks would then not tie.  The
-        kernel's sums depend on the number of queries and the width only."""
+        once, on both backends, so that it depends on the query and the
+        vector alone: a float32 product (BLAS, or the kernel's ``tl.dot``,
+        which is numpy's BLAS under the interpreter) sums in an order that can
+        change with the matrix's width, the pair's place in a block and the
+        CPU, and two ids with the same vector would then not tie."""
         acc = _acc_dtype(queries.dtype, self.weight.dtype)
         with torch.no_grad():
             if self.kernel:
@@ -191,7 +191,7 @@ class _Table:
                     queries, ids, self.weight.detach(), seed_tensor(self.device),
                     num_hash_functions=self.options["num_hash_functions"], padding_idx=self.options["padding_idx"],
                     wide_ids=wide, signed=self.options["signed"], importance=self.options.get("importance"),
-                    hot=self.options.get("hot"),
+                    hot=self.options.get("hot"), exact=exact,
                 )  # fmt: skip
             if self.reference:
                 k = self.options["num_hash_functions"]
