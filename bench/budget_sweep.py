@@ -130,11 +130,32 @@ class Config:
     seed: int = 0
 
 
-QUICK = Config(num_items=200_000, num_users=1000, budgets=(0.2, 0.01), seq_budgets=(0.2, 0.02), max_epochs=2,
-               valid_users=150, test_users=300, seq_lrs=(1e-2,), seq_max_epochs=4)  # fmt: skip
-TINY = Config(num_items=3000, num_users=150, mean_per_user=20, budgets=(0.2, 0.01), seq_budgets=(0.2,),
-              max_epochs=2, valid_users=50, test_users=80, seq_len=5, batch_size=256, seq_dataset="synthetic",
-              seq_lrs=(1e-2,), seq_max_epochs=2)  # fmt: skip
+QUICK = Config(
+    num_items=200_000,
+    num_users=1000,
+    budgets=(0.2, 0.01),
+    seq_budgets=(0.2, 0.02),
+    max_epochs=2,
+    valid_users=150,
+    test_users=300,
+    seq_lrs=(1e-2,),
+    seq_max_epochs=4,
+)
+TINY = Config(
+    num_items=3000,
+    num_users=150,
+    mean_per_user=20,
+    budgets=(0.2, 0.01),
+    seq_budgets=(0.2,),
+    max_epochs=2,
+    valid_users=50,
+    test_users=80,
+    seq_len=5,
+    batch_size=256,
+    seq_dataset="synthetic",
+    seq_lrs=(1e-2,),
+    seq_max_epochs=2,
+)
 
 
 # ------------------------------------------------------------------ data
@@ -168,9 +189,15 @@ def catalogue(cfg: Config) -> datasets.Interactions:
         items.append(take.astype(np.int64))
         stamps.append(rng.permutation(len(take)).astype(np.int64) + 1_000_000_000)
     users, items = np.concatenate(users), np.concatenate(items)
-    return datasets.Interactions(user=users, item=items, rating=np.ones(len(users), dtype=np.float32),
-                                 timestamp=np.concatenate(stamps), num_users=cfg.num_users, num_items=n,
-                                 name=f"synthetic, {n:,} items")  # fmt: skip
+    return datasets.Interactions(
+        user=users,
+        item=items,
+        rating=np.ones(len(users), dtype=np.float32),
+        timestamp=np.concatenate(stamps),
+        num_users=cfg.num_users,
+        num_items=n,
+        name=f"synthetic, {n:,} items",
+    )
 
 
 @dataclasses.dataclass
@@ -368,8 +395,18 @@ def build_items(layout: Layout, budget: int, num_items: int, counts: torch.Tenso
         h = min(int(HOT_SHARE * budget) // (row + INDEX_BYTES), seen)
         hot = torch.argsort(counts, descending=True, stable=True)[:h]
         if feats["hot_ids"]:
-            make = lambda rows: BloomEmbedding(num_items, DIM, num_rows=rows, num_hash_functions=layout.k,  # noqa: E731
-                                               padding_idx=None, hot_ids=hot, **_accepted(BloomEmbedding.__init__, sparse=True))  # fmt: skip
+
+            def make(rows):
+                return BloomEmbedding(
+                    num_items,
+                    DIM,
+                    num_rows=rows,
+                    num_hash_functions=layout.k,
+                    padding_idx=None,
+                    hot_ids=hot,
+                    **_accepted(BloomEmbedding.__init__, sparse=True),
+                )
+
             source = "library"
         else:
             make = lambda rows: HotBloom(num_items, hot, rows, layout.k)  # noqa: E731
@@ -383,13 +420,25 @@ def build_items(layout: Layout, budget: int, num_items: int, counts: torch.Tenso
         if layout.family == "private":
             r = max(r, 1)  # below half the budget for one code dimension, try the code and a smaller tail
         if r < 1 or r * per_dim >= budget + (row if layout.family == "factorised" else 0):
-            raise Unavailable(f"{budget / (num_items * FLOAT_BYTES):.2f} floats per id: no room for a 1-dim code"
-                              + ("" if layout.family == "factorised" else " and a tail"))  # fmt: skip
+            raise Unavailable(
+                f"{budget / (num_items * FLOAT_BYTES):.2f} floats per id: no room for a 1-dim code"
+                + ("" if layout.family == "factorised" else " and a tail")
+            )
         if layout.family == "factorised":
             return PrivateBloom(num_items, r, 0, 1), DIM, {"private_dim": r, "source": "bench"}
         if feats["private_dim"]:
-            make = lambda rows: BloomEmbedding(num_items, DIM, num_rows=rows, num_hash_functions=layout.k,  # noqa: E731
-                                               padding_idx=None, private_dim=r, **_accepted(BloomEmbedding.__init__, sparse=True))  # fmt: skip
+
+            def make(rows):
+                return BloomEmbedding(
+                    num_items,
+                    DIM,
+                    num_rows=rows,
+                    num_hash_functions=layout.k,
+                    padding_idx=None,
+                    private_dim=r,
+                    **_accepted(BloomEmbedding.__init__, sparse=True),
+                )
+
             source = "library"
         else:
             make = lambda rows: PrivateBloom(num_items, r, rows, layout.k)  # noqa: E731
@@ -402,8 +451,9 @@ def build_items(layout: Layout, budget: int, num_items: int, counts: torch.Tenso
         try:
             from triton_bloom.planner import plan_embedding
         except ImportError:  # only the classmethod: it plans for a fixed width
-            module = BloomEmbedding.from_counts(counts, DIM, max_bytes=budget, verbose=False, padding_idx=None,
-                                                sparse=True)  # fmt: skip
+            module = BloomEmbedding.from_counts(
+                counts, DIM, max_bytes=budget, verbose=False, padding_idx=None, sparse=True
+            )
             plan = getattr(module, "plan", None)
         else:
             # The sweep lets the planner shrink the width too, as a user of an MF model could.
@@ -630,11 +680,14 @@ def rank_eval(model, study: Study, prep: Prepared, part: str, num_items: int, ch
         rows = torch.arange(len(batch))
         target_scores = scores[rows, targets].clone()
         masked = [seen[u] for u in batch]
-        scores[torch.repeat_interleave(rows, torch.tensor([len(m) for m in masked])),
-               torch.from_numpy(np.concatenate(masked))] = -float("inf")  # fmt: skip
+        scores[
+            torch.repeat_interleave(rows, torch.tensor([len(m) for m in masked])),
+            torch.from_numpy(np.concatenate(masked)),
+        ] = -float("inf")
         scores[rows, targets] = target_scores
-        negatives = torch.tensor([num_items - 1 - len(np.setdiff1d(m, [t])) for m, t in zip(masked, targets.tolist())],
-                                 dtype=torch.float64)  # fmt: skip
+        negatives = torch.tensor(
+            [num_items - 1 - len(np.setdiff1d(m, [t])) for m, t in zip(masked, targets.tolist())], dtype=torch.float64
+        )
         above = items_above(scores, targets)
         for name, v in ranking_metrics(above, negatives, k=10).items():
             out[name].append(v)
@@ -646,8 +699,9 @@ def rank_eval(model, study: Study, prep: Prepared, part: str, num_items: int, ch
 # ------------------------------------------------------------------- fit
 
 
-def fit(study: Study, layout: Optional[Layout], budget: Optional[int], prep: Prepared, cfg: Config,
-        num_items: int) -> dict:  # fmt: skip
+def fit(
+    study: Study, layout: Optional[Layout], budget: Optional[int], prep: Prepared, cfg: Config, num_items: int
+) -> dict:
     """Train one layout at one budget under each learning rate of the grid;
     report the test metrics of the learning rate and epoch validation chose."""
     if layout is None:
@@ -674,8 +728,11 @@ def fit(study: Study, layout: Optional[Layout], budget: Optional[int], prep: Pre
         model = study.model(items, width)
         model.reset()
         probe_idx = torch.arange(min(8, study.examples))
-        opts = _optimizers(model, lr, lambda m=model, i=probe_idx: _batch_loss(m, study, i, cfg, num_items,
-                                                                            torch.Generator().manual_seed(0)))  # fmt: skip
+        opts = _optimizers(
+            model,
+            lr,
+            lambda m=model, i=probe_idx: _batch_loss(m, study, i, cfg, num_items, torch.Generator().manual_seed(0)),
+        )
         run_best, run_state, run_epoch, epoch = None, None, 0, 0
         for epoch in range(1, cfg.max_epochs + 1):
             train_epoch(model, opts, study, cfg, num_items, gen)
@@ -686,16 +743,29 @@ def fit(study: Study, layout: Optional[Layout], budget: Optional[int], prep: Pre
                 break
         by_lr[lr] = {"valid": run_best, "best_epoch": run_epoch, "epochs_run": epoch}
         if best is None or run_best[SELECT] > best["valid"][SELECT]:
-            best = {"lr": lr, "valid": run_best, "best_epoch": run_epoch, "epochs_run": epoch,
-                    "model": model, "state": run_state}  # fmt: skip
+            best = {
+                "lr": lr,
+                "valid": run_best,
+                "best_epoch": run_epoch,
+                "epochs_run": epoch,
+                "model": model,
+                "state": run_state,
+            }
         else:
             del model, run_state
     model = best.pop("model")
     model.load_state_dict(best.pop("state"))
     test = rank_eval(model, study, prep, "test", num_items)
-    return {"bytes": size, "library_bytes": library_size, "width": width, "details": details, **best,
-            "test": test, "valid_by_lr": {str(k): v for k, v in by_lr.items()},
-            "seconds": time.perf_counter() - start}  # fmt: skip
+    return {
+        "bytes": size,
+        "library_bytes": library_size,
+        "width": width,
+        "details": details,
+        **best,
+        "test": test,
+        "valid_by_lr": {str(k): v for k, v in by_lr.items()},
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def run_study(study: Study, layouts, budgets, prep: Prepared, cfg: Config, num_items: int, log) -> list:
@@ -703,21 +773,33 @@ def run_study(study: Study, layouts, budgets, prep: Prepared, cfg: Config, num_i
     rows = []
 
     def record(label, family, fraction, result):
-        row = {"study": study.name, "layout": label, "family": family, "budget": fraction,
-               "budget_bytes": None if fraction is None else int(fraction * full_bytes), **result}  # fmt: skip
+        row = {
+            "study": study.name,
+            "layout": label,
+            "family": family,
+            "budget": fraction,
+            "budget_bytes": None if fraction is None else int(fraction * full_bytes),
+            **result,
+        }
         if "bytes" in row:
             row["bytes_vs_full"] = row["bytes"] / full_bytes
             row["within_budget"] = row["budget_bytes"] is None or row["bytes"] <= row["budget_bytes"]
         rows.append(row)
         if result.get("available", True):
             shown = " ".join(f"{m}={result['test'][m]:.4f}" for m in METRICS)
-            log(f"[{study.name}] {label} @ {fraction}: {shown} lr={result['lr']:g} epoch={result['best_epoch']} "
-                f"bytes={result['bytes']:,} ({result['seconds']:.0f}s)")  # fmt: skip
+            log(
+                f"[{study.name}] {label} @ {fraction}: {shown} lr={result['lr']:g} epoch={result['best_epoch']} "
+                f"bytes={result['bytes']:,} ({result['seconds']:.0f}s)"
+            )
         else:
             log(f"[{study.name}] {label} @ {fraction}: unavailable ({result['reason']})")
 
-    record("full table", "full", 1.0, {"available": True, **fit(study, Layout("full table", "full"), full_bytes,
-                                                                prep, cfg, num_items)})  # fmt: skip
+    record(
+        "full table",
+        "full",
+        1.0,
+        {"available": True, **fit(study, Layout("full table", "full"), full_bytes, prep, cfg, num_items)},
+    )
     record("biases only", "none", 0.0, {"available": True, **fit(study, None, None, prep, cfg, num_items)})
     for fraction in budgets:
         for layout in layouts:
@@ -732,8 +814,9 @@ def run_study(study: Study, layouts, budgets, prep: Prepared, cfg: Config, num_i
         if row.get("available", True):
             row["kept_vs_full"] = {m: row["test"][m] / full[m] for m in METRICS}
             # The share of what the full table adds over biases only that this layout keeps.
-            row["gain_kept"] = {m: (row["test"][m] - floor[m]) / (full[m] - floor[m]) if full[m] != floor[m] else None
-                                for m in METRICS}  # fmt: skip
+            row["gain_kept"] = {
+                m: (row["test"][m] - floor[m]) / (full[m] - floor[m]) if full[m] != floor[m] else None for m in METRICS
+            }
     return rows
 
 
@@ -759,8 +842,14 @@ def study_table(rows: list, metric: str) -> str:
         body.append(line)
     best = ["best (validation)"]
     for b in budgets:
-        pool = [r for r in rows if r["budget"] == b and r.get("available", True) and r.get("within_budget", True)
-                and r["family"] not in ("full", "none")]  # fmt: skip
+        pool = [
+            r
+            for r in rows
+            if r["budget"] == b
+            and r.get("available", True)
+            and r.get("within_budget", True)
+            and r["family"] not in ("full", "none")
+        ]
         best.append(max(pool, key=lambda r: r["valid"][SELECT])["layout"] if pool else "")
     body.append(best)
     return markdown_table([f"{metric.upper()} (kept vs full) at budget"] + [f"{b:g}" for b in budgets], body)
@@ -791,18 +880,31 @@ def write_markdown(path: str, payload: dict) -> None:
             f"Data: {data['name']}: {data['num_users']:,} users, {data['num_items']:,} items "
             f"({data['items_in_training']:,} seen in training), {data['num_interactions']:,} events, "
             f"{data['top5pct_share']:.0%} of training events on the top 5% of items"
-            + (f"; rank-{cfg['rank']} affinity, Zipf {cfg['zipf_exponent']:g}." if data["name"].startswith("synth")
-               else "."),
+            + (
+                f"; rank-{cfg['rank']} affinity, Zipf {cfg['zipf_exponent']:g}."
+                if data["name"].startswith("synth")
+                else "."
+            ),
             "",
-        ]  # fmt: skip
+        ]
         lines += [f"- {k}: {v}" for k, v in study["protocol"].items()]
-        lines += ["", "Full table: " + ", ".join(f"{m} {full[m]:.4f}" for m in METRICS) + "; biases only: "
-                  + ", ".join(f"{m} {floor[m]:.4f}" for m in METRICS) + ".", ""]  # fmt: skip
+        lines += [
+            "",
+            "Full table: "
+            + ", ".join(f"{m} {full[m]:.4f}" for m in METRICS)
+            + "; biases only: "
+            + ", ".join(f"{m} {floor[m]:.4f}" for m in METRICS)
+            + ".",
+            "",
+        ]
         n = min(cfg["test_users"], data["num_users"])
         p = full["hr@100"]
-        lines += [f"Sampling error: a test HR@100 near {p:.2f} on {n} users has a standard error of "
-                  f"{math.sqrt(p * (1 - p) / n):.3f} (binomial); a difference under about twice that is not "
-                  "resolved by this run (one seed, one split).", ""]  # fmt: skip
+        lines += [
+            f"Sampling error: a test HR@100 near {p:.2f} on {n} users has a standard error of "
+            f"{math.sqrt(p * (1 - p) / n):.3f} (binomial); a difference under about twice that is not "
+            "resolved by this run (one seed, one split).",
+            "",
+        ]
         for metric in ("hr@100", "mrr", "auc"):
             lines += [study_table(rows, metric), ""]
         lines += ["### Every run", ""]
@@ -812,10 +914,21 @@ def write_markdown(path: str, payload: dict) -> None:
                 body.append([r["layout"], f"{r['budget']:g}", "n/a", "", "", "", "", r["reason"]])
                 continue
             det = ", ".join(f"{k}={v}" for k, v in r["details"].items())
-            body.append([r["layout"], f"{r['budget']:g}", f"{r['bytes']:,}", f"{r['bytes_vs_full']:.4f}",
-                         f"{r['lr']:g}", r["best_epoch"], f"{r['seconds']:.0f}", det])  # fmt: skip
-        lines.append(markdown_table(["layout", "budget", "bytes", "bytes vs full", "lr", "best epoch", "s", "details"],
-                                    body))  # fmt: skip
+            body.append(
+                [
+                    r["layout"],
+                    f"{r['budget']:g}",
+                    f"{r['bytes']:,}",
+                    f"{r['bytes_vs_full']:.4f}",
+                    f"{r['lr']:g}",
+                    r["best_epoch"],
+                    f"{r['seconds']:.0f}",
+                    det,
+                ]
+            )
+        lines.append(
+            markdown_table(["layout", "budget", "bytes", "bytes vs full", "lr", "best epoch", "s", "details"], body)
+        )
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -828,18 +941,24 @@ def write_plot(path: str, payload: dict) -> None:
 
     studies = payload["studies"]
     metrics = ("hr@100", "mrr")
-    fig, axes = plt.subplots(len(metrics), len(studies), figsize=(6.5 * len(studies), 4.2 * len(metrics)),
-                             squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(
+        len(metrics), len(studies), figsize=(6.5 * len(studies), 4.2 * len(metrics)), squeeze=False
+    )
     # One colour per layout across both studies, so that a line keeps its meaning from chart to chart.
-    names = list(dict.fromkeys(r["layout"] for st in studies for r in st["rows"] if r["family"] not in ("full", "none")))
+    names = list(
+        dict.fromkeys(r["layout"] for st in studies for r in st["rows"] if r["family"] not in ("full", "none"))
+    )
     colour = {name: f"C{i % 10}" for i, name in enumerate(names)}
     for col, study in enumerate(studies):
         rows = study["rows"]
         for line, metric in enumerate(metrics):
             ax = axes[line][col]
             for name in dict.fromkeys(r["layout"] for r in rows if r["family"] not in ("full", "none")):
-                pts = sorted((r["bytes_vs_full"], r["test"][metric]) for r in rows
-                             if r["layout"] == name and r.get("available", True))  # fmt: skip
+                pts = sorted(
+                    (r["bytes_vs_full"], r["test"][metric])
+                    for r in rows
+                    if r["layout"] == name and r.get("available", True)
+                )
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=name, color=colour[name])
             ax.axhline(rows[0]["test"][metric], color="black", ls="--", lw=1, label="full table (1.0)")
@@ -880,8 +999,9 @@ def merge(paths: list, out: str, no_plot: bool) -> dict:
     payload["studies"] = [study for part in parts for study in part["studies"]]
     payload["command"] = " & ".join(p["command"] for p in parts)
     payload["wall_seconds"] = max(p["wall_seconds"] for p in parts)
-    payload["processes"] = [{"command": p["command"], "wall_seconds": p["wall_seconds"],
-                             "environment": p["environment"]} for p in parts]  # fmt: skip
+    payload["processes"] = [
+        {"command": p["command"], "wall_seconds": p["wall_seconds"], "environment": p["environment"]} for p in parts
+    ]
     write_all(out, payload, not no_plot)
     return payload
 
@@ -891,8 +1011,11 @@ def merge(paths: list, out: str, no_plot: bool) -> dict:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help=f"{QUICK.num_items:,} items, budgets {QUICK.budgets}, one learning rate (minutes)")  # fmt: skip
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{QUICK.num_items:,} items, budgets {QUICK.budgets}, one learning rate (minutes)",
+    )
     p.add_argument("--tiny", action="store_true", help="a few thousand ids, for the smoke test (seconds)")
     p.add_argument("--studies", nargs="+", default=["sweep", "width"], choices=["sweep", "width"])
     p.add_argument("--num-items", type=int)
@@ -909,28 +1032,31 @@ def parse_args(argv):
 def _describe_data(data: datasets.Interactions, prep: Prepared) -> dict:
     counts = prep.train_counts
     top = torch.sort(counts, descending=True).values
-    return {**data.describe(), "items_in_training": int((counts > 0).sum()),
-            "top5pct_share": float(top[: max(1, data.num_items // 20)].sum() / top.sum())}  # fmt: skip
+    return {
+        **data.describe(),
+        "items_in_training": int((counts > 0).sum()),
+        "top5pct_share": float(top[: max(1, data.num_items // 20)].sum() / top.sum()),
+    }
 
 
 def _protocol(cfg: Config, data: datasets.Interactions, order: str) -> dict:
     return {
         "init": f"every table element normal(0, {INIT_STD:g}); projections normal(0, 1/sqrt(r)); biases 0",
         "training": f"sampled softmax over the batch's positives + as many uniform items, logQ-corrected; "
-                    f"L2 {cfg.l2:g} on looked-up vectors and biases; SparseAdam (tables) / Adam (the rest); "
-                    f"batch {cfg.batch_size}; lr grid {list(cfg.lrs)}; at most {cfg.max_epochs} epochs, "
-                    f"patience {cfg.patience}; epoch and lr chosen on validation {SELECT}",
+        f"L2 {cfg.l2:g} on looked-up vectors and biases; SparseAdam (tables) / Adam (the rest); "
+        f"batch {cfg.batch_size}; lr grid {list(cfg.lrs)}; at most {cfg.max_epochs} epochs, "
+        f"patience {cfg.patience}; epoch and lr chosen on validation {SELECT}",
         "evaluation": f"leave-last-out ({order}); full ranking of the held-out item over all {data.num_items:,} "
-                      f"items minus the user's seen ones; {min(cfg.valid_users, data.num_users)} validation and "
-                      f"{min(cfg.test_users, data.num_users)} test users (sampled once where fewer than all); "
-                      "ties count half",
+        f"items minus the user's seen ones; {min(cfg.valid_users, data.num_users)} validation and "
+        f"{min(cfg.test_users, data.num_users)} test users (sampled once where fewer than all); "
+        "ties count half",
         "budget": "bytes of parameters and persistent buffers of the item table (codes, projections, hot sets "
-                  "included); item biases (every model) and the MF study's user table are outside it",
+        "included); item biases (every model) and the MF study's user table are outside it",
         "layouts": f"hot rows: the most frequent training ids, up to {HOT_SHARE:g} of the budget (no more than the "
-                   f"ids seen in training), tail Bloom k={TAIL_K}; private: r from {PRIVATE_SHARE:g} of the budget "
-                   f"(at least 1), tail Bloom k={TAIL_K}; factorised: the largest r within budget; planner: "
-                   "triton_bloom.planner.plan_embedding(train counts, 64, budget, width='free' in (a), 'fixed' in (b))",
-    }  # fmt: skip
+        f"ids seen in training), tail Bloom k={TAIL_K}; private: r from {PRIVATE_SHARE:g} of the budget "
+        f"(at least 1), tail Bloom k={TAIL_K}; factorised: the largest r within budget; planner: "
+        "triton_bloom.planner.plan_embedding(train counts, 64, budget, width='free' in (a), 'fixed' in (b))",
+    }
 
 
 def sequence_data(cfg: Config, log) -> tuple:
@@ -943,8 +1069,14 @@ def sequence_data(cfg: Config, log) -> tuple:
         except datasets.DatasetUnavailable as e:
             log(f"ml-100k unavailable, study (b) runs on the synthetic catalogue: {e}")
         else:
-            seq_cfg = dataclasses.replace(cfg, lrs=cfg.seq_lrs, max_epochs=cfg.seq_max_epochs, patience=cfg.seq_patience,
-                                          valid_users=data.num_users, test_users=data.num_users)  # fmt: skip
+            seq_cfg = dataclasses.replace(
+                cfg,
+                lrs=cfg.seq_lrs,
+                max_epochs=cfg.seq_max_epochs,
+                patience=cfg.seq_patience,
+                valid_users=data.num_users,
+                test_users=data.num_users,
+            )
             return data, prepare(data, seq_cfg), seq_cfg, "by timestamp"
     data = catalogue(cfg)
     return data, prepare(data, cfg), cfg, "random order per user"
@@ -956,32 +1088,55 @@ def main(argv=None):
     if args.merge:
         return merge(args.merge, args.out, args.no_plot)
     cfg = TINY if args.tiny else QUICK if args.quick else Config()
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in dict(num_items=args.num_items, num_users=args.num_users,
-                                                            max_epochs=args.epochs,
-                                                            lrs=tuple(args.lrs or ()) or None).items() if v})  # fmt: skip
+    cfg = dataclasses.replace(
+        cfg,
+        **{
+            k: v
+            for k, v in dict(
+                num_items=args.num_items,
+                num_users=args.num_users,
+                max_epochs=args.epochs,
+                lrs=tuple(args.lrs or ()) or None,
+            ).items()
+            if v
+        },
+    )
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     start = time.perf_counter()
     studies = []
     if "sweep" in args.studies:
         data = catalogue(cfg)
         prep = prepare(data, cfg)
-        log(f"data: {len(data):,} events, {int((prep.train_counts > 0).sum()):,} items seen "
-            f"({time.perf_counter() - start:.0f}s)")  # fmt: skip
+        log(
+            f"data: {len(data):,} events, {int((prep.train_counts > 0).sum()):,} items seen "
+            f"({time.perf_counter() - start:.0f}s)"
+        )
         study = mf_study(prep, data.num_users, data.num_items)
         study.log_expected = log_expected(study.positives, data.num_items, cfg.batch_size)
-        studies.append({"name": study.name, "data": _describe_data(data, prep), "config": dataclasses.asdict(cfg),
-                        "protocol": _protocol(cfg, data, "random order per user"),
-                        "full_bytes": data.num_items * DIM * FLOAT_BYTES,
-                        "rows": run_study(study, LAYOUTS_A, cfg.budgets, prep, cfg, data.num_items, log)})  # fmt: skip
+        studies.append(
+            {
+                "name": study.name,
+                "data": _describe_data(data, prep),
+                "config": dataclasses.asdict(cfg),
+                "protocol": _protocol(cfg, data, "random order per user"),
+                "full_bytes": data.num_items * DIM * FLOAT_BYTES,
+                "rows": run_study(study, LAYOUTS_A, cfg.budgets, prep, cfg, data.num_items, log),
+            }
+        )
     if "width" in args.studies:
         data, prep, seq_cfg, order = sequence_data(cfg, log)
         study = pool_study(prep, data.num_items, seq_cfg.seq_len)
         study.log_expected = log_expected(study.positives, data.num_items, seq_cfg.batch_size)
-        studies.append({"name": f"{study.name}, {data.name}", "data": _describe_data(data, prep),
-                        "config": dataclasses.asdict(seq_cfg), "protocol": _protocol(seq_cfg, data, order),
-                        "full_bytes": data.num_items * DIM * FLOAT_BYTES,
-                        "rows": run_study(study, LAYOUTS_B, seq_cfg.seq_budgets, prep, seq_cfg, data.num_items,
-                                          log)})  # fmt: skip
+        studies.append(
+            {
+                "name": f"{study.name}, {data.name}",
+                "data": _describe_data(data, prep),
+                "config": dataclasses.asdict(seq_cfg),
+                "protocol": _protocol(seq_cfg, data, order),
+                "full_bytes": data.num_items * DIM * FLOAT_BYTES,
+                "rows": run_study(study, LAYOUTS_B, seq_cfg.seq_budgets, prep, seq_cfg, data.num_items, log),
+            }
+        )
     payload = {
         "benchmark": "budget_sweep",
         "environment": environment(),

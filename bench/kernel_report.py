@@ -44,8 +44,10 @@ CASES = (
     + [dict(op="embedding", training="fused_adagrad", dtype="float32", k=4, variant="plain")]
     + [dict(op="embedding", dtype="float32", k=4, variant="odd_dim", dim=33)]
     # Hot rows: the binary search over the hot ids in every lookup kernel.
-    + [dict(op=op, mode=mode, dtype="float32", k=4, variant="hot", hot=True)
-       for op, mode in (("embedding", None), ("bag", "sum"))]
+    + [
+        dict(op=op, mode=mode, dtype="float32", k=4, variant="hot", hot=True)
+        for op, mode in (("embedding", None), ("bag", "sum"))
+    ]
 )
 
 
@@ -98,41 +100,69 @@ def main(argv=None):
         plain = [e for e in launches if e["case"] == CASES[0] and len(e["configs"]) > 1]
         full, _ = aot.compile_all(plain, (args.target,), args.jobs, sweep=lambda case: True)
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    meta = {"target": f"sm_{args.target}", "triton": triton.__version__, "torch": torch.__version__,
-            "python": platform.python_version(), "host": platform.machine(), "date": when,
-            "note": "compiled ahead of time on a CPU host (no GPU); nothing here was run on a GPU"}  # fmt: skip
+    meta = {
+        "target": f"sm_{args.target}",
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "host": platform.machine(),
+        "date": when,
+        "note": "compiled ahead of time on a CPU host (no GPU); nothing here was run on a GPU",
+    }
     with open(os.path.splitext(out)[0] + ".json", "w") as f:
         json.dump({"meta": meta, "stats": stats, "results": results, "search_space": full}, f, indent=1)
 
-    lines = [f"# Kernels compiled for sm_{args.target}", "",
-             f"Triton {meta['triton']}, torch {meta['torch']}, Python {meta['python']}, {when}. "
-             "Compiled ahead of time on a CPU host with `bench/kernel_report.py` (no GPU: registers, spills and "
-             "instruction counts are the compiler's, no timing). Loads and reductions are static counts in the "
-             "PTX; 16-byte loads are `ld.global.v4` of 32-bit words or `ld.global.v2` of 64-bit ones.", "",
-             "## Every kernel at its first configuration", "",
-             "| kernel | case | config | regs | stack | shared | 16-byte loads / loads | vector reds / reds |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        f"# Kernels compiled for sm_{args.target}",
+        "",
+        f"Triton {meta['triton']}, torch {meta['torch']}, Python {meta['python']}, {when}. "
+        "Compiled ahead of time on a CPU host with `bench/kernel_report.py` (no GPU: registers, spills and "
+        "instruction counts are the compiler's, no timing). Loads and reductions are static counts in the "
+        "PTX; 16-byte loads are `ld.global.v4` of 32-bit words or `ld.global.v2` of 64-bit ones.",
+        "",
+        "## Every kernel at its first configuration",
+        "",
+        "| kernel | case | config | regs | stack | shared | 16-byte loads / loads | vector reds / reds |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
     for r in sorted(results, key=lambda r: (r["kernel"], label(r["case"]))):
         c = r["config"]
         cfg = "x".join(str(v) for v in c["kwargs"].values()) + f" w{r.get('num_warps')}"
         loads16 = r.get("ld_global_16b")
-        lines.append(f"| `{r['kernel']}` | {label(r['case'])} | {cfg} | {r.get('registers')} | {r.get('stack')} | "
-                     f"{r.get('shared')} | {loads16} / {r.get('ld_global')} | "
-                     f"{r.get('red_global_vector')} / {r.get('red_global', 0) + r.get('atom_global', 0)} |")  # fmt: skip
-    lines += ["", "## The autotuner's search space (forward and backward, float32, k=4)", "",
-              "| kernel | BLOCK_N x BLOCK_D | warps | stages | regs | stack |", "|---|---|---:|---:|---:|---:|"]
-    for r in sorted(full, key=lambda r: (r["kernel"], r["config"]["kwargs"]["BLOCK_N"] * r["config"]["kwargs"]["BLOCK_D"])):
+        lines.append(
+            f"| `{r['kernel']}` | {label(r['case'])} | {cfg} | {r.get('registers')} | {r.get('stack')} | "
+            f"{r.get('shared')} | {loads16} / {r.get('ld_global')} | "
+            f"{r.get('red_global_vector')} / {r.get('red_global', 0) + r.get('atom_global', 0)} |"
+        )
+    lines += [
+        "",
+        "## The autotuner's search space (forward and backward, float32, k=4)",
+        "",
+        "| kernel | BLOCK_N x BLOCK_D | warps | stages | regs | stack |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in sorted(
+        full, key=lambda r: (r["kernel"], r["config"]["kwargs"]["BLOCK_N"] * r["config"]["kwargs"]["BLOCK_D"])
+    ):
         kw = r["config"]["kwargs"]
-        lines.append(f"| `{r['kernel']}` | {kw['BLOCK_N']} x {kw['BLOCK_D']} | {r['num_warps']} | {r['num_stages']} | "
-                     f"{r['registers']} | {r['stack']} |")  # fmt: skip
-    lines += ["", "## Bytes per id (modelled)", "",
-              "What a kernel must move per id against the least any implementation must: the forward reads the id "
-              "(8 bytes), its `k` rows and writes one vector, `8 + k·d·s + d·s`; the backward reads the id and the "
-              "output gradient and read-modify-writes `k` rows. Our backward accumulates into a float32 table "
-              "(atomics of half precision are emulated) that the launcher zeroes and, for half-precision tables, "
-              "casts once: that whole-table traffic is divided by the batch. At d=64, k=4, 200,000 rows, "
-              "batch 16,384 ids:", "",
-              "| kernel | dtype | moved B/id | ideal B/id | ratio |", "|---|---|---:|---:|---:|"]  # fmt: skip
+        lines.append(
+            f"| `{r['kernel']}` | {kw['BLOCK_N']} x {kw['BLOCK_D']} | {r['num_warps']} | {r['num_stages']} | "
+            f"{r['registers']} | {r['stack']} |"
+        )
+    lines += [
+        "",
+        "## Bytes per id (modelled)",
+        "",
+        "What a kernel must move per id against the least any implementation must: the forward reads the id "
+        "(8 bytes), its `k` rows and writes one vector, `8 + k·d·s + d·s`; the backward reads the id and the "
+        "output gradient and read-modify-writes `k` rows. Our backward accumulates into a float32 table "
+        "(atomics of half precision are emulated) that the launcher zeroes and, for half-precision tables, "
+        "casts once: that whole-table traffic is divided by the batch. At d=64, k=4, 200,000 rows, "
+        "batch 16,384 ids:",
+        "",
+        "| kernel | dtype | moved B/id | ideal B/id | ratio |",
+        "|---|---|---:|---:|---:|",
+    ]
     for kernel in ("_bloom_forward_kernel", "_bloom_backward_kernel"):
         for dtype in ("float32", "bfloat16"):
             moved, ideal = bytes_per_id(kernel, dtype, 4, 64, 200_000, 16_384)

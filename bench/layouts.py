@@ -39,8 +39,9 @@ def layout_bytes(num: int, dim: int, hot: int, private_dim: int, num_rows: int, 
     return floats * FLOAT_BYTES + hot * HOT_INDEX_BYTES
 
 
-def rows_for_budget(num: int, dim: int, hot: int, private_dim: int, max_bytes: int,
-                    hot_dim: Optional[int] = None) -> int:  # fmt: skip
+def rows_for_budget(
+    num: int, dim: int, hot: int, private_dim: int, max_bytes: int, hot_dim: Optional[int] = None
+) -> int:
     """Bloom rows that fit in what ``max_bytes`` leaves after the hot rows and
     the private part; 0 when nothing is left (or when it does not fit at all:
     the caller checks ``layout_bytes``)."""
@@ -56,9 +57,17 @@ def top_ids(counts: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class MixedTable(nn.Module):
-    def __init__(self, num: int, dim: int, hot_ids: Optional[torch.Tensor] = None, private_dim: int = 0,
-                 num_rows: int = 0, k: int = 4, init_std: Optional[float] = None,
-                 hot_dim: Optional[int] = None):  # fmt: skip
+    def __init__(
+        self,
+        num: int,
+        dim: int,
+        hot_ids: Optional[torch.Tensor] = None,
+        private_dim: int = 0,
+        num_rows: int = 0,
+        k: int = 4,
+        init_std: Optional[float] = None,
+        hot_dim: Optional[int] = None,
+    ):
         super().__init__()
         self.hot_dim = dim if hot_dim is None else hot_dim
         self.num_embeddings, self.embedding_dim, self.k = num, dim, k
@@ -72,8 +81,9 @@ class MixedTable(nn.Module):
         self.hot = nn.Parameter(torch.randn(self.num_hot, self.hot_dim) * std) if self.num_hot else None
         # Narrower hot rows (a middle tier of a mixed-dimension table) reach
         # dim through their own projection.
-        self.hot_projection = (nn.Parameter(_orthonormal(self.hot_dim, dim))
-                               if self.num_hot and self.hot_dim < dim else None)  # fmt: skip
+        self.hot_projection = (
+            nn.Parameter(_orthonormal(self.hot_dim, dim)) if self.num_hot and self.hot_dim < dim else None
+        )
         self.rows = nn.Parameter(torch.randn(num_rows, dim) * std) if num_rows else None
         if private_dim:
             self.code = nn.Parameter(torch.randn(num, private_dim) * std)
@@ -85,8 +95,9 @@ class MixedTable(nn.Module):
             self.code = self.projection = None
 
     def nbytes(self) -> int:
-        return layout_bytes(self.num_embeddings, self.embedding_dim, self.num_hot, self.private_dim, self.num_rows,
-                            self.hot_dim)  # fmt: skip
+        return layout_bytes(
+            self.num_embeddings, self.embedding_dim, self.num_hot, self.private_dim, self.num_rows, self.hot_dim
+        )
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         shape = ids.shape

@@ -196,13 +196,20 @@ def build(case: MemoryCase, device: torch.device) -> nn.Module:
     dtype = DTYPES[case.dtype]
     if case.provider == "seed":
         # The hash table moves to the device at the first forward, as in Spotlight.
-        return SpotlightBloomEmbedding(case.num_embeddings, case.embedding_dim, case.compression_ratio,
-                                       case.k).to(device=device, dtype=dtype)  # fmt: skip
+        return SpotlightBloomEmbedding(case.num_embeddings, case.embedding_dim, case.compression_ratio, case.k).to(
+            device=device, dtype=dtype
+        )
     if case.provider == "full_embedding":
         return nn.Embedding(case.num_embeddings, case.embedding_dim, device=device, dtype=dtype)
-    return BloomEmbedding(case.num_embeddings, case.embedding_dim, case.compression_ratio, case.k,
-                          hash_cache=case.provider == "triton_bloom_hash_cache", device=device,
-                          dtype=dtype)  # fmt: skip
+    return BloomEmbedding(
+        case.num_embeddings,
+        case.embedding_dim,
+        case.compression_ratio,
+        case.k,
+        hash_cache=case.provider == "triton_bloom_hash_cache",
+        device=device,
+        dtype=dtype,
+    )
 
 
 def training_step(module: nn.Module, ids: torch.Tensor, params: list, optimizer) -> int:
@@ -274,8 +281,15 @@ def run(memory_cases, device, measure_limit_bytes: Optional[int] = None, log=pri
         measure_limit_bytes = torch.cuda.get_device_properties(device).total_memory // 2 if cuda else 3 * GIB
     env = environment()
     hardware = env.get("gpu") if cuda else env["cpu"]
-    stamp = {"hardware": hardware, "device": device.type, "date": env["date"], "torch": env["torch"],
-             "triton": env["triton"], "python": env["python"], "cuda": env.get("cuda")}  # fmt: skip
+    stamp = {
+        "hardware": hardware,
+        "device": device.type,
+        "date": env["date"],
+        "torch": env["torch"],
+        "triton": env["triton"],
+        "python": env["python"],
+        "cuda": env.get("cuda"),
+    }
     # Every measurement collects garbage first; with the objects that exist
     # now frozen out of the collector's view, that takes milliseconds rather
     # than a quarter of a second.
@@ -291,10 +305,17 @@ def run(memory_cases, device, measure_limit_bytes: Optional[int] = None, log=pri
     finally:
         gc.unfreeze()
     add_ratios(rows)
-    rows.sort(key=lambda r: (list(OPTIMIZERS).index(r["optimizer"]), r["num_embeddings"],
-                             PROVIDERS.index(r["provider"])))  # fmt: skip
-    return {"benchmark": "memory", "device": device.type, "hardware": hardware, "environment": env,
-            "measure_limit_bytes": measure_limit_bytes, "rows": rows}  # fmt: skip
+    rows.sort(
+        key=lambda r: (list(OPTIMIZERS).index(r["optimizer"]), r["num_embeddings"], PROVIDERS.index(r["provider"]))
+    )
+    return {
+        "benchmark": "memory",
+        "device": device.type,
+        "hardware": hardware,
+        "environment": env,
+        "measure_limit_bytes": measure_limit_bytes,
+        "rows": rows,
+    }
 
 
 def measure_all(memory_cases, device, measure_limit_bytes, stamp, log) -> list:
@@ -304,8 +325,13 @@ def measure_all(memory_cases, device, measure_limit_bytes, stamp, log) -> list:
     # Smallest first: a failed large measurement should not cost the small ones.
     for case in sorted(memory_cases, key=lambda c: (footprint(c, device.type), PROVIDERS.index(c.provider))):
         model = analytic(case, device.type)
-        row = {**stamp, **dataclasses.asdict(case), "num_rows": case.num_rows,
-               "weights_bytes": model["weights_bytes"], "hash_table_bytes": model["hash_table_bytes"]}  # fmt: skip
+        row = {
+            **stamp,
+            **dataclasses.asdict(case),
+            "num_rows": case.num_rows,
+            "weights_bytes": model["weights_bytes"],
+            "hash_table_bytes": model["hash_table_bytes"],
+        }
         measured = None
         if footprint(case, device.type) <= measure_limit_bytes:
             try:
@@ -314,22 +340,31 @@ def measure_all(memory_cases, device, measure_limit_bytes, stamp, log) -> list:
                 row["measure_error"] = f"{type(exc).__name__}: {exc}"[:300]
                 _release_freed_memory()
         if measured is not None and measured["peak_step_bytes"] is not None:
-            row.update(kind="measured", method=measured["method"], analytic=model,
-                       resident_after_first_step_bytes=measured["resident_after_first_step_bytes"],
-                       **{key: measured[key] for key in REPORTED})  # fmt: skip
+            row.update(
+                kind="measured",
+                method=measured["method"],
+                analytic=model,
+                resident_after_first_step_bytes=measured["resident_after_first_step_bytes"],
+                **{key: measured[key] for key in REPORTED},
+            )
         else:
             row.update(kind="analytic", **{key: model[key] for key in REPORTED})
         rows.append(row)
-        log(f"[{time.perf_counter() - started:5.1f}s] {case.provider:>24} {case.optimizer:>7} "
+        log(
+            f"[{time.perf_counter() - started:5.1f}s] {case.provider:>24} {case.optimizer:>7} "
             f"N={case.num_embeddings:>13,} {row['kind']:>8}: module {human(row['module_bytes'])}, "
-            f"peak step {human(row['peak_step_bytes'])}")  # fmt: skip
+            f"peak step {human(row['peak_step_bytes'])}"
+        )
     return rows
 
 
 def add_ratios(rows: list) -> None:
     for row in rows:
-        peers = {r["provider"]: r for r in rows
-                 if r["optimizer"] == row["optimizer"] and r["num_embeddings"] == row["num_embeddings"]}  # fmt: skip
+        peers = {
+            r["provider"]: r
+            for r in rows
+            if r["optimizer"] == row["optimizer"] and r["num_embeddings"] == row["num_embeddings"]
+        }
         for name in ("seed", "full_embedding"):
             if name in peers:
                 row[f"ratio_to_{name}_module"] = peers[name]["module_bytes"] / row["module_bytes"]
@@ -362,19 +397,37 @@ def markdown_report(payload: dict) -> str:
         "On CPU, measured peaks below a few MiB are mostly resident-set noise (pages, allocator arenas).",
         "`seed / this`, `full / this`: that provider's bytes over this row's (above 1: this row is smaller).",
     ]
-    headers = ["num_embeddings", "provider", "kind", "module", "optimizer state", "peak step", "model peak",
-               "module: seed / this", "peak: seed / this", "peak: full / this"]  # fmt: skip
+    headers = [
+        "num_embeddings",
+        "provider",
+        "kind",
+        "module",
+        "optimizer state",
+        "peak step",
+        "model peak",
+        "module: seed / this",
+        "peak: seed / this",
+        "peak: full / this",
+    ]
     for optimizer in OPTIMIZERS:
         selected = [r for r in rows if r["optimizer"] == optimizer]
         if not selected:
             continue
-        table = [[f"{r['num_embeddings']:,}", r["provider"], r["kind"], human(r["module_bytes"]),
-                  human(r["optimizer_state_bytes"]), human(r["peak_step_bytes"]),
-                  human(r["analytic"]["peak_step_bytes"]) if "analytic" in r else "",
-                  f"{r['ratio_to_seed_module']:.2f}x" if "ratio_to_seed_module" in r else "-",
-                  f"{r['ratio_to_seed_peak']:.2f}x" if "ratio_to_seed_peak" in r else "-",
-                  f"{r['ratio_to_full_embedding_peak']:.2f}x" if "ratio_to_full_embedding_peak" in r else "-"]
-                 for r in selected]  # fmt: skip
+        table = [
+            [
+                f"{r['num_embeddings']:,}",
+                r["provider"],
+                r["kind"],
+                human(r["module_bytes"]),
+                human(r["optimizer_state_bytes"]),
+                human(r["peak_step_bytes"]),
+                human(r["analytic"]["peak_step_bytes"]) if "analytic" in r else "",
+                f"{r['ratio_to_seed_module']:.2f}x" if "ratio_to_seed_module" in r else "-",
+                f"{r['ratio_to_seed_peak']:.2f}x" if "ratio_to_seed_peak" in r else "-",
+                f"{r['ratio_to_full_embedding_peak']:.2f}x" if "ratio_to_full_embedding_peak" in r else "-",
+            ]
+            for r in selected
+        ]
         lines += ["", f"## {optimizer}", "", markdown_table(headers, table)]
     return "\n".join(lines) + "\n"
 
@@ -407,8 +460,10 @@ def plot(payload: dict, path: str) -> Optional[str]:
         ax.set_title(f"{title} ({rows[0]['optimizer']})")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Memory on {payload['device']} ({payload['hardware']}), {payload['environment']['date']}; "
-                 "filled: measured, hollow: analytic")  # fmt: skip
+    fig.suptitle(
+        f"Memory on {payload['device']} ({payload['hardware']}), {payload['environment']['date']}; "
+        "filled: measured, hollow: analytic"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -440,8 +495,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--providers", default=",".join(PROVIDERS))
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
-    parser.add_argument("--measure-limit-gib", type=float,
-                        help="measure rows whose footprint fits (default 3 CPU, half the GPU)")  # fmt: skip
+    parser.add_argument(
+        "--measure-limit-gib", type=float, help="measure rows whose footprint fits (default 3 CPU, half the GPU)"
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -452,8 +508,17 @@ def main(argv=None) -> dict:
     if set(providers) - set(PROVIDERS) or set(optimizers) - set(OPTIMIZERS):
         parser.error(f"providers must be among {PROVIDERS}, optimizers among {tuple(OPTIMIZERS)}")
     limit = None if args.measure_limit_gib is None else int(args.measure_limit_gib * GIB)
-    selected = cases(args.sizes, providers, optimizers, embedding_dim=args.embedding_dim, k=args.k,
-                     compression_ratio=args.ratio, batch=args.batch, seq=args.seq, dtype=args.dtype)  # fmt: skip
+    selected = cases(
+        args.sizes,
+        providers,
+        optimizers,
+        embedding_dim=args.embedding_dim,
+        k=args.k,
+        compression_ratio=args.ratio,
+        batch=args.batch,
+        seq=args.seq,
+        dtype=args.dtype,
+    )
     out = args.out or os.path.join("bench", "results", f"memory_{device.type}.json")
 
     started = time.perf_counter()

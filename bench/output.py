@@ -92,8 +92,12 @@ def _method(name, emb, x, targets):
         loss.backward()
         return loss.detach(), x.grad, emb.weight.grad
 
-    return {"bloom_topk": bloom_topk, "materialise_topk": materialise_topk, "fused_loss": fused_loss,
-            "materialised_loss": materialised_loss}[name]  # fmt: skip
+    return {
+        "bloom_topk": bloom_topk,
+        "materialise_topk": materialise_topk,
+        "fused_loss": fused_loss,
+        "materialised_loss": materialised_loss,
+    }[name]
 
 
 def _agree(task, mine, base):
@@ -143,8 +147,16 @@ def time_worker(task, ours, baseline, num_ids, queries, repeats, device):
     # cloned because the next run clears the gradients it holds.
     agree = _agree(task, [t.clone() for t in mine()], [t.clone() for t in base()])
     pairs = [(_ms(mine, device), _ms(base, device)) for _ in range(repeats)]
-    print(json.dumps({"runs_ms": [a for a, _ in pairs], "baseline_runs_ms": [b for _, b in pairs],
-                      "ratio": statistics.median(a / b for a, b in pairs), "agree": agree}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "runs_ms": [a for a, _ in pairs],
+                "baseline_runs_ms": [b for _, b in pairs],
+                "ratio": statistics.median(a / b for a, b in pairs),
+                "agree": agree,
+            }
+        )
+    )
 
 
 def _run(*args):
@@ -163,8 +175,9 @@ def main(argv=None):
     parser.add_argument("--queries", type=int, nargs="+", default=[16, 1024], help="top-k queries (default 16 1024)")
     parser.add_argument("--loss-ids", type=int, default=100_000, help="catalogue of the loss (default 100k)")
     parser.add_argument("--loss-batch", type=int, default=4096, help="hidden states of the loss (default 4096)")
-    parser.add_argument("--out", help="the JSON to write (a markdown summary beside it); default "
-                        "bench/results/output_<cpu|cuda>.json")  # fmt: skip
+    parser.add_argument(
+        "--out", help="the JSON to write (a markdown summary beside it); default bench/results/output_<cpu|cuda>.json"
+    )
     args = parser.parse_args(argv)
     if args.memory_worker:
         task, name, num_ids, queries, device = args.memory_worker
@@ -185,55 +198,104 @@ def main(argv=None):
         memory_ratio = mine["peak_bytes"] / max(base["peak_bytes"], 1)
         time_ratio = timed["ratio"]
         mine["ms"], base["ms"] = statistics.median(timed["runs_ms"]), statistics.median(timed["baseline_runs_ms"])
-        rows.append({
-            "task": task, "num_ids": num_ids, "queries": queries, "method": ours, "baseline": baseline,
-            "agree": timed["agree"],
-            "ms": mine["ms"], "baseline_ms": base["ms"], "runs_ms": timed["runs_ms"],
-            "baseline_runs_ms": timed["baseline_runs_ms"], "load_average": os.getloadavg(),
-            "peak_mib": mine["peak_bytes"] / 2**20, "baseline_peak_mib": base["peak_bytes"] / 2**20,
-            "memory_ratio": memory_ratio, "time_ratio": time_ratio,
-            "memory_target": memory_target, "time_target": time_target,
-            "met": timed["agree"] and memory_ratio <= memory_target and time_ratio <= time_target,
-        })  # fmt: skip
-        print(f"{task} ids={num_ids} Q={queries}: same result {timed['agree']}, {time_ratio:.2f}x the baseline's "
-              f"time, {memory_ratio:.3f} of its peak memory", flush=True)  # fmt: skip
+        rows.append(
+            {
+                "task": task,
+                "num_ids": num_ids,
+                "queries": queries,
+                "method": ours,
+                "baseline": baseline,
+                "agree": timed["agree"],
+                "ms": mine["ms"],
+                "baseline_ms": base["ms"],
+                "runs_ms": timed["runs_ms"],
+                "baseline_runs_ms": timed["baseline_runs_ms"],
+                "load_average": os.getloadavg(),
+                "peak_mib": mine["peak_bytes"] / 2**20,
+                "baseline_peak_mib": base["peak_bytes"] / 2**20,
+                "memory_ratio": memory_ratio,
+                "time_ratio": time_ratio,
+                "memory_target": memory_target,
+                "time_target": time_target,
+                "met": timed["agree"] and memory_ratio <= memory_target and time_ratio <= time_target,
+            }
+        )
+        print(
+            f"{task} ids={num_ids} Q={queries}: same result {timed['agree']}, {time_ratio:.2f}x the baseline's "
+            f"time, {memory_ratio:.3f} of its peak memory",
+            flush=True,
+        )
     payload = {
         "environment": environment(),
         "device": device,
-        "setup": {"topk": f"{args.topk_ids} ids, dim {DIM}, ratio {RATIO}, k {K_HASH}, top-{TOP}",
-                  "loss": f"{args.loss_batch} hidden states, {args.loss_ids} ids, dim {DIM}, ratio {RATIO}, "
-                          f"k {K_HASH}, "
-                          "forward + backward",
-                  "memory": ("VmHWM after one run minus VmRSS before it" if device == "cpu" else
-                             "torch.cuda.max_memory_allocated after one run minus memory_allocated before it")
-                            + ", fresh process per method",
-                  "time": f"{args.repeats} pairs of runs in turn (ours, baseline) after a warm-up of each, "
-                          "one process; ratio: median of the pairs' ratios"},
+        "setup": {
+            "topk": f"{args.topk_ids} ids, dim {DIM}, ratio {RATIO}, k {K_HASH}, top-{TOP}",
+            "loss": f"{args.loss_batch} hidden states, {args.loss_ids} ids, dim {DIM}, ratio {RATIO}, "
+            f"k {K_HASH}, "
+            "forward + backward",
+            "memory": (
+                "VmHWM after one run minus VmRSS before it"
+                if device == "cpu"
+                else "torch.cuda.max_memory_allocated after one run minus memory_allocated before it"
+            )
+            + ", fresh process per method",
+            "time": f"{args.repeats} pairs of runs in turn (ours, baseline) after a warm-up of each, "
+            "one process; ratio: median of the pairs' ratios",
+        },
         "results": rows,
-    }  # fmt: skip
+    }
     out = args.out or os.path.join(RESULTS, f"output_{'cpu' if device == 'cpu' else 'cuda'}.json")
     write_json(out, payload)
     env = payload["environment"]
     table = markdown_table(
-        ["task", "ids", "queries", "same result", "ours ms", "baseline ms", "time ratio (target)", "ours peak MiB",
-         "baseline peak MiB", "memory ratio (target)", "met"],
-        [[r["task"], f"{r['num_ids']:,}", r["queries"], "yes" if r["agree"] else "NO", f"{r['ms']:.0f}",
-          f"{r['baseline_ms']:.0f}",
-          f"{r['time_ratio']:.2f}x (<= {r['time_target']}x)", f"{r['peak_mib']:.1f}", f"{r['baseline_peak_mib']:.1f}",
-          f"{r['memory_ratio']:.3f} (<= {r['memory_target']})", "yes" if r["met"] else "no"] for r in rows],
-    )  # fmt: skip
+        [
+            "task",
+            "ids",
+            "queries",
+            "same result",
+            "ours ms",
+            "baseline ms",
+            "time ratio (target)",
+            "ours peak MiB",
+            "baseline peak MiB",
+            "memory ratio (target)",
+            "met",
+        ],
+        [
+            [
+                r["task"],
+                f"{r['num_ids']:,}",
+                r["queries"],
+                "yes" if r["agree"] else "NO",
+                f"{r['ms']:.0f}",
+                f"{r['baseline_ms']:.0f}",
+                f"{r['time_ratio']:.2f}x (<= {r['time_target']}x)",
+                f"{r['peak_mib']:.1f}",
+                f"{r['baseline_peak_mib']:.1f}",
+                f"{r['memory_ratio']:.3f} (<= {r['memory_target']})",
+                "yes" if r["met"] else "no",
+            ]
+            for r in rows
+        ],
+    )
     with open(os.path.splitext(out)[0] + ".md", "w") as f:
         where = "CPU (the PyTorch path)" if device == "cpu" else f"{torch.cuda.get_device_name()} (the Triton kernels)"
         f.write(f"# Output side on {where}: top-k and fused cross-entropy vs materialising every vector\n\n")
-        f.write(f"{env['date']}, {env['cpu']} ({env['cpu_count']} cores, {env['torch_threads']} torch threads), "
-                f"Python {env['python']}, torch {env['torch']}, triton {env['triton']}, {env['platform']}.\n\n")  # fmt: skip
+        f.write(
+            f"{env['date']}, {env['cpu']} ({env['cpu_count']} cores, {env['torch_threads']} torch threads), "
+            f"Python {env['python']}, torch {env['torch']}, triton {env['triton']}, {env['platform']}.\n\n"
+        )
         f.write(f"- top-k: {payload['setup']['topk']}; baseline: `emb(arange(N))` + matmul + `topk`.\n")
         f.write(f"- loss: {payload['setup']['loss']}; baseline: materialised logits + `F.cross_entropy`.\n")
         f.write(f"- peak memory: {payload['setup']['memory']}; time: {payload['setup']['time']}.\n\n")
         f.write(table + "\n\n")
-        f.write("Load average (1, 5, 15 min) as each task ended: "
-                + "; ".join(f"{r['task']} Q={r['queries']}: " + ", ".join(f"{v:.1f}" for v in r["load_average"])
-                            for r in rows) + ".\n")  # fmt: skip
+        f.write(
+            "Load average (1, 5, 15 min) as each task ended: "
+            + "; ".join(
+                f"{r['task']} Q={r['queries']}: " + ", ".join(f"{v:.1f}" for v in r["load_average"]) for r in rows
+            )
+            + ".\n"
+        )
     return payload
 
 

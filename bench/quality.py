@@ -219,8 +219,15 @@ def table_grid(pairs, variants: dict, variant_pairs=None) -> list[TableSpec]:
     return specs
 
 
-def equal_bytes_specs(budget: float, dim: int, ks=(HEADLINE_K,), variants: Optional[dict] = None,
-                      layout_grid=(), planner: bool = False, library_layouts=()) -> list[TableSpec]:  # fmt: skip
+def equal_bytes_specs(
+    budget: float,
+    dim: int,
+    ks=(HEADLINE_K,),
+    variants: Optional[dict] = None,
+    layout_grid=(),
+    planner: bool = False,
+    library_layouts=(),
+) -> list[TableSpec]:
     """The tables that store at most ``budget`` of the full table's bytes:
     the full table at the largest dim that fits, the hashing trick, plain
     Bloom at each ``k``, the variants (their extras paid from the rows), the
@@ -256,8 +263,9 @@ def init_std_for(hp: "Hyper", table_dim: int) -> float:
     return float(hp.init_std) if hp.init_std is not None else 1.0 / hp.dim
 
 
-def make_table(spec: TableSpec, num: int, dim: int, counts: Optional[torch.Tensor] = None,
-               init_std: Optional[float] = None) -> Optional[nn.Module]:  # fmt: skip
+def make_table(
+    spec: TableSpec, num: int, dim: int, counts: Optional[torch.Tensor] = None, init_std: Optional[float] = None
+) -> Optional[nn.Module]:
     """The table ``spec`` describes for ``num`` ids of ``dim`` (``counts``:
     each id's training frequency, for layouts that favour frequent ids), its
     embedding weights drawn from ``normal(0, init_std)`` when given."""
@@ -276,8 +284,9 @@ def make_table(spec: TableSpec, num: int, dim: int, counts: Optional[torch.Tenso
         rows = layouts.rows_for_budget(num, dim, hot, kw["private_dim"], max_bytes, hot_dim) if spec.k else 0
         if counts is None:
             raise ValueError("a mixed layout needs the ids' counts")
-        table = layouts.MixedTable(num, dim, layouts.top_ids(counts, hot), kw["private_dim"], rows, spec.k or 1,
-                                   init_std, hot_dim)  # fmt: skip
+        table = layouts.MixedTable(
+            num, dim, layouts.top_ids(counts, hot), kw["private_dim"], rows, spec.k or 1, init_std, hot_dim
+        )
         if table.nbytes() > max_bytes:
             raise ValueError(f"{spec.label}: {table.nbytes()} bytes exceed the budget {max_bytes}")
         return table
@@ -296,12 +305,20 @@ def make_table(spec: TableSpec, num: int, dim: int, counts: Optional[torch.Tenso
             raise ValueError(f"{spec.label}: the private part alone exceeds the budget {max_bytes}")
         if counts is None:
             raise ValueError("a hot-row layout needs the ids' counts")
-        table = BloomEmbedding(num, dim, num_rows=int(rows), num_hash_functions=spec.k, padding_idx=None,
-                               hot_ids=layouts.top_ids(counts, hot) if hot else None, private_dim=r)  # fmt: skip
+        table = BloomEmbedding(
+            num,
+            dim,
+            num_rows=int(rows),
+            num_hash_functions=spec.k,
+            padding_idx=None,
+            hot_ids=layouts.top_ids(counts, hot) if hot else None,
+            private_dim=r,
+        )
     elif spec.kind == "planner":
         # Needs the library's planner (issue 11, part 4).
-        table = BloomEmbedding.from_counts(counts, dim, max_bytes=int(spec.budget * full_bytes(num, dim)),
-                                           verbose=False, padding_idx=None)  # fmt: skip
+        table = BloomEmbedding.from_counts(
+            counts, dim, max_bytes=int(spec.budget * full_bytes(num, dim)), verbose=False, padding_idx=None
+        )
     else:
         # No padding id: every user and item is real, none may be the zero vector.
         kwargs = dict(spec.kwargs)
@@ -506,8 +523,9 @@ def padded_items(events: list, users: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def rank_metrics(model, targets: datasets.Interactions, seen: list, chunk: int = 1024, *,
-                 exclude: Optional[torch.Tensor] = None) -> dict:  # fmt: skip
+def rank_metrics(
+    model, targets: datasets.Interactions, seen: list, chunk: int = 1024, *, exclude: Optional[torch.Tensor] = None
+) -> dict:
     """MRR, AUC and HR@10 of each target item ranked against every item its
     user has not seen.  Ties count half, so identical vectors (hash
     collisions at ``k=1``) get no credit for ordering
@@ -569,17 +587,27 @@ class Task:
         """Training events per user and per item: what layouts that favour
         frequent ids (and the planner) are built from."""
         train = self.split.train
-        return (torch.bincount(torch.from_numpy(train.user), minlength=train.num_users),
-                torch.bincount(torch.from_numpy(train.item), minlength=train.num_items))  # fmt: skip
+        return (
+            torch.bincount(torch.from_numpy(train.user), minlength=train.num_users),
+            torch.bincount(torch.from_numpy(train.item), minlength=train.num_items),
+        )
 
     def model(self, spec: TableSpec, hyper: Optional[Hyper] = None) -> Factorization:
         hp = hyper or self.hyper
         train = self.split.train
         ratings = self.name == "ratings"
         mean = float(train.rating.mean()) if ratings else 0.0
-        return Factorization(spec, train.num_users, train.num_items, hp.dim, user_bias=ratings, mean=mean,
-                             compress=self.compress, counts=self.counts,
-                             init_std=lambda table_dim: init_std_for(hp, table_dim))  # fmt: skip
+        return Factorization(
+            spec,
+            train.num_users,
+            train.num_items,
+            hp.dim,
+            user_bias=ratings,
+            mean=mean,
+            compress=self.compress,
+            counts=self.counts,
+            init_std=lambda table_dim: init_std_for(hp, table_dim),
+        )
 
     def epoch(self, model, opt, rng, hyper: Optional[Hyper] = None) -> float:
         fn = rating_epoch if self.name == "ratings" else bpr_epoch
@@ -658,11 +686,19 @@ def tune(task: Task, spec: TableSpec, grid: dict, seed: int = 0, hyper: Optional
     for point in grid_points(grid):
         hp = dataclasses.replace(base, **point)
         result = fit(task, spec, seed, hp)
-        trials.append({**point, "valid": result["valid"][task.select], "best_epoch": result["best_epoch"],
-                       "seconds": result["seconds"]})  # fmt: skip
+        trials.append(
+            {
+                **point,
+                "valid": result["valid"][task.select],
+                "best_epoch": result["best_epoch"],
+                "seconds": result["seconds"],
+            }
+        )
         if log:
-            log(f"  tune {spec.label} {point}: valid {task.select}={result['valid'][task.select]:.4f} "
-                f"(epoch {result['best_epoch']}, {result['seconds']:.1f}s)")  # fmt: skip
+            log(
+                f"  tune {spec.label} {point}: valid {task.select}={result['valid'][task.select]:.4f} "
+                f"(epoch {result['best_epoch']}, {result['seconds']:.1f}s)"
+            )
         if best_result is None or task.better(result["valid"][task.select], best_result["valid"][task.select]):
             best_hp, best_result = hp, result
     return best_hp, best_result, trials
@@ -709,9 +745,11 @@ def summarize(runs: list) -> list:
         row["embedding_bytes_vs_full"] = row["embedding_bytes"] / full["embedding_bytes"]
         if none is not None:
             row["gain_kept"] = {
-                m: (row["test"][m]["mean"] - none["test"][m]["mean"]) / (full["test"][m]["mean"] - none["test"][m]["mean"])
-                for m in row["test"] if full["test"][m]["mean"] != none["test"][m]["mean"]
-            }  # fmt: skip
+                m: (row["test"][m]["mean"] - none["test"][m]["mean"])
+                / (full["test"][m]["mean"] - none["test"][m]["mean"])
+                for m in row["test"]
+                if full["test"][m]["mean"] != none["test"][m]["mean"]
+            }
     return rows
 
 
@@ -741,7 +779,7 @@ def headline(rows: list, tasks: dict, budget: float = HEADLINE_BUDGET) -> dict:
     chosen on validation; and whether the best layout beats every baseline
     on the test metric."""
     out = {}
-    for (dataset, task) in dict.fromkeys((r["dataset"], r["task"]) for r in rows):
+    for dataset, task in dict.fromkeys((r["dataset"], r["task"]) for r in rows):
         sub = [r for r in rows if (r["dataset"], r["task"]) == (dataset, task)]
         select, higher = tasks[task]
         picks = {
@@ -749,23 +787,35 @@ def headline(rows: list, tasks: dict, budget: float = HEADLINE_BUDGET) -> dict:
             "biases_only": next((r for r in sub if r["kind"] == "none"), None),
             "small": _best(sub, {"small"}, select, higher, budget),
             "hash": _best(sub, {"hash"}, select, higher, budget),
-            f"bloom_k{HEADLINE_K}": next((r for r in sub if r["kind"] == "bloom" and _at_budget(r) == budget
-                                          and r["k"] == HEADLINE_K), None),  # fmt: skip
+            f"bloom_k{HEADLINE_K}": next(
+                (r for r in sub if r["kind"] == "bloom" and _at_budget(r) == budget and r["k"] == HEADLINE_K), None
+            ),
             "bloom_best_k": _best(sub, {"bloom"}, select, higher, budget),
             "variant_best": _best(sub, set(VARIANTS), select, higher, budget),
             "layout_best": _best(sub, set(LAYOUT_KINDS), select, higher, budget),
         }
         entry = {
-            name: {"label": r["label"], "test": r["test"], "valid": r["valid"], "kept_vs_full": r["kept_vs_full"],
-                   "gain_kept": r.get("gain_kept", {}), "embedding_bytes": r["embedding_bytes"],
-                   "embedding_bytes_vs_full": r["embedding_bytes_vs_full"], "hyper": r["hyper"]}
-            for name, r in picks.items() if r is not None
-        }  # fmt: skip
+            name: {
+                "label": r["label"],
+                "test": r["test"],
+                "valid": r["valid"],
+                "kept_vs_full": r["kept_vs_full"],
+                "gain_kept": r.get("gain_kept", {}),
+                "embedding_bytes": r["embedding_bytes"],
+                "embedding_bytes_vs_full": r["embedding_bytes_vs_full"],
+                "hyper": r["hyper"],
+            }
+            for name, r in picks.items()
+            if r is not None
+        }
         best = picks["layout_best"] or picks["variant_best"] or picks["bloom_best_k"]
         if best is not None:
             sign = 1 if higher else -1
-            margins = {name: sign * (best["test"][select]["mean"] - picks[name]["test"][select]["mean"])
-                       for name in BASELINES if picks.get(name) is not None and picks[name] is not best}  # fmt: skip
+            margins = {
+                name: sign * (best["test"][select]["mean"] - picks[name]["test"][select]["mean"])
+                for name in BASELINES
+                if picks.get(name) is not None and picks[name] is not best
+            }
             entry["verdict"] = {
                 "best": best["label"],
                 "metric": select,
@@ -795,39 +845,74 @@ def load_dataset(name: str, cache_dir: Optional[str]) -> datasets.Interactions:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help=f"ml-100k, implicit, budget {HEADLINE_BUDGET}: the baselines, plain Bloom k={HEADLINE_K}, "
-                        f"the library layouts {LIB_LAYOUTS} and the planner's, grid {QUICK_GRID['implicit']}, "
-                        "1 repeat")  # fmt: skip
-    p.add_argument("--dataset", action="append", help="ml-100k, synthetic or a u.data/.inter path (repeatable); "
-                   "default ml-100k and synthetic, ml-100k with --quick")  # fmt: skip
-    p.add_argument("--tasks", nargs="+", choices=["implicit", "ratings"],
-                   help="default implicit and ratings; implicit with --quick")  # fmt: skip
-    p.add_argument("--compress", nargs="+", default=["users", "items"], choices=["users", "items"],
-                   help="which tables the compressed specs replace; the others stay full (default both)")  # fmt: skip
-    p.add_argument("--budgets", nargs="+", type=float,
-                   help=f"shares of the full table's bytes (default {FULL_BUDGETS}; {HEADLINE_BUDGET} with --quick); "
-                        f"variants and layouts run at {HEADLINE_BUDGET} only")  # fmt: skip
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"ml-100k, implicit, budget {HEADLINE_BUDGET}: the baselines, plain Bloom k={HEADLINE_K}, "
+        f"the library layouts {LIB_LAYOUTS} and the planner's, grid {QUICK_GRID['implicit']}, "
+        "1 repeat",
+    )
+    p.add_argument(
+        "--dataset",
+        action="append",
+        help="ml-100k, synthetic or a u.data/.inter path (repeatable); "
+        "default ml-100k and synthetic, ml-100k with --quick",
+    )
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        choices=["implicit", "ratings"],
+        help="default implicit and ratings; implicit with --quick",
+    )
+    p.add_argument(
+        "--compress",
+        nargs="+",
+        default=["users", "items"],
+        choices=["users", "items"],
+        help="which tables the compressed specs replace; the others stay full (default both)",
+    )
+    p.add_argument(
+        "--budgets",
+        nargs="+",
+        type=float,
+        help=f"shares of the full table's bytes (default {FULL_BUDGETS}; {HEADLINE_BUDGET} with --quick); "
+        f"variants and layouts run at {HEADLINE_BUDGET} only",
+    )
     p.add_argument("--ks", nargs="+", type=int, help=f"k of plain Bloom at each budget (default {FULL_KS})")
     p.add_argument("--ratios", nargs="+", type=float, help="also plain Bloom at these compression ratios (at --ks)")
     p.add_argument("--no-variants", action="store_true", help="leave out the Bloom variants (signed, importance)")
     p.add_argument("--no-layouts", action="store_true", help="leave out the mixed layouts")
-    p.add_argument("--layout", action="append", metavar="H,R,K[,HD]",
-                   help="a bench/layouts.py layout to run instead of the defaults: hot share, private dim, k (0: no "
-                        "Bloom rows), hot rows' dim (repeatable)")  # fmt: skip
-    p.add_argument("--lib-layout", action="append", metavar="H,R,K",
-                   help="the library's hot_ids + private_dim layout: hot share, private dim, k (repeatable; "
-                        f"default {LIB_LAYOUTS})")  # fmt: skip
-    p.add_argument("--no-planner", dest="planner", action="store_false",
-                   help="leave out BloomEmbedding.from_counts's choice at each budget")  # fmt: skip
+    p.add_argument(
+        "--layout",
+        action="append",
+        metavar="H,R,K[,HD]",
+        help="a bench/layouts.py layout to run instead of the defaults: hot share, private dim, k (0: no "
+        "Bloom rows), hot rows' dim (repeatable)",
+    )
+    p.add_argument(
+        "--lib-layout",
+        action="append",
+        metavar="H,R,K",
+        help="the library's hot_ids + private_dim layout: hot share, private dim, k (repeatable; "
+        f"default {LIB_LAYOUTS})",
+    )
+    p.add_argument(
+        "--no-planner",
+        dest="planner",
+        action="store_false",
+        help="leave out BloomEmbedding.from_counts's choice at each budget",
+    )
     p.add_argument("--repeats", type=int, help="seeds per table (default 3; 1 with --quick)")
     p.add_argument("--seed", type=int, default=0, help="repeat r uses seed + r; tuning uses seed")
     p.add_argument("--dim", type=int, help=f"embedding size of the full table (default {Hyper.dim})")
     p.add_argument("--epochs", type=int, help=f"most epochs, early stopping on validation (default {Hyper.max_epochs})")
     p.add_argument("--patience", type=int, help=f"epochs without validation gain to stop (default {Hyper.patience})")
     p.add_argument("--no-tune", action="store_true", help="train every table with HYPER instead of tuning lr and L2")
-    p.add_argument("--spotlight-init", action="store_true",
-                   help="init each table at normal(0, 1/its dim) (Spotlight) instead of 1/the full dim")  # fmt: skip
+    p.add_argument(
+        "--spotlight-init",
+        action="store_true",
+        help="init each table at normal(0, 1/its dim) (Spotlight) instead of 1/the full dim",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: reproducible, shares the machine)")
     p.add_argument("--cache-dir", help=f"where ml-100k is kept (default {datasets.default_cache_dir()})")
     p.add_argument("--out", required=True, help="JSON path; the .md and .png are written beside it")
@@ -849,9 +934,15 @@ def study_specs(args, dim: int) -> list[TableSpec]:
     specs = [TableSpec("none"), TableSpec("full")]
     for budget in budgets:
         headline = budget == HEADLINE_BUDGET
-        specs += equal_bytes_specs(budget, dim, ks, variants if headline else None,
-                                   layout_grid if headline else (), args.planner,
-                                   lib_layouts if headline else ())  # fmt: skip
+        specs += equal_bytes_specs(
+            budget,
+            dim,
+            ks,
+            variants if headline else None,
+            layout_grid if headline else (),
+            args.planner,
+            lib_layouts if headline else (),
+        )
     specs += [TableSpec("bloom", r, k) for r in args.ratios or () for k in ks]
     return list(dict.fromkeys(specs))
 
@@ -880,10 +971,24 @@ def run_all(args, hyper: dict, grids: dict, log=None) -> tuple[list, dict]:
                     seed = args.seed + repeat
                     # The tuning fit of the chosen setting is repeat 0.
                     result = first if repeat == 0 else fit(task, spec, seed, hp)
-                    runs.append({"dataset": data.name, "task": task.name, "label": spec.label, "kind": spec.kind,
-                                 "family": spec.family, "ratio": spec.ratio, "k": spec.k, "dim": spec.dim,
-                                 "budget": spec.budget, "variant_kwargs": dict(spec.kwargs), "repeat": repeat,
-                                 "seed": seed, "trials": trials if repeat == 0 else None, **result})  # fmt: skip
+                    runs.append(
+                        {
+                            "dataset": data.name,
+                            "task": task.name,
+                            "label": spec.label,
+                            "kind": spec.kind,
+                            "family": spec.family,
+                            "ratio": spec.ratio,
+                            "k": spec.k,
+                            "dim": spec.dim,
+                            "budget": spec.budget,
+                            "variant_kwargs": dict(spec.kwargs),
+                            "repeat": repeat,
+                            "seed": seed,
+                            "trials": trials if repeat == 0 else None,
+                            **result,
+                        }
+                    )
                     shown = ", ".join(f"{m}={v:.4f}" for m, v in result["test"].items())
                     note = f"(lr {hp.lr:g}, l2 {hp.l2:g}, epoch {result['best_epoch']}, {result['seconds']:.1f}s)"
                     if log:
@@ -908,8 +1013,11 @@ def main(argv=None):
     start, cpu_start = time.perf_counter(), time.process_time()
     runs, described = run_all(args, hyper, grids, log=_log)
     rows = summarize(runs)
-    init = "normal(0, 1/table dim) (Spotlight)" if args.spotlight_init else \
-        f"normal(0, 1/{hyper['implicit'].dim}) for every embedding parameter of every layout"  # fmt: skip
+    init = (
+        "normal(0, 1/table dim) (Spotlight)"
+        if args.spotlight_init
+        else f"normal(0, 1/{hyper['implicit'].dim}) for every embedding parameter of every layout"
+    )
     payload = {
         "benchmark": "quality",
         "environment": environment(),
@@ -918,30 +1026,31 @@ def main(argv=None):
         "cpu_seconds": time.process_time() - cpu_start,
         "protocol": {
             "implicit": "BPR-MF (score <p_u,q_i> + b_i), 1 uniform negative per positive; leave-last-out by "
-                        "timestamp (ties: file order), second-last is validation; metrics rank the held-out item "
-                        "against all items the user has not interacted with (full ranking), ties count half",
+            "timestamp (ties: file order), second-last is validation; metrics rank the held-out item "
+            "against all items the user has not interacted with (full ranking), ties count half",
             "ratings": "MF with global mean and user/item biases, MSE loss; random 80/10/10 split (seed 0); "
-                       "RMSE of predictions clipped to the training rating range",
+            "RMSE of predictions clipped to the training rating range",
             "budget": "each compressed table stores at most budget x the full table's embedding bytes "
-                      "(users and items each; float32), everything counted: hashed rows, hot rows and their "
-                      f"index ({layouts.HOT_INDEX_BYTES} B per hot id), private codes and projections, "
-                      "importance weights (paid from the rows); biases are full-size in every model",
+            "(users and items each; float32), everything counted: hashed rows, hot rows and their "
+            f"index ({layouts.HOT_INDEX_BYTES} B per hot id), private codes and projections, "
+            "importance weights (paid from the rows); biases are full-size in every model",
             "baselines": "full table at the largest embedding_dim within the budget; hashing trick (Bloom k=1); "
-                         "biases only (no tables)",
+            "biases only (no tables)",
             "init": init,
-            "tuning": "no tuning: HYPER for every table" if args.no_tune else
-                      f"every table its own lr and L2 from the grid {grids}, picked on the validation metric of "
-                      f"seed {args.seed}; the same grid, epochs and patience for every table",
+            "tuning": "no tuning: HYPER for every table"
+            if args.no_tune
+            else f"every table its own lr and L2 from the grid {grids}, picked on the validation metric of "
+            f"seed {args.seed}; the same grid, epochs and patience for every table",
             "selection": "early stopping on validation (implicit: AUC, ratings: RMSE); test metrics at the "
-                         "best validation epoch; best k / variant / layout chosen on validation means",
+            "best validation epoch; best k / variant / layout chosen on validation means",
             "tables": "full = ScaledEmbedding (nn.Embedding); bloom/hash/variants = BloomEmbedding("
-                      "padding_idx=None, backend='auto'); mixed = bench/layouts.py MixedTable (hot ids by "
-                      f"training count, then a private code + projection, Bloom rows with the rest); compressed: "
-                      f"{' and '.join(args.compress)} (the other table, if any, stays full)",
+            "padding_idx=None, backend='auto'); mixed = bench/layouts.py MixedTable (hot ids by "
+            f"training count, then a private code + projection, Bloom rows with the rest); compressed: "
+            f"{' and '.join(args.compress)} (the other table, if any, stays full)",
             "relative": "/ full: test metric over the full table's; gain kept: (x - biases only) / "
-                        "(full - biases only), the share of what the full table adds over no table",
+            "(full - biases only), the share of what the full table adds over no table",
             "spread": "mean and sample std (ddof=1) over repeats with seeds seed..seed+repeats-1",
-        },  # fmt: skip
+        },
         "hyperparameters": {task: dataclasses.asdict(hp) for task, hp in hyper.items()},
         "grid": grids,
         "repeats": args.repeats or (1 if args.quick else 3),
@@ -958,8 +1067,10 @@ def main(argv=None):
     stem = os.path.splitext(args.out)[0]
     write_markdown(stem + ".md", payload)
     write_plot(stem + ".png", payload)
-    _log(f"wrote {args.out}, {stem}.md, {stem}.png in {payload['wall_seconds']:.0f}s wall, "
-         f"{payload['cpu_seconds']:.0f}s CPU")  # fmt: skip
+    _log(
+        f"wrote {args.out}, {stem}.md, {stem}.png in {payload['wall_seconds']:.0f}s wall, "
+        f"{payload['cpu_seconds']:.0f}s CPU"
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Markdown summary and PNG plot of a ``bench/quality.py`` result.
 
-    python bench/quality_report.py bench/results/quality_cpu.json   # re-render the .md and .png
+python bench/quality_report.py bench/results/quality_cpu.json   # re-render the .md and .png
 """
 
 from __future__ import annotations
@@ -68,8 +68,18 @@ def _chosen(pick_name: str) -> str:
 
 
 def _headline_table(headline: dict) -> str:
-    headers = ["dataset", "task", "table", "emb. bytes", "bytes vs full", "lr / L2", "metric", "test (mean ± std)",
-               "/ full", "gain kept"]  # fmt: skip
+    headers = [
+        "dataset",
+        "task",
+        "table",
+        "emb. bytes",
+        "bytes vs full",
+        "lr / L2",
+        "metric",
+        "test (mean ± std)",
+        "/ full",
+        "gain kept",
+    ]
     body = []
     for dataset, tasks in headline.items():
         for task, picks in tasks.items():
@@ -79,10 +89,24 @@ def _headline_table(headline: dict) -> str:
                     continue
                 shown.add(pick["label"])
                 m = METRICS[task][0]
-                size = [_size(pick["embedding_bytes"]), f"{pick['embedding_bytes_vs_full']:.3f}"] \
-                    if "embedding_bytes" in pick else ["-", "-"]  # fmt: skip
-                body.append([dataset, task, pick["label"] + _chosen(name), *size, _hyper(pick), m.upper(),
-                             _pm(pick["test"][m]), f"{pick['kept_vs_full'][m]:.3f}", _gain(pick, m)])  # fmt: skip
+                size = (
+                    [_size(pick["embedding_bytes"]), f"{pick['embedding_bytes_vs_full']:.3f}"]
+                    if "embedding_bytes" in pick
+                    else ["-", "-"]
+                )
+                body.append(
+                    [
+                        dataset,
+                        task,
+                        pick["label"] + _chosen(name),
+                        *size,
+                        _hyper(pick),
+                        m.upper(),
+                        _pm(pick["test"][m]),
+                        f"{pick['kept_vs_full'][m]:.3f}",
+                        _gain(pick, m),
+                    ]
+                )
     return markdown_table(headers, body)
 
 
@@ -94,11 +118,16 @@ def _verdicts(headline: dict) -> list:
             if not v:
                 continue
             margins = ", ".join(f"{name} {m:+.4f}" for name, m in v["margin_over"].items())
-            beats = "beats every equal-bytes baseline" if v["beats_every_baseline"] else \
-                "does NOT beat every equal-bytes baseline"  # fmt: skip
-            lines.append(f"- {dataset} {task}: best {v['best']} keeps "
-                         f"{v['kept_vs_full']:.3f} of the full table's {v['metric'].upper()} and {beats} "
-                         f"(test margin over: {margins})")  # fmt: skip
+            beats = (
+                "beats every equal-bytes baseline"
+                if v["beats_every_baseline"]
+                else "does NOT beat every equal-bytes baseline"
+            )
+            lines.append(
+                f"- {dataset} {task}: best {v['best']} keeps "
+                f"{v['kept_vs_full']:.3f} of the full table's {v['metric'].upper()} and {beats} "
+                f"(test margin over: {margins})"
+            )
     return lines
 
 
@@ -176,8 +205,16 @@ def _panel(ax, rows: list, metric: str) -> None:
     for r in rows:
         stat = r["test"][metric]
         if r["kind"] == "full" and r.get("dim") is None:
-            ax.errorbar([r["embedding_bytes"]], [stat["mean"]], yerr=[stat["std"]], marker="*", ms=12,
-                        color="black", linestyle="none", label="full table")  # fmt: skip
+            ax.errorbar(
+                [r["embedding_bytes"]],
+                [stat["mean"]],
+                yerr=[stat["std"]],
+                marker="*",
+                ms=12,
+                color="black",
+                linestyle="none",
+                label="full table",
+            )
         elif r["kind"] == "none":
             ax.axhline(stat["mean"], color="gray", linestyle="--", linewidth=1, label="biases only")
     ax.set_xscale("log")
@@ -204,13 +241,16 @@ def write_plot(path: str, payload: dict) -> None:
     for ax, (dataset, task, metric, rows) in zip(axes.flat, panels):
         _panel(ax, rows, metric)
         ax.set_title(f"{dataset}, {task}: {metric.upper()}", fontsize=10)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
     env = payload["environment"]
-    fig.suptitle(f"Quality vs bytes (mean ± std over {payload['repeats']} repeats); "
-                 f"{env['date'][:10]}, {env['cpu']}, torch {env['torch']}", fontsize=9)  # fmt: skip
+    fig.suptitle(
+        f"Quality vs bytes (mean ± std over {payload['repeats']} repeats); "
+        f"{env['date'][:10]}, {env['cpu']}, torch {env['torch']}",
+        fontsize=9,
+    )
     fig.tight_layout(rect=(0, 0.06, 1, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -110,15 +110,32 @@ def main(argv=None):
     shapes = {"embedding": f"ids ({args.batch}, {args.seq})", "bag": f"{args.batch} bags of {args.bag_length} ids, sum"}
     for name, result in results.items():
         print(f"\n{name}: {shapes[name]}\n")
-        rows = [[layer, f"{r['forward_ms']:.2f}", f"{r['forward_backward_ms']:.2f}", f"{r['module_bytes'] / 2**20:.1f}"]
-                for layer, r in result.items()]  # fmt: skip
+        rows = [
+            [layer, f"{r['forward_ms']:.2f}", f"{r['forward_backward_ms']:.2f}", f"{r['module_bytes'] / 2**20:.1f}"]
+            for layer, r in result.items()
+        ]
         s = summary[name]
-        rows.append(["seed / triton_bloom", f"{s['forward_speedup']:.2f}x", f"{s['forward_backward_speedup']:.2f}x",
-                     f"{s['memory_ratio']:.2f}x"])  # fmt: skip
+        rows.append(
+            [
+                "seed / triton_bloom",
+                f"{s['forward_speedup']:.2f}x",
+                f"{s['forward_backward_speedup']:.2f}x",
+                f"{s['memory_ratio']:.2f}x",
+            ]
+        )
         print(markdown_table(["layer", "forward ms", "forward+backward ms", "module MiB"], rows))
     if args.out:
-        write_json(args.out, {"benchmark": "seed_compare", "device": str(device), "environment": env,
-                              "config": config, "results": results, "ratios": summary})  # fmt: skip
+        write_json(
+            args.out,
+            {
+                "benchmark": "seed_compare",
+                "device": str(device),
+                "environment": env,
+                "config": config,
+                "results": results,
+                "ratios": summary,
+            },
+        )
         print(f"\nwrote {args.out}")
     return summary
 

@@ -195,15 +195,27 @@ def prepare(data: datasets.Interactions, seq_len: int) -> Prepared:
     def part(name: str) -> Part:
         seqs = [sequences[u] if name == "valid" else np.r_[sequences[u], valid_of[u]] for u in eval_users]
         target = valid_of if name == "valid" else test_of
-        return Part(history=_pad([s[-seq_len:] for s in seqs], seq_len),
-                    targets=torch.tensor([target[u] for u in eval_users], dtype=torch.int64),
-                    exclude=_pad(seqs, max(len(s) for s in seqs)))  # fmt: skip
+        return Part(
+            history=_pad([s[-seq_len:] for s in seqs], seq_len),
+            targets=torch.tensor([target[u] for u in eval_users], dtype=torch.int64),
+            exclude=_pad(seqs, max(len(s) for s in seqs)),
+        )
 
-    describe = {**data.describe(), "train_events": len(tr), "train_examples": len(targets),
-                "eval_users": len(eval_users), "items_in_training": int(len(np.unique(tr.item)))}  # fmt: skip
-    return Prepared(num_items=data.num_items, history=_pad(hist, seq_len),
-                    targets=torch.tensor(targets, dtype=torch.int64), valid=part("valid"), test=part("test"),
-                    describe=describe)  # fmt: skip
+    describe = {
+        **data.describe(),
+        "train_events": len(tr),
+        "train_examples": len(targets),
+        "eval_users": len(eval_users),
+        "items_in_training": int(len(np.unique(tr.item))),
+    }
+    return Prepared(
+        num_items=data.num_items,
+        history=_pad(hist, seq_len),
+        targets=torch.tensor(targets, dtype=torch.int64),
+        valid=part("valid"),
+        test=part("test"),
+        describe=describe,
+    )
 
 
 # ---------------------------------------------------------------- models
@@ -437,12 +449,17 @@ def specs(ks=Config.ks, model: str = "pool") -> list:
     untied narrow model (the weaker narrow baseline of the pooled study, at
     width 12) gives way to the factorised table, the baseline that keeps
     the width."""
-    narrow = ([Spec("reduced width, tied", "reduced", tied=True), Spec("reduced width, untied", "reduced")]
-              if model == "pool" else
-              [Spec("reduced width, tied", "reduced", tied=True), Spec("factorised, tied", "factorised", tied=True)])
-    return [Spec("full (untied)", "full"), *narrow,
-            *(Spec(f"tied Bloom k={k}", "tied_bloom", tied=True, k=k) for k in ks),
-            *(Spec(f"Bloom output layer k={k}", "bloom_output", k=k) for k in ks)]  # fmt: skip
+    narrow = (
+        [Spec("reduced width, tied", "reduced", tied=True), Spec("reduced width, untied", "reduced")]
+        if model == "pool"
+        else [Spec("reduced width, tied", "reduced", tied=True), Spec("factorised, tied", "factorised", tied=True)]
+    )
+    return [
+        Spec("full (untied)", "full"),
+        *narrow,
+        *(Spec(f"tied Bloom k={k}", "tied_bloom", tied=True, k=k) for k in ks),
+        *(Spec(f"Bloom output layer k={k}", "bloom_output", k=k) for k in ks),
+    ]
 
 
 def full_bytes(num_items: int, dim: int) -> int:
@@ -533,15 +550,26 @@ def fit(spec: Spec, prep: Prepared, cfg: Config, budget: Optional[int], seed: in
             elif epoch - run_epoch >= cfg.patience:
                 break
         by_lr[str(lr)] = {"valid": run_best, "best_epoch": run_epoch, "epochs_run": epoch, "curve": curve}
-        log(f"  {spec.name} lr={lr:g}: valid mrr {run_best['mrr']:.4f} at epoch {run_epoch}/{epoch} "
-            f"({time.perf_counter() - start:.0f}s)")  # fmt: skip
+        log(
+            f"  {spec.name} lr={lr:g}: valid mrr {run_best['mrr']:.4f} at epoch {run_epoch}/{epoch} "
+            f"({time.perf_counter() - start:.0f}s)"
+        )
         if best is None or run_best["mrr"] > best["valid"]["mrr"]:
             best = {"lr": lr, "valid": run_best, "best_epoch": run_epoch, "epochs_run": epoch, "state": run_state}
     model.load_state_dict(best.pop("state"))
     test = evaluate(model, prep.test)
-    return {"model": spec.name, "family": spec.family, "seed": seed, "bytes": size,
-            "network_bytes": network_bytes(model), "details": details, **best,
-            "test": test, "by_lr": by_lr, "seconds": time.perf_counter() - start}  # fmt: skip
+    return {
+        "model": spec.name,
+        "family": spec.family,
+        "seed": seed,
+        "bytes": size,
+        "network_bytes": network_bytes(model),
+        "details": details,
+        **best,
+        "test": test,
+        "by_lr": by_lr,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 # ------------------------------------------------------------------- run
@@ -558,12 +586,19 @@ def summarise(runs: list, reference: float) -> list:
     rows = []
     for name in dict.fromkeys(r["model"] for r in runs):
         mine = [r for r in runs if r["model"] == name]
-        row = {"model": name, "family": mine[0]["family"], "bytes": mine[0]["bytes"],
-               "network_bytes": mine[0].get("network_bytes", 0),
-               "bytes_vs_full": mine[0]["bytes"] / reference, "details": mine[0]["details"], "seeds": len(mine),
-               "lr": [r["lr"] for r in mine], "best_epoch": [r["best_epoch"] for r in mine],
-               "valid_mrr": statistics.mean(r["valid"]["mrr"] for r in mine),
-               "seconds": statistics.mean(r["seconds"] for r in mine)}  # fmt: skip
+        row = {
+            "model": name,
+            "family": mine[0]["family"],
+            "bytes": mine[0]["bytes"],
+            "network_bytes": mine[0].get("network_bytes", 0),
+            "bytes_vs_full": mine[0]["bytes"] / reference,
+            "details": mine[0]["details"],
+            "seeds": len(mine),
+            "lr": [r["lr"] for r in mine],
+            "best_epoch": [r["best_epoch"] for r in mine],
+            "valid_mrr": statistics.mean(r["valid"]["mrr"] for r in mine),
+            "seconds": statistics.mean(r["seconds"] for r in mine),
+        }
         for m in METRICS:
             row[m], row[m + "_std"] = _mean_std([r["test"][m] for r in mine])
         rows.append(row)
@@ -577,6 +612,7 @@ def verdict(runs: list, rows: list) -> list:
     """The strongest plain baseline within the budget and the best variant of
     each Bloom model, each picked on mean validation MRR (never on test), and
     each Bloom pick's test difference to that baseline, paired by seed."""
+
     def pick(*families):
         pool = [r for r in rows if r["family"] in families]
         return max(pool, key=lambda r: r["valid_mrr"]) if pool else None
@@ -618,8 +654,10 @@ def run(data: datasets.Interactions, cfg: Config, log=lambda msg: None, families
     prep = prepare(data, cfg.seq_len)
     reference = full_bytes(prep.num_items, cfg.dim)
     budget = int(cfg.budget * reference)
-    log(f"{data.name}: {prep.describe['train_examples']:,} training examples, {prep.describe['eval_users']} users; "
-        f"full model {reference:,} bytes, budget {cfg.budget:g} = {budget:,} bytes")  # fmt: skip
+    log(
+        f"{data.name}: {prep.describe['train_examples']:,} training examples, {prep.describe['eval_users']} users; "
+        f"full model {reference:,} bytes, budget {cfg.budget:g} = {budget:,} bytes"
+    )
     runs = []
     for seed in cfg.seeds:
         for spec in specs(cfg.ks, cfg.model):
@@ -628,50 +666,64 @@ def run(data: datasets.Interactions, cfg: Config, log=lambda msg: None, families
             result = fit(spec, prep, cfg, None if spec.family == "full" else budget, seed, log)
             runs.append(result)
             t = result["test"]
-            log(f"[seed {seed}] {spec.name}: {result['bytes']:,} bytes ({result['bytes'] / reference:.3f}) "
+            log(
+                f"[seed {seed}] {spec.name}: {result['bytes']:,} bytes ({result['bytes'] / reference:.3f}) "
                 f"+ {result['network_bytes']:,} of network, "
                 f"test mrr {t['mrr']:.4f} hr@{TOP} {t[f'hr@{TOP}']:.4f} (top-k {t[f'hr@{TOP}_topk']:.4f}), "
-                f"lr {result['lr']:g}, epoch {result['best_epoch']}, {result['seconds']:.0f}s")  # fmt: skip
+                f"lr {result['lr']:g}, epoch {result['best_epoch']}, {result['seconds']:.0f}s"
+            )
     rows = summarise(runs, reference)
     extra = {"pairs": all_pairs(runs, rows)} if cfg.model != "pool" else {}
-    return {"config": dataclasses.asdict(cfg), "data": prep.describe, "full_bytes": reference,
-            "budget_bytes": budget, "runs": runs, "rows": rows, "verdict": verdict(runs, rows), **extra,
-            "protocol": protocol(cfg, prep), "wall_seconds": time.perf_counter() - start}  # fmt: skip
+    return {
+        "config": dataclasses.asdict(cfg),
+        "data": prep.describe,
+        "full_bytes": reference,
+        "budget_bytes": budget,
+        "runs": runs,
+        "rows": rows,
+        "verdict": verdict(runs, rows),
+        **extra,
+        "protocol": protocol(cfg, prep),
+        "wall_seconds": time.perf_counter() - start,
+    }
 
 
 def protocol(cfg: Config, prep: Prepared) -> dict:
     out = _pool_protocol(cfg, prep)
     if cfg.model == "gru":
-        out["model"] = (f"GRU: the user is the last hidden state of a one-layer nn.GRU(width, width) over their last "
-                        f"{cfg.seq_len} items (right-padded, the state read at the last real step: padding never "
-                        f"reaches it); width {cfg.dim} for every model but the reduced-width tied table, whose GRU "
-                        f"has its own width; the factorised table: an r-dim code per item times a shared (r, "
-                        f"{cfg.dim}) projection, tied at the output through its materialised item vectors")
+        out["model"] = (
+            f"GRU: the user is the last hidden state of a one-layer nn.GRU(width, width) over their last "
+            f"{cfg.seq_len} items (right-padded, the state read at the last real step: padding never "
+            f"reaches it); width {cfg.dim} for every model but the reduced-width tied table, whose GRU "
+            f"has its own width; the factorised table: an r-dim code per item times a shared (r, "
+            f"{cfg.dim}) projection, tied at the output through its materialised item vectors"
+        )
         out["budget"] += "; the GRU's weights outside it too, listed per model (network bytes)"
         out["training"] = out["training"].replace(
             f"every weight normal(0, 1/{cfg.dim})",
             f"every table / output weight normal(0, 1/{cfg.dim}) (factorised: code normal(0, 1/{cfg.dim}), "
-            "projection normal(0, 1/sqrt(r))), the GRU torch's default init")
+            "projection normal(0, 1/sqrt(r))), the GRU torch's default init",
+        )
     return out
 
 
 def _pool_protocol(cfg: Config, prep: Prepared) -> dict:
     return {
         "model": f"pooling: the user is the mean of the vectors of their last {cfg.seq_len} items; hidden width "
-                 f"{cfg.dim} (the reduced-width models: their own width)",
+        f"{cfg.dim} (the reduced-width models: their own width)",
         "budget": f"{cfg.budget:g} of the full model's input table + output weight (float32); per-item output biases "
-                  "outside it, given to every model but the Bloom output layer (no place for one: its per-unit "
-                  "projection bias is counted in its bytes)",
+        "outside it, given to every model but the Bloom output layer (no place for one: its per-unit "
+        "projection bias is counted in its bytes)",
         "training": f"full softmax cross-entropy (Bloom output layer: its loss over the k hashed units); Adam; "
-                    f"batch {cfg.batch_size}; lr grid {list(cfg.lrs)}; at most {cfg.max_epochs} epochs, patience "
-                    f"{cfg.patience} on validation MRR; every weight normal(0, 1/{cfg.dim}), biases 0",
+        f"batch {cfg.batch_size}; lr grid {list(cfg.lrs)}; at most {cfg.max_epochs} epochs, patience "
+        f"{cfg.patience} on validation MRR; every weight normal(0, 1/{cfg.dim}), biases 0",
         "evaluation": f"leave-last-out by timestamp (validation: last-but-one item, test: last); full ranking over "
-                      f"all {prep.num_items:,} items minus the user's earlier items; ties count half; Bloom models "
-                      f"through bloom_rank / BloomOutputLayer.rank, plain ones through materialised logits and "
-                      f"items_above; HR@{TOP} also from top-{TOP} (emb.topk / layer.topk / logits.topk)",
+        f"all {prep.num_items:,} items minus the user's earlier items; ties count half; Bloom models "
+        f"through bloom_rank / BloomOutputLayer.rank, plain ones through materialised logits and "
+        f"items_above; HR@{TOP} also from top-{TOP} (emb.topk / layer.topk / logits.topk)",
         "bloom": f"each Bloom model with k in {list(cfg.ks)} (the same k for both tables of the output-layer model); "
-                 f"Bloom output layer model: {cfg.input_share:g} of the budget for the input table, the rest for "
-                 "the output units (fixed beforehand, not tuned)",
+        f"Bloom output layer model: {cfg.input_share:g} of the budget for the input table, the rest for "
+        "the output units (fixed beforehand, not tuned)",
         "seeds": f"{list(cfg.seeds)}: each seed its own init and batch order (same data split)",
     }
 
@@ -699,7 +751,7 @@ def write_markdown(path: str, payload: dict) -> None:
         f"({data['items_in_training']:,} seen in training), {data['num_interactions']:,} events; "
         f"{data['train_examples']:,} training examples, {data['eval_users']} validation and test users.",
         "",
-    ]  # fmt: skip
+    ]
     lines += [f"- {k}: {v}" for k, v in payload["protocol"].items()]
     lines += [
         "",
@@ -709,38 +761,86 @@ def write_markdown(path: str, payload: dict) -> None:
         + (f", mean ± sample std over {len(cfg['seeds'])} seeds" if len(cfg["seeds"]) > 1 else ", one seed")
         + "; '/ full': over the full model's.",
         "",
-    ]  # fmt: skip
+    ]
     body = []
     for r in payload["rows"]:
         det = ", ".join(f"{k}={v}" for k, v in r["details"].items())
         net = [f"{r['network_bytes']:,}"] if gru else []
-        body.append([r["model"], det, f"{r['bytes']:,}", f"{r['bytes_vs_full']:.3f}", *net, f"{r['valid_mrr']:.4f}",
-                     _cell(r, "mrr"), _cell(r, f"hr@{TOP}"), f"{r['vs_full']['mrr']:.3f}",
-                     f"{r['vs_full'][f'hr@{TOP}']:.3f}",
-                     _cell(r, f"hr@{TOP}_topk"), _cell(r, "auc"), "/".join(str(e) for e in r["best_epoch"]),
-                     "/".join(f"{lr:g}" for lr in r["lr"]), f"{r['seconds']:.0f}"])  # fmt: skip
-    lines.append(markdown_table(["model", "shape", "bytes", "bytes / full", *(["GRU bytes"] if gru else []),
-                                 "valid MRR", "MRR", f"HR@{TOP}",
-                                 "MRR / full", f"HR@{TOP} / full", f"HR@{TOP} (top-k)", "AUC", "best epoch", "lr", "s"],
-                                body))  # fmt: skip
+        body.append(
+            [
+                r["model"],
+                det,
+                f"{r['bytes']:,}",
+                f"{r['bytes_vs_full']:.3f}",
+                *net,
+                f"{r['valid_mrr']:.4f}",
+                _cell(r, "mrr"),
+                _cell(r, f"hr@{TOP}"),
+                f"{r['vs_full']['mrr']:.3f}",
+                f"{r['vs_full'][f'hr@{TOP}']:.3f}",
+                _cell(r, f"hr@{TOP}_topk"),
+                _cell(r, "auc"),
+                "/".join(str(e) for e in r["best_epoch"]),
+                "/".join(f"{lr:g}" for lr in r["lr"]),
+                f"{r['seconds']:.0f}",
+            ]
+        )
+    lines.append(
+        markdown_table(
+            [
+                "model",
+                "shape",
+                "bytes",
+                "bytes / full",
+                *(["GRU bytes"] if gru else []),
+                "valid MRR",
+                "MRR",
+                f"HR@{TOP}",
+                "MRR / full",
+                f"HR@{TOP} / full",
+                f"HR@{TOP} (top-k)",
+                "AUC",
+                "best epoch",
+                "lr",
+                "s",
+            ],
+            body,
+        )
+    )
     n = data["eval_users"]
     p = payload["rows"][0][f"hr@{TOP}"]
-    lines += ["", f"Sampling error: a test HR@{TOP} near {p:.2f} on {n} users has a binomial standard error of "
-              f"{math.sqrt(p * (1 - p) / n):.3f}; one split of the data. Wall time per model: every learning rate "
-              "of the grid, validation included (seconds, mean over seeds)."]  # fmt: skip
+    lines += [
+        "",
+        f"Sampling error: a test HR@{TOP} near {p:.2f} on {n} users has a binomial standard error of "
+        f"{math.sqrt(p * (1 - p) / n):.3f}; one split of the data. Wall time per model: every learning rate "
+        "of the grid, validation included (seconds, mean over seeds).",
+    ]
     if payload["verdict"]:
         lines += ["", "Picked on validation MRR (mean over seeds), compared on test, paired by seed:", ""]
         for v in payload["verdict"]:
             spread = lambda m, v=v: f" ± {v[m + '_diff_std']:.4f}" if v["seeds"] > 1 else ""  # noqa: E731
-            lines.append(f"- {v['bloom']} against {v['baseline']}: test MRR {v['mrr_diff']:+.4f}{spread('mrr')}, "
-                         f"HR@{TOP} {v[f'hr@{TOP}_diff']:+.4f}{spread(f'hr@{TOP}')} (Bloom ahead in "
-                         f"{v['mrr_bloom_wins']} of {v['seeds']} seeds on MRR).")  # fmt: skip
+            lines.append(
+                f"- {v['bloom']} against {v['baseline']}: test MRR {v['mrr_diff']:+.4f}{spread('mrr')}, "
+                f"HR@{TOP} {v[f'hr@{TOP}_diff']:+.4f}{spread(f'hr@{TOP}')} (Bloom ahead in "
+                f"{v['mrr_bloom_wins']} of {v['seeds']} seeds on MRR)."
+            )
     if payload.get("pairs"):
-        lines += ["", "Every Bloom model against every plain baseline within the budget, test, paired by seed "
-                  "(Bloom minus baseline):", ""]  # fmt: skip
-        body = [[v["bloom"], v["baseline"], f"{v['mrr_diff']:+.4f} ± {v['mrr_diff_std']:.4f}",
-                 f"{v[f'hr@{TOP}_diff']:+.4f} ± {v[f'hr@{TOP}_diff_std']:.4f}",
-                 f"{v['mrr_bloom_wins']} of {v['seeds']}"] for v in payload["pairs"]]  # fmt: skip
+        lines += [
+            "",
+            "Every Bloom model against every plain baseline within the budget, test, paired by seed "
+            "(Bloom minus baseline):",
+            "",
+        ]
+        body = [
+            [
+                v["bloom"],
+                v["baseline"],
+                f"{v['mrr_diff']:+.4f} ± {v['mrr_diff_std']:.4f}",
+                f"{v[f'hr@{TOP}_diff']:+.4f} ± {v[f'hr@{TOP}_diff_std']:.4f}",
+                f"{v['mrr_bloom_wins']} of {v['seeds']}",
+            ]
+            for v in payload["pairs"]
+        ]
         lines.append(markdown_table(["Bloom", "baseline", "MRR diff", f"HR@{TOP} diff", "Bloom ahead (MRR)"], body))
     if payload.get("notes"):  # written by hand after a run, kept in its JSON
         lines += ["", "## Notes", ""] + [f"- {note}" for note in payload["notes"]]
@@ -751,16 +851,29 @@ def write_markdown(path: str, payload: dict) -> None:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help=f"one lr, {QUICK.max_epochs} epochs (about a minute)")
-    p.add_argument("--model", choices=("pool", "gru"), default="pool",
-                   help="user model: mean of the history (the recorded study) or a GRU of fixed width; "
-                        "gru brings its own default lr grid and epochs (GRU)")
-    p.add_argument("--families", nargs="+", help="run only these model families (full, reduced, factorised, "
-                   "tied_bloom, bloom_output); without full, the '/ full' ratios are over the first model run")
+    p.add_argument(
+        "--model",
+        choices=("pool", "gru"),
+        default="pool",
+        help="user model: mean of the history (the recorded study) or a GRU of fixed width; "
+        "gru brings its own default lr grid and epochs (GRU)",
+    )
+    p.add_argument(
+        "--families",
+        nargs="+",
+        help="run only these model families (full, reduced, factorised, "
+        "tied_bloom, bloom_output); without full, the '/ full' ratios are over the first model run",
+    )
     p.add_argument("--patience", type=int, help="epochs without a better validation MRR before stopping")
     p.add_argument("--budget", type=float, default=Config.budget)
     p.add_argument("--dim", type=int, default=Config.dim)
-    p.add_argument("--k", nargs="+", type=int, default=list(Config.ks),
-                   help="hash functions of the Bloom models, one run of each per value")
+    p.add_argument(
+        "--k",
+        nargs="+",
+        type=int,
+        default=list(Config.ks),
+        help="hash functions of the Bloom models, one run of each per value",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=1, help="run seeds seed..seed+N-1 and report mean and spread")
     p.add_argument("--epochs", type=int, help="most epochs per learning rate")
@@ -783,14 +896,24 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = QUICK if args.quick else GRU if args.model == "gru" else Config()
-    cfg = dataclasses.replace(cfg, budget=args.budget, dim=args.dim, ks=tuple(args.k), model=args.model,
-                              seeds=tuple(range(args.seed, args.seed + args.seeds)),
-                              max_epochs=args.epochs or cfg.max_epochs, lrs=tuple(args.lrs or cfg.lrs),
-                              patience=args.patience or cfg.patience)  # fmt: skip
+    cfg = dataclasses.replace(
+        cfg,
+        budget=args.budget,
+        dim=args.dim,
+        ks=tuple(args.k),
+        model=args.model,
+        seeds=tuple(range(args.seed, args.seed + args.seeds)),
+        max_epochs=args.epochs or cfg.max_epochs,
+        lrs=tuple(args.lrs or cfg.lrs),
+        patience=args.patience or cfg.patience,
+    )
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    payload = {"benchmark": "sequence", "environment": environment(),
-               "command": "python bench/sequence.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               **run(load(args.dataset), cfg, log, families=args.families)}  # fmt: skip
+    payload = {
+        "benchmark": "sequence",
+        "environment": environment(),
+        "command": "python bench/sequence.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        **run(load(args.dataset), cfg, log, families=args.families),
+    }
     write_json(args.out, payload)
     write_markdown(os.path.splitext(args.out)[0] + ".md", payload)
     log(f"wrote {args.out} in {payload['wall_seconds']:.0f}s")

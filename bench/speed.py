@@ -123,8 +123,9 @@ def sweep(base: Case, **axes) -> list:
     return list(dict.fromkeys(cases))
 
 
-def default_cases(device: torch.device, quick: bool, num_embeddings: Optional[int] = None,
-                  batch: Optional[int] = None) -> list:  # fmt: skip
+def default_cases(
+    device: torch.device, quick: bool, num_embeddings: Optional[int] = None, batch: Optional[int] = None
+) -> list:
     """The sweeps ``main`` runs; ``--quick`` is a handful of shapes."""
     cuda = device.type == "cuda"
     dtypes = ["float32", "bfloat16"] + (["float16"] if cuda else [])
@@ -136,8 +137,13 @@ def default_cases(device: torch.device, quick: bool, num_embeddings: Optional[in
     # Big enough that the compressed table (2M rows) outgrows the H200's L2.
     base = Case(batch=batch or 4096, seq=8, num_embeddings=num_embeddings or (10_000_000 if cuda else 1_000_000))
     batches = [b for b in (512, 4096, 32768) if cuda or b <= 4096]
-    axes = dict(batch=batches, embedding_dim=[16, 32, 64, 128, 256, 512], k=[1, 2, 4, 8], dtype=dtypes,
-                distribution=["uniform", "zipf"])  # fmt: skip
+    axes = dict(
+        batch=batches,
+        embedding_dim=[16, 32, 64, 128, 256, 512],
+        k=[1, 2, 4, 8],
+        dtype=dtypes,
+        distribution=["uniform", "zipf"],
+    )
     return sweep(base, **axes) + sweep(dataclasses.replace(base, layer="bag"), **axes)
 
 
@@ -245,8 +251,9 @@ def sample_ids(case: Case, device: torch.device, cache: Cache, seed: int = 0) ->
         generator = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, case.num_embeddings, (case.batch, case.seq), generator=generator)
     elif case.distribution == "zipf":
-        cdf, permutation = cache.get("zipf", (case.num_embeddings, ZIPF_EXPONENT),
-                                     lambda: zipf_cdf(case.num_embeddings, ZIPF_EXPONENT))  # fmt: skip
+        cdf, permutation = cache.get(
+            "zipf", (case.num_embeddings, ZIPF_EXPONENT), lambda: zipf_cdf(case.num_embeddings, ZIPF_EXPONENT)
+        )
         draws = np.random.default_rng(seed).random(case.num_ids)
         ranks = np.minimum(np.searchsorted(cdf, draws, side="right"), case.num_embeddings - 1)
         ids = torch.from_numpy(permutation[ranks].reshape(case.batch, case.seq).astype(np.int64))
@@ -301,10 +308,14 @@ def load_fbgemm():
         from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
 
         api = types.SimpleNamespace(
-            TBE=SplitTableBatchedEmbeddingBagsCodegen, EmbeddingLocation=EmbeddingLocation,
-            ComputeDevice=ComputeDevice, PoolingMode=PoolingMode, EmbOptimType=EmbOptimType,
-            SparseType=SparseType, version=getattr(fbgemm_gpu, "__version__", "unknown"),
-        )  # fmt: skip
+            TBE=SplitTableBatchedEmbeddingBagsCodegen,
+            EmbeddingLocation=EmbeddingLocation,
+            ComputeDevice=ComputeDevice,
+            PoolingMode=PoolingMode,
+            EmbOptimType=EmbOptimType,
+            SparseType=SparseType,
+            version=getattr(fbgemm_gpu, "__version__", "unknown"),
+        )
         _FBGEMM = (api, None)
     except Exception as exc:  # ImportError, or a library built for another torch/CUDA
         _FBGEMM = (None, f"fbgemm_gpu did not import ({type(exc).__name__}: {exc}); provider 'fbgemm' skipped")
@@ -347,8 +358,9 @@ def output_shape(case: Case) -> tuple:
     return (case.batch, case.seq, case.embedding_dim)
 
 
-def build_providers(case: Case, ids: torch.Tensor, device: torch.device, names, cache: Cache, notes: list,
-                    k_max: Optional[int] = None) -> dict:  # fmt: skip
+def build_providers(
+    case: Case, ids: torch.Tensor, device: torch.device, names, cache: Cache, notes: list, k_max: Optional[int] = None
+) -> dict:
     """``name -> Provider`` for ``case``, all on copies of one table;
     ``k_max``: the most hash functions any case of this id space needs."""
     dtype = DTYPES[case.dtype]
@@ -372,21 +384,39 @@ def build_providers(case: Case, ids: torch.Tensor, device: torch.device, names, 
         if name not in names:
             continue
         if bag:
-            module = BloomEmbeddingBag(case.num_embeddings, case.embedding_dim, case.compression_ratio, case.k,
-                                       mode="sum", padding_idx=PADDING_IDX, backend=backend, device=device,
-                                       dtype=dtype)  # fmt: skip
+            module = BloomEmbeddingBag(
+                case.num_embeddings,
+                case.embedding_dim,
+                case.compression_ratio,
+                case.k,
+                mode="sum",
+                padding_idx=PADDING_IDX,
+                backend=backend,
+                device=device,
+                dtype=dtype,
+            )
         else:
-            module = BloomEmbedding(case.num_embeddings, case.embedding_dim, case.compression_ratio, case.k,
-                                    padding_idx=PADDING_IDX, backend=backend, device=device, dtype=dtype)  # fmt: skip
+            module = BloomEmbedding(
+                case.num_embeddings,
+                case.embedding_dim,
+                case.compression_ratio,
+                case.k,
+                padding_idx=PADDING_IDX,
+                backend=backend,
+                device=device,
+                dtype=dtype,
+            )
         with torch.no_grad():
             module.weight.copy_(weight)
-        providers[name] = Provider(lambda m=module: m(ids), [module.weight], case.k,
-                                   auto_backend if backend == "auto" else "torch")  # fmt: skip
+        providers[name] = Provider(
+            lambda m=module: m(ids), [module.weight], case.k, auto_backend if backend == "auto" else "torch"
+        )
 
     if "seed" in names:
         seed.hashes = hashes
-        seed.embeddings = nn.Embedding(case.num_rows, case.embedding_dim, padding_idx=PADDING_IDX, device=device,
-                                       dtype=dtype)  # fmt: skip
+        seed.embeddings = nn.Embedding(
+            case.num_rows, case.embedding_dim, padding_idx=PADDING_IDX, device=device, dtype=dtype
+        )
         with torch.no_grad():
             seed.embeddings.weight.copy_(weight)
         fn = (lambda: seed(ids).sum(1)) if bag else (lambda: seed(ids))
@@ -406,9 +436,11 @@ def build_providers(case: Case, ids: torch.Tensor, device: torch.device, names, 
     if "full_embedding" in names:
         # One full table for both layers: initialising num_embeddings rows
         # costs more than most timings.
-        full_weight = cache.get("full", (case.num_embeddings, case.embedding_dim, case.dtype),
-                                lambda: torch.randn(case.num_embeddings, case.embedding_dim, device=device,
-                                                    dtype=dtype))  # fmt: skip
+        full_weight = cache.get(
+            "full",
+            (case.num_embeddings, case.embedding_dim, case.dtype),
+            lambda: torch.randn(case.num_embeddings, case.embedding_dim, device=device, dtype=dtype),
+        )
         if bag:
             full = nn.EmbeddingBag.from_pretrained(full_weight, freeze=False, mode="sum")
         else:
@@ -441,8 +473,10 @@ def check_outputs(providers: dict, case: Case) -> dict:
     with torch.no_grad():
         expected = providers["seed"].forward().float()
         tolerance = TOLERANCES[DTYPES[case.dtype]]
-        return {name: bool(torch.allclose(p.forward().float(), expected, **tolerance)) if p.bloom else None
-                for name, p in providers.items()}  # fmt: skip
+        return {
+            name: bool(torch.allclose(p.forward().float(), expected, **tolerance)) if p.bloom else None
+            for name, p in providers.items()
+        }
 
 
 def time_provider(provider: Provider, mode: str, grad_out: torch.Tensor, timer: Timer) -> list:
@@ -463,8 +497,16 @@ def time_provider(provider: Provider, mode: str, grad_out: torch.Tensor, timer: 
 # ---------------------------------------------------------------- the run
 
 
-def run(cases, device, repeats: int = 20, warmup: int = 3, providers=PROVIDERS, flush: Optional[bool] = None,
-        copy_bytes: Optional[int] = None, log=print) -> dict:  # fmt: skip
+def run(
+    cases,
+    device,
+    repeats: int = 20,
+    warmup: int = 3,
+    providers=PROVIDERS,
+    flush: Optional[bool] = None,
+    copy_bytes: Optional[int] = None,
+    log=print,
+) -> dict:
     """Time every provider on every case; returns the JSON payload.
 
     ``flush`` defaults to on for CUDA, off for CPU; ``copy_bytes`` to 1 GiB on
@@ -479,8 +521,10 @@ def run(cases, device, repeats: int = 20, warmup: int = 3, providers=PROVIDERS, 
     hardware = env.get("gpu") if cuda else env["cpu"]
     notes = []
     if not cuda:
-        notes.append("CPU run: 'triton_bloom' (backend='auto') runs the reference PyTorch path here, "
-                     "as 'reference' does; the Triton kernels need CUDA.")  # fmt: skip
+        notes.append(
+            "CPU run: 'triton_bloom' (backend='auto') runs the reference PyTorch path here, "
+            "as 'reference' does; the Triton kernels need CUDA."
+        )
         if "fbgemm" in names:
             notes.append("fbgemm is CUDA-only: provider skipped on CPU.")
     if not flush:
@@ -498,9 +542,16 @@ def run(cases, device, repeats: int = 20, warmup: int = 3, providers=PROVIDERS, 
     log(f"copy_ bandwidth on {device} ({hardware}): {copy_gbps:.1f} GB/s (read + write, {copy_bytes / 2**20:.0f} MiB)")
     timer = Timer(device, repeats, warmup, flush)
     cache = Cache()
-    stamp = {"hardware": hardware, "device": device.type, "date": env["date"], "torch": env["torch"],
-             "triton": env["triton"], "python": env["python"], "cuda": env.get("cuda"),
-             "fbgemm_gpu": env.get("fbgemm_gpu")}  # fmt: skip
+    stamp = {
+        "hardware": hardware,
+        "device": device.type,
+        "date": env["date"],
+        "torch": env["torch"],
+        "triton": env["triton"],
+        "python": env["python"],
+        "cuda": env.get("cuda"),
+        "fbgemm_gpu": env.get("fbgemm_gpu"),
+    }
     k_max = {}
     for case in cases:
         space = (case.num_embeddings, case.compression_ratio)
@@ -523,20 +574,45 @@ def run(cases, device, repeats: int = 20, warmup: int = 3, providers=PROVIDERS, 
                 times = time_provider(provider, mode, grad_out, timer)
                 ms = statistics.median(times)
                 gbps = traffic_bytes(case, mode, provider.rows_per_id) / (ms * 1e-3) / 1e9
-                case_rows.append({
-                    **stamp, "provider": name, "backend": provider.backend, "mode": mode,
-                    **dataclasses.asdict(case), "num_ids": case.num_ids, "num_rows": case.num_rows,
-                    "ms": ms, "ms_min": min(times), "repeats": len(times), "gbps": gbps,
-                    "fraction_of_copy": gbps / copy_gbps, "cache_flushed": flush, "matches_seed": matches.get(name),
-                })  # fmt: skip
+                case_rows.append(
+                    {
+                        **stamp,
+                        "provider": name,
+                        "backend": provider.backend,
+                        "mode": mode,
+                        **dataclasses.asdict(case),
+                        "num_ids": case.num_ids,
+                        "num_rows": case.num_rows,
+                        "ms": ms,
+                        "ms_min": min(times),
+                        "repeats": len(times),
+                        "gbps": gbps,
+                        "fraction_of_copy": gbps / copy_gbps,
+                        "cache_flushed": flush,
+                        "matches_seed": matches.get(name),
+                    }
+                )
         add_ratios(case_rows)
         rows += case_rows
         del built, ids, grad_out
-        log(f"[{index + 1}/{len(cases)} {time.perf_counter() - started:.0f}s] {describe(case)}: "
-            + summary_line(case_rows))  # fmt: skip
-    return {"benchmark": "speed", "device": device.type, "hardware": hardware, "environment": env,
-            "copy_gbps": copy_gbps, "copy_bytes": copy_bytes, "cache_flushed": flush, "repeats": repeats,
-            "warmup": warmup, "zipf_exponent": ZIPF_EXPONENT, "notes": notes, "rows": rows}  # fmt: skip
+        log(
+            f"[{index + 1}/{len(cases)} {time.perf_counter() - started:.0f}s] {describe(case)}: "
+            + summary_line(case_rows)
+        )
+    return {
+        "benchmark": "speed",
+        "device": device.type,
+        "hardware": hardware,
+        "environment": env,
+        "copy_gbps": copy_gbps,
+        "copy_bytes": copy_bytes,
+        "cache_flushed": flush,
+        "repeats": repeats,
+        "warmup": warmup,
+        "zipf_exponent": ZIPF_EXPONENT,
+        "notes": notes,
+        "rows": rows,
+    }
 
 
 def add_ratios(case_rows: list) -> None:
@@ -551,8 +627,10 @@ def add_ratios(case_rows: list) -> None:
 
 
 def describe(case: Case) -> str:
-    return (f"{case.layer} batch={case.batch}x{case.seq} dim={case.embedding_dim} k={case.k} {case.dtype} "
-            f"{case.distribution}")  # fmt: skip
+    return (
+        f"{case.layer} batch={case.batch}x{case.seq} dim={case.embedding_dim} k={case.k} {case.dtype} "
+        f"{case.distribution}"
+    )
 
 
 def summary_line(case_rows: list) -> str:
@@ -575,7 +653,8 @@ def markdown_report(payload: dict) -> str:
         f"{env['date']}; torch {env['torch']} ({env['torch_threads']} CPU threads), triton {env['triton']}, "
         f"python {env['python']}"
         + (f", CUDA {env['cuda']}" if env.get("cuda") else "")
-        + (f", fbgemm_gpu {env['fbgemm_gpu']}" if env.get("fbgemm_gpu") else "") + ".",
+        + (f", fbgemm_gpu {env['fbgemm_gpu']}" if env.get("fbgemm_gpu") else "")
+        + ".",
         f"Median of {payload['repeats']} runs after {payload['warmup']} warm-up runs; "
         f"copy_ bandwidth {payload['copy_gbps']:.1f} GB/s (read + write). "
         "`x seed` is seed ms / triton_bloom ms (above 1: triton_bloom is faster).",
@@ -597,11 +676,15 @@ def markdown_report(payload: dict) -> str:
                 ours = by.get("triton_bloom", {})
                 line = [f"{shape[0]}x{shape[1]}", shape[2], shape[3], shape[4], shape[5]]
                 line += [f"{by[n]['ms']:.3f}" if n in by else "-" for n in names]
-                line += [f"{ours[key]:.2f}x" if key in ours else "-"
-                         for key in ("ratio_to_seed", "ratio_to_embedding_bag_cached")]  # fmt: skip
+                line += [
+                    f"{ours[key]:.2f}x" if key in ours else "-"
+                    for key in ("ratio_to_seed", "ratio_to_embedding_bag_cached")
+                ]
                 if cuda:
-                    line += [f"{ours['gbps']:.0f}" if ours else "-",
-                             f"{100 * ours['fraction_of_copy']:.0f}%" if ours else "-"]  # fmt: skip
+                    line += [
+                        f"{ours['gbps']:.0f}" if ours else "-",
+                        f"{100 * ours['fraction_of_copy']:.0f}%" if ours else "-",
+                    ]
                 table.append(line)
             lines += ["", f"## {layer}, {mode.replace('_', '+')}", "", markdown_table(headers, table)]
     return "\n".join(lines) + "\n"
@@ -630,9 +713,11 @@ def plot(payload: dict, path: str) -> Optional[str]:
                 continue
             base = {f: layer_rows[0][f] for f in SHAPE_FIELDS if f != "embedding_dim"}
             for name in PROVIDERS:
-                points = sorted((r["embedding_dim"], r["ms"]) for r in layer_rows
-                                if r["mode"] == mode and r["provider"] == name
-                                and all(r[f] == v for f, v in base.items()))  # fmt: skip
+                points = sorted(
+                    (r["embedding_dim"], r["ms"])
+                    for r in layer_rows
+                    if r["mode"] == mode and r["provider"] == name and all(r[f] == v for f, v in base.items())
+                )
                 if points:
                     ax.plot(*zip(*points), marker="o", label=name)
             ax.set_xscale("log", base=2)
@@ -668,13 +753,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, help="untimed runs first (default 10 CUDA, 3 CPU, 2 quick CPU)")
     parser.add_argument("--num-embeddings", type=int, help="id space (default 10M CUDA, 1M CPU and quick)")
     parser.add_argument("--batch", type=int, help="base batch size (samples or bags of 8 ids)")
-    parser.add_argument("--providers", default=",".join(PROVIDERS),
-                        help="comma-separated subset of " + ", ".join(PROVIDERS))  # fmt: skip
+    parser.add_argument(
+        "--providers", default=",".join(PROVIDERS), help="comma-separated subset of " + ", ".join(PROVIDERS)
+    )
     parser.add_argument("--copy-mib", type=int, help="size of the copy_ bandwidth probe (default 1024 CUDA, 256 CPU)")
-    parser.add_argument("--threads", type=int,
-                        help="torch CPU threads (default torch's; 1 is steadier on a busy machine)")  # fmt: skip
-    parser.add_argument("--flush", action=argparse.BooleanOptionalAction, default=None,
-                        help="write 256 MB between timed runs (default: on CUDA only)")  # fmt: skip
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (default torch's; 1 is steadier on a busy machine)"
+    )
+    parser.add_argument(
+        "--flush",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write 256 MB between timed runs (default: on CUDA only)",
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -695,8 +786,11 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     copy_bytes = args.copy_mib * 2**20 if args.copy_mib else None
     payload = run(cases, device, repeats, warmup, providers, args.flush, copy_bytes)
-    payload["config"] = {"quick": args.quick, "cases": len(cases), "command": "python bench/speed.py "
-                         + " ".join(sys.argv[1:] if argv is None else argv)}  # fmt: skip
+    payload["config"] = {
+        "quick": args.quick,
+        "cases": len(cases),
+        "command": "python bench/speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
     payload["wall_s"] = time.perf_counter() - started
     paths = write_outputs(payload, out)
     print("\n" + markdown_report(payload))

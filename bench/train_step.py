@@ -116,16 +116,28 @@ def main(argv=None):
     results = run(args.num_embeddings, args.embedding_dim, args.ratio, args.k, args.batch, args.repeats, device)
     env = environment()
     hardware = env["cpu"] if device.type == "cpu" else env.get("gpu")
-    print(f"training step on {device} ({hardware}): num_embeddings={args.num_embeddings:,} "
-          f"embedding_dim={args.embedding_dim} ratio={args.ratio} k={args.k} batch={args.batch}, "
-          f"median of {args.repeats}\n")  # fmt: skip
-    rows = [[name, f"{r['ms']:.1f}", f"{r['speedup_vs_full_adam']:.2f}x", f"{r['state_bytes'] / 2**20:.0f}"]
-            for name, r in results.items()]  # fmt: skip
+    print(
+        f"training step on {device} ({hardware}): num_embeddings={args.num_embeddings:,} "
+        f"embedding_dim={args.embedding_dim} ratio={args.ratio} k={args.k} batch={args.batch}, "
+        f"median of {args.repeats}\n"
+    )
+    rows = [
+        [name, f"{r['ms']:.1f}", f"{r['speedup_vs_full_adam']:.2f}x", f"{r['state_bytes'] / 2**20:.0f}"]
+        for name, r in results.items()
+    ]
     print(markdown_table(["layout", "ms / step", "speed-up vs full + Adam", "weights + optimizer MiB"], rows))
     if args.out:
         config = {k: v for k, v in vars(args).items() if k not in ("out", "device")}
-        write_json(args.out, {"benchmark": "train_step", "device": str(device), "environment": env,
-                              "config": config, "results": results})  # fmt: skip
+        write_json(
+            args.out,
+            {
+                "benchmark": "train_step",
+                "device": str(device),
+                "environment": env,
+                "config": config,
+                "results": results,
+            },
+        )
         print(f"\nwrote {args.out}")
     return results
 

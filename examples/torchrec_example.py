@@ -30,8 +30,15 @@ class Model(nn.Module):
         from triton_bloom.torchrec import BloomEmbeddingBagCollection
 
         # Only the hashing and sizes are read: build it on the meta device.
-        history = BloomEmbeddingBag(args.items, args.dim, compression_ratio=0.2, num_hash_functions=args.k,
-                                    mode=args.mode, padding_idx=0, device="meta")  # fmt: skip
+        history = BloomEmbeddingBag(
+            args.items,
+            args.dim,
+            compression_ratio=0.2,
+            num_hash_functions=args.k,
+            mode=args.mode,
+            padding_idx=0,
+            device="meta",
+        )
         self.sparse = BloomEmbeddingBagCollection({"history": history}, device=torch.device("meta"))
         self.mlp = nn.Sequential(nn.Linear(args.dim, 16), nn.ReLU(), nn.Linear(16, 1)).to(device)
 
@@ -80,11 +87,15 @@ def run(rank, args, port):
     sharder = EmbeddingBagCollectionSharder(
         fused_params={"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": 0.05, "eps": 1e-8}
     )
-    plan = construct_module_sharding_plan(model.sparse.ebc, {"history": row_wise(compute_kernel="fused")},
-                                          sharder=sharder, local_size=args.world_size,
-                                          world_size=args.world_size, device_type=device.type)  # fmt: skip
-    model = DistributedModelParallel(model, device=device, plan=ShardingPlan({"sparse.ebc": plan}),
-                                     sharders=[sharder])  # fmt: skip
+    plan = construct_module_sharding_plan(
+        model.sparse.ebc,
+        {"history": row_wise(compute_kernel="fused")},
+        sharder=sharder,
+        local_size=args.world_size,
+        world_size=args.world_size,
+        device_type=device.type,
+    )
+    model = DistributedModelParallel(model, device=device, plan=ShardingPlan({"sparse.ebc": plan}), sharders=[sharder])
     dense = torch.optim.Adagrad([p for n, p in model.named_parameters() if "ebc" not in n], lr=0.05)
     loss_fn = nn.BCEWithLogitsLoss()
 
@@ -104,8 +115,15 @@ def run(rank, args, port):
     before, after = kjt_bytes(features), kjt_bytes(transform(features))
 
     # The trained table back in a plain BloomEmbeddingBag (a collective).
-    history = BloomEmbeddingBag(args.items, args.dim, compression_ratio=0.2, num_hash_functions=args.k,
-                                mode=args.mode, padding_idx=0, device=device)  # fmt: skip
+    history = BloomEmbeddingBag(
+        args.items,
+        args.dim,
+        compression_ratio=0.2,
+        num_hash_functions=args.k,
+        mode=args.mode,
+        padding_idx=0,
+        device=device,
+    )
     copy_weights_from_collection(model, {"history": history})
     with torch.no_grad():
         sharded = model.module.sparse(features).values()
@@ -113,11 +131,18 @@ def run(rank, args, port):
         plain = history(jt.values(), jt.offsets()[:-1])
     if rank == 0:
         report = {
-            "k": args.k, "mode": args.mode, "ranks": args.world_size, "batch_per_rank": args.batch, "ids_per_rank": features.values().numel(),
-            "kjt_bytes_before": before, "kjt_bytes_after": after, "ratio": round(after / before, 2),
+            "k": args.k,
+            "mode": args.mode,
+            "ranks": args.world_size,
+            "batch_per_rank": args.batch,
+            "ids_per_rank": features.values().numel(),
+            "kjt_bytes_before": before,
+            "kjt_bytes_after": after,
+            "ratio": round(after / before, 2),
             "step_ms_median": round(1000 * sorted(times[1:] or times)[len(times[1:] or times) // 2], 1),
-            "loss": round(loss.item(), 4), "max_diff_sharded_vs_bloom": float((sharded - plain).abs().max()),
-        }  # fmt: skip
+            "loss": round(loss.item(), 4),
+            "max_diff_sharded_vs_bloom": float((sharded - plain).abs().max()),
+        }
         print(json.dumps(report))
     dist.destroy_process_group()
 

@@ -6,13 +6,13 @@ Python side shares with the kernels, ``triton_bloom.constants`` and
 it lazily, so the package works where Triton is missing.
 """
 
-from .launch import interpreting
+from ..constants import FUSED_ROWWISE_ADAGRAD, FUSED_SGD, MODE_MAX, MODE_MEAN, MODE_SUM
 from .backward import bloom_backward
 from .bag_backward import bloom_bag_backward
-from ..constants import FUSED_ROWWISE_ADAGRAD, FUSED_SGD, MODE_MAX, MODE_MEAN, MODE_SUM
 from .bag_forward import bloom_bag_forward
 from .forward import bloom_forward
 from .hashing import bloom_hash
+from .launch import interpreting
 from .optimizer import bloom_rowwise_update
 from .scores import bloom_row_score_sums, bloom_scores
 from .segment import bloom_row_gradients

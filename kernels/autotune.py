@@ -35,17 +35,24 @@ import warnings
 import torch
 import triton
 
-
 # The search space of the lookups: tiles (BLOCK_N, BLOCK_D, warps) of 8 to
 # 32 elements a thread, at row-block widths from 32 to 256.  Each kernel
 # takes the tiles up to its own limit (Tuning.max_per_thread), set with the
 # compile check (tests/test_gpu_targets.py) at every variant on and k = 24,
 # on sm_80 and sm_90, Triton 3.6 and 3.9: one step larger spills registers.
 TILES = (
-    (32, 32, 4), (16, 64, 4), (16, 128, 8),
-    (64, 32, 4), (32, 64, 4), (16, 128, 4), (16, 256, 8),
-    (128, 32, 4), (64, 64, 4), (32, 128, 4), (32, 256, 8),
-)  # fmt: skip
+    (32, 32, 4),
+    (16, 64, 4),
+    (16, 128, 8),
+    (64, 32, 4),
+    (32, 64, 4),
+    (16, 128, 4),
+    (16, 256, 8),
+    (128, 32, 4),
+    (64, 64, 4),
+    (32, 128, 4),
+    (32, 256, 8),
+)
 # The bag kernels keep a loop's state beside the tile. Of the ten tilings of
 # 8 elements a thread or fewer tried, only this one compiled without spills
 # for every bag kernel and dtype on both targets under both Triton versions
@@ -228,8 +235,9 @@ def entry_key(kernel_name, source, key_values, dtypes, device):
 
 def entry_key_for(kernel, args, key, device):
     """:func:`entry_key` of a launch of ``kernel`` on ``args`` (``device``: the GPU's name)."""
-    return entry_key(_kernel_name(kernel), source_key(kernel), {name: args[name] for name in key},
-                     _tensor_dtypes(args), device)  # fmt: skip
+    return entry_key(
+        _kernel_name(kernel), source_key(kernel), {name: args[name] for name in key}, _tensor_dtypes(args), device
+    )
 
 
 def source_key(kernel):
@@ -281,8 +289,11 @@ def read_entries(path):
         warnings.warn(f"triton_bloom: ignoring the autotune cache {path}: {exc}", RuntimeWarning, stacklevel=2)
         return []
     if not isinstance(payload, dict) or payload.get("format") != CACHE_FORMAT:
-        warnings.warn(f"triton_bloom: ignoring the autotune cache {path}: not format {CACHE_FORMAT} "
-                      f"(rerun triton-bloom tune)", RuntimeWarning, stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"triton_bloom: ignoring the autotune cache {path}: not format {CACHE_FORMAT} (rerun triton-bloom tune)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return []
     valid, bad = [], 0
     for entry in payload.get("entries", []):
@@ -291,8 +302,9 @@ def read_entries(path):
         else:
             bad += 1
     if bad:
-        warnings.warn(f"triton_bloom: ignoring {bad} malformed entries of the autotune cache {path}",
-                      RuntimeWarning, stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"triton_bloom: ignoring {bad} malformed entries of the autotune cache {path}", RuntimeWarning, stacklevel=2
+        )
     return valid
 
 
@@ -403,8 +415,11 @@ def _launch_errors():
     # kernel runs; a runtime fault (bad address) is not among them and is
     # never retried.
     errors = []
-    for module, name in (("triton.runtime.errors", "OutOfResources"), ("triton.runtime.errors", "PTXASError"),
-                         ("triton.compiler.errors", "CompilationError")):  # fmt: skip
+    for module, name in (
+        ("triton.runtime.errors", "OutOfResources"),
+        ("triton.runtime.errors", "PTXASError"),
+        ("triton.compiler.errors", "CompilationError"),
+    ):
         try:
             errors.append(getattr(__import__(module, fromlist=[name]), name))
         except (ImportError, AttributeError):
@@ -417,11 +432,15 @@ def _launch_with(kernel, grid_for, args, config, lookup_key):
     does not build here, so the caller tunes instead of failing the job."""
     meta = dict(config["kwargs"])
     try:
-        kernel[grid_for({**args, **meta})](**args, **meta, num_warps=config["num_warps"],
-                                           num_stages=config["num_stages"])  # fmt: skip
+        kernel[grid_for({**args, **meta})](
+            **args, **meta, num_warps=config["num_warps"], num_stages=config["num_stages"]
+        )
     except _launch_errors() as exc:
-        warnings.warn(f"triton_bloom: cached config {config} for {lookup_key[0]} does not build here ({exc}); "
-                      "autotuning instead", RuntimeWarning, stacklevel=3)  # fmt: skip
+        warnings.warn(
+            f"triton_bloom: cached config {config} for {lookup_key[0]} does not build here ({exc}); autotuning instead",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         with _lock:
             if _session.entries is not None:
                 _session.entries.pop(lookup_key, None)
@@ -435,19 +454,21 @@ def _record(kernel, args, key, device, autotuner):
     ms = timings.get(best)
     if isinstance(ms, (list, tuple)):  # (median, p20, p80) in Triton 3.x
         ms = ms[0]
-    _session.records.append({
-        "kernel": _kernel_name(kernel),
-        "source": source_key(kernel),
-        "key": {name: _plain(args[name]) for name in key},
-        "dtypes": _tensor_dtypes(args),
-        "device": device_name(device),
-        "config": _config_dict(best),
-        "ms": float(ms) if ms is not None else None,
-        "configs_tried": len(timings) or None,
-        "triton": triton.__version__,
-        "torch": torch.__version__,
-        "tuned_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    })  # fmt: skip
+    _session.records.append(
+        {
+            "kernel": _kernel_name(kernel),
+            "source": source_key(kernel),
+            "key": {name: _plain(args[name]) for name in key},
+            "dtypes": _tensor_dtypes(args),
+            "device": device_name(device),
+            "config": _config_dict(best),
+            "ms": float(ms) if ms is not None else None,
+            "configs_tried": len(timings) or None,
+            "triton": triton.__version__,
+            "torch": torch.__version__,
+            "tuned_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+    )
 
 
 def _stored_key(entry):
@@ -485,10 +506,17 @@ def _power_of_two(value):
 def _valid_entry(entry):
     try:
         config = entry["config"]
-        ok = (isinstance(entry["kernel"], str) and isinstance(entry["source"], str) and isinstance(entry["key"], dict)
-              and isinstance(entry["dtypes"], dict) and isinstance(entry["device"], str)
-              and isinstance(config["kwargs"], dict) and _power_of_two(config["num_warps"])
-              and isinstance(config["num_stages"], int) and config["num_stages"] >= 1)  # fmt: skip
+        ok = (
+            isinstance(entry["kernel"], str)
+            and isinstance(entry["source"], str)
+            and isinstance(entry["key"], dict)
+            and isinstance(entry["dtypes"], dict)
+            and isinstance(entry["device"], str)
+            and isinstance(config["kwargs"], dict)
+            and _power_of_two(config["num_warps"])
+            and isinstance(config["num_stages"], int)
+            and config["num_stages"] >= 1
+        )
         # Block sizes are tl.arange extents: powers of two, or the kernel cannot compile.
         return ok and all(_power_of_two(v) for k, v in config["kwargs"].items() if k.startswith("BLOCK"))
     except (KeyError, TypeError):

@@ -4,9 +4,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..constants import accumulation_dtype
 from .autotune import Tuning
 from .launch import launch
-from ..constants import accumulation_dtype
 from .lookup import hashing_args, id_args, id_hashes, load_ids, padding_args, row_contiguous, scatter_sum
 
 
@@ -44,15 +44,56 @@ def _bloom_backward_kernel(
     ids, live = load_ids(IDS, offs_n, offs_n < n, padding_idx, HAS_PADDING)
     mask = live & (offs_d < dim)
     grad = tl.load(GRAD_OUT + offs_n * dim + offs_d, mask=mask, other=0.0).to(GRAD_W.dtype.element_ty)
-    mixed_lo, mixed_hi, imp_rows, hot = id_hashes(ids, SEEDS, importance_rows, HOT, hot_count, HOT_STEPS,
-                                                  HAS_IMPORTANCE, HAS_HOT, WIDE_IDS)  # fmt: skip
-    scatter_sum(grad, ids, live, mixed_lo, mixed_hi, imp_rows, hot, ROWS, offs_n, SEEDS, W, IMPORTANCE, GRAD_W,
-                GRAD_IMPORTANCE, offs_d, mask, dim, num_rows, stride_w, K, PRECOMPUTED, SIGNED, HAS_IMPORTANCE,
-                HAS_HOT, WIDE_IDS, False, False)  # fmt: skip
+    mixed_lo, mixed_hi, imp_rows, hot = id_hashes(
+        ids, SEEDS, importance_rows, HOT, hot_count, HOT_STEPS, HAS_IMPORTANCE, HAS_HOT, WIDE_IDS
+    )
+    scatter_sum(
+        grad,
+        ids,
+        live,
+        mixed_lo,
+        mixed_hi,
+        imp_rows,
+        hot,
+        ROWS,
+        offs_n,
+        SEEDS,
+        W,
+        IMPORTANCE,
+        GRAD_W,
+        GRAD_IMPORTANCE,
+        offs_d,
+        mask,
+        dim,
+        num_rows,
+        stride_w,
+        K,
+        PRECOMPUTED,
+        SIGNED,
+        HAS_IMPORTANCE,
+        HAS_HOT,
+        WIDE_IDS,
+        False,
+        False,
+    )
 
 
-def bloom_backward(grad_out, ids, seeds, *, num_rows, num_hash_functions, padding_idx=None, rows=None,
-                   wide_ids=True, dtype=None, signed=False, weight=None, importance=None, hot=None):
+def bloom_backward(
+    grad_out,
+    ids,
+    seeds,
+    *,
+    num_rows,
+    num_hash_functions,
+    padding_idx=None,
+    rows=None,
+    wide_ids=True,
+    dtype=None,
+    signed=False,
+    weight=None,
+    importance=None,
+    hot=None,
+):
     """Gradient of the Bloom forward with respect to the table.
 
     Args:
@@ -96,17 +137,28 @@ def bloom_backward(grad_out, ids, seeds, *, num_rows, num_hash_functions, paddin
             **id_args(ids, rows, num_hash_functions),
             # The table is read only for the importance weights' gradient; the
             # accumulator, of the table's shape, stands in for it otherwise.
-            **hashing_args(row_contiguous(weight) if weight is not None else grad_w,
-                           num_hash_functions=num_hash_functions, wide_ids=wide_ids, signed=signed,
-                           importance=importance, hot=hot, absent=grad_w),
+            **hashing_args(
+                row_contiguous(weight) if weight is not None else grad_w,
+                num_hash_functions=num_hash_functions,
+                wide_ids=wide_ids,
+                signed=signed,
+                importance=importance,
+                hot=hot,
+                absent=grad_w,
+            ),
             **padding_args(padding_idx),
         )
 
         def grid(meta):
             return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(dim, meta["BLOCK_D"]))
 
-        launch(_bloom_backward_kernel, grid, args, grad_out.device,
-               tuning=Tuning(reset_to_zero=("GRAD_W", "GRAD_IMPORTANCE")))
+        launch(
+            _bloom_backward_kernel,
+            grid,
+            args,
+            grad_out.device,
+            tuning=Tuning(reset_to_zero=("GRAD_W", "GRAD_IMPORTANCE")),
+        )
     grad_w = grad_w if dtype == acc_dtype else grad_w.to(dtype)
     if grad_imp is not None:
         grad_imp = grad_imp.to(importance.dtype)

@@ -70,11 +70,38 @@ def _bloom_bag_backward_kernel(
         contrib = tl.broadcast_to(grad, (BLOCK_N, BLOCK_D))
         if HAS_PSW:
             contrib = contrib * tl.load(PSW + offs_n, mask=live, other=0.0).to(grad.dtype)
-        mixed_lo, mixed_hi, imp_rows, hot = id_hashes(ids, SEEDS, importance_rows, HOT, hot_count, HOT_STEPS,
-                                                       HAS_IMPORTANCE, HAS_HOT, WIDE_IDS)  # fmt: skip
-        vectors = scatter_sum(contrib, ids, live, mixed_lo, mixed_hi, imp_rows, hot, IDS, offs_n, SEEDS, W,
-                              IMPORTANCE, GRAD_W, GRAD_IMPORTANCE, offs_d, mask, dim, num_rows, stride_w, K, False,
-                              SIGNED, HAS_IMPORTANCE, HAS_HOT, WIDE_IDS, False, PSW_GRAD)  # fmt: skip
+        mixed_lo, mixed_hi, imp_rows, hot = id_hashes(
+            ids, SEEDS, importance_rows, HOT, hot_count, HOT_STEPS, HAS_IMPORTANCE, HAS_HOT, WIDE_IDS
+        )
+        vectors = scatter_sum(
+            contrib,
+            ids,
+            live,
+            mixed_lo,
+            mixed_hi,
+            imp_rows,
+            hot,
+            IDS,
+            offs_n,
+            SEEDS,
+            W,
+            IMPORTANCE,
+            GRAD_W,
+            GRAD_IMPORTANCE,
+            offs_d,
+            mask,
+            dim,
+            num_rows,
+            stride_w,
+            K,
+            False,
+            SIGNED,
+            HAS_IMPORTANCE,
+            HAS_HOT,
+            WIDE_IDS,
+            False,
+            PSW_GRAD,
+        )
         if PSW_GRAD:
             # d out[bag] / d psw[i] = the id's vector: dot it with the gradient,
             # one partial sum per column block.
@@ -115,16 +142,58 @@ def _bloom_bag_max_backward_kernel(
     # Each column of a bag has its own arg-max id: hash a tile of ids.
     ids, live = load_ids(IDS, pos, pos >= 0, -1, False)
     grad = tl.load(GRAD_OUT + tile, mask=live, other=0.0).to(GRAD_W.dtype.element_ty)
-    mixed_lo, mixed_hi, imp_rows, hot = id_hashes(ids, SEEDS, importance_rows, HOT, hot_count, HOT_STEPS,
-                                                  HAS_IMPORTANCE, HAS_HOT, WIDE_IDS)  # fmt: skip
-    scatter_sum(grad, ids, live, mixed_lo, mixed_hi, imp_rows, hot, IDS, pos, SEEDS, W, IMPORTANCE, GRAD_W,
-                GRAD_IMPORTANCE, offs_d, live, dim, num_rows, stride_w, K, False, SIGNED, HAS_IMPORTANCE, HAS_HOT,
-                WIDE_IDS, True, False)  # fmt: skip
+    mixed_lo, mixed_hi, imp_rows, hot = id_hashes(
+        ids, SEEDS, importance_rows, HOT, hot_count, HOT_STEPS, HAS_IMPORTANCE, HAS_HOT, WIDE_IDS
+    )
+    scatter_sum(
+        grad,
+        ids,
+        live,
+        mixed_lo,
+        mixed_hi,
+        imp_rows,
+        hot,
+        IDS,
+        pos,
+        SEEDS,
+        W,
+        IMPORTANCE,
+        GRAD_W,
+        GRAD_IMPORTANCE,
+        offs_d,
+        live,
+        dim,
+        num_rows,
+        stride_w,
+        K,
+        False,
+        SIGNED,
+        HAS_IMPORTANCE,
+        HAS_HOT,
+        WIDE_IDS,
+        True,
+        False,
+    )
 
 
-def bloom_bag_backward(grad_out, ids, offsets, weight, seeds, *, num_hash_functions, mode=constants.MODE_SUM,
-                       per_sample_weights=None, argmax=None, padding_idx=None, wide_ids=True,
-                       psw_grad=False, signed=False, importance=None, hot=None):  # fmt: skip
+def bloom_bag_backward(
+    grad_out,
+    ids,
+    offsets,
+    weight,
+    seeds,
+    *,
+    num_hash_functions,
+    mode=constants.MODE_SUM,
+    per_sample_weights=None,
+    argmax=None,
+    padding_idx=None,
+    wide_ids=True,
+    psw_grad=False,
+    signed=False,
+    importance=None,
+    hot=None,
+):
     """Gradients of :func:`bloom_bag_forward`.
 
     Args:
@@ -160,8 +229,15 @@ def bloom_bag_backward(grad_out, ids, offsets, weight, seeds, *, num_hash_functi
             GRAD_W=grad_w,
             GRAD_IMPORTANCE=grad_imp if grad_imp is not None else grad_w,
             dim=dim,
-            **hashing_args(weight, num_hash_functions=num_hash_functions, wide_ids=wide_ids, signed=signed,
-                           importance=importance, hot=hot, absent=grad_w),
+            **hashing_args(
+                weight,
+                num_hash_functions=num_hash_functions,
+                wide_ids=wide_ids,
+                signed=signed,
+                importance=importance,
+                hot=hot,
+                absent=grad_w,
+            ),
         )
         if mode == constants.MODE_MAX:
             args = dict(IDS=ids, ARGMAX=argmax.contiguous(), num_bags=num_bags, **common)
@@ -169,9 +245,13 @@ def bloom_bag_backward(grad_out, ids, offsets, weight, seeds, *, num_hash_functi
             def grid(meta):
                 return (triton.cdiv(num_bags, meta["BLOCK_N"]), triton.cdiv(dim, meta["BLOCK_D"]))
 
-            launch(_bloom_bag_max_backward_kernel, grid, args, weight.device,
-                   tuning=dataclasses.replace(BAG_TUNING, key=TUNING_KEY,
-                                              reset_to_zero=("GRAD_W", "GRAD_IMPORTANCE")))
+            launch(
+                _bloom_bag_max_backward_kernel,
+                grid,
+                args,
+                weight.device,
+                tuning=dataclasses.replace(BAG_TUNING, key=TUNING_KEY, reset_to_zero=("GRAD_W", "GRAD_IMPORTANCE")),
+            )
         else:
             args = dict(
                 IDS=ids,
@@ -188,8 +268,13 @@ def bloom_bag_backward(grad_out, ids, offsets, weight, seeds, *, num_hash_functi
             def grid(meta):
                 return (num_bags, triton.cdiv(dim, meta["BLOCK_D"]))
 
-            launch(_bloom_bag_backward_kernel, grid, args, weight.device,
-                   tuning=dataclasses.replace(BAG_TUNING, reset_to_zero=("GRAD_W", "GRAD_PSW", "GRAD_IMPORTANCE")))
+            launch(
+                _bloom_bag_backward_kernel,
+                grid,
+                args,
+                weight.device,
+                tuning=dataclasses.replace(BAG_TUNING, reset_to_zero=("GRAD_W", "GRAD_PSW", "GRAD_IMPORTANCE")),
+            )
     grad_w = grad_w if grad_w.dtype == weight.dtype else grad_w.to(weight.dtype)
     if grad_psw is not None and per_sample_weights is not None and grad_psw.dtype != per_sample_weights.dtype:
         grad_psw = grad_psw.to(per_sample_weights.dtype)

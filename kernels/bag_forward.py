@@ -60,11 +60,33 @@ def _bloom_bag_forward_kernel(
     for first in range(start, end, BLOCK_N):
         offs_n = first + tl.arange(0, BLOCK_N)[:, None]
         ids, live = load_ids(IDS, offs_n, offs_n < end, padding_idx, HAS_PADDING)
-        mixed_lo, mixed_hi, imp_rows, hot = id_hashes(ids, SEEDS, importance_rows, HOT, hot_count, HOT_STEPS,
-                                                       HAS_IMPORTANCE, HAS_HOT, WIDE_IDS)  # fmt: skip
-        vectors = gather_sum(ids, live, mixed_lo, mixed_hi, imp_rows, hot, IDS, offs_n, SEEDS, W, IMPORTANCE,
-                             offs_d[None, :], live & mask_d[None, :], num_rows, stride_w, K, False, SIGNED,
-                             HAS_IMPORTANCE, HAS_HOT, WIDE_IDS, ACC)  # fmt: skip
+        mixed_lo, mixed_hi, imp_rows, hot = id_hashes(
+            ids, SEEDS, importance_rows, HOT, hot_count, HOT_STEPS, HAS_IMPORTANCE, HAS_HOT, WIDE_IDS
+        )
+        vectors = gather_sum(
+            ids,
+            live,
+            mixed_lo,
+            mixed_hi,
+            imp_rows,
+            hot,
+            IDS,
+            offs_n,
+            SEEDS,
+            W,
+            IMPORTANCE,
+            offs_d[None, :],
+            live & mask_d[None, :],
+            num_rows,
+            stride_w,
+            K,
+            False,
+            SIGNED,
+            HAS_IMPORTANCE,
+            HAS_HOT,
+            WIDE_IDS,
+            ACC,
+        )
         if MODE == MODE_MAX:
             vectors = tl.where(live, vectors, float("-inf"))
             step_best = tl.max(vectors, axis=0)
@@ -89,9 +111,21 @@ def _bloom_bag_forward_kernel(
     tl.store(OUT + bag * dim + offs_d, acc.to(OUT.dtype.element_ty), mask=mask_d)
 
 
-def bloom_bag_forward(ids, offsets, weight, seeds, *, num_hash_functions, mode=constants.MODE_SUM,
-                      per_sample_weights=None, padding_idx=None, wide_ids=True, signed=False,
-                      importance=None, hot=None):  # fmt: skip
+def bloom_bag_forward(
+    ids,
+    offsets,
+    weight,
+    seeds,
+    *,
+    num_hash_functions,
+    mode=constants.MODE_SUM,
+    per_sample_weights=None,
+    padding_idx=None,
+    wide_ids=True,
+    signed=False,
+    importance=None,
+    hot=None,
+):
     """Pooled Bloom vectors of bags of ids.
 
     Args:
@@ -133,8 +167,15 @@ def bloom_bag_forward(ids, offsets, weight, seeds, *, num_hash_functions, mode=c
         MODE=mode,
         HAS_PSW=per_sample_weights is not None,
         ACC=accumulator(weight.dtype),
-        **hashing_args(weight, num_hash_functions=num_hash_functions, wide_ids=wide_ids, signed=signed,
-                       importance=importance, hot=hot, absent=weight),
+        **hashing_args(
+            weight,
+            num_hash_functions=num_hash_functions,
+            wide_ids=wide_ids,
+            signed=signed,
+            importance=importance,
+            hot=hot,
+            absent=weight,
+        ),
         **padding_args(padding_idx),
     )
 

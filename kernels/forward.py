@@ -43,16 +43,49 @@ def _bloom_forward_kernel(
     in_range = (offs_n < n) & (offs_d < dim)
     ids, live = load_ids(IDS, offs_n, offs_n < n, padding_idx, HAS_PADDING)
     # The variants hash the ids even when the rows come from a cache.
-    mixed_lo, mixed_hi, imp_rows, hot = id_hashes(ids, SEEDS, importance_rows, HOT, hot_count, HOT_STEPS,
-                                                  HAS_IMPORTANCE, HAS_HOT, WIDE_IDS)  # fmt: skip
-    acc = gather_sum(ids, live, mixed_lo, mixed_hi, imp_rows, hot, ROWS, offs_n, SEEDS, W, IMPORTANCE, offs_d,
-                     live & (offs_d < dim), num_rows, stride_w, K, PRECOMPUTED, SIGNED, HAS_IMPORTANCE, HAS_HOT,
-                     WIDE_IDS, ACC)  # fmt: skip
+    mixed_lo, mixed_hi, imp_rows, hot = id_hashes(
+        ids, SEEDS, importance_rows, HOT, hot_count, HOT_STEPS, HAS_IMPORTANCE, HAS_HOT, WIDE_IDS
+    )
+    acc = gather_sum(
+        ids,
+        live,
+        mixed_lo,
+        mixed_hi,
+        imp_rows,
+        hot,
+        ROWS,
+        offs_n,
+        SEEDS,
+        W,
+        IMPORTANCE,
+        offs_d,
+        live & (offs_d < dim),
+        num_rows,
+        stride_w,
+        K,
+        PRECOMPUTED,
+        SIGNED,
+        HAS_IMPORTANCE,
+        HAS_HOT,
+        WIDE_IDS,
+        ACC,
+    )
     tl.store(OUT + offs_n * dim + offs_d, acc.to(OUT.dtype.element_ty), mask=in_range)
 
 
-def bloom_forward(ids, weight, seeds, *, num_hash_functions, padding_idx=None, rows=None, wide_ids=True,
-                  signed=False, importance=None, hot=None):  # fmt: skip
+def bloom_forward(
+    ids,
+    weight,
+    seeds,
+    *,
+    num_hash_functions,
+    padding_idx=None,
+    rows=None,
+    wide_ids=True,
+    signed=False,
+    importance=None,
+    hot=None,
+):
     """Sum of the ``k`` Bloom rows of every id.
 
     Args:
@@ -87,8 +120,15 @@ def bloom_forward(ids, weight, seeds, *, num_hash_functions, padding_idx=None, r
         dim=dim,
         ACC=accumulator(weight.dtype),
         **id_args(ids, rows, num_hash_functions),
-        **hashing_args(weight, num_hash_functions=num_hash_functions, wide_ids=wide_ids, signed=signed,
-                       importance=importance, hot=hot, absent=weight),
+        **hashing_args(
+            weight,
+            num_hash_functions=num_hash_functions,
+            wide_ids=wide_ids,
+            signed=signed,
+            importance=importance,
+            hot=hot,
+            absent=weight,
+        ),
         **padding_args(padding_idx),
     )
 

@@ -100,9 +100,21 @@ def importance_row(ids, mixed_lo, mixed_hi, SEEDS, importance_rows, WIDE_IDS: tl
 
 
 @triton.jit
-def row_factor(ids, mixed_lo, mixed_hi, SEEDS, IMPORTANCE, imp_rows, hashed, j, K: tl.constexpr,
-               SIGNED: tl.constexpr, HAS_IMPORTANCE: tl.constexpr, WIDE_IDS: tl.constexpr,
-               ONE_OUTSIDE: tl.constexpr = False):  # fmt: skip
+def row_factor(
+    ids,
+    mixed_lo,
+    mixed_hi,
+    SEEDS,
+    IMPORTANCE,
+    imp_rows,
+    hashed,
+    j,
+    K: tl.constexpr,
+    SIGNED: tl.constexpr,
+    HAS_IMPORTANCE: tl.constexpr,
+    WIDE_IDS: tl.constexpr,
+    ONE_OUTSIDE: tl.constexpr = False,
+):
     """``(sign, factor)`` of row ``j`` of each id: the sign hash's +-1 (1 when
     not ``SIGNED``), float32, and sign * importance weight, in the importance
     weights' dtype (float32 without them).  The importance weights of ids
@@ -150,8 +162,20 @@ def bloom_hash(ids, seeds, *, num_hash_functions, num_rows, wide_ids=True):
     rows = torch.empty((*ids.shape, num_hash_functions), dtype=torch.int64, device=ids.device)
     n = ids.numel()
     if n:
-        args = dict(IDS=ids.reshape(-1).contiguous(), SEEDS=seeds, ROWS=rows, n=n, num_rows=num_rows,
-                    K=num_hash_functions, WIDE_IDS=wide_ids)  # fmt: skip
-        launch(_bloom_hash_kernel, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),), args, ids.device,
-               config={"kwargs": {"BLOCK_N": 128}})  # fmt: skip
+        args = dict(
+            IDS=ids.reshape(-1).contiguous(),
+            SEEDS=seeds,
+            ROWS=rows,
+            n=n,
+            num_rows=num_rows,
+            K=num_hash_functions,
+            WIDE_IDS=wide_ids,
+        )
+        launch(
+            _bloom_hash_kernel,
+            lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),),
+            args,
+            ids.device,
+            config={"kwargs": {"BLOCK_N": 128}},
+        )
     return rows

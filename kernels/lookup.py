@@ -105,8 +105,17 @@ def hot_positions(ids, HOT, hot_count, HOT_STEPS: tl.constexpr):
 
 
 @triton.jit
-def id_hashes(ids, SEEDS, importance_rows, HOT, hot_count, HOT_STEPS: tl.constexpr, HAS_IMPORTANCE: tl.constexpr,
-              HAS_HOT: tl.constexpr, WIDE_IDS: tl.constexpr):  # fmt: skip
+def id_hashes(
+    ids,
+    SEEDS,
+    importance_rows,
+    HOT,
+    hot_count,
+    HOT_STEPS: tl.constexpr,
+    HAS_IMPORTANCE: tl.constexpr,
+    HAS_HOT: tl.constexpr,
+    WIDE_IDS: tl.constexpr,
+):
     """What the ``k`` rows of each id share: its premixed murmur blocks, the
     row of the importance table it reads (the ids themselves without
     importance weights: unused then) and, with ``HAS_HOT``, its position
@@ -123,8 +132,23 @@ def id_hashes(ids, SEEDS, importance_rows, HOT, hot_count, HOT_STEPS: tl.constex
 
 
 @triton.jit
-def row_index(ids, live, mixed_lo, mixed_hi, hot, ROWS, offs_n, SEEDS, j, num_rows, mask, K: tl.constexpr,
-              PRECOMPUTED: tl.constexpr, HAS_HOT: tl.constexpr, WIDE_IDS: tl.constexpr):  # fmt: skip
+def row_index(
+    ids,
+    live,
+    mixed_lo,
+    mixed_hi,
+    hot,
+    ROWS,
+    offs_n,
+    SEEDS,
+    j,
+    num_rows,
+    mask,
+    K: tl.constexpr,
+    PRECOMPUTED: tl.constexpr,
+    HAS_HOT: tl.constexpr,
+    WIDE_IDS: tl.constexpr,
+):
     """Row ``j`` of each id, hashed or read from the ``(n, K)`` hash cache,
     and the part of ``mask`` that reads it: a hot id reads its private row
     once, at ``j = 0``, and nothing at the other ``j``."""
@@ -144,43 +168,131 @@ def row_index(ids, live, mixed_lo, mixed_hi, hot, ROWS, offs_n, SEEDS, j, num_ro
 
 
 @triton.jit
-def variant_factor(ids, mixed_lo, mixed_hi, hot, SEEDS, IMPORTANCE, imp_rows, live, j, K: tl.constexpr,
-                   SIGNED: tl.constexpr, HAS_IMPORTANCE: tl.constexpr, HAS_HOT: tl.constexpr,
-                   WIDE_IDS: tl.constexpr):  # fmt: skip
+def variant_factor(
+    ids,
+    mixed_lo,
+    mixed_hi,
+    hot,
+    SEEDS,
+    IMPORTANCE,
+    imp_rows,
+    live,
+    j,
+    K: tl.constexpr,
+    SIGNED: tl.constexpr,
+    HAS_IMPORTANCE: tl.constexpr,
+    HAS_HOT: tl.constexpr,
+    WIDE_IDS: tl.constexpr,
+):
     """``row_factor``'s ``(sign, factor)``: ``(1, 1)`` for a hot id's private row."""
     hashed = live
     if HAS_HOT:
         hashed = live & (hot < 0)
-    return row_factor(ids, mixed_lo, mixed_hi, SEEDS, IMPORTANCE, imp_rows, hashed, j, K, SIGNED, HAS_IMPORTANCE,
-                      WIDE_IDS, HAS_HOT)  # fmt: skip
+    return row_factor(
+        ids, mixed_lo, mixed_hi, SEEDS, IMPORTANCE, imp_rows, hashed, j, K, SIGNED, HAS_IMPORTANCE, WIDE_IDS, HAS_HOT
+    )
 
 
 @triton.jit
-def gather_sum(ids, live, mixed_lo, mixed_hi, imp_rows, hot, ROWS, offs_n, SEEDS, W, IMPORTANCE, offs_d, mask,
-               num_rows, stride_w, K: tl.constexpr, PRECOMPUTED: tl.constexpr, SIGNED: tl.constexpr,
-               HAS_IMPORTANCE: tl.constexpr, HAS_HOT: tl.constexpr, WIDE_IDS: tl.constexpr,
-               ACC: tl.constexpr):  # fmt: skip
+def gather_sum(
+    ids,
+    live,
+    mixed_lo,
+    mixed_hi,
+    imp_rows,
+    hot,
+    ROWS,
+    offs_n,
+    SEEDS,
+    W,
+    IMPORTANCE,
+    offs_d,
+    mask,
+    num_rows,
+    stride_w,
+    K: tl.constexpr,
+    PRECOMPUTED: tl.constexpr,
+    SIGNED: tl.constexpr,
+    HAS_IMPORTANCE: tl.constexpr,
+    HAS_HOT: tl.constexpr,
+    WIDE_IDS: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """Each id's vector on the columns ``offs_d``: the sum of its ``K`` rows
     of ``W``, each times its sign and importance weight (a hot id: its
     private row), in ``ACC``; zero where ``mask`` is off."""
     acc = tl.zeros(mask.shape, dtype=ACC)
     for j in range(K):
-        rows, row_mask = row_index(ids, live, mixed_lo, mixed_hi, hot, ROWS, offs_n, SEEDS, j, num_rows, mask, K,
-                                   PRECOMPUTED, HAS_HOT, WIDE_IDS)  # fmt: skip
+        rows, row_mask = row_index(
+            ids,
+            live,
+            mixed_lo,
+            mixed_hi,
+            hot,
+            ROWS,
+            offs_n,
+            SEEDS,
+            j,
+            num_rows,
+            mask,
+            K,
+            PRECOMPUTED,
+            HAS_HOT,
+            WIDE_IDS,
+        )
         vals = tl.load(W + rows * stride_w + offs_d, mask=row_mask, other=0.0).to(ACC)
         if SIGNED or HAS_IMPORTANCE:
-            _, factor = variant_factor(ids, mixed_lo, mixed_hi, hot, SEEDS, IMPORTANCE, imp_rows, live, j, K,
-                                       SIGNED, HAS_IMPORTANCE, HAS_HOT, WIDE_IDS)  # fmt: skip
+            _, factor = variant_factor(
+                ids,
+                mixed_lo,
+                mixed_hi,
+                hot,
+                SEEDS,
+                IMPORTANCE,
+                imp_rows,
+                live,
+                j,
+                K,
+                SIGNED,
+                HAS_IMPORTANCE,
+                HAS_HOT,
+                WIDE_IDS,
+            )
             vals = vals * factor.to(ACC)
         acc += vals
     return acc
 
 
 @triton.jit
-def scatter_sum(contrib, ids, live, mixed_lo, mixed_hi, imp_rows, hot, ROWS, offs_n, SEEDS, W, IMPORTANCE, GRAD_W,
-                GRAD_IMPORTANCE, offs_d, mask, dim, num_rows, stride_w, K: tl.constexpr, PRECOMPUTED: tl.constexpr,
-                SIGNED: tl.constexpr, HAS_IMPORTANCE: tl.constexpr, HAS_HOT: tl.constexpr, WIDE_IDS: tl.constexpr,
-                IDS_PER_COLUMN: tl.constexpr, GATHER: tl.constexpr):  # fmt: skip
+def scatter_sum(
+    contrib,
+    ids,
+    live,
+    mixed_lo,
+    mixed_hi,
+    imp_rows,
+    hot,
+    ROWS,
+    offs_n,
+    SEEDS,
+    W,
+    IMPORTANCE,
+    GRAD_W,
+    GRAD_IMPORTANCE,
+    offs_d,
+    mask,
+    dim,
+    num_rows,
+    stride_w,
+    K: tl.constexpr,
+    PRECOMPUTED: tl.constexpr,
+    SIGNED: tl.constexpr,
+    HAS_IMPORTANCE: tl.constexpr,
+    HAS_HOT: tl.constexpr,
+    WIDE_IDS: tl.constexpr,
+    IDS_PER_COLUMN: tl.constexpr,
+    GATHER: tl.constexpr,
+):
     """Add ``contrib`` (each id's gradient on the columns ``offs_d``) into
     the ``K`` rows of each id, times the row's sign and importance weight
     (a hot id: into its private row), and the importance weights' gradient
@@ -190,13 +302,42 @@ def scatter_sum(contrib, ids, live, mixed_lo, mixed_hi, imp_rows, hot, ROWS, off
     """
     vectors = tl.zeros(mask.shape, dtype=contrib.dtype)
     for j in range(K):
-        rows, row_mask = row_index(ids, live, mixed_lo, mixed_hi, hot, ROWS, offs_n, SEEDS, j, num_rows, mask, K,
-                                   PRECOMPUTED, HAS_HOT, WIDE_IDS)  # fmt: skip
+        rows, row_mask = row_index(
+            ids,
+            live,
+            mixed_lo,
+            mixed_hi,
+            hot,
+            ROWS,
+            offs_n,
+            SEEDS,
+            j,
+            num_rows,
+            mask,
+            K,
+            PRECOMPUTED,
+            HAS_HOT,
+            WIDE_IDS,
+        )
         row_contrib = contrib
         factor = tl.full(ids.shape, 1.0, tl.float32)
         if SIGNED or HAS_IMPORTANCE:
-            sign, factor = variant_factor(ids, mixed_lo, mixed_hi, hot, SEEDS, IMPORTANCE, imp_rows, live, j, K,
-                                          SIGNED, HAS_IMPORTANCE, HAS_HOT, WIDE_IDS)  # fmt: skip
+            sign, factor = variant_factor(
+                ids,
+                mixed_lo,
+                mixed_hi,
+                hot,
+                SEEDS,
+                IMPORTANCE,
+                imp_rows,
+                live,
+                j,
+                K,
+                SIGNED,
+                HAS_IMPORTANCE,
+                HAS_HOT,
+                WIDE_IDS,
+            )
             row_contrib = contrib * factor.to(contrib.dtype)
         # Relaxed: the adds commute, and nothing reads GRAD_W until the kernel ends.
         tl.atomic_add(GRAD_W + rows * dim + offs_d, row_contrib, mask=row_mask, sem="relaxed")
@@ -214,6 +355,7 @@ def scatter_sum(contrib, ids, live, mixed_lo, mixed_hi, imp_rows, hot, ROWS, off
                 if HAS_HOT:
                     # A hot id reads no importance weight.
                     imp_live = live & (hot < 0)
-                tl.atomic_add(GRAD_IMPORTANCE + imp_rows * K + j, partial * sign.to(contrib.dtype), mask=imp_live,
-                              sem="relaxed")  # fmt: skip
+                tl.atomic_add(
+                    GRAD_IMPORTANCE + imp_rows * K + j, partial * sign.to(contrib.dtype), mask=imp_live, sem="relaxed"
+                )
     return vectors

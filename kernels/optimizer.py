@@ -65,8 +65,21 @@ def bloom_rowwise_update(weight, rows, values, *, optimizer, lr, eps=0.0, state=
         return
     if weight.stride(1) != 1:
         raise ValueError("fused optimizers update the table in place: its rows must be contiguous")
-    args = dict(ROWS=rows.contiguous(), VALUES=values.contiguous(), W=weight,
-                STATE=state if state is not None else values, dim=dim, stride_w=weight.stride(0), lr=float(lr),
-                eps=float(eps), OPTIMIZER=optimizer)  # fmt: skip
-    launch(_bloom_rowwise_update_kernel, lambda meta: (rows.numel(),), args, weight.device,
-           config={"kwargs": {"BLOCK_D": min(256, triton.next_power_of_2(dim))}})  # fmt: skip
+    args = dict(
+        ROWS=rows.contiguous(),
+        VALUES=values.contiguous(),
+        W=weight,
+        STATE=state if state is not None else values,
+        dim=dim,
+        stride_w=weight.stride(0),
+        lr=float(lr),
+        eps=float(eps),
+        OPTIMIZER=optimizer,
+    )
+    launch(
+        _bloom_rowwise_update_kernel,
+        lambda meta: (rows.numel(),),
+        args,
+        weight.device,
+        config={"kwargs": {"BLOCK_D": min(256, triton.next_power_of_2(dim))}},
+    )

@@ -20,9 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .hashing import bloom_rows
 from .launch import launch
 from .lookup import accumulator, gather_sum, hashing_args, id_hashes, load_ids, padding_args, row_contiguous
-from .hashing import bloom_rows
 
 
 @triton.jit
@@ -62,8 +62,9 @@ def _bloom_scores_kernel(
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
     offs_q = tl.program_id(1).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)[None, :]
     ids, live = load_ids(IDS, offs_n, offs_n < n, padding_idx, HAS_PADDING)
-    mixed_lo, mixed_hi, imp_rows, hot = id_hashes(ids, SEEDS, importance_rows, HOT, hot_count, HOT_STEPS,
-                                                  HAS_IMPORTANCE, HAS_HOT, WIDE_IDS)  # fmt: skip
+    mixed_lo, mixed_hi, imp_rows, hot = id_hashes(
+        ids, SEEDS, importance_rows, HOT, hot_count, HOT_STEPS, HAS_IMPORTANCE, HAS_HOT, WIDE_IDS
+    )
     acc = tl.zeros((BLOCK_N, BLOCK_Q), dtype=ACC)
     if FROM_ROW_SCORES:
         # A loop, not unrolled, as in the lookups: k gathers in flight at once
@@ -74,16 +75,38 @@ def _bloom_scores_kernel(
     else:
         for d0 in range(0, dim, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)[None, :]
-            vectors = gather_sum(ids, live, mixed_lo, mixed_hi, imp_rows, hot, IDS, offs_n, SEEDS, W, IMPORTANCE,
-                                 offs_d, live & (offs_d < dim), num_rows, stride_w, K, False, SIGNED, HAS_IMPORTANCE,
-                                 HAS_HOT, WIDE_IDS, VEC_ACC)  # fmt: skip
+            vectors = gather_sum(
+                ids,
+                live,
+                mixed_lo,
+                mixed_hi,
+                imp_rows,
+                hot,
+                IDS,
+                offs_n,
+                SEEDS,
+                W,
+                IMPORTANCE,
+                offs_d,
+                live & (offs_d < dim),
+                num_rows,
+                stride_w,
+                K,
+                False,
+                SIGNED,
+                HAS_IMPORTANCE,
+                HAS_HOT,
+                WIDE_IDS,
+                VEC_ACC,
+            )
             # Summed and rounded as the lookup sums and rounds its output, so
             # that a score is the dot product with the vector the embedding
             # returns, whatever the dot products accumulate in.
             vectors = vectors.to(W.dtype.element_ty).to(ACC)
             offs_qd = tl.program_id(1).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)[:, None]
-            queries = tl.load(QUERIES + offs_qd * stride_q + offs_d, mask=(offs_qd < nq) & (offs_d < dim),
-                              other=0.0).to(ACC)  # fmt: skip
+            queries = tl.load(
+                QUERIES + offs_qd * stride_q + offs_d, mask=(offs_qd < nq) & (offs_d < dim), other=0.0
+            ).to(ACC)
             if USE_DOT:
                 # IEEE float32, not TF32: rankings must match the PyTorch path's.
                 acc += tl.dot(vectors, tl.trans(queries), input_precision="ieee")
@@ -110,8 +133,23 @@ def _config(nq, dim, wide_acc, from_row_scores):
     return {"kwargs": {"BLOCK_Q": block_q, "BLOCK_N": block_n, "BLOCK_D": block_d}, "num_warps": 4, "num_stages": 1}
 
 
-def _launch(queries, ids, table, seeds, *, num_hash_functions, padding_idx, wide_ids, signed, importance, hot,
-            from_row_scores, dim, acc_dtype, out_dtype):  # fmt: skip
+def _launch(
+    queries,
+    ids,
+    table,
+    seeds,
+    *,
+    num_hash_functions,
+    padding_idx,
+    wide_ids,
+    signed,
+    importance,
+    hot,
+    from_row_scores,
+    dim,
+    acc_dtype,
+    out_dtype,
+):
     nq, n = queries.shape[0], ids.numel()
     out = torch.empty((nq, n), dtype=out_dtype, device=table.device)
     if nq == 0 or n == 0:
@@ -135,8 +173,15 @@ def _launch(queries, ids, table, seeds, *, num_hash_functions, padding_idx, wide
         USE_DOT=acc_dtype == torch.float32,
         VEC_ACC=accumulator(table.dtype),
         ACC=acc,
-        **hashing_args(table, num_hash_functions=num_hash_functions, wide_ids=wide_ids, signed=signed,
-                       importance=importance, hot=hot, absent=table),
+        **hashing_args(
+            table,
+            num_hash_functions=num_hash_functions,
+            wide_ids=wide_ids,
+            signed=signed,
+            importance=importance,
+            hot=hot,
+            absent=table,
+        ),
         **padding_args(padding_idx),
     )
     if from_row_scores:
@@ -150,8 +195,20 @@ def _launch(queries, ids, table, seeds, *, num_hash_functions, padding_idx, wide
     return out
 
 
-def bloom_scores(queries, ids, weight, seeds, *, num_hash_functions, padding_idx=None, wide_ids=True, signed=False,
-                 importance=None, hot=None, exact=False):  # fmt: skip
+def bloom_scores(
+    queries,
+    ids,
+    weight,
+    seeds,
+    *,
+    num_hash_functions,
+    padding_idx=None,
+    wide_ids=True,
+    signed=False,
+    importance=None,
+    hot=None,
+    exact=False,
+):
     """``(nq, n)`` dot products of every query with every id's Bloom vector.
 
     Args:
@@ -177,9 +234,22 @@ def bloom_scores(queries, ids, weight, seeds, *, num_hash_functions, padding_idx
     """
     out_dtype = torch.float64 if torch.float64 in (queries.dtype, weight.dtype) else torch.float32
     acc_dtype = torch.float64 if exact else out_dtype
-    return _launch(queries, ids, weight, seeds, num_hash_functions=num_hash_functions, padding_idx=padding_idx,
-                   wide_ids=wide_ids, signed=signed, importance=importance, hot=hot, from_row_scores=False,
-                   dim=weight.shape[1], acc_dtype=acc_dtype, out_dtype=out_dtype)  # fmt: skip
+    return _launch(
+        queries,
+        ids,
+        weight,
+        seeds,
+        num_hash_functions=num_hash_functions,
+        padding_idx=padding_idx,
+        wide_ids=wide_ids,
+        signed=signed,
+        importance=importance,
+        hot=hot,
+        from_row_scores=False,
+        dim=weight.shape[1],
+        acc_dtype=acc_dtype,
+        out_dtype=out_dtype,
+    )
 
 
 def bloom_row_score_sums(row_scores, ids, seeds, *, num_hash_functions, wide_ids=True):
@@ -197,6 +267,19 @@ def bloom_row_score_sums(row_scores, ids, seeds, *, num_hash_functions, wide_ids
         Tensor ``(nq, n)``, float32 (float64 for float64 ``row_scores``).
     """
     acc_dtype = torch.float64 if row_scores.dtype == torch.float64 else torch.float32
-    return _launch(row_scores, ids, row_scores, seeds, num_hash_functions=num_hash_functions, padding_idx=None,
-                   wide_ids=wide_ids, signed=False, importance=None, hot=None, from_row_scores=True, dim=1,
-                   acc_dtype=acc_dtype, out_dtype=acc_dtype)  # fmt: skip
+    return _launch(
+        row_scores,
+        ids,
+        row_scores,
+        seeds,
+        num_hash_functions=num_hash_functions,
+        padding_idx=None,
+        wide_ids=wide_ids,
+        signed=False,
+        importance=None,
+        hot=None,
+        from_row_scores=True,
+        dim=1,
+        acc_dtype=acc_dtype,
+        out_dtype=acc_dtype,
+    )

@@ -96,6 +96,11 @@ def bloom_row_gradients(rows, sources, grad, *, scales=None, keep=None):
             HAS_SCALE=flat_scales is not None,
         )
         config = {"kwargs": {"BLOCK_N": SEGMENT_BLOCK_N, "BLOCK_D": min(128, triton.next_power_of_2(dim))}}
-        launch(_bloom_segment_sum_kernel, lambda meta: (unique_rows.numel(), triton.cdiv(dim, meta["BLOCK_D"])),
-               args, grad.device, config=config)  # fmt: skip
+        launch(
+            _bloom_segment_sum_kernel,
+            lambda meta: (unique_rows.numel(), triton.cdiv(dim, meta["BLOCK_D"])),
+            args,
+            grad.device,
+            config=config,
+        )
     return unique_rows, values

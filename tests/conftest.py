@@ -22,21 +22,27 @@ if not torch.cuda.is_available():
 # compilation gains little anyway: compile in the test process itself.
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
-from support import DEVICE  # noqa: E402
-from triton_bloom import dispatch  # noqa: E402
-
 # Hypothesis profiles of the generated tests (tests/test_properties.py,
 # tests/test_fuzz.py): "ci", the default, draws the same cases every run, so
 # a red CI run is reproducible and a green one means the same thing each
 # time; "long" (HYPOTHESIS_PROFILE=long) draws ten times as many fresh cases
 # for local runs.  Tests size their budgets relative to max_examples.
 from hypothesis import HealthCheck, settings  # noqa: E402
+from support import DEVICE  # noqa: E402
+
+from triton_bloom import dispatch  # noqa: E402
 
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
-settings.register_profile("ci", max_examples=100, derandomize=True, deadline=None, database=None,
-                          suppress_health_check=_SLOW_OK, print_blob=True)  # fmt: skip
-settings.register_profile("long", max_examples=1000, deadline=None, suppress_health_check=_SLOW_OK,
-                          print_blob=True)  # fmt: skip
+settings.register_profile(
+    "ci",
+    max_examples=100,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    suppress_health_check=_SLOW_OK,
+    print_blob=True,
+)
+settings.register_profile("long", max_examples=1000, deadline=None, suppress_health_check=_SLOW_OK, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

@@ -18,9 +18,8 @@ from typing import Optional
 
 import mmh3
 import numpy as np
-from sklearn.utils import murmurhash3_32
-
 from oracle import SPOTLIGHT_SEEDS
+from sklearn.utils import murmurhash3_32
 
 # As the README documents them: sign seeds SEEDS[j] ^ 0x5BD1E995, importance seed 0x2545F491.
 SIGN_MASK = 0x5BD1E995

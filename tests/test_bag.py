@@ -6,9 +6,9 @@ import random
 import numpy as np
 import pytest
 import torch
-
 from oracle import bag_backward_oracle, bag_forward_oracle
 from support import DEVICE, require_kernels
+
 from triton_bloom import BloomEmbedding, BloomEmbeddingBag
 from triton_bloom.constants import MODE_MAX, MODE_MEAN, MODE_SUM
 from triton_bloom.functional import bloom_embedding_bag
@@ -60,16 +60,26 @@ def test_bag_matches_oracle(backend, mode, weighted, padding_idx, seed):
     p = psw.clone().to(DEVICE).requires_grad_(True) if weighted else None
     use_last = seed % 2 == 0
     offs = offsets if use_last else offsets[:-1]
-    out = bloom_embedding_bag(ids.to(DEVICE), w, offs.to(DEVICE), k, mode, p, padding_idx, use_last,
-                              num_embeddings=1000, backend=backend)  # fmt: skip
-    expected = bag_forward_oracle(ids.numpy(), offsets.numpy(), weight.numpy(), k, mode,
-                                  None if psw is None else psw.numpy(), padding_idx)  # fmt: skip
+    out = bloom_embedding_bag(
+        ids.to(DEVICE), w, offs.to(DEVICE), k, mode, p, padding_idx, use_last, num_embeddings=1000, backend=backend
+    )
+    expected = bag_forward_oracle(
+        ids.numpy(), offsets.numpy(), weight.numpy(), k, mode, None if psw is None else psw.numpy(), padding_idx
+    )
     assert out.shape == (num_bags, dim)
     np.testing.assert_allclose(out.detach().cpu().numpy(), expected, atol=1e-10, rtol=1e-10)
 
     out.backward(grad_out.to(DEVICE))
-    grad_w, grad_psw = bag_backward_oracle(ids.numpy(), offsets.numpy(), weight.numpy(), k, mode, grad_out.numpy(),
-                                           None if psw is None else psw.numpy(), padding_idx)  # fmt: skip
+    grad_w, grad_psw = bag_backward_oracle(
+        ids.numpy(),
+        offsets.numpy(),
+        weight.numpy(),
+        k,
+        mode,
+        grad_out.numpy(),
+        None if psw is None else psw.numpy(),
+        padding_idx,
+    )
     np.testing.assert_allclose(w.grad.cpu().numpy(), grad_w, atol=1e-10, rtol=1e-10)
     if weighted:
         np.testing.assert_allclose(p.grad.cpu().numpy(), grad_psw, atol=1e-10, rtol=1e-10)
@@ -89,8 +99,7 @@ def test_bag_kernels_match_reference_float32(mode, seed):
     for backend in BACKENDS:
         w = weight.clone().to(DEVICE).requires_grad_(True)
         p = psw.clone().to(DEVICE).requires_grad_(True) if psw is not None else None
-        out = bloom_embedding_bag(ids.to(DEVICE), w, offsets[:-1].to(DEVICE), k, mode, p, padding_idx,
-                                  backend=backend)  # fmt: skip
+        out = bloom_embedding_bag(ids.to(DEVICE), w, offsets[:-1].to(DEVICE), k, mode, p, padding_idx, backend=backend)
         out.backward(grad_out.to(DEVICE))
         results.append((out.detach(), w.grad, None if p is None else p.grad))
     (ref_out, ref_gw, ref_gp), (out, gw, gp) = results

@@ -10,8 +10,23 @@ import bench.memory as memory
 import bench.speed as speed
 
 REQUIRED_PROVIDERS = {"triton_bloom", "seed", "embedding_bag_cached", "reference", "full_embedding"}
-SPEED_FIELDS = {"provider", "mode", "layer", "batch", "embedding_dim", "k", "dtype", "distribution", "ms",
-                "ratio_to_seed", "hardware", "date", "torch", "gbps", "fraction_of_copy"}  # fmt: skip
+SPEED_FIELDS = {
+    "provider",
+    "mode",
+    "layer",
+    "batch",
+    "embedding_dim",
+    "k",
+    "dtype",
+    "distribution",
+    "ms",
+    "ratio_to_seed",
+    "hardware",
+    "date",
+    "torch",
+    "gbps",
+    "fraction_of_copy",
+}
 SHAPE = ("layer", "batch", "seq", "embedding_dim", "k", "dtype", "distribution", "num_embeddings", "mode")
 
 
@@ -26,8 +41,25 @@ def _has_matplotlib():
 @pytest.fixture(scope="module")
 def speed_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("speed") / "speed.json"
-    speed.main(["--quick", "--device", "cpu", "--num-embeddings", "5000", "--batch", "8", "--repeats", "2",
-                "--warmup", "1", "--copy-mib", "4", "--out", str(out)])  # fmt: skip
+    speed.main(
+        [
+            "--quick",
+            "--device",
+            "cpu",
+            "--num-embeddings",
+            "5000",
+            "--batch",
+            "8",
+            "--repeats",
+            "2",
+            "--warmup",
+            "1",
+            "--copy-mib",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     return out, json.loads(out.read_text())
 
 
@@ -59,14 +91,31 @@ def test_speed_ratios_are_seed_ms_over_ms(speed_run):
 def test_speed_cases_are_one_axis_sweeps():
     base = speed.Case(batch=8, num_embeddings=1000)
     cases = speed.sweep(base, embedding_dim=[16, 64], k=[1])
-    assert cases == [base, speed.Case(batch=8, num_embeddings=1000, embedding_dim=16),
-                     speed.Case(batch=8, num_embeddings=1000, k=1)]  # fmt: skip
+    assert cases == [
+        base,
+        speed.Case(batch=8, num_embeddings=1000, embedding_dim=16),
+        speed.Case(batch=8, num_embeddings=1000, k=1),
+    ]
 
 
 def test_memory_rows_measured_and_analytic(tmp_path):
     out = tmp_path / "memory.json"
-    payload = memory.main(["--device", "cpu", "--sizes", "1000,1e9", "--embedding-dim", "8", "--batch", "8",
-                           "--seq", "2", "--out", str(out)])  # fmt: skip
+    payload = memory.main(
+        [
+            "--device",
+            "cpu",
+            "--sizes",
+            "1000,1e9",
+            "--embedding-dim",
+            "8",
+            "--batch",
+            "8",
+            "--seq",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     rows = json.loads(out.read_text())["rows"]
     assert rows == payload["rows"]
     assert {r["provider"] for r in rows} == set(memory.PROVIDERS)
@@ -74,15 +123,24 @@ def test_memory_rows_measured_and_analytic(tmp_path):
     kinds = {(r["num_embeddings"], r["kind"]) for r in rows}
     assert kinds == {(1000, "measured"), (10**9, "analytic")}
     for row in rows:
-        model = memory.analytic(memory.MemoryCase(row["provider"], row["optimizer"], row["num_embeddings"],
-                                                  embedding_dim=8, batch=8, seq=2), "cpu")  # fmt: skip
+        model = memory.analytic(
+            memory.MemoryCase(
+                row["provider"], row["optimizer"], row["num_embeddings"], embedding_dim=8, batch=8, seq=2
+            ),
+            "cpu",
+        )
         # Tensor bytes are exact; optimizer state adds only its step counter.
         assert row["module_bytes"] == model["module_bytes"]
         assert row["optimizer_state_bytes"] == pytest.approx(model["optimizer_state_bytes"], abs=64)
         assert row["peak_step_bytes"] > 0
         for name in ("seed", "full_embedding"):
-            peer = next(r for r in rows if r["provider"] == name and r["optimizer"] == row["optimizer"]
-                        and r["num_embeddings"] == row["num_embeddings"])  # fmt: skip
+            peer = next(
+                r
+                for r in rows
+                if r["provider"] == name
+                and r["optimizer"] == row["optimizer"]
+                and r["num_embeddings"] == row["num_embeddings"]
+            )
             assert row[f"ratio_to_{name}_module"] == pytest.approx(peer["module_bytes"] / row["module_bytes"])
     big = {r["provider"]: r for r in rows if r["num_embeddings"] == 10**9 and r["optimizer"] == "adam"}
     # A billion ids: ours holds rows * dim floats, the seed adds 8 * k bytes per id.
@@ -98,8 +156,22 @@ def test_output_benchmark_compares_like_with_like(tmp_path):
     import bench.output as output
 
     out = tmp_path / "output.json"
-    payload = output.main(["--topk-ids", "3000", "--queries", "5", "--loss-ids", "2000", "--loss-batch", "64",
-                           "--repeats", "1", "--out", str(out)])  # fmt: skip
+    payload = output.main(
+        [
+            "--topk-ids",
+            "3000",
+            "--queries",
+            "5",
+            "--loss-ids",
+            "2000",
+            "--loss-batch",
+            "64",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     rows = json.loads(out.read_text())["results"]
     assert rows == json.loads(json.dumps(payload["results"]))
     assert [(r["task"], r["queries"]) for r in rows] == [("topk", 5), ("loss", 64)]

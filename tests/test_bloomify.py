@@ -58,8 +58,13 @@ def two_tower_batch(g, batch=32, num_users=20_000, num_items=30_000):
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])  # include_last_offset
     history = torch.randint(0, num_items, (int(lengths.sum()),), generator=g)
     history[::4] = 0  # padding
-    return (torch.randint(0, num_users, (batch,), generator=g), history, offsets,
-            torch.randint(0, num_items, (batch,), generator=g), torch.randint(0, 20, (batch,), generator=g))  # fmt: skip
+    return (
+        torch.randint(0, num_users, (batch,), generator=g),
+        history,
+        offsets,
+        torch.randint(0, num_items, (batch,), generator=g),
+        torch.randint(0, 20, (batch,), generator=g),
+    )
 
 
 def train_two_tower(model, steps=40):
@@ -206,11 +211,13 @@ def test_threshold_is_inclusive():
 
 
 def test_settings_carried_over():
-    model = nn.ModuleDict({
-        "emb": nn.Embedding(1000, 8, padding_idx=-1, sparse=True, dtype=torch.bfloat16),
-        "bag": nn.EmbeddingBag(1000, 8, mode="sum", sparse=True, dtype=torch.float64),
-        "maxbag": nn.EmbeddingBag(1000, 8, mode="max", padding_idx=7),
-    })  # fmt: skip
+    model = nn.ModuleDict(
+        {
+            "emb": nn.Embedding(1000, 8, padding_idx=-1, sparse=True, dtype=torch.bfloat16),
+            "bag": nn.EmbeddingBag(1000, 8, mode="sum", sparse=True, dtype=torch.float64),
+            "maxbag": nn.EmbeddingBag(1000, 8, mode="max", padding_idx=7),
+        }
+    )
     bloomify(model, min_num_embeddings=1000, backend="torch")
     emb, bag, maxbag = model["emb"], model["bag"], model["maxbag"]
     assert (emb.padding_idx, emb.sparse, emb.weight.dtype, emb.backend) == (999, True, torch.bfloat16, "torch")

@@ -24,8 +24,9 @@ def test_every_layout_is_run_or_says_why_not(tiny_run):
     names = [s["name"] for s in payload["studies"]]
     assert names[0] == "budget sweep (MF)"
     assert names[1].startswith(f"width fixed at {S.DIM} (pooling sequence model)")
-    for study, layouts, budgets in zip(payload["studies"], (S.LAYOUTS_A, S.LAYOUTS_B),
-                                       (S.TINY.budgets, S.TINY.seq_budgets)):  # fmt: skip
+    for study, layouts, budgets in zip(
+        payload["studies"], (S.LAYOUTS_A, S.LAYOUTS_B), (S.TINY.budgets, S.TINY.seq_budgets)
+    ):
         rows = study["rows"]
         assert [r["layout"] for r in rows[:2]] == ["full table", "biases only"]
         for budget in budgets:

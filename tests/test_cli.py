@@ -15,8 +15,8 @@ import warnings
 
 import pytest
 import torch
-
 from support import require_kernels
+
 from triton_bloom import cli, demo
 from triton_bloom.ranking import items_above
 
@@ -81,10 +81,12 @@ def test_tune_prints_and_saves_what_the_tuner_chose(capsys, monkeypatch, private
 
     def fake_shape(device, dim, k, dtype, ids, args):
         seen.append((dim, k, dtype, ids))
-        autotune._session.records.append(make_record("_bloom_forward_kernel", dim=dim, K=k, device="Fake GPU",
-                                                     dtype=f"torch.{dtype}"))  # fmt: skip
-        autotune._session.records.append(make_record("_bloom_bag_forward_kernel", dim=dim, K=k, MODE=2,
-                                                     device="Fake GPU", dtype=f"torch.{dtype}"))  # fmt: skip
+        autotune._session.records.append(
+            make_record("_bloom_forward_kernel", dim=dim, K=k, device="Fake GPU", dtype=f"torch.{dtype}")
+        )
+        autotune._session.records.append(
+            make_record("_bloom_bag_forward_kernel", dim=dim, K=k, MODE=2, device="Fake GPU", dtype=f"torch.{dtype}")
+        )
 
     monkeypatch.setattr(cli, "_tune_shape", fake_shape)
     code, out = run_cli(capsys, "tune", "--dim", "32", "64", "--k", "4", "--dtype", "float32", "bfloat16")
@@ -98,16 +100,18 @@ def test_tune_prints_and_saves_what_the_tuner_chose(capsys, monkeypatch, private
 
 
 def test_bench_builtin_times_both_layers(capsys):
-    code, out = run_cli(capsys, "bench", "--builtin", "--device", "cpu", "--num-embeddings", "1000",
-                        "--batch", "16", "--repeats", "2")  # fmt: skip
+    code, out = run_cli(
+        capsys, "bench", "--builtin", "--device", "cpu", "--num-embeddings", "1000", "--batch", "16", "--repeats", "2"
+    )
     assert code == 0
     assert "nn.Embedding (full)" in out and "BloomEmbedding 0.2" in out
 
 
 def test_bench_without_a_checkout_falls_back_to_builtin(capsys, monkeypatch):
     monkeypatch.setattr(cli, "find_speed_script", lambda: None)
-    code, out = run_cli(capsys, "bench", "--device", "cpu", "--num-embeddings", "1000", "--batch", "16",
-                        "--repeats", "2")  # fmt: skip
+    code, out = run_cli(
+        capsys, "bench", "--device", "cpu", "--num-embeddings", "1000", "--batch", "16", "--repeats", "2"
+    )
     assert code == 0
     assert "bench/speed.py is not here" in " ".join(out.split())
     assert "BloomEmbedding 0.2" in out
@@ -116,17 +120,36 @@ def test_bench_without_a_checkout_falls_back_to_builtin(capsys, monkeypatch):
 def test_bench_runs_speed_script_from_the_checkout(capsys, tmp_path):
     assert cli.find_speed_script() is not None  # tests run from a checkout
     out_file = tmp_path / "speed.json"
-    code, out = run_cli(capsys, "bench", "--device", "cpu", "--num-embeddings", "5000", "--batch", "8",
-                        "--repeats", "2", "--out", str(out_file), "--", "--warmup", "1", "--copy-mib", "4",
-                        "--providers", "triton_bloom,seed")  # fmt: skip
+    code, out = run_cli(
+        capsys,
+        "bench",
+        "--device",
+        "cpu",
+        "--num-embeddings",
+        "5000",
+        "--batch",
+        "8",
+        "--repeats",
+        "2",
+        "--out",
+        str(out_file),
+        "--",
+        "--warmup",
+        "1",
+        "--copy-mib",
+        "4",
+        "--providers",
+        "triton_bloom,seed",
+    )
     assert code == 0
     assert "bench/speed.py --quick" in out
     assert json.loads(out_file.read_text())["rows"]
 
 
 def test_python_m_help_lists_the_commands():
-    result = subprocess.run([sys.executable, "-m", "triton_bloom", "--help"], capture_output=True, text=True,
-                            cwd=ROOT, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "triton_bloom", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     for command in ("info", "tune", "bench", "demo"):
         assert command in result.stdout
@@ -145,8 +168,22 @@ def test_every_command_has_help(command, capsys):
 
 
 def test_demo_runs_tiny(capsys):
-    code, out = run_cli(capsys, "demo", "--quick", "--users", "300", "--items", "200", "--epochs", "2",
-                        "--ratios", "0.5", "0.2", "--device", "cpu")  # fmt: skip
+    code, out = run_cli(
+        capsys,
+        "demo",
+        "--quick",
+        "--users",
+        "300",
+        "--items",
+        "200",
+        "--epochs",
+        "2",
+        "--ratios",
+        "0.5",
+        "0.2",
+        "--device",
+        "cpu",
+    )
     assert code == 0
     for text in ("nn.Embedding", "Bloom 0.5", "Bloom 0.2", "popularity", "AUC", "HR@10"):
         assert text in out
@@ -208,8 +245,14 @@ def test_demo_counts_a_tie_as_half_an_item_above():
     demo ranks such a tie half above the held-out item, as bench/quality.py does."""
     # User 0 trained on items 0 and 5 and holds out item 1; user 1 trained
     # on items 2 and 3 and holds out item 0.
-    data = demo.Dataset(2, 6, train_users=torch.tensor([0, 0, 1, 1]), train_items=torch.tensor([0, 5, 2, 3]),
-                        test_items=torch.tensor([1, 0]), train_counts=torch.tensor([2, 2]))  # fmt: skip
+    data = demo.Dataset(
+        2,
+        6,
+        train_users=torch.tensor([0, 0, 1, 1]),
+        train_items=torch.tensor([0, 5, 2, 3]),
+        test_items=torch.tensor([1, 0]),
+        train_counts=torch.tensor([2, 2]),
+    )
     item_scores = torch.tensor([[9.0], [2.0], [2.0], [3.0], [1.0], [7.0]])
     ranks = demo.item_ranks(torch.ones(2, 1), torch.nn.Embedding.from_pretrained(item_scores), data)
     # User 0 ranks item 1 (2.0) against items 2 (2.0, a tie), 3 (3.0, above)
@@ -242,8 +285,17 @@ def test_demo_training_is_deterministic():
 FAKE_SOURCE = f"fake-source-hash-triton-{__import__('triton').__version__}"
 
 
-def make_record(kernel="_fake_kernel", source=FAKE_SOURCE, device="Fake GPU", dtype="torch.float32", block_n=64, block_d=32,
-                num_warps=4, num_stages=2, **key):  # fmt: skip
+def make_record(
+    kernel="_fake_kernel",
+    source=FAKE_SOURCE,
+    device="Fake GPU",
+    dtype="torch.float32",
+    block_n=64,
+    block_d=32,
+    num_warps=4,
+    num_stages=2,
+    **key,
+):
     key = key or {"dim": 64, "K": 4}
     return {
         "kernel": kernel,
@@ -251,8 +303,11 @@ def make_record(kernel="_fake_kernel", source=FAKE_SOURCE, device="Fake GPU", dt
         "key": key,
         "dtypes": {"IDS": "torch.int64", "W": dtype, "OUT": dtype},
         "device": device,
-        "config": {"kwargs": {"BLOCK_N": block_n, "BLOCK_D": block_d}, "num_warps": num_warps,
-                   "num_stages": num_stages},  # fmt: skip
+        "config": {
+            "kwargs": {"BLOCK_N": block_n, "BLOCK_D": block_d},
+            "num_warps": num_warps,
+            "num_stages": num_stages,
+        },
         "ms": 0.01,
         "configs_tried": 20,
     }
@@ -282,8 +337,9 @@ class FakeAutotuner:
 
     def __init__(self):
         self.calls = []
-        self.best_config = type("Config", (), {"kwargs": {"BLOCK_N": 128, "BLOCK_D": 64}, "num_warps": 8,
-                                               "num_stages": 1})()  # fmt: skip
+        self.best_config = type(
+            "Config", (), {"kwargs": {"BLOCK_N": 128, "BLOCK_D": 64}, "num_warps": 8, "num_stages": 1}
+        )()
         self.configs_timings = None
 
     def __getitem__(self, grid_for):
@@ -306,8 +362,14 @@ def on_gpu(monkeypatch):
 
 
 def launch_args(dtype=torch.float32, dim=64, k=4):
-    return dict(IDS=torch.zeros(3, dtype=torch.int64), W=torch.zeros(2, dim, dtype=dtype),
-                OUT=torch.zeros(3, dim, dtype=dtype), dim=dim, K=k, HAS_PADDING=False)  # fmt: skip
+    return dict(
+        IDS=torch.zeros(3, dtype=torch.int64),
+        W=torch.zeros(2, dim, dtype=dtype),
+        OUT=torch.zeros(3, dim, dtype=dtype),
+        dim=dim,
+        K=k,
+        HAS_PADDING=False,
+    )
 
 
 def grid_for(meta):
@@ -331,8 +393,13 @@ def test_save_load_round_trip_and_merge(tmp_path):
     # Same key again: replaced, not duplicated; a new dtype: added.
     assert autotune.save_cache([make_record(block_n=16), make_record(dtype="torch.bfloat16")], str(path)) == 3
     loaded = autotune.load_cache(str(path))
-    key = autotune.entry_key("_fake_kernel", FAKE_SOURCE, {"dim": 64, "K": 4},
-                             {"IDS": "torch.int64", "W": "torch.float32", "OUT": "torch.float32"}, "Fake GPU")
+    key = autotune.entry_key(
+        "_fake_kernel",
+        FAKE_SOURCE,
+        {"dim": 64, "K": 4},
+        {"IDS": "torch.int64", "W": "torch.float32", "OUT": "torch.float32"},
+        "Fake GPU",
+    )
     assert loaded[key] == {"kwargs": {"BLOCK_N": 16, "BLOCK_D": 32}, "num_warps": 4, "num_stages": 2}
     assert not [p for p in os.listdir(path.parent) if p != "cache.json"]  # no temporary left behind
 
@@ -340,8 +407,9 @@ def test_save_load_round_trip_and_merge(tmp_path):
 def test_entry_key_for_a_launch_matches_the_saved_entry():
     key = autotune.entry_key_for(FakeKernel(), launch_args(), autotune.TUNING_KEY, "Fake GPU")
     record = make_record()
-    assert key == autotune.entry_key(record["kernel"], record["source"], record["key"], record["dtypes"],
-                                     record["device"])  # fmt: skip
+    assert key == autotune.entry_key(
+        record["kernel"], record["source"], record["key"], record["dtypes"], record["device"]
+    )
 
 
 def test_an_edited_kernel_does_not_reuse_the_cached_config(on_gpu, private_cache):
@@ -450,15 +518,23 @@ def test_the_interpreter_ignores_the_cache(monkeypatch, private_cache):
 def test_recording_launches_lists_every_launch_with_its_candidates():
     kernel = FakeKernel()
     with launch.recording_launches() as recorded:
-        launch.launch(kernel, grid_for, launch_args(dim=33), torch.device("cpu"), config={"kwargs": {"BLOCK_N": 16, "BLOCK_D": 32}})
+        launch.launch(
+            kernel,
+            grid_for,
+            launch_args(dim=33),
+            torch.device("cpu"),
+            config={"kwargs": {"BLOCK_N": 16, "BLOCK_D": 32}},
+        )
     ((entry,),) = (recorded,)
     assert entry["kernel"] is kernel and entry["args"]["dim"] == 33
     assert entry["configs"] == [{"kwargs": {"BLOCK_N": 16, "BLOCK_D": 32}}]
     assert len(kernel.launches) == 1  # recording does not stop the launch
 
 
-@pytest.mark.parametrize("dtype, dim, widest", [(torch.float32, 48, 64), (torch.float32, 200, 256),
-                                                (torch.float64, 48, 64), (torch.bfloat16, 33, 64)])
+@pytest.mark.parametrize(
+    "dtype, dim, widest",
+    [(torch.float32, 48, 64), (torch.float32, 200, 256), (torch.float64, 48, 64), (torch.bfloat16, 33, 64)],
+)
 def test_the_autotuner_prunes_launches_made_by_keyword(dtype, dim, widest):
     # Triton hands early_config_prune the positional arguments apart from the
     # keyword ones, and the launchers pass everything by keyword: the pruning

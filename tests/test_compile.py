@@ -14,8 +14,8 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-
 from support import DEVICE, require_kernels
+
 from triton_bloom import BloomEmbedding, BloomEmbeddingBag, FusedRowWiseAdagrad, FusedSGD, bloom_hash, ops
 from triton_bloom.constants import FUSED_ROWWISE_ADAGRAD, FUSED_SGD, MODE_MAX, MODE_MEAN, MODE_SUM
 
@@ -201,11 +201,13 @@ class RowwiseRecommender(nn.Module):
     def __init__(self, kind, backend="torch", num_ids=NUM_IDS, dim=DIM):
         super().__init__()
         common = dict(num_hash_functions=3, backend=backend, device=DEVICE)
-        self.item = BloomEmbedding(num_ids, dim, hash_cache=True, signed=True, importance=True, importance_rows=7,
-                                   **common, **_training(kind))  # fmt: skip
+        self.item = BloomEmbedding(
+            num_ids, dim, hash_cache=True, signed=True, importance=True, importance_rows=7, **common, **_training(kind)
+        )
         self.history = BloomEmbeddingBag(num_ids, dim, mode="sum", padding_idx=0, **common, **_training(kind))
-        self.tags = BloomEmbeddingBag(num_ids, dim, mode="mean", padding_idx=0, include_last_offset=True,
-                                      **common, **_training(kind))  # fmt: skip
+        self.tags = BloomEmbeddingBag(
+            num_ids, dim, mode="mean", padding_idx=0, include_last_offset=True, **common, **_training(kind)
+        )
         self.words = BloomEmbeddingBag(num_ids, dim, mode="max", padding_idx=0, **common, **_training(kind))
 
     def forward(self, items, history, history_weights, tags, tag_offsets, words, word_offsets):
@@ -240,8 +242,9 @@ def rowwise_step(model, batch):
     return out.detach(), grads, tables, states
 
 
-def check_rowwise_training_matches_eager(kind, backend="torch", num_ids=NUM_IDS, dim=DIM, batch_sizes=(6, 6),
-                                         dynamic=None):  # fmt: skip
+def check_rowwise_training_matches_eager(
+    kind, backend="torch", num_ids=NUM_IDS, dim=DIM, batch_sizes=(6, 6), dynamic=None
+):
     """Train a compiled ``RowwiseRecommender`` and an eager copy side by side,
     one step per batch size (each step starts from the last one's tables and
     states); returns the compiled graphs after the first step and at the end."""
@@ -389,10 +392,24 @@ def test_opcheck_embedding_ops(backend):
     common = dict(num_hash_functions=3, num_embeddings=40, use_triton=backend == "triton")
     # Backward with a hash cache, with and without padding; int32 ids and a float64 table.
     for padding_idx in (None, 0):
-        opcheck(ops.bloom_backward, grad_out=grad_out, ids=ids, hash_cache=cache, padding_idx=padding_idx,
-                weight=weight, **common)  # fmt: skip
-    opcheck(ops.bloom_backward, grad_out=grad_out.double(), ids=ids.int(), hash_cache=cache, padding_idx=0,
-            weight=weight.double(), **common)  # fmt: skip
+        opcheck(
+            ops.bloom_backward,
+            grad_out=grad_out,
+            ids=ids,
+            hash_cache=cache,
+            padding_idx=padding_idx,
+            weight=weight,
+            **common,
+        )
+    opcheck(
+        ops.bloom_backward,
+        grad_out=grad_out.double(),
+        ids=ids.int(),
+        hash_cache=cache,
+        padding_idx=0,
+        weight=weight.double(),
+        **common,
+    )
     # Forward without padding over int32 ids, and with num_embeddings=None
     # (int64 ids then take the wide-id hashing path).
     weight.requires_grad_(True)
@@ -412,19 +429,40 @@ def test_opcheck_bag_ops(backend):
         for padding_idx in (None, 0):
             args, kwargs = op_args(ops.bloom_bag_forward, weight=weight, mode=mode, padding_idx=padding_idx, **common)
             argmax = ops.bloom_bag_forward(*args, **kwargs)[1]
-            opcheck(ops.bloom_bag_backward, grad_out=grad_out, weight=weight, argmax=argmax, mode=mode,
-                    padding_idx=padding_idx, **common)  # fmt: skip
+            opcheck(
+                ops.bloom_bag_backward,
+                grad_out=grad_out,
+                weight=weight,
+                argmax=argmax,
+                mode=mode,
+                padding_idx=padding_idx,
+                **common,
+            )
     # Sum with per-sample weights and padding: backward, then forward with autograd.
     psw = torch.rand(7, generator=g).to(DEVICE)
     no_argmax = torch.empty(0, dtype=torch.int64, device=DEVICE)
-    opcheck(ops.bloom_bag_backward, grad_out=grad_out, weight=weight, per_sample_weights=psw, argmax=no_argmax,
-            mode=MODE_SUM, padding_idx=0, psw_grad=True, **common)  # fmt: skip
+    opcheck(
+        ops.bloom_bag_backward,
+        grad_out=grad_out,
+        weight=weight,
+        per_sample_weights=psw,
+        argmax=no_argmax,
+        mode=MODE_SUM,
+        padding_idx=0,
+        psw_grad=True,
+        **common,
+    )
     weight.requires_grad_(True)
     psw.requires_grad_(True)
     opcheck(ops.bloom_bag_forward, weight=weight, per_sample_weights=psw, mode=MODE_SUM, padding_idx=0, **common)
     # Max over int32 ids with num_embeddings=None, and sum without weights.
-    opcheck(ops.bloom_bag_forward, weight=weight, mode=MODE_MAX, padding_idx=None,
-            **{**common, "ids": ids.int(), "num_embeddings": None})  # fmt: skip
+    opcheck(
+        ops.bloom_bag_forward,
+        weight=weight,
+        mode=MODE_MAX,
+        padding_idx=None,
+        **{**common, "ids": ids.int(), "num_embeddings": None},
+    )
     opcheck(ops.bloom_bag_forward, weight=weight, mode=MODE_SUM, padding_idx=None, **common)
 
 
@@ -439,17 +477,34 @@ def test_opcheck_touched_row_ops(backend):
     common = dict(ids=ids, weight=weight, num_hash_functions=3, num_embeddings=40, use_triton=use_triton)
     grad_out = torch.randn(7, 5, generator=g).to(DEVICE)
     for hash_cache, signed, imp in ((cache, False, None), (None, True, importance)):
-        opcheck(ops.bloom_backward_rows, grad_out=grad_out, hash_cache=hash_cache, signed=signed, importance=imp,
-                padding_idx=0, **common)  # fmt: skip
+        opcheck(
+            ops.bloom_backward_rows,
+            grad_out=grad_out,
+            hash_cache=hash_cache,
+            signed=signed,
+            importance=imp,
+            padding_idx=0,
+            **common,
+        )
     offsets = torch.tensor([0, 3, 3, 7], device=DEVICE)
     bag_grad = torch.randn(3, 5, generator=g).to(DEVICE)
     psw = torch.rand(7, generator=g).to(DEVICE)
     for mode in (MODE_SUM, MODE_MAX):
         args, kwargs = op_args(ops.bloom_bag_forward, offsets=offsets, mode=mode, padding_idx=0, **common)
         argmax = ops.bloom_bag_forward(*args, **kwargs)[1]
-        opcheck(ops.bloom_bag_backward_rows, grad_out=bag_grad, offsets=offsets, argmax=argmax, mode=mode,
-                per_sample_weights=psw if mode == MODE_SUM else None, psw_grad=mode == MODE_SUM, signed=True,
-                importance=importance, padding_idx=0, **common)  # fmt: skip
+        opcheck(
+            ops.bloom_bag_backward_rows,
+            grad_out=bag_grad,
+            offsets=offsets,
+            argmax=argmax,
+            mode=mode,
+            per_sample_weights=psw if mode == MODE_SUM else None,
+            psw_grad=mode == MODE_SUM,
+            signed=True,
+            importance=importance,
+            padding_idx=0,
+            **common,
+        )
     opcheck(ops.bloom_forward, padding_idx=0, sparse=True, **{**common, "weight": weight.requires_grad_(True)})
 
 
@@ -460,8 +515,24 @@ def test_opcheck_rowwise_update(backend):
     rows = torch.tensor([0, 4, 8], device=DEVICE)
     values = torch.randn(3, 5, generator=g).to(DEVICE)
     use_triton = backend == "triton"
-    opcheck(ops.bloom_rowwise_update, weight=weight, rows=rows, values=values, optimizer=FUSED_SGD, lr=0.1,
-            use_triton=use_triton)  # fmt: skip
+    opcheck(
+        ops.bloom_rowwise_update,
+        weight=weight,
+        rows=rows,
+        values=values,
+        optimizer=FUSED_SGD,
+        lr=0.1,
+        use_triton=use_triton,
+    )
     state = torch.rand(9, generator=g).to(DEVICE)
-    opcheck(ops.bloom_rowwise_update, weight=weight, rows=rows, values=values, state=state,
-            optimizer=FUSED_ROWWISE_ADAGRAD, lr=0.1, eps=1e-8, use_triton=use_triton)  # fmt: skip
+    opcheck(
+        ops.bloom_rowwise_update,
+        weight=weight,
+        rows=rows,
+        values=values,
+        state=state,
+        optimizer=FUSED_ROWWISE_ADAGRAD,
+        lr=0.1,
+        eps=1e-8,
+        use_triton=use_triton,
+    )

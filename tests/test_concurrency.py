@@ -15,8 +15,8 @@ import threading
 
 import pytest
 import torch
-
 from support import DEVICE, require_kernels
+
 from triton_bloom import BloomEmbedding, BloomEmbeddingBag
 
 THREADS = 4
@@ -101,8 +101,14 @@ def test_threads_see_one_seed_tensor_per_device():
 
 
 def _entry(i):
-    return {"kernel": f"k{i}", "source": "s", "key": {"dim": i}, "dtypes": {"W": "torch.float32"}, "device": "GPU",
-            "config": {"kwargs": {"BLOCK_N": 16, "BLOCK_D": 32}, "num_warps": 4, "num_stages": 1}}  # fmt: skip
+    return {
+        "kernel": f"k{i}",
+        "source": "s",
+        "key": {"dim": i},
+        "dtypes": {"W": "torch.float32"},
+        "device": "GPU",
+        "config": {"kwargs": {"BLOCK_N": 16, "BLOCK_D": 32}, "num_warps": 4, "num_stages": 1},
+    }
 
 
 def test_autotune_cache_under_concurrent_writers_and_readers(tmp_path, monkeypatch):
@@ -112,6 +118,7 @@ def test_autotune_cache_under_concurrent_writers_and_readers(tmp_path, monkeypat
     path = str(tmp_path / "autotune.json")
     autotune.set_cache_path(path)
     try:
+
         def work(i):
             if i % 2 == 0:  # writers, each adding its own entry
                 for r in range(5):

@@ -107,7 +107,7 @@ def test_old_triton_without_gpu_driver_counts_as_missing(loader):
         ('raise RuntimeError("2 active drivers ([a, b]). There should only be one.")\n', RuntimeError),
         # Triton installed, but without what the kernels need: an API mismatch.
         ('raise ModuleNotFoundError("No module named \'triton.moved\'", name="triton.moved")\n', ModuleNotFoundError),
-        ('raise ImportError("cannot import name \'knobs\' from \'triton\'", name="triton")\n', ImportError),
+        ("raise ImportError(\"cannot import name 'knobs' from 'triton'\", name=\"triton\")\n", ImportError),
         ("import a_module_nobody_has\n", ModuleNotFoundError),
     ],
     ids=["ValueError", "SyntaxError", "other-RuntimeError", "triton-submodule", "triton-name", "other-module"],
@@ -116,8 +116,11 @@ def test_other_import_errors_propagate(loader, source, error):
     loader(source)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        for call in (lambda: dispatch.use_triton("auto", CUDA), dispatch.triton_available,
-                     lambda: dispatch.use_triton("triton", CUDA)):  # fmt: skip
+        for call in (
+            lambda: dispatch.use_triton("auto", CUDA),
+            dispatch.triton_available,
+            lambda: dispatch.use_triton("triton", CUDA),
+        ):
             with pytest.raises(error):
                 call()
     assert not fallback_warnings(record)
@@ -182,17 +185,23 @@ def test_kernels_import_from_an_uninstalled_source_checkout(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET", "PYTHONSTARTUP")}
     env["PYTHONPATH"] = str(ROOT)
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300, check=False)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.split()
-    assert lines == [str(ROOT / "triton_bloom" / "__init__.py"), str(ROOT / "kernels" / "__init__.py"),
-                     str(ROOT / "kernels" / "autotune.py"), "triton_bloom.kernels.forward"]  # fmt: skip
+    assert lines == [
+        str(ROOT / "triton_bloom" / "__init__.py"),
+        str(ROOT / "kernels" / "__init__.py"),
+        str(ROOT / "kernels" / "autotune.py"),
+        "triton_bloom.kernels.forward",
+    ]
 
 
 def test_checkout_fallback_only_for_the_kernels_package_itself(loader):
     # A module missing *inside* the kernels is a bug, not a missing install.
-    loader('raise ModuleNotFoundError("No module named \'triton_bloom.kernels.gone\'", '
-           'name="triton_bloom.kernels.gone")\n')  # fmt: skip
+    loader(
+        'raise ModuleNotFoundError("No module named \'triton_bloom.kernels.gone\'", name="triton_bloom.kernels.gone")\n'
+    )
     with pytest.raises(ModuleNotFoundError, match="gone"):
         dispatch.triton_available()

@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-
 from support import free_port, spawn_ranks
+
 from triton_bloom import BloomEmbedding, BloomEmbeddingBag
 
 WORLD_SIZE = 2
@@ -148,8 +148,13 @@ def check_trains_like_one_process(kind, tmp_path):
         assert distributed[optimizer_name].keys() == single.keys()
         for name in single:
             assert not torch.equal(single[name], initial[name]), f"{name} did not train"
-            torch.testing.assert_close(distributed[optimizer_name][name], single[name], atol=1e-5, rtol=1e-5,
-                                       msg=lambda m: f"{kind}, {optimizer_name}, {name}: {m}")  # fmt: skip
+            torch.testing.assert_close(
+                distributed[optimizer_name][name],
+                single[name],
+                atol=1e-5,
+                rtol=1e-5,
+                msg=lambda m: f"{kind}, {optimizer_name}, {name}: {m}",
+            )
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp2"])

@@ -24,13 +24,13 @@ import signal
 from typing import Any, Optional
 
 import numpy as np
+import property_oracle as oracle
 import torch
+from case_count import count, examples
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-
-import property_oracle as oracle
-from case_count import count, examples
 from support import require_kernels
+
 from triton_bloom import BloomEmbedding, BloomEmbeddingBag
 from triton_bloom.functional import bloom_embedding, bloom_embedding_bag
 
@@ -102,15 +102,25 @@ def base_cases(draw):
     ids = draw(st.lists(st.one_of(st.integers(0, min(high, 50) - 1), st.just(high - 1)), min_size=n, max_size=n))
     starts = sorted(draw(st.lists(st.integers(0, n), max_size=3)))
     return dict(
-        kind=kind, api=draw(st.sampled_from(["module", "functional"])), backend=draw(st.sampled_from(["torch", "triton"])),
-        num_embeddings=num_embeddings, num_rows=draw(st.integers(1, 9)), dim=draw(st.integers(1, 5)),
-        k=draw(st.integers(1, 4)), padding_idx=draw(st.one_of(st.none(), st.sampled_from(ids or [0]))),
-        signed=draw(st.booleans()), importance_rows=draw(st.one_of(st.none(), st.integers(1, 3))),
+        kind=kind,
+        api=draw(st.sampled_from(["module", "functional"])),
+        backend=draw(st.sampled_from(["torch", "triton"])),
+        num_embeddings=num_embeddings,
+        num_rows=draw(st.integers(1, 9)),
+        dim=draw(st.integers(1, 5)),
+        k=draw(st.integers(1, 4)),
+        padding_idx=draw(st.one_of(st.none(), st.sampled_from(ids or [0]))),
+        signed=draw(st.booleans()),
+        importance_rows=draw(st.one_of(st.none(), st.integers(1, 3))),
         mode=draw(st.sampled_from(["sum", "mean", "max"])) if kind == "bag" else "sum",
-        include_last_offset=draw(st.booleans()), ids=ids, starts=starts,
-        psw=kind == "bag" and draw(st.booleans()), dtype=draw(st.sampled_from(["float32", "float64"])),
-        seed=draw(st.integers(0, 2**16)), hash_cache=draw(st.booleans()),
-    )  # fmt: skip
+        include_last_offset=draw(st.booleans()),
+        ids=ids,
+        starts=starts,
+        psw=kind == "bag" and draw(st.booleans()),
+        dtype=draw(st.sampled_from(["float32", "float64"])),
+        seed=draw(st.integers(0, 2**16)),
+        hash_cache=draw(st.booleans()),
+    )
 
 
 def dyadic(g, shape, dtype):
@@ -130,12 +140,35 @@ def build(base) -> Call:
     else:
         grad_shape = (n, base["dim"])
     psw = dyadic(g, (n,), dtype) if base["psw"] and base["mode"] == "sum" else None
-    importance = None if base["importance_rows"] is None else dyadic(g, (base["importance_rows"], base["k"]), torch.float32)
-    fields = {f: base[f] for f in ("kind", "api", "backend", "num_embeddings", "num_rows", "dim", "k", "padding_idx",
-                                   "signed", "mode", "include_last_offset")}  # fmt: skip
+    importance = (
+        None if base["importance_rows"] is None else dyadic(g, (base["importance_rows"], base["k"]), torch.float32)
+    )
+    fields = {
+        f: base[f]
+        for f in (
+            "kind",
+            "api",
+            "backend",
+            "num_embeddings",
+            "num_rows",
+            "dim",
+            "k",
+            "padding_idx",
+            "signed",
+            "mode",
+            "include_last_offset",
+        )
+    }
     fields["backend"] = base["backend"] if base["backend"] in BACKENDS else "torch"
-    call = Call(**fields, ids=ids, offsets=offsets, psw=psw, weight=dyadic(g, (base["num_rows"], base["dim"]), dtype),
-                importance=importance, grad_out=dyadic(g, grad_shape, dtype))  # fmt: skip
+    call = Call(
+        **fields,
+        ids=ids,
+        offsets=offsets,
+        psw=psw,
+        weight=dyadic(g, (base["num_rows"], base["dim"]), dtype),
+        importance=importance,
+        grad_out=dyadic(g, grad_shape, dtype),
+    )
     small = base["num_embeddings"] is not None and base["num_embeddings"] <= 50
     if base.get("hash_cache") and base["kind"] == "embedding" and base["api"] == "functional" and small:
         # Built by the oracle, not the package: a wrong cache would be caught here.
@@ -170,8 +203,14 @@ def ids_out_of_range(call, p):
     if not _ids_list(call):
         return
     high = call.num_embeddings
-    value = {"at_num_embeddings": high, "past": None if high is None else high + p["delta"], "max": 2**63 - 1,
-             "minus_one": -1, "min": -(2**63), "negative": -p["delta"]}[p["which"]]  # fmt: skip
+    value = {
+        "at_num_embeddings": high,
+        "past": None if high is None else high + p["delta"],
+        "max": 2**63 - 1,
+        "minus_one": -1,
+        "min": -(2**63),
+        "negative": -p["delta"],
+    }[p["which"]]
     if value is None or (high is None and value >= 0):
         return  # every non-negative id is valid without num_embeddings
     ids = call.ids.to(torch.int64).clone()
@@ -359,33 +398,79 @@ def bad_arguments(call, p):
 
 
 PERTURBATIONS = {
-    "ids_dtype": (ids_dtype, st.fixed_dictionaries({
-        "dtype": st.sampled_from(["float32", "float64", "bool", "int8", "int16", "uint8", "complex64"]),
-        "grad": st.booleans()})),
-    "ids_not_tensor": (ids_not_tensor, st.fixed_dictionaries({
-        "what": st.sampled_from(["list", "int", "none", "ndarray", "str"])})),
-    "ids_out_of_range": (ids_out_of_range, st.fixed_dictionaries({
-        "which": st.sampled_from(["at_num_embeddings", "past", "max", "minus_one", "min", "negative"]),
-        "delta": st.integers(1, 2**40), "pos": st.integers(0, 7)})),
+    "ids_dtype": (
+        ids_dtype,
+        st.fixed_dictionaries(
+            {
+                "dtype": st.sampled_from(["float32", "float64", "bool", "int8", "int16", "uint8", "complex64"]),
+                "grad": st.booleans(),
+            }
+        ),
+    ),
+    "ids_not_tensor": (
+        ids_not_tensor,
+        st.fixed_dictionaries({"what": st.sampled_from(["list", "int", "none", "ndarray", "str"])}),
+    ),
+    "ids_out_of_range": (
+        ids_out_of_range,
+        st.fixed_dictionaries(
+            {
+                "which": st.sampled_from(["at_num_embeddings", "past", "max", "minus_one", "min", "negative"]),
+                "delta": st.integers(1, 2**40),
+                "pos": st.integers(0, 7),
+            }
+        ),
+    ),
     "ids_wrong_device": (ids_wrong_device, st.just({})),
     "module_wrong_device": (module_wrong_device, st.just({})),
     "offsets_decreasing": (offsets_decreasing, st.fixed_dictionaries({"a": st.integers(0, 7), "b": st.integers(0, 7)})),
-    "offsets_past_end": (offsets_past_end, st.fixed_dictionaries({"delta": st.one_of(st.integers(1, 3), st.just(2**63))})),
-    "offsets_first_nonzero": (offsets_first_nonzero, st.fixed_dictionaries({
-        "value": st.one_of(st.integers(1, 9), st.integers(-(2**63), -1))})),
+    "offsets_past_end": (
+        offsets_past_end,
+        st.fixed_dictionaries({"delta": st.one_of(st.integers(1, 3), st.just(2**63))}),
+    ),
+    "offsets_first_nonzero": (
+        offsets_first_nonzero,
+        st.fixed_dictionaries({"value": st.one_of(st.integers(1, 9), st.integers(-(2**63), -1))}),
+    ),
     "short_last_offset": (short_last_offset, st.fixed_dictionaries({"a": st.integers(0, 7)})),
-    "offsets_garbage": (offsets_garbage, st.fixed_dictionaries({"what": st.sampled_from(["float", "meta", "2d", "none"])})),
-    "psw_garbage": (psw_garbage, st.fixed_dictionaries({"what": st.sampled_from(["other_mode", "shape", "int", "meta"])})),
-    "psw_special": (psw_special, st.fixed_dictionaries({"value": st.sampled_from(sorted(SPECIALS)), "pos": st.integers(0, 7)})),
-    "grad_special": (grad_special, st.fixed_dictionaries({"value": st.sampled_from(sorted(SPECIALS)), "pos": st.integers(0, 40)})),
-    "hash_cache_garbage": (hash_cache_garbage, st.fixed_dictionaries({
-        "what": st.sampled_from(["row_past_table", "negative_row", "short", "float", "meta", "wrong_k"]),
-        "delta": st.integers(1, 2**31)})),
-    "bad_arguments": (bad_arguments, st.fixed_dictionaries({
-        "what": st.sampled_from(["k", "weight_rank", "weight_dtype", "no_rows", "padding", "backend", "mode",
-                                 "importance_device"]),
-        "k": st.sampled_from([0, 25, -1, 2.0, True]), "delta": st.integers(0, 5)})),
-}  # fmt: skip
+    "offsets_garbage": (
+        offsets_garbage,
+        st.fixed_dictionaries({"what": st.sampled_from(["float", "meta", "2d", "none"])}),
+    ),
+    "psw_garbage": (
+        psw_garbage,
+        st.fixed_dictionaries({"what": st.sampled_from(["other_mode", "shape", "int", "meta"])}),
+    ),
+    "psw_special": (
+        psw_special,
+        st.fixed_dictionaries({"value": st.sampled_from(sorted(SPECIALS)), "pos": st.integers(0, 7)}),
+    ),
+    "grad_special": (
+        grad_special,
+        st.fixed_dictionaries({"value": st.sampled_from(sorted(SPECIALS)), "pos": st.integers(0, 40)}),
+    ),
+    "hash_cache_garbage": (
+        hash_cache_garbage,
+        st.fixed_dictionaries(
+            {
+                "what": st.sampled_from(["row_past_table", "negative_row", "short", "float", "meta", "wrong_k"]),
+                "delta": st.integers(1, 2**31),
+            }
+        ),
+    ),
+    "bad_arguments": (
+        bad_arguments,
+        st.fixed_dictionaries(
+            {
+                "what": st.sampled_from(
+                    ["k", "weight_rank", "weight_dtype", "no_rows", "padding", "backend", "mode", "importance_device"]
+                ),
+                "k": st.sampled_from([0, 25, -1, 2.0, True]),
+                "delta": st.integers(0, 5),
+            }
+        ),
+    ),
+}
 
 
 @st.composite
@@ -409,12 +494,24 @@ def run(call: Call):
         psw = psw.clone().requires_grad_(True)
     if call.api == "module":
         cls = BloomEmbedding if call.kind == "embedding" else BloomEmbeddingBag
-        options = dict(num_rows=call.num_rows, backend=call.backend, signed=call.signed,
-                       importance=call.importance is not None, dtype=call.weight.dtype)  # fmt: skip
+        options = dict(
+            num_rows=call.num_rows,
+            backend=call.backend,
+            signed=call.signed,
+            importance=call.importance is not None,
+            dtype=call.weight.dtype,
+        )
         if call.kind == "bag":
             options.update(mode=call.mode, include_last_offset=call.include_last_offset)
-        module = cls(call.num_embeddings, call.dim, 0.2, call.k, padding_idx=call.padding_idx,
-                     importance_rows=None if call.importance is None else call.importance.shape[0], **options)  # fmt: skip
+        module = cls(
+            call.num_embeddings,
+            call.dim,
+            0.2,
+            call.k,
+            padding_idx=call.padding_idx,
+            importance_rows=None if call.importance is None else call.importance.shape[0],
+            **options,
+        )
         with torch.no_grad():
             module.weight.copy_(call.weight)
             if call.importance is not None:
@@ -428,12 +525,23 @@ def run(call: Call):
         importance = None
         if call.importance is not None:
             importance = call.importance.clone().requires_grad_(True)
-        common = dict(num_embeddings=call.num_embeddings, backend=call.backend, signed=call.signed, importance=importance)
+        common = dict(
+            num_embeddings=call.num_embeddings, backend=call.backend, signed=call.signed, importance=importance
+        )
         if call.kind == "embedding":
             out = bloom_embedding(call.ids, weight, call.k, call.padding_idx, hash_cache=call.hash_cache, **common)
         else:
-            out = bloom_embedding_bag(call.ids, weight, call.offsets, call.k, call.mode, psw, call.padding_idx,
-                                      call.include_last_offset, **common)  # fmt: skip
+            out = bloom_embedding_bag(
+                call.ids,
+                weight,
+                call.offsets,
+                call.k,
+                call.mode,
+                psw,
+                call.padding_idx,
+                call.include_last_offset,
+                **common,
+            )
     out.backward(call.grad_out)
     return out, weight.grad, None if importance is None else importance.grad, psw.grad if psw is not None else None
 
@@ -441,8 +549,9 @@ def run(call: Call):
 def check_against_oracle(call: Call, result) -> None:
     out, grad_weight, grad_importance, grad_psw = result
     tol = TOLERANCE[call.weight.dtype]
-    spec = oracle.Spec(call.k, call.padding_idx, call.signed,
-                       None if call.importance is None else call.importance.double().numpy())  # fmt: skip
+    spec = oracle.Spec(
+        call.k, call.padding_idx, call.signed, None if call.importance is None else call.importance.double().numpy()
+    )
     weight, grad_out = call.weight.double().numpy(), call.grad_out.double().numpy()
     if call.kind == "embedding":
         expected = oracle.embedding(call.ids.numpy(), weight, spec, grad_out)
@@ -457,8 +566,13 @@ def check_against_oracle(call: Call, result) -> None:
     oracle.assert_close(out, expected.out, expected.out_mag, tol, "output")
     oracle.assert_close(grad_weight, expected.grad_weight, expected.grad_weight_mag, tol, "table gradient")
     if call.importance is not None:
-        oracle.assert_close(grad_importance, expected.grad_importance, expected.grad_importance_mag, max(tol, 1e-5),
-                            "importance gradient")  # fmt: skip
+        oracle.assert_close(
+            grad_importance,
+            expected.grad_importance,
+            expected.grad_importance_mag,
+            max(tol, 1e-5),
+            "importance gradient",
+        )
     if call.psw is not None:
         oracle.assert_close(grad_psw, expected.grad_psw, expected.grad_psw_mag, tol, "per-sample weights' gradient")
 
@@ -467,32 +581,135 @@ def check_against_oracle(call: Call, result) -> None:
 @given(case=hostile_cases())
 # Regression cases Hypothesis found (see the report of issue 15):
 # a NaN per-sample weight of a padding id made its bag NaN on the PyTorch path.
-@example(case=dict(base=dict(kind="bag", api="module", backend="torch", num_embeddings=50, num_rows=3, dim=2, k=1,
-                             padding_idx=4, signed=False, importance_rows=None, mode="sum", include_last_offset=False,
-                             ids=[4, 7], starts=[], psw=True, dtype="float32", seed=0, hash_cache=False),
-                   perturbations=[("psw_special", {"value": "nan", "pos": 0})]))
+@example(
+    case=dict(
+        base=dict(
+            kind="bag",
+            api="module",
+            backend="torch",
+            num_embeddings=50,
+            num_rows=3,
+            dim=2,
+            k=1,
+            padding_idx=4,
+            signed=False,
+            importance_rows=None,
+            mode="sum",
+            include_last_offset=False,
+            ids=[4, 7],
+            starts=[],
+            psw=True,
+            dtype="float32",
+            seed=0,
+            hash_cache=False,
+        ),
+        perturbations=[("psw_special", {"value": "nan", "pos": 0})],
+    )
+)
 # a table of no rows: a division by zero in the hash's modulo, a segfault in the kernels.
-@example(case=dict(base=dict(kind="embedding", api="functional", backend="triton", num_embeddings=None, num_rows=1,
-                             dim=2, k=1, padding_idx=None, signed=False, importance_rows=None, mode="sum",
-                             include_last_offset=False, ids=[3], starts=[], psw=False, dtype="float32", seed=0, hash_cache=False),
-                   perturbations=[("bad_arguments", {"what": "no_rows", "k": 0, "delta": 0})]))
+@example(
+    case=dict(
+        base=dict(
+            kind="embedding",
+            api="functional",
+            backend="triton",
+            num_embeddings=None,
+            num_rows=1,
+            dim=2,
+            k=1,
+            padding_idx=None,
+            signed=False,
+            importance_rows=None,
+            mode="sum",
+            include_last_offset=False,
+            ids=[3],
+            starts=[],
+            psw=False,
+            dtype="float32",
+            seed=0,
+            hash_cache=False,
+        ),
+        perturbations=[("bad_arguments", {"what": "no_rows", "k": 0, "delta": 0})],
+    )
+)
 # include_last_offset=True with ids past the last offset: the PyTorch backward crashed.
-@example(case=dict(base=dict(kind="bag", api="module", backend="torch", num_embeddings=50, num_rows=3, dim=2, k=1,
-                             padding_idx=None, signed=False, importance_rows=None, mode="sum", include_last_offset=True,
-                             ids=[1, 2], starts=[], psw=False, dtype="float32", seed=0, hash_cache=False),
-                   perturbations=[("short_last_offset", {"a": 1})]))
+@example(
+    case=dict(
+        base=dict(
+            kind="bag",
+            api="module",
+            backend="torch",
+            num_embeddings=50,
+            num_rows=3,
+            dim=2,
+            k=1,
+            padding_idx=None,
+            signed=False,
+            importance_rows=None,
+            mode="sum",
+            include_last_offset=True,
+            ids=[1, 2],
+            starts=[],
+            psw=False,
+            dtype="float32",
+            seed=0,
+            hash_cache=False,
+        ),
+        perturbations=[("short_last_offset", {"a": 1})],
+    )
+)
 # a user's hash cache with a row past the table: the kernels read outside it, silently.
-@example(case=dict(base=dict(kind="embedding", api="functional", backend="triton", num_embeddings=50, num_rows=5,
-                             dim=2, k=2, padding_idx=None, signed=False, importance_rows=None, mode="sum",
-                             include_last_offset=False, ids=[7, 8], starts=[], psw=False, dtype="float32", seed=0,
-                             hash_cache=True),
-                   perturbations=[("hash_cache_garbage", {"what": "row_past_table", "delta": 1000})]))
+@example(
+    case=dict(
+        base=dict(
+            kind="embedding",
+            api="functional",
+            backend="triton",
+            num_embeddings=50,
+            num_rows=5,
+            dim=2,
+            k=2,
+            padding_idx=None,
+            signed=False,
+            importance_rows=None,
+            mode="sum",
+            include_last_offset=False,
+            ids=[7, 8],
+            starts=[],
+            psw=False,
+            dtype="float32",
+            seed=0,
+            hash_cache=True,
+        ),
+        perturbations=[("hash_cache_garbage", {"what": "row_past_table", "delta": 1000})],
+    )
+)
 # a hash cache on another device: the call returned a "meta" tensor instead of raising.
-@example(case=dict(base=dict(kind="embedding", api="functional", backend="torch", num_embeddings=50, num_rows=5,
-                             dim=2, k=2, padding_idx=None, signed=False, importance_rows=None, mode="sum",
-                             include_last_offset=False, ids=[7, 8], starts=[], psw=False, dtype="float32", seed=0,
-                             hash_cache=True),
-                   perturbations=[("hash_cache_garbage", {"what": "meta", "delta": 1})]))
+@example(
+    case=dict(
+        base=dict(
+            kind="embedding",
+            api="functional",
+            backend="torch",
+            num_embeddings=50,
+            num_rows=5,
+            dim=2,
+            k=2,
+            padding_idx=None,
+            signed=False,
+            importance_rows=None,
+            mode="sum",
+            include_last_offset=False,
+            ids=[7, 8],
+            starts=[],
+            psw=False,
+            dtype="float32",
+            seed=0,
+            hash_cache=True,
+        ),
+        perturbations=[("hash_cache_garbage", {"what": "meta", "delta": 1})],
+    )
+)
 def test_hostile_input(case):
     require_kernels()
     count("fuzz")

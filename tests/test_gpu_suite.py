@@ -30,8 +30,15 @@ def script_env(**extra):
 
 
 def run_script(*args, env=None, timeout=60):
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT,
-                          env=env or script_env(), timeout=timeout, check=False)  # fmt: skip
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env or script_env(),
+        timeout=timeout,
+        check=False,
+    )
 
 
 def shell_array(name):
@@ -134,9 +141,10 @@ def mmh3_tests(path):
     return {
         f"{path}::{node.name}"
         for node in tree.body
-        if isinstance(node, ast.FunctionDef) and node.name.startswith("test")
+        if isinstance(node, ast.FunctionDef)
+        and node.name.startswith("test")
         and any(isinstance(n, ast.Name) and n.id == "mmh3" for n in ast.walk(node))
-    }  # fmt: skip
+    }
 
 
 def test_deselects_exactly_the_tests_that_need_mmh3(plan):
@@ -149,17 +157,27 @@ def test_deselects_exactly_the_tests_that_need_mmh3(plan):
 
 
 def help_text(argv):
-    result = subprocess.run([sys.executable, *argv, "--help"], capture_output=True, text=True, cwd=ROOT,
-                            env=script_env(PYTHONPATH=str(ROOT)), timeout=120, check=False)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, *argv, "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=script_env(PYTHONPATH=str(ROOT)),
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
 
-@pytest.mark.parametrize("name, program", [
-    ("speed", ["bench/speed.py"]),
-    ("train_step", ["bench/train_step.py"]),
-    ("tune", ["-m", "triton_bloom", "tune"]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, program",
+    [
+        ("speed", ["bench/speed.py"]),
+        ("train_step", ["bench/train_step.py"]),
+        ("tune", ["-m", "triton_bloom", "tune"]),
+    ],
+)
 def test_benchmark_steps_use_existing_flags(plan, name, program):
     argv = step(plan, name)
     assert argv[1 : 1 + len(program)] == program

@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 from support import require_kernels
+
 from triton_bloom import aot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,9 +39,23 @@ def compile_recorded(launches_file, out_file, folder, cache_dir):
     env["PYTHONPATH"] = os.pathsep.join(paths + [ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["TRITON_CACHE_DIR"] = cache_dir  # a fresh cache: every kernel really compiles
     return subprocess.run(
-        [sys.executable, "-m", "triton_bloom.aot", "compile", launches_file, "--targets", "80", "90", "--out", out_file],
-        env=env, capture_output=True, text=True, timeout=1500,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "triton_bloom.aot",
+            "compile",
+            launches_file,
+            "--targets",
+            "80",
+            "90",
+            "--out",
+            out_file,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
 
 
 # Specializations known to spill, each a small frame (8 bytes: one register
@@ -51,18 +66,30 @@ def compile_recorded(launches_file, out_file, folder, cache_dir):
 ALL_AND_HOT = dict(variant="all", padding=True, wide_ids=True, signed=True, importance=True, hot=True)
 KNOWN_SPILLS = [
     ("3.9.0", "_bloom_bag_forward_kernel", 80, dict(op="bag", mode="mean", dtype="float32", k=1, **ALL_AND_HOT)),
-    ("3.6.0", "_bloom_bag_backward_kernel", 80, dict(op="bag", mode="sum", psw=True, dtype="float32", k=1,
-                                                     **ALL_AND_HOT)),
-    ("3.6.0", "_bloom_scores_kernel", 90, dict(op="scores", dtype="float32", k=4, variant="odd_dim", queries=1,
-                                               dim=33)),
-]  # fmt: skip
+    (
+        "3.6.0",
+        "_bloom_bag_backward_kernel",
+        80,
+        dict(op="bag", mode="sum", psw=True, dtype="float32", k=1, **ALL_AND_HOT),
+    ),
+    (
+        "3.6.0",
+        "_bloom_scores_kernel",
+        90,
+        dict(op="scores", dtype="float32", k=4, variant="odd_dim", queries=1, dim=33),
+    ),
+]
 
 
 def known_spill(triton_version, result):
     case = result["case"]
-    return any(version == triton_version and kernel == result["kernel"] and cc == result["cc"]
-               and all(case.get(key) == value for key, value in options.items())
-               for version, kernel, cc, options in KNOWN_SPILLS)  # fmt: skip
+    return any(
+        version == triton_version
+        and kernel == result["kernel"]
+        and cc == result["cc"]
+        and all(case.get(key) == value for key, value in options.items())
+        for version, kernel, cc, options in KNOWN_SPILLS
+    )
 
 
 def test_every_specialization_compiles_for_sm80_and_sm90(tmp_path, capsys):
@@ -71,10 +98,16 @@ def test_every_specialization_compiles_for_sm80_and_sm90(tmp_path, capsys):
     kernels = {entry["kernel"].rpartition(":")[2] for entry in launches}
     # Every kernel of the package is launched by some case of the grid.
     assert kernels == {
-        "_bloom_forward_kernel", "_bloom_backward_kernel", "_bloom_bag_forward_kernel", "_bloom_bag_backward_kernel",
-        "_bloom_bag_max_backward_kernel", "_bloom_hash_kernel", "_bloom_segment_sum_kernel",
-        "_bloom_rowwise_update_kernel", "_bloom_scores_kernel",
-    }  # fmt: skip
+        "_bloom_forward_kernel",
+        "_bloom_backward_kernel",
+        "_bloom_bag_forward_kernel",
+        "_bloom_bag_backward_kernel",
+        "_bloom_bag_max_backward_kernel",
+        "_bloom_hash_kernel",
+        "_bloom_segment_sum_kernel",
+        "_bloom_rowwise_update_kernel",
+        "_bloom_scores_kernel",
+    }
     launches_file = tmp_path / "launches.json"
     launches_file.write_text(json.dumps(launches))
     lines = []
@@ -87,16 +120,23 @@ def test_every_specialization_compiles_for_sm80_and_sm90(tmp_path, capsys):
         assert stats["failures"] == 0 and stats["shared_over_limit"] == 0, (stats, done.stdout[-6000:])
         spills = [r for r in compiled["results"] if r["ok"] and (r["stack"] or r["local_memory_instructions"])]
         unknown = [r for r in spills if not known_spill(stats["triton"], r)]
-        assert not unknown, [(r["kernel"], r["cc"], r["case"], r["config"], r["registers"], r["stack"]) for r in unknown]
+        assert not unknown, [
+            (r["kernel"], r["cc"], r["case"], r["config"], r["registers"], r["stack"]) for r in unknown
+        ]
         assert all(r["stack"] <= 8 for r in spills), spills
         assert stats["specializations"] >= len(kernels)
-        lines.append(f"triton {stats['triton']}: {stats['specializations']} specializations of {len(kernels)} "
-                     f"kernels from {stats['launches']} launches, {stats['compiled']} compiles for sm_80 and sm_90 "
-                     f"(with the autotuner's search space on the heaviest), {stats['failures']} failures, "
-                     f"{stats['spills']} spills (all known: {len(spills)} compiles with an 8-byte frame), "
-                     f"in {stats['seconds']} s")  # fmt: skip
-        lines += [f"  known spill: {r['kernel']} sm_{r['cc']} {r['case']} {r['config']['kwargs']} "
-                  f"{r['registers']} registers, {r['stack']} bytes of stack" for r in spills]  # fmt: skip
+        lines.append(
+            f"triton {stats['triton']}: {stats['specializations']} specializations of {len(kernels)} "
+            f"kernels from {stats['launches']} launches, {stats['compiled']} compiles for sm_80 and sm_90 "
+            f"(with the autotuner's search space on the heaviest), {stats['failures']} failures, "
+            f"{stats['spills']} spills (all known: {len(spills)} compiles with an 8-byte frame), "
+            f"in {stats['seconds']} s"
+        )
+        lines += [
+            f"  known spill: {r['kernel']} sm_{r['cc']} {r['case']} {r['config']['kwargs']} "
+            f"{r['registers']} registers, {r['stack']} bytes of stack"
+            for r in spills
+        ]
     with capsys.disabled():
         print("\n" + "\n".join(lines))
 

@@ -4,9 +4,9 @@ import mmh3
 import numpy as np
 import pytest
 import torch
-
 from oracle import SPOTLIGHT_SEEDS, sklearn_rows
 from support import DEVICE, require_kernels
+
 from triton_bloom import SEEDS, bloom_hash
 from triton_bloom.hashing import murmurhash3_32 as torch_murmurhash3_32
 from triton_bloom.hashing import seed_tensor
@@ -46,8 +46,9 @@ def test_bloom_hash_keeps_shape_and_prefix():
 
 def test_wide_ids_match_mmh3_of_8_bytes():
     g = torch.Generator().manual_seed(0)
-    ids = torch.cat([torch.tensor([2**31, 2**32, 2**32 + 2**31, 2**63 - 1]),
-                     torch.randint(2**31, 2**62, (300,), generator=g)])  # fmt: skip
+    ids = torch.cat(
+        [torch.tensor([2**31, 2**32, 2**32 + 2**31, 2**63 - 1]), torch.randint(2**31, 2**62, (300,), generator=g)]
+    )
     hashes = torch_murmurhash3_32(ids, torch.tensor(SEEDS))
     expected = [[mmh3.hash(int(i).to_bytes(8, "little"), s, signed=True) for s in SPOTLIGHT_SEEDS] for i in ids]
     assert hashes.tolist() == expected
@@ -87,7 +88,9 @@ def test_triton_hash_matches_sklearn(num_rows, dtype):
     kernels = require_kernels()
     g = torch.Generator().manual_seed(num_rows + 1)
     ids = int32_range_sample(3_000, g)
-    rows = kernels.bloom_hash(ids.to(dtype).to(DEVICE), seed_tensor(DEVICE), num_hash_functions=24, num_rows=num_rows, wide_ids=False)
+    rows = kernels.bloom_hash(
+        ids.to(dtype).to(DEVICE), seed_tensor(DEVICE), num_hash_functions=24, num_rows=num_rows, wide_ids=False
+    )
     np.testing.assert_array_equal(rows.cpu().numpy(), sklearn_rows(ids.numpy(), 24, num_rows))
 
 
@@ -95,7 +98,10 @@ def test_triton_hash_matches_sklearn(num_rows, dtype):
 def test_triton_hash_wide_ids_match_torch(num_rows):
     kernels = require_kernels()
     g = torch.Generator().manual_seed(7)
-    ids = torch.cat([torch.randint(0, 2**31, (500,), generator=g),
-                     torch.randint(2**31, 2**63 - 1, (500,), generator=g)])  # fmt: skip
-    rows = kernels.bloom_hash(ids.to(DEVICE), seed_tensor(DEVICE), num_hash_functions=24, num_rows=num_rows, wide_ids=True)
+    ids = torch.cat(
+        [torch.randint(0, 2**31, (500,), generator=g), torch.randint(2**31, 2**63 - 1, (500,), generator=g)]
+    )
+    rows = kernels.bloom_hash(
+        ids.to(DEVICE), seed_tensor(DEVICE), num_hash_functions=24, num_rows=num_rows, wide_ids=True
+    )
     assert torch.equal(rows.cpu(), bloom_hash(ids, 24, num_rows))

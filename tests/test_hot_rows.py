@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.utils import murmurhash3_32
-
 from oracle import SPOTLIGHT_SEEDS, sklearn_rows
+from sklearn.utils import murmurhash3_32
 from support import DEVICE, require_kernels
+
 from triton_bloom import BloomEmbedding, BloomEmbeddingBag, FusedRowWiseAdagrad, FusedSGD, embedding_bytes
 from triton_bloom.functional import bloom_embedding, bloom_embedding_bag
 
@@ -62,8 +62,12 @@ def random_case(seed, num_embeddings=60, dim=5, num_hot=7, n=40):
     g = torch.Generator().manual_seed(seed)
     hot = torch.randperm(num_embeddings, generator=g)[:num_hot]
     # Zipf-like ids: the hot ones come often, duplicates everywhere.
-    ids = torch.cat([hot[torch.randint(0, num_hot, (n // 2,), generator=g)],
-                     torch.randint(0, num_embeddings, (n - n // 2,), generator=g)])  # fmt: skip
+    ids = torch.cat(
+        [
+            hot[torch.randint(0, num_hot, (n // 2,), generator=g)],
+            torch.randint(0, num_embeddings, (n - n // 2,), generator=g),
+        ]
+    )
     ids = ids[torch.randperm(n, generator=g)]
     return g, hot, ids, dim
 
@@ -82,13 +86,31 @@ def test_hot_rows_match_oracle(backend, signed, with_importance, seed):
         importance = (torch.rand(5, k, generator=g, dtype=torch.float64) + 0.5).to(DEVICE).requires_grad_()
     ids2 = ids.view(4, -1).to(DEVICE)
     hot_sorted = hot.sort().values.to(DEVICE)
-    out = bloom_embedding(ids2, weight, k, padding_idx, num_embeddings=60, backend=backend, signed=signed,
-                          importance=importance, hot_ids=hot_sorted)  # fmt: skip
+    out = bloom_embedding(
+        ids2,
+        weight,
+        k,
+        padding_idx,
+        num_embeddings=60,
+        backend=backend,
+        signed=signed,
+        importance=importance,
+        hot_ids=hot_sorted,
+    )
     grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
     out.backward(grad_out.to(DEVICE))
     imp_np = importance.detach().cpu().numpy() if importance is not None else None
-    want, want_w, want_imp = hot_oracle(ids, weight.detach().cpu().numpy(), k, hot.numel(), hot.tolist(), padding_idx,
-                                        signed, imp_np, grad_out.reshape(-1, dim).numpy())  # fmt: skip
+    want, want_w, want_imp = hot_oracle(
+        ids,
+        weight.detach().cpu().numpy(),
+        k,
+        hot.numel(),
+        hot.tolist(),
+        padding_idx,
+        signed,
+        imp_np,
+        grad_out.reshape(-1, dim).numpy(),
+    )
     np.testing.assert_allclose(out.detach().cpu().numpy().reshape(-1, dim), want, atol=1e-12)
     np.testing.assert_allclose(weight.grad.cpu().numpy(), want_w, atol=1e-12)
     if importance is not None:
@@ -104,9 +126,16 @@ def test_hot_bags_pool_the_oracle_vectors(backend, mode):
     weight = torch.randn(shared + hot.numel(), dim, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
     offsets = torch.tensor([0, 4, 4, 13])
     psw = torch.rand(30, generator=g, dtype=torch.float64) if mode == "sum" else None
-    out = bloom_embedding_bag(ids.to(DEVICE), weight, offsets.to(DEVICE), k, mode,
-                              psw.to(DEVICE) if psw is not None else None, hot_ids=hot.sort().values.to(DEVICE),
-                              backend=backend)  # fmt: skip
+    out = bloom_embedding_bag(
+        ids.to(DEVICE),
+        weight,
+        offsets.to(DEVICE),
+        k,
+        mode,
+        psw.to(DEVICE) if psw is not None else None,
+        hot_ids=hot.sort().values.to(DEVICE),
+        backend=backend,
+    )
     vectors, _, _ = hot_oracle(ids, weight.detach().cpu().numpy(), k, hot.numel(), hot.tolist())
     want = np.zeros((4, dim))
     bounds = offsets.tolist() + [30]
@@ -135,8 +164,16 @@ def test_hot_rows_on_the_row_wise_paths(backend, training):
     same hot rows as the dense backward."""
     check_backend(backend)
     g, hot, ids, dim = random_case(5)
-    options = dict(num_rows=8, num_hash_functions=3, padding_idx=None, backend=backend, signed=True,
-                   hot_ids=hot, device=DEVICE, dtype=torch.float64)  # fmt: skip
+    options = dict(
+        num_rows=8,
+        num_hash_functions=3,
+        padding_idx=None,
+        backend=backend,
+        signed=True,
+        hot_ids=hot,
+        device=DEVICE,
+        dtype=torch.float64,
+    )
     dense = BloomEmbedding(60, dim, **options)
     ids = ids.to(DEVICE)
     grad_out = torch.randn(ids.numel(), dim, generator=g, dtype=torch.float64).to(DEVICE)
@@ -177,8 +214,18 @@ def test_hot_rows_on_the_row_wise_paths(backend, training):
 def test_private_part_adds_a_projected_code(backend):
     check_backend(backend)
     g = torch.Generator().manual_seed(7)
-    emb = BloomEmbedding(50, 6, num_rows=9, num_hash_functions=2, padding_idx=3, private_dim=2,
-                         hot_ids=torch.tensor([4, 9]), backend=backend, device=DEVICE, dtype=torch.float64)  # fmt: skip
+    emb = BloomEmbedding(
+        50,
+        6,
+        num_rows=9,
+        num_hash_functions=2,
+        padding_idx=3,
+        private_dim=2,
+        hot_ids=torch.tensor([4, 9]),
+        backend=backend,
+        device=DEVICE,
+        dtype=torch.float64,
+    )
     ids = torch.randint(0, 50, (3, 8), generator=g).to(DEVICE)
     ids[0, 0] = 3
     out = emb(ids)
@@ -200,8 +247,15 @@ def test_private_part_adds_a_projected_code(backend):
 @pytest.mark.parametrize("mode", ["sum", "mean"])
 def test_private_part_in_bags_pools_the_embedding(backend, mode):
     check_backend(backend)
-    options = dict(num_rows=9, num_hash_functions=2, private_dim=3, hot_ids=torch.tensor([1, 2, 30]),
-                   backend=backend, device=DEVICE, dtype=torch.float64)  # fmt: skip
+    options = dict(
+        num_rows=9,
+        num_hash_functions=2,
+        private_dim=3,
+        hot_ids=torch.tensor([1, 2, 30]),
+        backend=backend,
+        device=DEVICE,
+        dtype=torch.float64,
+    )
     bag = BloomEmbeddingBag(40, 4, mode=mode, **options)
     single = BloomEmbedding(40, 4, padding_idx=None, **options)
     single.load_state_dict(bag.state_dict())
@@ -272,8 +326,16 @@ def test_embedding_bytes_counts_every_part():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hot_rows_compile_without_graph_breaks(backend):
     check_backend(backend)
-    emb = BloomEmbedding(80, 4, num_rows=7, hot_ids=torch.tensor([3, 40]), private_dim=2, backend=backend,
-                         device=DEVICE, dtype=torch.float64)  # fmt: skip
+    emb = BloomEmbedding(
+        80,
+        4,
+        num_rows=7,
+        hot_ids=torch.tensor([3, 40]),
+        private_dim=2,
+        backend=backend,
+        device=DEVICE,
+        dtype=torch.float64,
+    )
     ids = torch.randint(0, 80, (12,)).to(DEVICE)
     eager = emb(ids)
     compiled = torch.compile(emb, fullgraph=True, backend="aot_eager")
@@ -285,8 +347,12 @@ def test_bloomify_gives_each_table_its_hot_rows():
 
     model = torch.nn.ModuleDict({"users": torch.nn.Embedding(500, 8), "movies": torch.nn.EmbeddingBag(800, 8)})
     hot = torch.tensor([10, 3, 700])
-    report = bloomify(model, compression_ratio=0.1, min_num_embeddings=100,
-                      table_options={"movies": {"hot_ids": hot, "private_dim": 2, "num_hash_functions": 2}})  # fmt: skip
+    report = bloomify(
+        model,
+        compression_ratio=0.1,
+        min_num_embeddings=100,
+        table_options={"movies": {"hot_ids": hot, "private_dim": 2, "num_hash_functions": 2}},
+    )
     items = model["movies"]
     assert isinstance(items, BloomEmbeddingBag) and items.hot_ids.tolist() == [3, 10, 700]
     assert items.private.embedding_dim == 2 and items.num_hash_functions == 2
@@ -295,5 +361,8 @@ def test_bloomify_gives_each_table_its_hot_rows():
     with pytest.raises(ValueError, match="no nn.Embedding"):
         bloomify(torch.nn.ModuleDict({"a": torch.nn.Embedding(500, 4)}), table_options={"b": {}})
     with pytest.raises(ValueError, match="cannot override"):
-        bloomify(torch.nn.ModuleDict({"a": torch.nn.Embedding(500, 4)}), min_num_embeddings=10,
-                 table_options={"a": {"embedding_dim": 3}})  # fmt: skip
+        bloomify(
+            torch.nn.ModuleDict({"a": torch.nn.Embedding(500, 4)}),
+            min_num_embeddings=10,
+            table_options={"a": {"embedding_dim": 3}},
+        )

@@ -10,9 +10,9 @@ import random
 import numpy as np
 import pytest
 import torch
-
 from oracle import backward_oracle, forward_oracle
 from support import DEVICE, TOLERANCES, require_kernels
+
 from triton_bloom import bloom_hash
 from triton_bloom.functional import bloom_embedding
 from triton_bloom.hashing import hash_rows, seed_tensor
@@ -46,8 +46,9 @@ def make_case(seed):
         ids = ids.reshape(-1).repeat_interleave(2)[::2].view(ids.shape) if ndim == 1 else ids
     if ndim == 1 and layout < 0.6:
         assert not ids.is_contiguous() or ids.numel() <= 1  # a strided 1-D view
-    return dict(ids=ids, num_embeddings=num_embeddings, num_rows=num_rows, dim=dim, k=k,
-                padding_idx=padding_idx, generator=g)  # fmt: skip
+    return dict(
+        ids=ids, num_embeddings=num_embeddings, num_rows=num_rows, dim=dim, k=k, padding_idx=padding_idx, generator=g
+    )
 
 
 def assert_sums_close(actual, expected, scale, tol=1e-5):
@@ -60,7 +61,9 @@ def assert_sums_close(actual, expected, scale, tol=1e-5):
     """
     err = (actual.double() - expected.double()).abs()
     bound = tol * scale.double().clamp_min(1.0)
-    assert bool((err <= bound).all()), f"max error {err.max().item():.3g}, max scaled {(err / bound).max().item():.3g}x tol"
+    assert bool((err <= bound).all()), (
+        f"max error {err.max().item():.3g}, max scaled {(err / bound).max().item():.3g}x tol"
+    )
 
 
 def magnitudes(ids, weight, k, padding_idx, grad_out):
@@ -75,7 +78,9 @@ def run_both(ids, weight, k, padding_idx, num_embeddings, grad_out, hash_cache=N
     results = []
     for backend in ("torch", "triton"):
         w = weight.detach().clone().requires_grad_(True)
-        out = bloom_embedding(ids, w, k, padding_idx, num_embeddings=num_embeddings, hash_cache=hash_cache, backend=backend)
+        out = bloom_embedding(
+            ids, w, k, padding_idx, num_embeddings=num_embeddings, hash_cache=hash_cache, backend=backend
+        )
         out.backward(grad_out)
         results.append((out.detach(), w.grad))
     return results
@@ -104,7 +109,9 @@ def test_kernels_match_oracle_float64(seed):
     ids = c["ids"]
     weight = torch.randn(c["num_rows"], c["dim"], generator=c["generator"], dtype=torch.float64)
     grad_out = torch.randn(*ids.shape, c["dim"], generator=c["generator"], dtype=torch.float64)
-    _, (out, grad) = run_both(ids.to(DEVICE), weight.to(DEVICE), c["k"], c["padding_idx"], c["num_embeddings"], grad_out.to(DEVICE))
+    _, (out, grad) = run_both(
+        ids.to(DEVICE), weight.to(DEVICE), c["k"], c["padding_idx"], c["num_embeddings"], grad_out.to(DEVICE)
+    )
     expected = forward_oracle(ids.numpy(), weight.numpy(), c["k"], c["padding_idx"])
     np.testing.assert_allclose(out.cpu().numpy(), expected, atol=1e-12, rtol=1e-12)
     expected = backward_oracle(ids.numpy(), grad_out.numpy(), c["num_rows"], c["k"], c["padding_idx"])
@@ -156,8 +163,9 @@ def test_kernels_wide_ids():
     # num_embeddings=None admits ids past 2**31, hashed as 8 bytes.
     require_kernels()
     g = torch.Generator().manual_seed(9)
-    ids = torch.cat([torch.randint(0, 2**31, (20,), generator=g),
-                     torch.randint(2**31, 2**62, (20,), generator=g)]).to(DEVICE)  # fmt: skip
+    ids = torch.cat([torch.randint(0, 2**31, (20,), generator=g), torch.randint(2**31, 2**62, (20,), generator=g)]).to(
+        DEVICE
+    )
     weight = torch.randn(23, 12, generator=g).to(DEVICE)
     grad_out = torch.randn(40, 12, generator=g).to(DEVICE)
     (ref_out, ref_grad), (out, grad) = run_both(ids, weight, 3, None, None, grad_out)
@@ -176,7 +184,9 @@ def test_launchers_directly():
     out = kernels.bloom_forward(ids, weight, seed_tensor(DEVICE), num_hash_functions=3, padding_idx=2)
     torch.testing.assert_close(out, bloom_forward_reference(ids, weight, rows, 2), atol=1e-5, rtol=1e-5)
     grad_out = torch.randn(4, 5, 9, generator=g).to(DEVICE)
-    grad, grad_importance = kernels.bloom_backward(grad_out, ids, seed_tensor(DEVICE), num_rows=13, num_hash_functions=3, padding_idx=2)
+    grad, grad_importance = kernels.bloom_backward(
+        grad_out, ids, seed_tensor(DEVICE), num_rows=13, num_hash_functions=3, padding_idx=2
+    )
     assert grad_importance is None
     torch.testing.assert_close(grad, bloom_backward_reference(grad_out, ids, rows, 13, 2), atol=1e-5, rtol=1e-5)
 
@@ -186,7 +196,9 @@ def test_triton_gradcheck_float64():
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, 30, (5, 4), generator=g).to(DEVICE)
     weight = torch.randn(7, 3, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda w: bloom_embedding(ids, w, 3, 4, num_embeddings=30, backend="triton"), (weight,))
+    assert torch.autograd.gradcheck(
+        lambda w: bloom_embedding(ids, w, 3, 4, num_embeddings=30, backend="triton"), (weight,)
+    )
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

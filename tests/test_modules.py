@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-
 from oracle import forward_oracle, sklearn_rows
 from support import DEVICE
+
 from triton_bloom import (
     SEEDS,
     BloomEmbedding,

@@ -15,11 +15,11 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-
 from support import DEVICE, require_kernels
+
 from triton_bloom import BloomEmbedding, BloomOutputLayer, TiedBloomLinear, bloom_cross_entropy, bloom_rank, bloom_topk
-from triton_bloom.ranking import items_above
 from triton_bloom.hashing import hash_rows, seed_tensor
+from triton_bloom.ranking import items_above
 
 BACKENDS = ["torch", "triton"]
 NEG_INF = float("-inf")
@@ -122,8 +122,9 @@ def test_topk_duplicate_vectors_tie_by_id(seed, backend):
     # k = 1 into 2 rows: every id's vector is one of two rows (times a sign),
     # so almost every score is tied with many others.
     rnd = random.Random(100 + seed)
-    emb = BloomEmbedding(rnd.choice([50, 200]), 16, num_rows=2, num_hash_functions=1, padding_idx=None,
-                         backend=backend, device=DEVICE)  # fmt: skip
+    emb = BloomEmbedding(
+        rnd.choice([50, 200]), 16, num_rows=2, num_hash_functions=1, padding_idx=None, backend=backend, device=DEVICE
+    )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # integers: the scores are exact, so the ties are too
         emb.weight.copy_(torch.randint(-5, 6, emb.weight.shape, generator=g))
@@ -206,14 +207,31 @@ def test_scores_kernel_matches_reference_vectors():
     # bfloat16: the PyTorch lookup and the kernels round a vector's sum at
     # different points (TOLERANCES in support.py).
     for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat16, 2e-3)):
-        emb = BloomEmbedding(None, 37, num_rows=29, num_hash_functions=3, padding_idx=11, signed=True,
-                             importance=True, dtype=dtype, backend="torch")  # fmt: skip
+        emb = BloomEmbedding(
+            None,
+            37,
+            num_rows=29,
+            num_hash_functions=3,
+            padding_idx=11,
+            signed=True,
+            importance=True,
+            dtype=dtype,
+            backend="torch",
+        )
         with torch.no_grad():
             emb.importance_weight.uniform_(0.5, 2.0, generator=g)
         ids = torch.cat([torch.randint(0, 5000, (60,), generator=g), torch.tensor([11, 2**33 + 5])])
         queries = torch.randn(21, 37, generator=g)
-        got = kernels.bloom_scores(queries, ids, emb.weight.detach(), seed_tensor(ids.device), num_hash_functions=3,
-                                   padding_idx=11, signed=True, importance=emb.importance_weight.detach())  # fmt: skip
+        got = kernels.bloom_scores(
+            queries,
+            ids,
+            emb.weight.detach(),
+            seed_tensor(ids.device),
+            num_hash_functions=3,
+            padding_idx=11,
+            signed=True,
+            importance=emb.importance_weight.detach(),
+        )
         with torch.no_grad():
             want = queries.to(got.dtype) @ emb(ids).to(got.dtype).T
         torch.testing.assert_close(got, want, atol=tol * 10, rtol=tol)
@@ -283,8 +301,9 @@ def test_sampled_softmax_equals_its_definition(backend):
 def test_bloom_output_layer_decoder(seed, backend):
     rnd = random.Random(700 + seed)
     n, dim = rnd.choice([30, 200]), rnd.choice([4, 16])
-    layer = BloomOutputLayer(dim, n, num_rows=rnd.choice([5, 40]), num_hash_functions=rnd.choice([1, 3, 4]),
-                             backend=backend, device=DEVICE)  # fmt: skip
+    layer = BloomOutputLayer(
+        dim, n, num_rows=rnd.choice([5, 40]), num_hash_functions=rnd.choice([1, 3, 4]), backend=backend, device=DEVICE
+    )
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(rnd.choice([1, 5]), dim, generator=g).to(DEVICE)
     exclude = random_exclude(rnd, g, hidden.shape[0], n)
@@ -377,8 +396,9 @@ def test_topk_with_bias_equals_brute_force(seed, backend):
     exclude = random_exclude(rnd, g, queries.shape[0], emb.num_embeddings)
     k = rnd.choice([1, 5, 50])
     top = emb.topk(queries, k, exclude=exclude, bias=bias, chunk_size=rnd.choice([1, 8, None]))
-    scores = excluded_scores(queries.double() @ all_vectors(emb).T + bias.double(), exclude,
-                             padding_idx=emb.padding_idx)  # fmt: skip
+    scores = excluded_scores(
+        queries.double() @ all_vectors(emb).T + bias.double(), exclude, padding_idx=emb.padding_idx
+    )
     values, ids = brute_topk(scores, k)
     assert torch.equal(top.ids.cpu(), ids.cpu())
     assert torch.equal(top.scores.double().cpu(), values.cpu())
@@ -431,8 +451,9 @@ def test_rank_counts_collisions_half_with_float_data(seed, backend):
 def test_bloom_output_layer_rank(seed, backend):
     rnd = random.Random(1000 + seed)
     n = rnd.choice([30, 200])
-    layer = BloomOutputLayer(8, n, num_rows=rnd.choice([2, 5, 40]), num_hash_functions=rnd.choice([1, 3]),
-                             backend=backend, device=DEVICE)  # fmt: skip
+    layer = BloomOutputLayer(
+        8, n, num_rows=rnd.choice([2, 5, 40]), num_hash_functions=rnd.choice([1, 3]), backend=backend, device=DEVICE
+    )
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(rnd.choice([1, 6]), 8, generator=g).to(DEVICE)
     targets = torch.randint(0, n, (hidden.shape[0],), generator=g).to(DEVICE)
@@ -454,8 +475,15 @@ def test_fused_cross_entropy_with_bias(seed, backend):
     bias = torch.randn(emb.num_embeddings, generator=g).to(DEVICE).requires_grad_(True)
     targets = torch.randint(0, emb.num_embeddings, (batch,), generator=g).to(DEVICE)
     samples = rnd.choice([None, 5])
-    loss = bloom_cross_entropy(hidden, targets, emb, bias=bias, num_samples=samples, chunk_size=rnd.choice([3, None]),
-                               generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    loss = bloom_cross_entropy(
+        hidden,
+        targets,
+        emb,
+        bias=bias,
+        num_samples=samples,
+        chunk_size=rnd.choice([3, None]),
+        generator=torch.Generator().manual_seed(seed),
+    )
     params = [hidden, bias] + list(emb.parameters())
     got = torch.autograd.grad(loss, params)
 
@@ -465,8 +493,13 @@ def test_fused_cross_entropy_with_bias(seed, backend):
     else:
         drawn = torch.randint(0, emb.num_embeddings, (samples,), generator=torch.Generator().manual_seed(seed))
         drawn = drawn.to(DEVICE)
-        logits = torch.cat([(hidden * vectors[targets]).sum(1, keepdim=True) + bias[targets, None],
-                            hidden @ vectors[drawn].T + bias[drawn]], 1)  # fmt: skip
+        logits = torch.cat(
+            [
+                (hidden * vectors[targets]).sum(1, keepdim=True) + bias[targets, None],
+                hidden @ vectors[drawn].T + bias[drawn],
+            ],
+            1,
+        )
         logits[:, 1:] = logits[:, 1:].masked_fill(drawn[None, :] == targets[:, None], NEG_INF)
         want_loss = F.cross_entropy(logits, torch.zeros(batch, dtype=torch.int64, device=DEVICE))
     want = torch.autograd.grad(want_loss, params)
@@ -496,8 +529,9 @@ def test_plain_embedding_is_scored_through_its_forward(seed):
         table.weight.copy_(torch.randint(-3, 4, table.weight.shape, generator=g))
     queries = torch.randint(-3, 4, (4, 6), generator=g).float().to(DEVICE)
     exclude = random_exclude(random.Random(seed), g, 4, 90)
-    scores = excluded_scores(queries.double() @ table.weight.detach().double().T, exclude,
-                             padding_idx=table.padding_idx)  # fmt: skip
+    scores = excluded_scores(
+        queries.double() @ table.weight.detach().double().T, exclude, padding_idx=table.padding_idx
+    )
     top = bloom_topk(queries, table, 6, exclude=exclude, chunk_size=13)
     values, ids = brute_topk(scores, 6)
     assert torch.equal(top.ids, ids) and torch.equal(top.scores.double(), values)

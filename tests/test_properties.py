@@ -21,13 +21,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import property_oracle as oracle
 import torch
+from case_count import count, examples
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-
-import property_oracle as oracle
-from case_count import count, examples
 from support import DEVICE, require_kernels
+
 from triton_bloom import BloomEmbedding, BloomEmbeddingBag, bloom_hash
 from triton_bloom.functional import bloom_embedding, bloom_embedding_bag
 from triton_bloom.hashing import seed_tensor
@@ -54,8 +54,7 @@ def id_values(num_embeddings):
 def num_embeddings_strategy():
     # None admits every id below 2**63; the rest straddle the 4-byte/8-byte
     # hashing boundary at 2**31.
-    return st.one_of(st.integers(1, 1000), st.sampled_from([2**31 - 1, 2**31, 2**31 + 1, 2**40, 2**63 - 1]),
-                     st.none())  # fmt: skip
+    return st.one_of(st.integers(1, 1000), st.sampled_from([2**31 - 1, 2**31, 2**31 + 1, 2**40, 2**63 - 1]), st.none())
 
 
 def flat_ids(draw, n, num_embeddings):
@@ -106,9 +105,15 @@ def embedding_cases(draw):
     num_embeddings = draw(num_embeddings_strategy())
     shape = draw(shape_strategy())
     ids = flat_ids(draw, math.prod(shape), num_embeddings)
-    case = dict(num_embeddings=num_embeddings, shape=shape, ids=ids, id_dtype=id_dtype(draw, ids),
-                layout=draw(st.sampled_from(["contiguous", "transposed", "strided", "expanded", "flipped"])),
-                padding_idx=padding_strategy(draw, ids, num_embeddings), **table_options(draw, num_embeddings))  # fmt: skip
+    case = dict(
+        num_embeddings=num_embeddings,
+        shape=shape,
+        ids=ids,
+        id_dtype=id_dtype(draw, ids),
+        layout=draw(st.sampled_from(["contiguous", "transposed", "strided", "expanded", "flipped"])),
+        padding_idx=padding_strategy(draw, ids, num_embeddings),
+        **table_options(draw, num_embeddings),
+    )
     # The module keeps a (num_embeddings, k) cache: only small id spaces.
     case["hash_cache"] = num_embeddings is not None and num_embeddings <= 1000 and draw(st.booleans())
     case["negative_padding"] = case["api"] == "module" and num_embeddings is not None and draw(st.booleans())
@@ -117,9 +122,24 @@ def embedding_cases(draw):
 
 def embedding_case(**fields):
     """A full case from the fields that matter (for ``@example``)."""
-    case = dict(num_embeddings=100, shape=[3], ids=[1, 2, 3], id_dtype="int64", layout="contiguous",
-                padding_idx=None, num_rows=7, dim=3, k=2, signed=False, importance_rows=None, dtype="float64",
-                api="module", seed=0, hash_cache=False, negative_padding=False)  # fmt: skip
+    case = dict(
+        num_embeddings=100,
+        shape=[3],
+        ids=[1, 2, 3],
+        id_dtype="int64",
+        layout="contiguous",
+        padding_idx=None,
+        num_rows=7,
+        dim=3,
+        k=2,
+        signed=False,
+        importance_rows=None,
+        dtype="float64",
+        api="module",
+        seed=0,
+        hash_cache=False,
+        negative_padding=False,
+    )
     case.update(fields)
     return case
 
@@ -179,18 +199,25 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def check_gradients(expected, grad_weight, grad_importance, table_dtype, importance):
-    oracle.assert_close(grad_weight, expected.grad_weight, expected.grad_weight_mag, TOLERANCE[table_dtype],
-                        "table gradient")  # fmt: skip
+    oracle.assert_close(
+        grad_weight, expected.grad_weight, expected.grad_weight_mag, TOLERANCE[table_dtype], "table gradient"
+    )
     if importance is not None:
         tol = tolerance(table_dtype, dtype_name(importance.dtype))
-        oracle.assert_close(grad_importance, expected.grad_importance, expected.grad_importance_mag, tol,
-                            "importance gradient")  # fmt: skip
+        oracle.assert_close(
+            grad_importance, expected.grad_importance, expected.grad_importance_mag, tol, "importance gradient"
+        )
 
 
 # Hashing. -------------------------------------------------------------------------
 
-HASH_ID_DTYPES = {"uint8": (torch.uint8, 2**8), "int8": (torch.int8, 2**7), "int16": (torch.int16, 2**15),
-                  "int32": (torch.int32, 2**31), "int64": (torch.int64, 2**63)}  # fmt: skip
+HASH_ID_DTYPES = {
+    "uint8": (torch.uint8, 2**8),
+    "int8": (torch.int8, 2**7),
+    "int16": (torch.int16, 2**15),
+    "int32": (torch.int32, 2**31),
+    "int64": (torch.int64, 2**63),
+}
 
 
 @st.composite
@@ -201,8 +228,15 @@ def hash_cases(draw):
     values = st.one_of(st.integers(0, limit - 1), st.sampled_from([i for i in BOUNDARY_IDS if i < limit]))
     ids = draw(st.lists(values, min_size=math.prod(shape), max_size=math.prod(shape)))
     # Past 2**31 rows, the floor modulo of a negative hash leaves int32.
-    num_rows = draw(st.one_of(st.integers(1, 1000), st.integers(2**31 - 3, 2**31 + 3), st.integers(2**31, 2**62),
-                              st.just(2**63 - 1), st.just(1)))  # fmt: skip
+    num_rows = draw(
+        st.one_of(
+            st.integers(1, 1000),
+            st.integers(2**31 - 3, 2**31 + 3),
+            st.integers(2**31, 2**62),
+            st.just(2**63 - 1),
+            st.just(1),
+        )
+    )
     return dict(dtype=dtype, shape=shape, ids=ids, k=draw(st.integers(1, 24)), num_rows=num_rows)
 
 
@@ -218,8 +252,13 @@ def test_hash_matches_oracle(case):
     assert rows.dtype == torch.int64 and rows.shape == (*ids.shape, case["k"])
     np.testing.assert_array_equal(rows.numpy(), expected)
     if ids.dtype in (torch.int32, torch.int64):  # what the kernels take
-        rows = kernels.bloom_hash(ids.to(DEVICE), seed_tensor(DEVICE), num_hash_functions=case["k"],
-                                  num_rows=case["num_rows"], wide_ids=ids.dtype == torch.int64)  # fmt: skip
+        rows = kernels.bloom_hash(
+            ids.to(DEVICE),
+            seed_tensor(DEVICE),
+            num_hash_functions=case["k"],
+            num_rows=case["num_rows"],
+            wide_ids=ids.dtype == torch.int64,
+        )
         np.testing.assert_array_equal(rows.cpu().numpy(), expected)
 
 
@@ -232,11 +271,21 @@ def run_embedding(case, backend, ids, weight, importance, grad_out):
     if case["api"] == "module":
         if padding_idx is not None and case["negative_padding"]:
             padding_idx -= case["num_embeddings"]
-        module = BloomEmbedding(case["num_embeddings"], case["dim"], 0.2, case["k"], padding_idx=padding_idx,
-                                num_rows=case["num_rows"], hash_cache=case["hash_cache"], backend=backend,
-                                signed=case["signed"], importance=importance is not None,
-                                importance_rows=None if importance is None else importance.shape[0],
-                                dtype=weight.dtype, device=weight.device)  # fmt: skip
+        module = BloomEmbedding(
+            case["num_embeddings"],
+            case["dim"],
+            0.2,
+            case["k"],
+            padding_idx=padding_idx,
+            num_rows=case["num_rows"],
+            hash_cache=case["hash_cache"],
+            backend=backend,
+            signed=case["signed"],
+            importance=importance is not None,
+            importance_rows=None if importance is None else importance.shape[0],
+            dtype=weight.dtype,
+            device=weight.device,
+        )
         with torch.no_grad():
             module.weight.copy_(weight)
             if importance is not None:
@@ -251,8 +300,17 @@ def run_embedding(case, backend, ids, weight, importance, grad_out):
     if case["hash_cache"]:
         cache = bloom_hash(torch.arange(case["num_embeddings"], device=ids.device), case["k"], case["num_rows"])
         cache = cache.to(torch.int32)
-    out = bloom_embedding(ids, w, case["k"], padding_idx, num_embeddings=case["num_embeddings"], hash_cache=cache,
-                          backend=backend, signed=case["signed"], importance=imp)  # fmt: skip
+    out = bloom_embedding(
+        ids,
+        w,
+        case["k"],
+        padding_idx,
+        num_embeddings=case["num_embeddings"],
+        hash_cache=cache,
+        backend=backend,
+        signed=case["signed"],
+        importance=imp,
+    )
     out.backward(grad_out)
     return out, w.grad, None if imp is None else imp.grad
 
@@ -270,8 +328,9 @@ def test_embedding_matches_oracle(case):
     ids = build_ids(case)
     g, weight, importance = build_values(case)
     grad_out = dyadic(g, (*ids.shape, case["dim"]), 4, weight.dtype)
-    spec = oracle.Spec(case["k"], case["padding_idx"], case["signed"],
-                       None if importance is None else importance.double().numpy())  # fmt: skip
+    spec = oracle.Spec(
+        case["k"], case["padding_idx"], case["signed"], None if importance is None else importance.double().numpy()
+    )
     expected = oracle.embedding(ids.numpy(), weight.double().numpy(), spec, grad_out.double().numpy())
     for backend in BACKENDS:
         out, grad_weight, grad_importance = run_embedding(case, backend, *on_device(ids, weight, importance, grad_out))
@@ -308,19 +367,49 @@ def bag_cases(draw):
             offsets.append(n)  # CSR: the last offset ends the last bag (a shorter one is test_fuzz's)
     ids = flat_ids(draw, n, num_embeddings)
     mode = draw(st.sampled_from(["sum", "mean", "max"]))
-    psw_dtype = draw(st.one_of(st.none(), st.sampled_from(["float32", "float64", "float16"]))) if mode == "sum" else None
-    case = dict(num_embeddings=num_embeddings, form=form, shape=shape, ids=ids, id_dtype=id_dtype(draw, ids),
-                offsets=offsets, offsets_dtype=draw(st.sampled_from(["int32", "int64"])),
-                include_last_offset=include_last_offset, mode=mode, psw_dtype=psw_dtype,
-                padding_idx=padding_strategy(draw, ids, num_embeddings), **table)  # fmt: skip
+    psw_dtype = (
+        draw(st.one_of(st.none(), st.sampled_from(["float32", "float64", "float16"]))) if mode == "sum" else None
+    )
+    case = dict(
+        num_embeddings=num_embeddings,
+        form=form,
+        shape=shape,
+        ids=ids,
+        id_dtype=id_dtype(draw, ids),
+        offsets=offsets,
+        offsets_dtype=draw(st.sampled_from(["int32", "int64"])),
+        include_last_offset=include_last_offset,
+        mode=mode,
+        psw_dtype=psw_dtype,
+        padding_idx=padding_strategy(draw, ids, num_embeddings),
+        **table,
+    )
     return case
 
 
 def bag_case(**fields):
     """A full case from the fields that matter (for ``@example``)."""
-    case = dict(num_embeddings=100, form="1d", shape=[3], ids=[1, 2, 3], id_dtype="int64", offsets=[0, 1],
-                offsets_dtype="int64", include_last_offset=False, mode="sum", psw_dtype=None, padding_idx=None,
-                num_rows=7, dim=3, k=2, signed=False, importance_rows=None, dtype="float64", api="module", seed=0)  # fmt: skip
+    case = dict(
+        num_embeddings=100,
+        form="1d",
+        shape=[3],
+        ids=[1, 2, 3],
+        id_dtype="int64",
+        offsets=[0, 1],
+        offsets_dtype="int64",
+        include_last_offset=False,
+        mode="sum",
+        psw_dtype=None,
+        padding_idx=None,
+        num_rows=7,
+        dim=3,
+        k=2,
+        signed=False,
+        importance_rows=None,
+        dtype="float64",
+        api="module",
+        seed=0,
+    )
     case.update(fields)
     return case
 
@@ -337,12 +426,22 @@ def run_bag(case, backend, ids, offsets, weight, importance, psw, grad_out):
     """``(out, table gradient, importance gradient, per-sample weights' gradient)``."""
     p = None if psw is None else psw.clone().requires_grad_(True)
     if case["api"] == "module":
-        module = BloomEmbeddingBag(case["num_embeddings"], case["dim"], 0.2, case["k"], mode=case["mode"],
-                                   padding_idx=case["padding_idx"], include_last_offset=case["include_last_offset"],
-                                   num_rows=case["num_rows"], backend=backend, signed=case["signed"],
-                                   importance=importance is not None,
-                                   importance_rows=None if importance is None else importance.shape[0],
-                                   dtype=weight.dtype, device=weight.device)  # fmt: skip
+        module = BloomEmbeddingBag(
+            case["num_embeddings"],
+            case["dim"],
+            0.2,
+            case["k"],
+            mode=case["mode"],
+            padding_idx=case["padding_idx"],
+            include_last_offset=case["include_last_offset"],
+            num_rows=case["num_rows"],
+            backend=backend,
+            signed=case["signed"],
+            importance=importance is not None,
+            importance_rows=None if importance is None else importance.shape[0],
+            dtype=weight.dtype,
+            device=weight.device,
+        )
         with torch.no_grad():
             module.weight.copy_(weight)
             if importance is not None:
@@ -353,9 +452,20 @@ def run_bag(case, backend, ids, offsets, weight, importance, psw, grad_out):
         return out, module.weight.grad, imp_grad, None if p is None else p.grad
     w = weight.clone().requires_grad_(True)
     imp = None if importance is None else importance.clone().requires_grad_(True)
-    out = bloom_embedding_bag(ids, w, offsets, case["k"], case["mode"], p, case["padding_idx"],
-                              case["include_last_offset"], num_embeddings=case["num_embeddings"], backend=backend,
-                              signed=case["signed"], importance=imp)  # fmt: skip
+    out = bloom_embedding_bag(
+        ids,
+        w,
+        offsets,
+        case["k"],
+        case["mode"],
+        p,
+        case["padding_idx"],
+        case["include_last_offset"],
+        num_embeddings=case["num_embeddings"],
+        backend=backend,
+        signed=case["signed"],
+        importance=imp,
+    )
     out.backward(grad_out)
     return out, w.grad, None if imp is None else imp.grad, None if p is None else p.grad
 
@@ -380,20 +490,34 @@ def test_bag_matches_oracle(case):
         psw = dyadic(g, tuple(case["shape"]), 4, DTYPES[case["psw_dtype"]])
     bounds = full_offsets(case, ids.numel())
     grad_out = dyadic(g, (len(bounds) - 1, case["dim"]), 4, weight.dtype)
-    spec = oracle.Spec(case["k"], case["padding_idx"], case["signed"],
-                       None if importance is None else importance.double().numpy())  # fmt: skip
+    spec = oracle.Spec(
+        case["k"], case["padding_idx"], case["signed"], None if importance is None else importance.double().numpy()
+    )
     # The table's dtype is the one the pooling runs in: per-sample weights
     # are read in it, as the functional form documents.
     psw_used = None if psw is None else psw.to(weight.dtype).double().numpy()
-    expected = oracle.bag(ids.reshape(-1).numpy(), bounds, weight.double().numpy(), spec, case["mode"],
-                          grad_out.double().numpy(), psw_used)  # fmt: skip
+    expected = oracle.bag(
+        ids.reshape(-1).numpy(),
+        bounds,
+        weight.double().numpy(),
+        spec,
+        case["mode"],
+        grad_out.double().numpy(),
+        psw_used,
+    )
     for backend in BACKENDS:
         out, grad_weight, grad_importance, grad_psw = run_bag(
-            case, backend, *on_device(ids, offsets, weight, importance, psw, grad_out))
+            case, backend, *on_device(ids, offsets, weight, importance, psw, grad_out)
+        )
         assert out.dtype == weight.dtype, backend
         oracle.assert_close(out, expected.out, expected.out_mag, TOLERANCE[case["dtype"]], f"{backend} output")
         check_gradients(expected, grad_weight, grad_importance, case["dtype"], importance)
         if psw is not None:
             assert grad_psw.dtype == psw.dtype
-            oracle.assert_close(grad_psw.reshape(-1), expected.grad_psw, expected.grad_psw_mag,
-                                tolerance(case["dtype"], case["psw_dtype"]), f"{backend} per-sample weights' gradient")  # fmt: skip
+            oracle.assert_close(
+                grad_psw.reshape(-1),
+                expected.grad_psw,
+                expected.grad_psw_mag,
+                tolerance(case["dtype"], case["psw_dtype"]),
+                f"{backend} per-sample weights' gradient",
+            )

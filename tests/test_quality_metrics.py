@@ -54,8 +54,14 @@ def test_rank_metrics_match_the_demo_on_ties():
 
     scores = [[0.5, 9.0, 0.7, 0.1, 0.7], [0.0, 1.0, 2.0, 3.0, 4.0]]
     got = Q.rank_metrics(FixedScores(scores), interactions([0, 1], [2, 0], 2, 5), [interactions([0], [1], 2, 5)])
-    data = demo.Dataset(2, 5, train_users=torch.tensor([0]), train_items=torch.tensor([1]),
-                        test_items=torch.tensor([2, 0]), train_counts=torch.tensor([1, 0]))  # fmt: skip
+    data = demo.Dataset(
+        2,
+        5,
+        train_users=torch.tensor([0]),
+        train_items=torch.tensor([1]),
+        test_items=torch.tensor([2, 0]),
+        train_counts=torch.tensor([1, 0]),
+    )
     # users x items scores as a product: one-hot users, items holding their scores per user
     ranks = demo.item_ranks(torch.eye(2), torch.nn.Embedding.from_pretrained(torch.tensor(scores).T), data)
     assert ranks.tolist() == [0.5, 4.0]
@@ -69,8 +75,11 @@ def test_rank_metrics_keep_a_repeated_target_in_the_ranking():
     assert got["mrr"] == pytest.approx(1.0) and got["auc"] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("spec", [Q.TableSpec("none"), Q.TableSpec("full"), Q.TableSpec("bloom", 0.3, 2),
-                                  Q.TableSpec("hash", 0.1, 1, budget=0.1)], ids=lambda s: s.kind)  # fmt: skip
+@pytest.mark.parametrize(
+    "spec",
+    [Q.TableSpec("none"), Q.TableSpec("full"), Q.TableSpec("bloom", 0.3, 2), Q.TableSpec("hash", 0.1, 1, budget=0.1)],
+    ids=lambda s: s.kind,
+)
 def test_rank_metrics_match_a_materialised_ranking(spec):
     """Repeat events, a target seen before, a user with two targets and
     hash collisions (exact ties) against the materialised count."""
@@ -81,8 +90,9 @@ def test_rank_metrics_match_a_materialised_ranking(spec):
         # A coarse bias keeps the ties of colliding items.
         model.item_bias.weight.copy_(torch.randint(0, 3, (num_items, 1)) * 0.25)
     g = np.random.default_rng(0)
-    train = interactions(np.repeat(np.arange(num_users), 8), g.integers(0, num_items, 8 * num_users),
-                         num_users, num_items)  # fmt: skip
+    train = interactions(
+        np.repeat(np.arange(num_users), 8), g.integers(0, num_items, 8 * num_users), num_users, num_items
+    )
     train.item[:3] = 5  # user 0 saw item 5 three times
     valid = interactions(np.arange(num_users), g.integers(0, num_items, num_users), num_users, num_items)
     targets = interactions([0, 1, 2, 3, 4, 5, 3], [5, train.item[8], 7, 8, 9, 10, 11], num_users, num_items)

@@ -24,8 +24,9 @@ def tiny_task(num_users=40, num_items=60, epochs=2):
 @pytest.mark.parametrize("budget", [0.5, 0.2, 0.1])
 def test_equal_bytes_tables_keep_to_the_budget(budget):
     dim, counts = 32, torch.arange(300) % 17
-    specs = Q.equal_bytes_specs(budget, dim, ks=(2, 4), variants=Q.VARIANTS, layout_grid=Q.LAYOUTS,
-                                library_layouts=((0.02, 5, 4), (0.1, 2, 1)))  # fmt: skip
+    specs = Q.equal_bytes_specs(
+        budget, dim, ks=(2, 4), variants=Q.VARIANTS, layout_grid=Q.LAYOUTS, library_layouts=((0.02, 5, 4), (0.1, 2, 1))
+    )
     families = {s.family for s in specs}
     assert families >= {"small", "hash", "bloom", "mixed", "hot", "signed", "importance"}
     # Per-id importance weights (k floats an id) leave no room at 0.1 of dim 32.
@@ -86,11 +87,28 @@ def test_tune_keeps_the_best_validation_point(monkeypatch):
 
 
 def _run(label, kind, auc_valid, auc_test, **extra):
-    row = {"dataset": "d", "task": "implicit", "label": label, "kind": kind, "family": extra.pop("family", kind),
-           "ratio": extra.pop("ratio", None), "k": extra.pop("k", None), "dim": extra.pop("dim", None),
-           "budget": extra.pop("budget", None), "variant_kwargs": {}, "embedding_params": 10,
-           "embedding_bytes": 40, "total_params": 12, "total_bytes": 48, "best_epoch": 1, "seconds": 1.0,
-           "lr": 0.01, "l2": 0.0, "valid": {"auc": auc_valid}, "test": {"auc": auc_test}}  # fmt: skip
+    row = {
+        "dataset": "d",
+        "task": "implicit",
+        "label": label,
+        "kind": kind,
+        "family": extra.pop("family", kind),
+        "ratio": extra.pop("ratio", None),
+        "k": extra.pop("k", None),
+        "dim": extra.pop("dim", None),
+        "budget": extra.pop("budget", None),
+        "variant_kwargs": {},
+        "embedding_params": 10,
+        "embedding_bytes": 40,
+        "total_params": 12,
+        "total_bytes": 48,
+        "best_epoch": 1,
+        "seconds": 1.0,
+        "lr": 0.01,
+        "l2": 0.0,
+        "valid": {"auc": auc_valid},
+        "test": {"auc": auc_test},
+    }
     return row
 
 
@@ -118,8 +136,11 @@ def test_quality_writes_json_markdown_and_plot(tmp_path):
     pytest.importorskip("matplotlib")
     data = D.synthetic(num_users=200, num_items=300, rank=2, mean_per_user=8, seed=0)
     path = tmp_path / "u.data"
-    path.write_text("".join(f"{u + 1}\t{i + 1}\t{r:g}\t{t}\n"
-                            for u, i, r, t in zip(data.user, data.item, data.rating, data.timestamp)))  # fmt: skip
+    path.write_text(
+        "".join(
+            f"{u + 1}\t{i + 1}\t{r:g}\t{t}\n" for u, i, r, t in zip(data.user, data.item, data.rating, data.timestamp)
+        )
+    )
     out = tmp_path / "q.json"
     Q.main(["--quick", "--dataset", str(path), "--epochs", "1", "--out", str(out)])
     payload = json.loads(out.read_text())

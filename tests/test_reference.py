@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from oracle import backward_oracle, forward_oracle
+
 from triton_bloom.functional import bloom_embedding
 from triton_bloom.hashing import hash_rows
 from triton_bloom.reference import bloom_backward_reference, bloom_forward_reference
@@ -34,15 +34,22 @@ def test_reference_matches_oracle(case):
     shape, num_embeddings, num_rows, dim, k, padding_idx = CASES[case]
     ids, weight, g = random_case(case, shape, num_embeddings, num_rows, dim)
     if padding_idx is not None and ids.numel():
-        ids.view(-1)[:: 3] = padding_idx  # make sure padding occurs
+        ids.view(-1)[::3] = padding_idx  # make sure padding occurs
     weight.requires_grad_(True)
     out = bloom_embedding(ids, weight, k, padding_idx, num_embeddings=num_embeddings, backend="torch")
     assert out.shape == (*shape, dim)
-    np.testing.assert_allclose(out.detach().numpy(), forward_oracle(ids.numpy(), weight.detach().numpy(), k, padding_idx), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        out.detach().numpy(),
+        forward_oracle(ids.numpy(), weight.detach().numpy(), k, padding_idx),
+        rtol=1e-12,
+        atol=1e-12,
+    )
     grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
     (grad,) = torch.autograd.grad(out, weight, grad_out, allow_unused=True)
     grad = torch.zeros_like(weight) if grad is None else grad
-    np.testing.assert_allclose(grad.numpy(), backward_oracle(ids.numpy(), grad_out.numpy(), num_rows, k, padding_idx), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        grad.numpy(), backward_oracle(ids.numpy(), grad_out.numpy(), num_rows, k, padding_idx), rtol=1e-12, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("padding_idx", [None, 3])

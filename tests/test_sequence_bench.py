@@ -179,8 +179,10 @@ def test_gru_models_run_within_their_budget(tiny_data, tmp_path):
             assert budget - 2 * 300 * 4 < run["bytes"] <= budget, run["model"]
         for m in ("mrr", "hr@10", "hr@10_topk", "auc"):
             assert 0.0 <= run["test"][m] <= 1.0
-    assert payload["verdict"] and {v["baseline"] for v in payload["pairs"]} == {"reduced width, tied",
-                                                                              "factorised, tied"}
+    assert payload["verdict"] and {v["baseline"] for v in payload["pairs"]} == {
+        "reduced width, tied",
+        "factorised, tied",
+    }
     payload = {**payload, "environment": environment(), "command": "test"}
     out = tmp_path / "seq_gru.md"
     S.write_markdown(str(out), payload)
@@ -208,8 +210,9 @@ def test_gru_state_ignores_padding():
     torch.manual_seed(0)
     table = torch.nn.Embedding(20, 6)
     user = S.GRUUser(6)
-    history = torch.tensor([[3, 7, 2, -1, -1, -1, -1, -1], [3, 7, 2, -1, -1, -1, -1, -1], [5, -1, -1, -1, -1, -1, -1, -1],
-                            [-1] * 8])  # fmt: skip
+    history = torch.tensor(
+        [[3, 7, 2, -1, -1, -1, -1, -1], [3, 7, 2, -1, -1, -1, -1, -1], [5, -1, -1, -1, -1, -1, -1, -1], [-1] * 8]
+    )
     out = user(table, history)
     with torch.no_grad():
         alone = user.gru(table(torch.tensor([[3, 7, 2]])))[1][0, 0]

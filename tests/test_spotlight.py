@@ -10,11 +10,10 @@ It shares no code with the package.
 
 import pytest
 import torch
+from support import DEVICE
 
 from bench.baselines import SpotlightBloomEmbedding
-from support import DEVICE
 from triton_bloom import BloomEmbedding
-
 
 CASES = [(1000, 8, 0.2, 4), (5000, 3, 0.05, 1), (777, 17, 0.5, 7), (20000, 4, 0.1, 24), (300, 32, 1.0, 2)]
 

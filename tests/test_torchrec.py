@@ -30,8 +30,8 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-
 from support import free_port, spawn_ranks
+
 from triton_bloom import BloomEmbedding, BloomEmbeddingBag, FusedRowWiseAdagrad, FusedSGD
 
 try:
@@ -73,15 +73,24 @@ def make_tables(pooled, weighted, seed):
     if pooled:
         a = BloomEmbeddingBag(60, dim, num_hash_functions=3, num_rows=17, padding_idx=0)
         if weighted:
-            b = BloomEmbeddingBag(40, dim, num_hash_functions=2, num_rows=11, mode="mean", signed=True,
-                                  importance=True, importance_rows=5)  # fmt: skip
+            b = BloomEmbeddingBag(
+                40, dim, num_hash_functions=2, num_rows=11, mode="mean", signed=True, importance=True, importance_rows=5
+            )
         else:
             b = BloomEmbeddingBag(40, dim, num_hash_functions=1, num_rows=11)
     else:
         a = BloomEmbedding(60, dim, num_hash_functions=3, num_rows=17, padding_idx=0)
         if weighted:
-            b = BloomEmbedding(40, dim, num_hash_functions=2, num_rows=11, padding_idx=None, signed=True,
-                               importance=True, importance_rows=5)  # fmt: skip
+            b = BloomEmbedding(
+                40,
+                dim,
+                num_hash_functions=2,
+                num_rows=11,
+                padding_idx=None,
+                signed=True,
+                importance=True,
+                importance_rows=5,
+            )
         else:
             b = BloomEmbedding(40, dim, num_hash_functions=1, num_rows=11, padding_idx=None)
     if b.importance_weight is not None:
@@ -96,8 +105,13 @@ def like(table, columns=None, fused_optimizer=None, share_importance=False):
     weight (all by default) and a copy of its importance weights (or, with
     ``share_importance``, the same parameter)."""
     start, stop = columns or (0, table.embedding_dim)
-    options = dict(num_hash_functions=table.num_hash_functions, num_rows=table.num_rows,
-                   padding_idx=table.padding_idx, signed=table.signed, fused_optimizer=fused_optimizer)  # fmt: skip
+    options = dict(
+        num_hash_functions=table.num_hash_functions,
+        num_rows=table.num_rows,
+        padding_idx=table.padding_idx,
+        signed=table.signed,
+        fused_optimizer=fused_optimizer,
+    )
     if table.importance_weight is not None:
         options.update(importance=True, importance_rows=table.importance_weight.shape[0])
     if isinstance(table, BloomEmbeddingBag):
@@ -186,13 +200,22 @@ def sharded_model(collection, sharding, optimizer, rank):
     }
     names = [config.name for config in collection.ebc.embedding_bag_configs()]
     module_plan = construct_module_sharding_plan(
-        collection.ebc, {name: generators[sharding](i) for i, name in enumerate(names)}, sharder=sharder,
-        local_size=WORLD_SIZE, world_size=WORLD_SIZE, device_type="cpu",
-    )  # fmt: skip
+        collection.ebc,
+        {name: generators[sharding](i) for i, name in enumerate(names)},
+        sharder=sharder,
+        local_size=WORLD_SIZE,
+        world_size=WORLD_SIZE,
+        device_type="cpu",
+    )
     # No DDP: the collection has no trainable dense parameter here (DDP
     # refuses a module without one); in a model, DMP wraps the dense rest.
-    model = DistributedModelParallel(collection, device=torch.device("cpu"), plan=ShardingPlan({"ebc": module_plan}),
-                                     sharders=[sharder], init_data_parallel=False)  # fmt: skip
+    model = DistributedModelParallel(
+        collection,
+        device=torch.device("cpu"),
+        plan=ShardingPlan({"ebc": module_plan}),
+        sharders=[sharder],
+        init_data_parallel=False,
+    )
     return model, module_plan
 
 
@@ -232,7 +255,10 @@ def run_case(rank, sharding, pooled_name, optimizer):
 
     blocks = {name: column_blocks(plan[name], t.embedding_dim) for name, t in tables.items()}
     result["blocks"] = {name: [list(b) for b in bl] for name, bl in blocks.items()}
-    reference = {name: [like(t, block, fused_optimizer(), share_importance=True) for block in blocks[name]] for name, t in tables.items()}
+    reference = {
+        name: [like(t, block, fused_optimizer(), share_importance=True) for block in blocks[name]]
+        for name, t in tables.items()
+    }
     generator = torch.Generator().manual_seed(1000 + seed)
     if weighted:
         # Importance weights that would train must be refused, not silently frozen.
@@ -425,8 +451,9 @@ def test_transform_layout_and_other_features():
     ids, lengths = random_bags(bag, generator)
     other = torch.randint(0, 1000, (6,), generator=generator)
     other_lengths = torch.tensor([1, 2, 0, 3, 0])
-    kjt = KeyedJaggedTensor.from_lengths_sync(["x", "bloom"], torch.cat([other, ids]),
-                                              torch.cat([other_lengths, lengths]))  # fmt: skip
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        ["x", "bloom"], torch.cat([other, ids]), torch.cat([other_lengths, lengths])
+    )
     out = transform(kjt).to_dict()
     assert torch.equal(out["x"].values(), other) and torch.equal(out["x"].lengths(), other_lengths)
     assert torch.equal(out["x"].weights(), torch.ones(6))
@@ -463,9 +490,11 @@ def test_weights_round_trip_and_hash_spec_check():
     # The collection's own checkpoint carries the specification too.
     state = collection.state_dict()
     bloom_torchrec.BloomEmbeddingBagCollection({"t": back}).load_state_dict(state)
-    for other, key in [(dict(num_hash_functions=3, signed=True, importance=True), "num_hash_functions"),
-                       (dict(num_hash_functions=4, importance=True), "sign_seeds"),
-                       (dict(num_hash_functions=4, signed=True, importance=True, num_rows=99), "num_rows")]:  # fmt: skip
+    for other, key in [
+        (dict(num_hash_functions=3, signed=True, importance=True), "num_hash_functions"),
+        (dict(num_hash_functions=4, importance=True), "sign_seeds"),
+        (dict(num_hash_functions=4, signed=True, importance=True, num_rows=99), "num_rows"),
+    ]:
         wrong = BloomEmbeddingBag(500, 8, **other)
         with pytest.raises(ValueError, match=key):
             bloom_torchrec.copy_weights_to_collection({"t": wrong}, collection)
@@ -521,8 +550,13 @@ def test_example_runs(tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, os.path.join(root, "examples", "torchrec_example.py"), "--steps", "2",
-                           "--batch", "32"], capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, os.path.join(root, "examples", "torchrec_example.py"), "--steps", "2", "--batch", "32"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
     assert report["max_diff_sharded_vs_bloom"] < 1e-5, report

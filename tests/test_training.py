@@ -5,9 +5,9 @@ backends (Triton through the interpreter without a GPU)."""
 import pytest
 import torch
 import torch.nn.functional as F
-
 from oracle import sklearn_rows
 from support import DEVICE, require_kernels
+
 from triton_bloom import BloomEmbedding, BloomEmbeddingBag, FusedRowWiseAdagrad, FusedSGD, bloom_hash
 from triton_bloom.functional import bloom_embedding, bloom_embedding_bag
 
@@ -167,8 +167,7 @@ def test_sparse_gradient_equals_dense(backend, layer):
         if layer == "embedding":
             out = bloom_embedding(ids.view(6, 10), w, 3, 2, backend=backend, sparse=sparse)
         else:
-            out = bloom_embedding_bag(ids.view(6, 10), w, None, 3, layer, padding_idx=2, backend=backend,
-                                      sparse=sparse)  # fmt: skip
+            out = bloom_embedding_bag(ids.view(6, 10), w, None, 3, layer, padding_idx=2, backend=backend, sparse=sparse)
         (grad,) = torch.autograd.grad(out, w, torch.ones_like(out))
         grads.append(grad)
     dense, sparse_grad = grads
@@ -185,7 +184,11 @@ def test_sparse_gradient_equals_dense(backend, layer):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "make_optimizer",
-    [lambda p: torch.optim.SGD(p, lr=0.1), lambda p: torch.optim.Adagrad(p, lr=0.1), lambda p: torch.optim.SparseAdam(p, lr=0.1)],
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1),
+        lambda p: torch.optim.Adagrad(p, lr=0.1),
+        lambda p: torch.optim.SparseAdam(p, lr=0.1),
+    ],
     ids=["SGD", "Adagrad", "SparseAdam"],
 )
 def test_sparse_module_trains_with_sparse_optimizers(backend, make_optimizer):

@@ -4,10 +4,10 @@ importance weights, on both backends, against an independent float64 oracle."""
 import numpy as np
 import pytest
 import torch
-from sklearn.utils import murmurhash3_32
-
 from oracle import SPOTLIGHT_SEEDS, sklearn_rows
+from sklearn.utils import murmurhash3_32
 from support import DEVICE, require_kernels
+
 from triton_bloom import BloomEmbedding, BloomEmbeddingBag, FusedSGD
 from triton_bloom.functional import bloom_embedding, bloom_embedding_bag
 
@@ -73,9 +73,15 @@ def test_variants_match_oracle(backend, signed, with_importance, seed):
     p = importance.clone().to(DEVICE).requires_grad_(True) if with_importance else None
     out = bloom_embedding(ids.to(DEVICE), w, k, 7, num_embeddings=300, backend=backend, signed=signed, importance=p)
     out.backward(grad_out.to(DEVICE))
-    exp_out, exp_gw, exp_gp = oracle(ids.numpy(), weight.numpy(), k, 7, signed,
-                                     None if importance is None else importance.numpy(),
-                                     grad_out.reshape(-1, dim).numpy())  # fmt: skip
+    exp_out, exp_gw, exp_gp = oracle(
+        ids.numpy(),
+        weight.numpy(),
+        k,
+        7,
+        signed,
+        None if importance is None else importance.numpy(),
+        grad_out.reshape(-1, dim).numpy(),
+    )
     np.testing.assert_allclose(out.detach().cpu().reshape(-1, dim).numpy(), exp_out, atol=1e-10, rtol=1e-10)
     np.testing.assert_allclose(w.grad.cpu().numpy(), exp_gw, atol=1e-10, rtol=1e-10)
     if with_importance:
@@ -104,8 +110,9 @@ def test_bag_variants_match_the_embedding(backend, mode, signed, with_importance
         p = importance.clone().to(DEVICE).requires_grad_(True) if with_importance else None
         q = psw.clone().to(DEVICE).requires_grad_(True) if psw is not None else None
         if pooled:
-            out = bloom_embedding_bag(ids.to(DEVICE), w, offsets[:-1].to(DEVICE), 3, mode, q, 2, backend=backend,
-                                      signed=signed, importance=p)  # fmt: skip
+            out = bloom_embedding_bag(
+                ids.to(DEVICE), w, offsets[:-1].to(DEVICE), 3, mode, q, 2, backend=backend, signed=signed, importance=p
+            )
         else:
             vectors = bloom_embedding(ids.to(DEVICE), w, 3, 2, backend="torch", signed=signed, importance=p)
             live = (ids != 2).to(DEVICE)
@@ -124,7 +131,9 @@ def test_bag_variants_match_the_embedding(backend, mode, signed, with_importance
                     pieces.append(members.sum(0))
             out = torch.stack(pieces)
         out.backward(grad_out.to(DEVICE))
-        results.append([out.detach(), w.grad] + ([p.grad] if p is not None else []) + ([q.grad] if q is not None else []))
+        results.append(
+            [out.detach(), w.grad] + ([p.grad] if p is not None else []) + ([q.grad] if q is not None else [])
+        )
     for got, expected in zip(*results):
         torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
 
@@ -148,8 +157,9 @@ def test_variants_on_the_row_wise_paths(backend, training):
     torch.manual_seed(12)
     kwargs = dict(num_rows=31, signed=True, importance=True, importance_rows=9, backend=backend, device=DEVICE)
     plain = BloomEmbedding(500, 5, **kwargs)
-    other = BloomEmbedding(500, 5, sparse=training == "sparse",
-                           fused_optimizer=FusedSGD(0.1) if training == "fused" else None, **kwargs)  # fmt: skip
+    other = BloomEmbedding(
+        500, 5, sparse=training == "sparse", fused_optimizer=FusedSGD(0.1) if training == "fused" else None, **kwargs
+    )
     other.load_state_dict(plain.state_dict())
     ids = torch.randint(0, 500, (8, 6), device=DEVICE)
     target = torch.randn(8, 6, 5, device=DEVICE)

@@ -9,10 +9,6 @@ from . import functional, optim
 from .convert import BloomifyReport, bloomify
 from .dispatch import triton_available
 from .hashing import SEEDS, bloom_hash
-from .optim import FusedRowWiseAdagrad, FusedSGD
-from .planner import Plan, plan_embedding
-from .output import (BloomOutputLayer, Ranks, TiedBloomLinear, TopK, bloom_cross_entropy, bloom_logits, bloom_rank,
-                     bloom_topk)  # fmt: skip
 from .modules import (
     BloomEmbedding,
     BloomEmbeddingBag,
@@ -21,6 +17,18 @@ from .modules import (
     ZeroEmbedding,
     embedding_bytes,
 )
+from .optim import FusedRowWiseAdagrad, FusedSGD
+from .output import (
+    BloomOutputLayer,
+    Ranks,
+    TiedBloomLinear,
+    TopK,
+    bloom_cross_entropy,
+    bloom_logits,
+    bloom_rank,
+    bloom_topk,
+)
+from .planner import Plan, plan_embedding
 
 __version__ = "0.1.0"
 

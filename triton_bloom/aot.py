@@ -130,13 +130,22 @@ def run_output_case(case):
     wide = case.get("wide_ids")
     candidates = torch.randint(2**31, 2**40, (100,), generator=g) if wide else None
     if case["op"] == "decoder":
-        layer = BloomOutputLayer(dim, 2**41 if wide else 200, num_rows=1000, num_hash_functions=k, backend="triton",
-                                 dtype=dtype)  # fmt: skip
+        layer = BloomOutputLayer(
+            dim, 2**41 if wide else 200, num_rows=1000, num_hash_functions=k, backend="triton", dtype=dtype
+        )
         layer.topk(queries, 5, candidates=candidates)
         return
-    emb = BloomEmbedding(None if wide else 200, dim, num_rows=1000, num_hash_functions=k,
-                         padding_idx=7 if case.get("padding") else None, backend="triton",
-                         signed=bool(case.get("signed")), importance=bool(case.get("importance")), dtype=dtype)  # fmt: skip
+    emb = BloomEmbedding(
+        None if wide else 200,
+        dim,
+        num_rows=1000,
+        num_hash_functions=k,
+        padding_idx=7 if case.get("padding") else None,
+        backend="triton",
+        signed=bool(case.get("signed")),
+        importance=bool(case.get("importance")),
+        dtype=dtype,
+    )
     emb.topk(queries, 5, candidates=candidates)
 
 
@@ -175,10 +184,12 @@ def run_case(case):
         backend="triton",
         signed=bool(case.get("signed")),
         importance=torch.rand(num_rows, k, generator=g, dtype=torch.float32).requires_grad_(True)
-        if case.get("importance") else None,
+        if case.get("importance")
+        else None,
         sparse=training == "sparse",
-        fused_optimizer={"fused_sgd": optim.FusedSGD(lr=0.1), "fused_adagrad": optim.FusedRowWiseAdagrad(lr=0.1)}
-        .get(training),
+        fused_optimizer={"fused_sgd": optim.FusedSGD(lr=0.1), "fused_adagrad": optim.FusedRowWiseAdagrad(lr=0.1)}.get(
+            training
+        ),
     )
     padding_idx = int(ids[0]) if case.get("padding") else None
     deterministic = torch.are_deterministic_algorithms_enabled()
@@ -226,8 +237,10 @@ def record(cases=None):
     from .dispatch import interpreter_enabled, kernels
 
     if not interpreter_enabled():
-        raise RuntimeError("recording runs the kernels through Triton's interpreter: set TRITON_INTERPRET=1 "
-                           "before triton_bloom.kernels is imported")  # fmt: skip
+        raise RuntimeError(
+            "recording runs the kernels through Triton's interpreter: set TRITON_INTERPRET=1 "
+            "before triton_bloom.kernels is imported"
+        )
     launch = importlib.import_module(kernels().__name__ + ".launch")
     launches = []
     for case in option_grid() if cases is None else cases:
@@ -235,12 +248,14 @@ def record(cases=None):
             run_case(case)
         for entry in recorded:
             fn = entry["kernel"].fn
-            launches.append({
-                "kernel": f"{fn.__module__}:{fn.__qualname__}",
-                "args": {name: describe_value(v) for name, v in entry["args"].items()},
-                "configs": entry["configs"],
-                "case": case,
-            })  # fmt: skip
+            launches.append(
+                {
+                    "kernel": f"{fn.__module__}:{fn.__qualname__}",
+                    "args": {name: describe_value(v) for name, v in entry["args"].items()},
+                    "configs": entry["configs"],
+                    "case": case,
+                }
+            )
     return launches
 
 
@@ -259,8 +274,10 @@ def record_in_interpreter(cases=None):
         path = os.path.join(tmp, "launches.json")
         with open(path, "w") as f:
             json.dump(cases, f)
-        code = ("import json, sys; from triton_bloom import aot; "
-                "json.dump(aot.record(json.load(open(sys.argv[1]))), open(sys.argv[1], 'w'))")  # fmt: skip
+        code = (
+            "import json, sys; from triton_bloom import aot; "
+            "json.dump(aot.record(json.load(open(sys.argv[1]))), open(sys.argv[1], 'w'))"
+        )
         subprocess.run([sys.executable, "-c", code, path], env=env, check=True)
         with open(path) as f:
             return json.load(f)
@@ -354,18 +371,32 @@ def _compile_one(task):
     from triton.compiler import ASTSource
 
     started = time.perf_counter()
-    result = {"kernel": launch_desc["kernel"].partition(":")[2], "cc": cc, "config": config,
-              "case": launch_desc["case"]}  # fmt: skip
+    result = {
+        "kernel": launch_desc["kernel"].partition(":")[2],
+        "cc": cc,
+        "config": config,
+        "case": launch_desc["case"],
+    }
     try:
         _, signature, constexprs, attrs, options = specialize(launch_desc, config, cc)
         result["signature"] = {k: v for k, v in signature.items() if v != "constexpr"}
         result["constexprs"] = {str(k): repr(v) for k, v in constexprs.items()}
-        compiled = triton.compile(ASTSource(_jit_function(launch_desc["kernel"]), signature, constexprs, attrs),
-                                  target=GPUTarget("cuda", cc, 32), options=options.__dict__)  # fmt: skip
+        compiled = triton.compile(
+            ASTSource(_jit_function(launch_desc["kernel"]), signature, constexprs, attrs),
+            target=GPUTarget("cuda", cc, 32),
+            options=options.__dict__,
+        )
         regs, stack, local = _resource_usage(compiled.asm["cubin"])
-        result.update(ok=True, registers=regs, stack=stack, local_memory_instructions=local,
-                      shared=int(compiled.metadata.shared),
-                      num_warps=options.num_warps, num_stages=options.num_stages, **ptx_stats(compiled.asm["ptx"]))  # fmt: skip
+        result.update(
+            ok=True,
+            registers=regs,
+            stack=stack,
+            local_memory_instructions=local,
+            shared=int(compiled.metadata.shared),
+            num_warps=options.num_warps,
+            num_stages=options.num_stages,
+            **ptx_stats(compiled.asm["ptx"]),
+        )
     except Exception as exc:  # reported, never swallowed: the caller fails on it
         result.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:2000])
     result["seconds"] = round(time.perf_counter() - started, 3)
@@ -385,8 +416,12 @@ def sweeps_search_space(case):
     register pressure: Triton 3.6's ``ptxas`` stored a few registers to local
     memory at 40 to 56 registers in some bag tilings, and only in some
     specializations, which is why the bag kernels have a single tiling."""
-    return (case.get("variant") == "all" and case["k"] == max(KS) and case["dtype"] in ("float32", "float64")
-            and not case.get("training"))  # fmt: skip
+    return (
+        case.get("variant") == "all"
+        and case["k"] == max(KS)
+        and case["dtype"] in ("float32", "float64")
+        and not case.get("training")
+    )
 
 
 def compile_all(launches, targets=(80, 90), jobs=None, sweep=sweeps_search_space, sweep_targets=None):
@@ -455,8 +490,13 @@ def main(argv=None):
     comp.add_argument("--targets", type=int, nargs="+", default=[80, 90], help="compute capabilities")
     comp.add_argument("--jobs", type=int, default=None, help="compiler processes (default: CPU count)")
     comp.add_argument("--first-config-only", action="store_true", help="skip the autotuner's other candidates")
-    comp.add_argument("--sweep-targets", type=int, nargs="*", default=None,
-                      help="targets on which the heaviest cases compile at every candidate (default: all)")
+    comp.add_argument(
+        "--sweep-targets",
+        type=int,
+        nargs="*",
+        default=None,
+        help="targets on which the heaviest cases compile at every candidate (default: all)",
+    )
     comp.add_argument("--out", help="JSON file for every compile's result")
     args = parser.parse_args(argv)
 
@@ -485,8 +525,10 @@ def main(argv=None):
         if not r["ok"]:
             print(f"FAILED {r['kernel']} sm_{r['cc']} {r['config']} {r['case']}: {r['error']}")
         elif r["stack"] or r["local_memory_instructions"] or not r["shared_ok"]:
-            print(f"SPILL/SHARED {r['kernel']} sm_{r['cc']} {r['config']}: {r['registers']} registers, "
-                  f"{r['stack']} bytes of stack, {r['shared']} bytes shared")  # fmt: skip
+            print(
+                f"SPILL/SHARED {r['kernel']} sm_{r['cc']} {r['config']}: {r['registers']} registers, "
+                f"{r['stack']} bytes of stack, {r['shared']} bytes shared"
+            )
     print(json.dumps(stats))
     return 1 if stats["failures"] or stats["spills"] or stats["shared_over_limit"] else 0
 

@@ -37,7 +37,9 @@ WEIGHT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 def check_weight(weight: torch.Tensor) -> None:
     """Raise unless ``weight`` is a 2-D table of a supported float dtype."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(f"weight must be a 2-D (num_rows, embedding_dim) Tensor, got {getattr(weight, 'shape', weight)}")
+        raise ValueError(
+            f"weight must be a 2-D (num_rows, embedding_dim) Tensor, got {getattr(weight, 'shape', weight)}"
+        )
     if weight.dtype not in WEIGHT_DTYPES:
         raise TypeError(f"weight must be float32, float64, float16 or bfloat16, got dtype {weight.dtype}")
     if weight.shape[0] < 1:
@@ -72,8 +74,9 @@ def check_importance(importance: Optional[torch.Tensor], weight: torch.Tensor, n
         )
 
 
-def check_hash_cache(hash_cache: Optional[torch.Tensor], num_hash_functions: int,
-                     weight: Optional[torch.Tensor] = None) -> None:  # fmt: skip
+def check_hash_cache(
+    hash_cache: Optional[torch.Tensor], num_hash_functions: int, weight: Optional[torch.Tensor] = None
+) -> None:
     """Raise unless ``hash_cache`` is ``None`` or an int32/int64
     ``(num_embeddings, k)`` tensor (on ``weight``'s device, when given).
     Its values are checked per call, by :func:`check_hash_cache_rows`."""
@@ -121,19 +124,24 @@ def check_hot(hot: Optional[torch.Tensor], weight: torch.Tensor) -> None:
     if hot is None:
         return
     if not isinstance(hot, torch.Tensor) or hot.dim() != 1 or hot.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"hot ids must be a 1-D int32 or int64 Tensor, got {getattr(hot, 'dtype', type(hot))} "
-                        f"of shape {tuple(getattr(hot, 'shape', ()))}")  # fmt: skip
+        raise TypeError(
+            f"hot ids must be a 1-D int32 or int64 Tensor, got {getattr(hot, 'dtype', type(hot))} "
+            f"of shape {tuple(getattr(hot, 'shape', ()))}"
+        )
     if hot.device != weight.device:
         raise RuntimeError(f"hot ids are on {hot.device} but weight is on {weight.device}")
     if hot.numel() >= weight.shape[0]:
-        raise ValueError(f"{hot.numel()} hot ids need fewer than the table's {weight.shape[0]} rows: "
-                         "the last len(hot) rows are theirs and at least one must stay shared")  # fmt: skip
+        raise ValueError(
+            f"{hot.numel()} hot ids need fewer than the table's {weight.shape[0]} rows: "
+            "the last len(hot) rows are theirs and at least one must stay shared"
+        )
     if hot.numel() and int(hot.min()) < 0:
         raise ValueError(f"hot ids must be non-negative, got {int(hot.min())}")
     if hot.numel() > 1 and not bool((hot[1:] > hot[:-1]).all()):
         i = int(torch.nonzero(hot[1:] <= hot[:-1])[0])
-        raise ValueError(f"hot ids must be sorted and distinct, but hot[{i}]={int(hot[i])} >= "
-                         f"hot[{i + 1}]={int(hot[i + 1])}")  # fmt: skip
+        raise ValueError(
+            f"hot ids must be sorted and distinct, but hot[{i}]={int(hot[i])} >= hot[{i + 1}]={int(hot[i + 1])}"
+        )
 
 
 def check_input(ids, weight: torch.Tensor) -> None:

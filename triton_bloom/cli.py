@@ -71,8 +71,13 @@ def cmd_info(args) -> int:
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(index)
-            rows.append([f"device cuda:{index}", f"{props.name}, {props.total_memory / 2**30:.0f} GiB, "
-                         f"{props.multi_processor_count} SMs, CUDA {torch.version.cuda}"])  # fmt: skip
+            rows.append(
+                [
+                    f"device cuda:{index}",
+                    f"{props.name}, {props.total_memory / 2**30:.0f} GiB, "
+                    f"{props.multi_processor_count} SMs, CUDA {torch.version.cuda}",
+                ]
+            )
     rows.append(["cpu", f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"])
     rows.append(["BloomEmbedding backend here", _backend_here(dispatch)])
     autotune = _autotune_module()
@@ -116,10 +121,15 @@ def cmd_tune(args) -> int:
 
     out = console()
     if not torch.cuda.is_available() or dispatch.interpreter_enabled():
-        why = "Triton's interpreter is on (TRITON_INTERPRET=1)" if dispatch.interpreter_enabled() \
-            else "no CUDA device is visible"  # fmt: skip
-        out.print(f"Tuning needs a CUDA GPU: {why}. Nothing to do; on CPU every layer runs the PyTorch path, "
-                  "which has nothing to tune.")  # fmt: skip
+        why = (
+            "Triton's interpreter is on (TRITON_INTERPRET=1)"
+            if dispatch.interpreter_enabled()
+            else "no CUDA device is visible"
+        )
+        out.print(
+            f"Tuning needs a CUDA GPU: {why}. Nothing to do; on CPU every layer runs the PyTorch path, "
+            "which has nothing to tune."
+        )
         return 0
     if not dispatch.triton_available():
         out.print("Tuning needs Triton, which does not import here: pip install triton")
@@ -128,12 +138,15 @@ def cmd_tune(args) -> int:
 
     device = torch.device(args.device)
     path = args.cache or autotune.cache_path()
-    shapes = [(dim, k, dtype, ids) for dim in args.dim for k in args.k for dtype in args.dtype
-              for ids in args.ids_dtype]  # fmt: skip
+    shapes = [
+        (dim, k, dtype, ids) for dim in args.dim for k in args.k for dtype in args.dtype for ids in args.ids_dtype
+    ]
     gpu = autotune.device_name(device)
-    out.print(f"Tuning {len(shapes)} shape(s) on {device} ({gpu}), {args.batch:,} ids per launch, "
-              f"{args.num_embeddings:,} ids hashed into {int(args.num_embeddings * args.compression_ratio):,} rows. "
-              "Each new kernel and key benchmarks every config: allow seconds per row.")  # fmt: skip
+    out.print(
+        f"Tuning {len(shapes)} shape(s) on {device} ({gpu}), {args.batch:,} ids per launch, "
+        f"{args.num_embeddings:,} ids hashed into {int(args.num_embeddings * args.compression_ratio):,} rows. "
+        "Each new kernel and key benchmarks every config: allow seconds per row."
+    )
     records, failures = [], []
     with autotune.recording() as recorded:
         for shape in progress(shapes, desc="tuning", unit="shape", leave=True):
@@ -152,13 +165,27 @@ def cmd_tune(args) -> int:
         c, blocks = r["config"], r["config"]["kwargs"]
         us = f"{r['ms'] * 1e3:.1f}" if r.get("ms") is not None else "-"
         dtype_cell = SHORT_DTYPES[dtype] + (f" {ids}" if len(args.ids_dtype) > 1 else "")
-        rows.append([_short_kernel(r), dim, k, dtype_cell, f"{blocks.get('BLOCK_N', '-')}x{blocks.get('BLOCK_D', '-')}",
-                     c["num_warps"], c["num_stages"], us])  # fmt: skip
+        rows.append(
+            [
+                _short_kernel(r),
+                dim,
+                k,
+                dtype_cell,
+                f"{blocks.get('BLOCK_N', '-')}x{blocks.get('BLOCK_D', '-')}",
+                c["num_warps"],
+                c["num_stages"],
+                us,
+            ]
+        )
     tried = sorted({r["configs_tried"] for _, r in records if r.get("configs_tried")})
-    render_table(["kernel", "dim", "k", "dtype", "block NxD", "warps", "stages", "us"], rows,
-                 title=f"Best configs on {gpu}", numeric_from=1, compact=True,
-                 caption=f"us: the winner's median time, the best of {_span(tried)} configs benchmarked"
-                         if tried else None)  # fmt: skip
+    render_table(
+        ["kernel", "dim", "k", "dtype", "block NxD", "warps", "stages", "us"],
+        rows,
+        title=f"Best configs on {gpu}",
+        numeric_from=1,
+        compact=True,
+        caption=f"us: the winner's median time, the best of {_span(tried)} configs benchmarked" if tried else None,
+    )
     for shape, why in failures:
         out.print(f"[red]skipped[/red] dim={shape[0]} k={shape[1]} {shape[2]} {shape[3]}: {why}")
     if args.no_save:
@@ -170,8 +197,9 @@ def cmd_tune(args) -> int:
         out.print(f"Saved {len(records)} config(s) to {path} ({total} entries in all).")
         if args.cache and os.path.abspath(os.path.expanduser(args.cache)) != autotune.cache_path():
             out.print(f"Jobs read it when ${autotune.CACHE_ENV}={path} is set.")
-        out.print("A launch whose kernel, key, dtypes and GPU model match an entry runs that config "
-                  "without autotuning.")  # fmt: skip
+        out.print(
+            "A launch whose kernel, key, dtypes and GPU model match an entry runs that config without autotuning."
+        )
     return 1 if failures and not records else 0
 
 
@@ -192,8 +220,7 @@ def _tune_shape(device, dim, k, dtype_name, ids_name, args):
         del emb, ids, out
     if "bag" in args.layers:
         bags = max(1, args.batch // args.bag_length)
-        ids = torch.randint(0, args.num_embeddings, (bags, args.bag_length), generator=g, device=device,
-                            dtype=id_dtype)  # fmt: skip
+        ids = torch.randint(0, args.num_embeddings, (bags, args.bag_length), generator=g, device=device, dtype=id_dtype)
         for mode in args.modes:
             bag = BloomEmbeddingBag(args.num_embeddings, dim, mode=mode, **common)
             out = bag(ids)
@@ -233,19 +260,26 @@ def cmd_bench(args) -> int:
     script = None if args.builtin else find_speed_script()
     if script is None:
         if not args.builtin:
-            out.print("bench/speed.py is not here (benchmarks ship with the source checkout, not the package): "
-                      "running the built-in timing instead.")  # fmt: skip
+            out.print(
+                "bench/speed.py is not here (benchmarks ship with the source checkout, not the package): "
+                "running the built-in timing instead."
+            )
         return builtin_bench(args)
     root = script.parent.parent
     out_file = args.out or os.path.join(tempfile.mkdtemp(prefix="triton_bloom_bench_"), "speed_quick.json")
     command = [sys.executable, str(script), "--quick", "--out", out_file]
-    for flag, value in (("--device", args.device), ("--repeats", args.repeats),
-                        ("--num-embeddings", args.num_embeddings), ("--batch", args.batch)):  # fmt: skip
+    for flag, value in (
+        ("--device", args.device),
+        ("--repeats", args.repeats),
+        ("--num-embeddings", args.num_embeddings),
+        ("--batch", args.batch),
+    ):
         if value is not None:
             command += [flag, str(value)]
     command += [a for a in args.speed_args if a != "--"]
-    out.print(f"Running {' '.join([Path(command[1]).relative_to(root).as_posix(), *command[2:]])} "
-              f"from the checkout at {root}")  # fmt: skip
+    out.print(
+        f"Running {' '.join([Path(command[1]).relative_to(root).as_posix(), *command[2:]])} from the checkout at {root}"
+    )
     return subprocess.call(command, cwd=root)
 
 
@@ -262,8 +296,12 @@ def builtin_bench(args) -> int:
     ids = torch.randint(0, num_embeddings, (batch, seq), device=device)
     layers = [("nn.Embedding (full)", torch.nn.Embedding(num_embeddings, dim, device=device))]
     for ratio in args.ratios:
-        layers.append((f"BloomEmbedding {ratio:g}", BloomEmbedding(num_embeddings, dim, ratio, args.k,
-                                                                   padding_idx=None, device=device)))  # fmt: skip
+        layers.append(
+            (
+                f"BloomEmbedding {ratio:g}",
+                BloomEmbedding(num_embeddings, dim, ratio, args.k, padding_idx=None, device=device),
+            )
+        )
 
     def sync():
         if device.type == "cuda":
@@ -293,11 +331,23 @@ def builtin_bench(args) -> int:
             forward = median_ms(lambda: layer(ids))
         results.append((name, forward, median_ms(step), weight.numel() * weight.element_size()))
     _, base_step, base_bytes = results[0][1:]
-    rows = [[name, f"{fwd:.3f}", f"{step:.3f}", f"{nbytes / 2**20:.1f}", f"{base_bytes / nbytes:.1f}x",
-             f"{base_step / step:.2f}x"] for name, fwd, step, nbytes in results]  # fmt: skip
-    render_table(["layer", "fwd ms", "fwd+bwd ms", "table MiB", "smaller", "fwd+bwd faster"], rows,
-                 title=f"{num_embeddings:,} ids, dim {dim}, k={args.k}, ids ({batch}, {seq}), on {device}, "
-                       f"median of {repeats}", numeric_from=1)  # fmt: skip
+    rows = [
+        [
+            name,
+            f"{fwd:.3f}",
+            f"{step:.3f}",
+            f"{nbytes / 2**20:.1f}",
+            f"{base_bytes / nbytes:.1f}x",
+            f"{base_step / step:.2f}x",
+        ]
+        for name, fwd, step, nbytes in results
+    ]
+    render_table(
+        ["layer", "fwd ms", "fwd+bwd ms", "table MiB", "smaller", "fwd+bwd faster"],
+        rows,
+        title=f"{num_embeddings:,} ids, dim {dim}, k={args.k}, ids ({batch}, {seq}), on {device}, median of {repeats}",
+        numeric_from=1,
+    )
     return 0
 
 
@@ -319,15 +369,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="triton-bloom",
         description="Bloom embeddings for PyTorch: inspect the installation, tune the Triton kernels, "
-                    "benchmark, and run the demo recommender.",
+        "benchmark, and run the demo recommender.",
         epilog="Run 'triton-bloom COMMAND --help' for a command's options.",
-    )  # fmt: skip
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    info = sub.add_parser("info", help="versions, backends, device and the autotune cache",
-                          description="Print the versions of triton_bloom, torch, triton and python, which "
-                                      "backends work here, the device, whether Triton's interpreter is on, "
-                                      "and the autotune cache file with its number of entries.")  # fmt: skip
+    info = sub.add_parser(
+        "info",
+        help="versions, backends, device and the autotune cache",
+        description="Print the versions of triton_bloom, torch, triton and python, which "
+        "backends work here, the device, whether Triton's interpreter is on, "
+        "and the autotune cache file with its number of entries.",
+    )
     info.add_argument("--cache", metavar="FILE", help="describe this cache file instead of the default")
     info.set_defaults(func=cmd_info)
 
@@ -336,26 +389,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="autotune the GPU kernels for your shapes and cache the winners",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Benchmark every block-size config of the forward, backward and bag kernels for each\n"
-                    "shape (dim x k x dtype x id dtype), print the best config and its time, and save the\n"
-                    "winners to a JSON cache.  Later jobs on the same GPU model launch cached configs\n"
-                    "directly, paying no tuning cost.  The cache is $TRITON_BLOOM_AUTOTUNE_CACHE when set,\n"
-                    "else ~/.cache/triton_bloom/autotune.json.  Without a CUDA GPU (or under\n"
-                    "TRITON_INTERPRET=1) it says so and exits with status 0.\n\n"
-                    "example: triton-bloom tune --dim 64 128 --k 4 8 --dtype float32 bfloat16 --batch 65536",
-    )  # fmt: skip
-    tune.add_argument("--dim", type=int, nargs="+", default=[32, 64, 128, 256], help="embedding dims "
-                      "(default 32 64 128 256)")  # fmt: skip
+        "shape (dim x k x dtype x id dtype), print the best config and its time, and save the\n"
+        "winners to a JSON cache.  Later jobs on the same GPU model launch cached configs\n"
+        "directly, paying no tuning cost.  The cache is $TRITON_BLOOM_AUTOTUNE_CACHE when set,\n"
+        "else ~/.cache/triton_bloom/autotune.json.  Without a CUDA GPU (or under\n"
+        "TRITON_INTERPRET=1) it says so and exits with status 0.\n\n"
+        "example: triton-bloom tune --dim 64 128 --k 4 8 --dtype float32 bfloat16 --batch 65536",
+    )
+    tune.add_argument(
+        "--dim", type=int, nargs="+", default=[32, 64, 128, 256], help="embedding dims (default 32 64 128 256)"
+    )
     tune.add_argument("--k", type=int, nargs="+", default=[2, 4, 8], help="hash functions per id (default 2 4 8)")
-    tune.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES),
-                      help="table dtypes (default float32 bfloat16)")
-    tune.add_argument("--ids-dtype", nargs="+", default=["int64"], choices=sorted(ID_DTYPES),
-                      help="id dtypes, each tuned on its own (default int64, nn.Embedding's)")
+    tune.add_argument(
+        "--dtype",
+        nargs="+",
+        default=["float32", "bfloat16"],
+        choices=sorted(DTYPES),
+        help="table dtypes (default float32 bfloat16)",
+    )
+    tune.add_argument(
+        "--ids-dtype",
+        nargs="+",
+        default=["int64"],
+        choices=sorted(ID_DTYPES),
+        help="id dtypes, each tuned on its own (default int64, nn.Embedding's)",
+    )
     tune.add_argument("--batch", type=int, default=65536, help="ids per launch (default 65536)")
     tune.add_argument("--bag-length", type=int, default=20, help="ids per bag for the bag kernels (default 20)")
-    tune.add_argument("--layers", nargs="+", default=["embedding", "bag"], choices=["embedding", "bag"],
-                      help="which layers' kernels to tune (default both)")
-    tune.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
-                      help="bag pooling modes, each its own kernel key (default sum mean max)")
+    tune.add_argument(
+        "--layers",
+        nargs="+",
+        default=["embedding", "bag"],
+        choices=["embedding", "bag"],
+        help="which layers' kernels to tune (default both)",
+    )
+    tune.add_argument(
+        "--modes",
+        nargs="+",
+        default=list(MODES),
+        choices=MODES,
+        help="bag pooling modes, each its own kernel key (default sum mean max)",
+    )
     tune.add_argument("--num-embeddings", type=int, default=10_000_000, help="id space (default 10,000,000)")
     tune.add_argument("--compression-ratio", type=float, default=0.2, help="table rows / ids (default 0.2)")
     tune.add_argument("--device", default="cuda", help="the GPU to tune on (default cuda, the current one)")
@@ -368,19 +442,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="bench/speed.py --quick from a source checkout, else a built-in timing",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="From a source checkout (bench/ beside the package or in the current directory), run\n"
-                    "'python bench/speed.py --quick': every provider (Spotlight's layer, plain PyTorch,\n"
-                    "nn.Embedding, FBGEMM on CUDA) on a handful of shapes.  bench/ is not installed with\n"
-                    "the package; without it, time BloomEmbedding against nn.Embedding here instead.\n"
-                    "Arguments after '--' go to bench/speed.py unchanged.\n\n"
-                    "example: triton-bloom bench -- --providers triton_bloom,seed",
-    )  # fmt: skip
+        "'python bench/speed.py --quick': every provider (Spotlight's layer, plain PyTorch,\n"
+        "nn.Embedding, FBGEMM on CUDA) on a handful of shapes.  bench/ is not installed with\n"
+        "the package; without it, time BloomEmbedding against nn.Embedding here instead.\n"
+        "Arguments after '--' go to bench/speed.py unchanged.\n\n"
+        "example: triton-bloom bench -- --providers triton_bloom,seed",
+    )
     bench.add_argument("--builtin", action="store_true", help="run the built-in timing even in a checkout")
     bench.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--repeats", type=int, help="timed runs per measurement")
     bench.add_argument("--num-embeddings", type=int, help="id space (default 1,000,000)")
     bench.add_argument("--batch", type=int, help="samples of 8 ids (default 4096)")
-    bench.add_argument("--out", metavar="FILE.json", help="bench/speed.py's output (default: a temporary "
-                       "directory, so recorded results in bench/results stay untouched)")  # fmt: skip
+    bench.add_argument(
+        "--out",
+        metavar="FILE.json",
+        help="bench/speed.py's output (default: a temporary "
+        "directory, so recorded results in bench/results stay untouched)",
+    )
     builtin = bench.add_argument_group("built-in timing only")
     builtin.add_argument("--dim", type=int, default=64, help="embedding dim (default 64)")
     builtin.add_argument("--k", type=int, default=4, help="hash functions per id (default 4)")
@@ -388,10 +466,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("speed_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     bench.set_defaults(func=cmd_bench)
 
-    from .demo import __doc__ as demo_doc, add_arguments
+    from .demo import __doc__ as demo_doc
+    from .demo import add_arguments
 
-    demo = sub.add_parser("demo", help="train a recommender with nn.Embedding and BloomEmbedding, compare",
-                          description=demo_doc.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo = sub.add_parser(
+        "demo",
+        help="train a recommender with nn.Embedding and BloomEmbedding, compare",
+        description=demo_doc.replace("``", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(demo)
     demo.set_defaults(func=cmd_demo)
     return parser

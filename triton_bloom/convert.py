@@ -232,8 +232,9 @@ def bloomify(
             raise ValueError(f"table_options names {name!r}, which is no nn.Embedding / nn.EmbeddingBag of the model")
         fixed = sorted(set(options) & _SIGNATURE)
         if fixed:
-            raise ValueError(f"table_options[{name!r}] cannot override {fixed}: the replacement keeps the table's "
-                             "call signature")  # fmt: skip
+            raise ValueError(
+                f"table_options[{name!r}] cannot override {fixed}: the replacement keeps the table's call signature"
+            )
 
     model_bytes_before = _parameter_bytes(model)
     owners = _parameter_owners(model)

@@ -83,13 +83,16 @@ class Dataset:
         return torch.cumsum(self.train_counts, 0) - self.train_counts
 
     def to(self, device) -> "Dataset":
-        moved = {name: getattr(self, name).to(device) for name in
-                 ("train_users", "train_items", "test_items", "train_counts")}  # fmt: skip
+        moved = {
+            name: getattr(self, name).to(device)
+            for name in ("train_users", "train_items", "test_items", "train_counts")
+        }
         return Dataset(self.num_users, self.num_items, **moved)
 
 
-def make_dataset(num_users, num_items, mean_interactions=15, rank=16, zipf=1.0, beta=3.0, activity_alpha=1.5,
-                 seed=0, chunk=1024) -> Dataset:  # fmt: skip
+def make_dataset(
+    num_users, num_items, mean_interactions=15, rank=16, zipf=1.0, beta=3.0, activity_alpha=1.5, seed=0, chunk=1024
+) -> Dataset:
     """Planted-preference interactions, generated on CPU so that one seed
     gives one dataset on every device.
 
@@ -210,7 +213,7 @@ def train_epoch(model, optimizer, data: Dataset, batch_size, history_length, l2,
     order = torch.randperm(m, generator=generator, device=device)
     total = torch.zeros((), device=device)
     for start in range(0, m, batch_size):
-        batch = order[start:start + batch_size]
+        batch = order[start : start + batch_size]
         users, positives = data.train_users[batch], data.train_items[batch]
         history = sample_histories(data, users, position_in_user[batch], history_length, generator)
         negatives = torch.randint(0, data.num_items, positives.shape, generator=generator, device=device)
@@ -262,8 +265,9 @@ def item_ranks(vectors, items: nn.Module, data: Dataset, *, bias=None, chunk=102
     ranks = []
     for first in range(0, data.num_users, chunk):
         last = min(first + chunk, data.num_users)
-        ranked = bloom_rank(vectors[first:last], data.test_items[first:last], items,
-                            exclude=seen_items(data, first, last), bias=bias)  # fmt: skip
+        ranked = bloom_rank(
+            vectors[first:last], data.test_items[first:last], items, exclude=seen_items(data, first, last), bias=bias
+        )
         ranks.append(ranked.above)
     return torch.cat(ranks)
 
@@ -279,12 +283,20 @@ def top_items_line(model, vectors, data: Dataset, user: int, label: str, k: int 
     """One line: the ``k`` items ``model`` recommends to ``user`` among those
     the user has not trained on (``model.items.topk``: the catalogue walked
     in chunks, as a serving system would), and where the held-out item is."""
-    top = model.items.topk(vectors[user:user + 1], k, exclude=seen_items(data, user, user + 1),
-                           bias=model.item_bias.weight[:, 0]).ids[0].tolist()  # fmt: skip
+    top = (
+        model.items.topk(
+            vectors[user : user + 1], k, exclude=seen_items(data, user, user + 1), bias=model.item_bias.weight[:, 0]
+        )
+        .ids[0]
+        .tolist()
+    )
     held_out = int(data.test_items[user])
     where = f"at {top.index(held_out) + 1}" if held_out in top else "not among them"
-    return f"[bold]{label}[/bold], top {k} for user {user} (its training items left out): " + \
-        " ".join(map(str, top)) + f"; held-out item {held_out} {where}."  # fmt: skip
+    return (
+        f"[bold]{label}[/bold], top {k} for user {user} (its training items left out): "
+        + " ".join(map(str, top))
+        + f"; held-out item {held_out} {where}."
+    )
 
 
 def metrics(ranks, data: Dataset, k=10):
@@ -310,34 +322,67 @@ def training_bytes(model, optimizer):
     """Parameter bytes plus the optimizer's state for them: what training
     keeps resident (Adam adds two tensors the size of each parameter)."""
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    state = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
-                if isinstance(v, torch.Tensor))  # fmt: skip
+    state = sum(
+        v.numel() * v.element_size()
+        for s in optimizer.state.values()
+        for v in s.values()
+        if isinstance(v, torch.Tensor)
+    )
     return params + state
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--epochs", type=int, help=f"training epochs per model (default {FULL_SIZE['epochs']}, "
-                        f"{QUICK_SIZE['epochs']} with --quick)")  # fmt: skip
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.2], metavar="R",
-                        help="budgets, as shares of the full tables' bytes, each in (0, 1]; at each, a smaller "
-                             "full table, Bloom at that compression ratio and the planner's layout (default 0.2)")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        help=f"training epochs per model (default {FULL_SIZE['epochs']}, {QUICK_SIZE['epochs']} with --quick)",
+    )
+    parser.add_argument(
+        "--ratios",
+        type=float,
+        nargs="+",
+        default=[0.2],
+        metavar="R",
+        help="budgets, as shares of the full tables' bytes, each in (0, 1]; at each, a smaller "
+        "full table, Bloom at that compression ratio and the planner's layout (default 0.2)",
+    )
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"{QUICK_SIZE['users']:,} users x {QUICK_SIZE['items']:,} items and "
-                             f"{QUICK_SIZE['epochs']} epochs: under a minute on 2 CPU cores")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0, help="seeds the data, the initialisation and the "
-                        "sampling (default 0)")  # fmt: skip
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{QUICK_SIZE['users']:,} users x {QUICK_SIZE['items']:,} items and "
+        f"{QUICK_SIZE['epochs']} epochs: under a minute on 2 CPU cores",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seeds the data, the initialisation and the sampling (default 0)"
+    )
     size = parser.add_argument_group("dataset and model (advanced)")
-    size.add_argument("--users", type=int, help=f"number of users (default {FULL_SIZE['users']:,}, "
-                      f"{QUICK_SIZE['users']:,} with --quick)")  # fmt: skip
-    size.add_argument("--items", type=int, help=f"number of items (default {FULL_SIZE['items']:,}, "
-                      f"{QUICK_SIZE['items']:,} with --quick)")  # fmt: skip
-    size.add_argument("--interactions-per-user", type=float, default=15, metavar="N",
-                      help="mean interactions per user, at least 3 each (default 15)")
+    size.add_argument(
+        "--users",
+        type=int,
+        help=f"number of users (default {FULL_SIZE['users']:,}, {QUICK_SIZE['users']:,} with --quick)",
+    )
+    size.add_argument(
+        "--items",
+        type=int,
+        help=f"number of items (default {FULL_SIZE['items']:,}, {QUICK_SIZE['items']:,} with --quick)",
+    )
+    size.add_argument(
+        "--interactions-per-user",
+        type=float,
+        default=15,
+        metavar="N",
+        help="mean interactions per user, at least 3 each (default 15)",
+    )
     size.add_argument("--dim", type=int, default=32, help="embedding dimension (default 32)")
     size.add_argument("--hashes", type=int, default=4, metavar="K", help="hash functions per id (default 4)")
-    size.add_argument("--history", type=int, default=16, metavar="L",
-                      help="history items sampled per training interaction (default 16)")
+    size.add_argument(
+        "--history",
+        type=int,
+        default=16,
+        metavar="L",
+        help="history items sampled per training interaction (default 16)",
+    )
     size.add_argument("--batch-size", type=int, default=2048, help="interactions per step (default 2048)")
     size.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default 0.01)")
     size.add_argument("--l2", type=float, default=1e-4, help="L2 weight on the user vectors (default 1e-4)")
@@ -358,12 +403,16 @@ def run(args) -> int:
 
     started = time.perf_counter()
     data = make_dataset(num_users, num_items, args.interactions_per_user, seed=args.seed).to(device)
-    out.print(f"[bold]Data[/bold]: {num_users:,} users x {num_items:,} items, {data.num_interactions:,} "
-              "interactions (planted rank-16 tastes, Zipf item popularity, Pareto user activity), one per "
-              f"user held out; seed {args.seed}.")  # fmt: skip
-    out.print(f"[bold]Model[/bold]: two-tower, user = mean of {args.history} history item vectors, item = "
-              f"vector + bias; dim {args.dim}, BPR, Adam lr {args.lr}, batch {args.batch_size}, {epochs} epochs, "
-              f"on {device_label(device)}.")  # fmt: skip
+    out.print(
+        f"[bold]Data[/bold]: {num_users:,} users x {num_items:,} items, {data.num_interactions:,} "
+        "interactions (planted rank-16 tastes, Zipf item popularity, Pareto user activity), one per "
+        f"user held out; seed {args.seed}."
+    )
+    out.print(
+        f"[bold]Model[/bold]: two-tower, user = mean of {args.history} history item vectors, item = "
+        f"vector + bias; dim {args.dim}, BPR, Adam lr {args.lr}, batch {args.batch_size}, {epochs} epochs, "
+        f"on {device_label(device)}."
+    )
 
     counts = torch.bincount(data.train_items.cpu(), minlength=num_items)
     # (label, ratio, smaller dim, planned): the full table, then per budget
@@ -379,8 +428,9 @@ def run(args) -> int:
     try:
         for index, (name, ratio, small, planned) in enumerate(variants):
             torch.manual_seed(args.seed + index)
-            model = build_model(ratio, num_items, args.dim, args.hashes, device, small_dim=small,
-                                counts=counts if planned else None)  # fmt: skip
+            model = build_model(
+                ratio, num_items, args.dim, args.hashes, device, small_dim=small, counts=counts if planned else None
+            )
             if planned:
                 plans.append((name, getattr(model.items, "plan", None)))
             optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -402,9 +452,18 @@ def run(args) -> int:
             nbytes = sum(embedding_bytes(t) for t in model.embedding_tables())
             full_bytes, full_auc = full_bytes or nbytes, full_auc or auc
             mib = training_bytes(model, optimizer) / 2**20
-            rows.append([name, f"{nbytes / 1024:,.1f}", f"{nbytes / full_bytes:.3f}", f"{mib:.2f}",
-                         f"{statistics.median(seconds):.2f}", f"{auc:.4f}", f"{auc / full_auc:.3f}",
-                         f"{hits:.4f}"])  # fmt: skip
+            rows.append(
+                [
+                    name,
+                    f"{nbytes / 1024:,.1f}",
+                    f"{nbytes / full_bytes:.3f}",
+                    f"{mib:.2f}",
+                    f"{statistics.median(seconds):.2f}",
+                    f"{auc:.4f}",
+                    f"{auc / full_auc:.3f}",
+                    f"{hits:.4f}",
+                ]
+            )
             del model, optimizer
     finally:
         bar.close()
@@ -416,9 +475,9 @@ def run(args) -> int:
         rows,
         title=f"{num_users:,} users x {num_items:,} items, dim {args.dim}, k={args.hashes}, {device.type}",
         caption="emb. KiB: the two item tables, everything they store (hot-id index, private part "
-                f"included; the item bias adds {num_items * 4 / 1024:,.1f} KiB to every model).  MiB: all "
-                "parameters + Adam state.  s/epoch: median.  AUC, HR@10: held-out item vs every unseen item; "
-                "higher is better.",  # fmt: skip
+        f"included; the item bias adds {num_items * 4 / 1024:,.1f} KiB to every model).  MiB: all "
+        "parameters + Adam state.  s/epoch: median.  AUC, HR@10: held-out item vs every unseen item; "
+        "higher is better.",
         numeric_from=1,
     )
     for name, plan in plans:

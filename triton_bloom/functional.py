@@ -100,10 +100,20 @@ def bloom_embedding(
     check_importance(importance, weight, num_hash_functions)
     check_hot(hot_ids, weight)
     padding_idx = normalize_padding_idx(padding_idx, num_embeddings)
-    return lookup(input, weight, num_hash_functions=num_hash_functions, padding_idx=padding_idx,
-                  num_embeddings=num_embeddings, hash_cache=hash_cache, backend=backend, sparse=sparse,
-                  fused_optimizer=fused_optimizer, signed=signed, importance=importance,
-                  hot=hot_ids)  # fmt: skip
+    return lookup(
+        input,
+        weight,
+        num_hash_functions=num_hash_functions,
+        padding_idx=padding_idx,
+        num_embeddings=num_embeddings,
+        hash_cache=hash_cache,
+        backend=backend,
+        sparse=sparse,
+        fused_optimizer=fused_optimizer,
+        signed=signed,
+        importance=importance,
+        hot=hot_ids,
+    )
 
 
 def op_options(weight: torch.Tensor, *, backend: str, sparse: bool, fused_optimizer, **lookup_options) -> dict:
@@ -117,13 +127,21 @@ def op_options(weight: torch.Tensor, *, backend: str, sparse: bool, fused_optimi
     return dict(use_triton=use_triton, **training_arguments(sparse, fused_optimizer, weight), **lookup_options)
 
 
-def lookup(input: torch.Tensor, weight: torch.Tensor, *, hash_cache: Optional[torch.Tensor],
-           importance: Optional[torch.Tensor], hot: Optional[torch.Tensor], **options) -> torch.Tensor:  # fmt: skip
+def lookup(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    hash_cache: Optional[torch.Tensor],
+    importance: Optional[torch.Tensor],
+    hot: Optional[torch.Tensor],
+    **options,
+) -> torch.Tensor:
     """:func:`bloom_embedding` once its arguments are checked: checks the
     input and runs the custom op with :func:`op_options` of ``options``."""
     check_input(input, weight)
-    return ops.bloom_forward(input, weight, importance=importance, hot=hot, hash_cache=hash_cache,
-                             **op_options(weight, **options))  # fmt: skip
+    return ops.bloom_forward(
+        input, weight, importance=importance, hot=hot, hash_cache=hash_cache, **op_options(weight, **options)
+    )
 
 
 def bag_layout(
@@ -252,21 +270,51 @@ def bloom_embedding_bag(
     check_importance(importance, weight, num_hash_functions)
     check_hot(hot_ids, weight)
     padding_idx = normalize_padding_idx(padding_idx, num_embeddings)
-    return bag_lookup(input, weight, offsets, per_sample_weights, mode=mode, include_last_offset=include_last_offset,
-                      num_hash_functions=num_hash_functions, padding_idx=padding_idx, num_embeddings=num_embeddings,
-                      backend=backend, sparse=sparse, fused_optimizer=fused_optimizer, signed=signed,
-                      importance=importance, hot=hot_ids)  # fmt: skip
+    return bag_lookup(
+        input,
+        weight,
+        offsets,
+        per_sample_weights,
+        mode=mode,
+        include_last_offset=include_last_offset,
+        num_hash_functions=num_hash_functions,
+        padding_idx=padding_idx,
+        num_embeddings=num_embeddings,
+        backend=backend,
+        sparse=sparse,
+        fused_optimizer=fused_optimizer,
+        signed=signed,
+        importance=importance,
+        hot=hot_ids,
+    )
 
 
-def bag_lookup(input: torch.Tensor, weight: torch.Tensor, offsets: Optional[torch.Tensor],
-               per_sample_weights: Optional[torch.Tensor], *, mode: str, include_last_offset: bool,
-               importance: Optional[torch.Tensor], hot: Optional[torch.Tensor], **options) -> torch.Tensor:  # fmt: skip
+def bag_lookup(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    offsets: Optional[torch.Tensor],
+    per_sample_weights: Optional[torch.Tensor],
+    *,
+    mode: str,
+    include_last_offset: bool,
+    importance: Optional[torch.Tensor],
+    hot: Optional[torch.Tensor],
+    **options,
+) -> torch.Tensor:
     """:func:`bloom_embedding_bag` once its arguments are checked: checks the
     input and runs the custom op with :func:`op_options` of ``options``."""
     ids, offsets, per_sample_weights = bag_layout(input, offsets, per_sample_weights, mode, include_last_offset)
     check_input(ids, weight)
     if per_sample_weights is not None:
         per_sample_weights = per_sample_weights.to(weight.dtype)
-    out, _ = ops.bloom_bag_forward(ids, offsets, weight, per_sample_weights=per_sample_weights, importance=importance,
-                                   hot=hot, mode=MODES.index(mode), **op_options(weight, **options))  # fmt: skip
+    out, _ = ops.bloom_bag_forward(
+        ids,
+        offsets,
+        weight,
+        per_sample_weights=per_sample_weights,
+        importance=importance,
+        hot=hot,
+        mode=MODES.index(mode),
+        **op_options(weight, **options),
+    )
     return out

@@ -36,13 +36,31 @@ __all__ = [
 
 # Spotlight's seeds, in Spotlight's order: hash function j uses SEEDS[j].
 SEEDS = (
-    179424941, 179425457, 179425907, 179426369,
-    179424977, 179425517, 179425943, 179426407,
-    179424989, 179425529, 179425993, 179426447,
-    179425003, 179425537, 179426003, 179426453,
-    179425019, 179425559, 179426029, 179426491,
-    179425027, 179425579, 179426081, 179426549,
-)  # fmt: skip
+    179424941,
+    179425457,
+    179425907,
+    179426369,
+    179424977,
+    179425517,
+    179425943,
+    179426407,
+    179424989,
+    179425529,
+    179425993,
+    179426447,
+    179425003,
+    179425537,
+    179426003,
+    179426453,
+    179425019,
+    179425559,
+    179426029,
+    179426491,
+    179425027,
+    179425579,
+    179426081,
+    179426549,
+)
 MAX_HASH_FUNCTIONS = len(SEEDS)
 
 # The variants' own hashes, independent of the rows' (other seeds): the sign
@@ -71,10 +89,7 @@ def check_num_hash_functions(num_hash_functions: int) -> None:
         raise TypeError(f"num_hash_functions must be an int, got {num_hash_functions!r}")
     if num_hash_functions > MAX_HASH_FUNCTIONS:
         # Spotlight's wording, so its users recognise the error.
-        raise ValueError(
-            f"Can use at most {MAX_HASH_FUNCTIONS} hash functions "
-            f"({num_hash_functions} requested)"
-        )
+        raise ValueError(f"Can use at most {MAX_HASH_FUNCTIONS} hash functions ({num_hash_functions} requested)")
     if num_hash_functions < 1:
         raise ValueError(f"num_hash_functions must be at least 1, got {num_hash_functions}")
 

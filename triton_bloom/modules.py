@@ -52,7 +52,9 @@ def _sorted_hot_ids(hot_ids, num_embeddings: Optional[int], padding_idx: Optiona
     sorted, in the narrowest integer type: the hot set as the kernels search it."""
     hot = torch.as_tensor(hot_ids, device=device)
     if hot.dim() != 1 or hot.is_floating_point() or hot.dtype == torch.bool or hot.is_complex():
-        raise TypeError(f"hot_ids must be a 1-D tensor of integer ids, got dtype {hot.dtype} and shape {tuple(hot.shape)}")
+        raise TypeError(
+            f"hot_ids must be a 1-D tensor of integer ids, got dtype {hot.dtype} and shape {tuple(hot.shape)}"
+        )
     hot = torch.sort(hot.to(torch.int64)).values
     if hot.numel():
         low, high = int(hot[0]), int(hot[-1])
@@ -151,9 +153,26 @@ class _BloomTable(nn.Module):
     """What both Bloom modules share: the checked sizes, the hashing
     parameters, and the compressed table as the submodule ``embeddings``."""
 
-    def __init__(self, *, num_embeddings, embedding_dim, compression_ratio, num_hash_functions, padding_idx,
-                 num_rows, backend, sparse, fused_optimizer, signed, importance, importance_rows, hot_ids,
-                 private_dim, device, dtype):  # fmt: skip
+    def __init__(
+        self,
+        *,
+        num_embeddings,
+        embedding_dim,
+        compression_ratio,
+        num_hash_functions,
+        padding_idx,
+        num_rows,
+        backend,
+        sparse,
+        fused_optimizer,
+        signed,
+        importance,
+        importance_rows,
+        hot_ids,
+        private_dim,
+        device,
+        dtype,
+    ):
         super().__init__()
         if dtype is not None and dtype not in WEIGHT_DTYPES:
             raise TypeError(f"dtype must be float32, float64, float16 or bfloat16, got {dtype}")
@@ -183,16 +202,18 @@ class _BloomTable(nn.Module):
         # The table knows it is sparse: DDP reads that flag off nn.Embedding
         # modules to expect sparse gradients.  Its last hot_rows rows are the
         # hot ids' private rows.
-        self.embeddings = ScaledEmbedding(self.num_rows + hot_rows, embedding_dim, sparse=sparse, device=device,
-                                          dtype=dtype)  # fmt: skip
+        self.embeddings = ScaledEmbedding(
+            self.num_rows + hot_rows, embedding_dim, sparse=sparse, device=device, dtype=dtype
+        )
         self.private: Optional[ScaledEmbedding] = None
         self.private_projection: Optional[nn.Parameter] = None
         if private_dim:
             if num_embeddings is None:
                 raise ValueError("private_dim needs num_embeddings: the private part has a row per id")
             _positive_int("private_dim", private_dim)
-            self.private = ScaledEmbedding(num_embeddings, private_dim, padding_idx=self.padding_idx, sparse=sparse,
-                                           device=device, dtype=dtype)  # fmt: skip
+            self.private = ScaledEmbedding(
+                num_embeddings, private_dim, padding_idx=self.padding_idx, sparse=sparse, device=device, dtype=dtype
+            )
             self.private_projection = nn.Parameter(torch.empty(private_dim, embedding_dim, device=device, dtype=dtype))
             self._reset_private()
         self.signed = bool(signed)
@@ -219,8 +240,15 @@ class _BloomTable(nn.Module):
         return module
 
     # Attributes that are the lookup's options under the same names.
-    _LOOKUP_OPTIONS = ("num_hash_functions", "padding_idx", "num_embeddings", "backend", "sparse", "fused_optimizer",
-                       "signed")  # fmt: skip
+    _LOOKUP_OPTIONS = (
+        "num_hash_functions",
+        "padding_idx",
+        "num_embeddings",
+        "backend",
+        "sparse",
+        "fused_optimizer",
+        "signed",
+    )
 
     def _options(self) -> dict:
         """The lookup's options, checked in ``__init__``."""
@@ -316,13 +344,20 @@ class _BloomTable(nn.Module):
             elif not isinstance(saved, torch.Tensor):
                 problems.append(f"{key} is a {type(saved).__name__}, not a tensor")
             elif saved.shape != tensor.shape:
-                problems.append(f"size mismatch for {key}: the checkpoint's shape is {tuple(saved.shape)}, "
-                                f"the module's {tuple(tensor.shape)}")  # fmt: skip
+                problems.append(
+                    f"size mismatch for {key}: the checkpoint's shape is {tuple(saved.shape)}, "
+                    f"the module's {tuple(tensor.shape)}"
+                )
             elif saved.dtype != tensor.dtype:
-                problems.append(f"dtype mismatch for {key}: the checkpoint's is {saved.dtype}, the module's {tensor.dtype}")
+                problems.append(
+                    f"dtype mismatch for {key}: the checkpoint's is {saved.dtype}, the module's {tensor.dtype}"
+                )
         if strict:
-            problems += [f"unexpected key {key}" for key in state_dict
-                         if key.startswith(prefix) and key not in mine and key != extra_key]  # fmt: skip
+            problems += [
+                f"unexpected key {key}"
+                for key in state_dict
+                if key.startswith(prefix) and key not in mine and key != extra_key
+            ]
         if problems:
             raise RuntimeError(
                 f"the checkpoint does not fit this {type(self).__name__}, so nothing was loaded: " + "; ".join(problems)
@@ -335,16 +370,18 @@ class _BloomTable(nn.Module):
             self._check_checkpoint(state_dict, "", strict=True)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):  # fmt: skip
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         self._check_checkpoint(state_dict, prefix, strict=False)
         hot = state_dict.get(prefix + "hot_ids")
         if self.hot_ids is not None and isinstance(hot, torch.Tensor) and hot.shape == self.hot_ids.shape:
             # The kernels binary-search the hot ids: a checkpoint's must be a
             # sorted set of ids in range, or ids would read other rows.
             try:
-                valid = torch.equal(_sorted_hot_ids(hot, self.num_embeddings, self.padding_idx, hot.device).long(),
-                                    hot.long())  # fmt: skip
+                valid = torch.equal(
+                    _sorted_hot_ids(hot, self.num_embeddings, self.padding_idx, hot.device).long(), hot.long()
+                )
                 problem = "" if valid else "they are not sorted"
             except (TypeError, ValueError, IndexError) as error:
                 problem = str(error)
@@ -352,8 +389,9 @@ class _BloomTable(nn.Module):
                 # Raised before anything is copied (the submodules load after
                 # this module), so the module keeps its own state.
                 raise ValueError(f"{prefix}hot_ids of the checkpoint are not a valid hot set: {problem}")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)  # fmt: skip
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         # A Spotlight checkpoint has the table and no specification: its
         # hashing is Spotlight's, which is ours (the table's shape, which
         # fixes num_rows, is checked with the weight).
@@ -486,12 +524,24 @@ class BloomEmbedding(_BloomTable):
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__(num_embeddings=num_embeddings, embedding_dim=embedding_dim,
-                         compression_ratio=compression_ratio, num_hash_functions=num_hash_functions,
-                         padding_idx=padding_idx, num_rows=num_rows, backend=backend, sparse=sparse,
-                         fused_optimizer=fused_optimizer, signed=signed, importance=importance,
-                         importance_rows=importance_rows, hot_ids=hot_ids, private_dim=private_dim, device=device,
-                         dtype=dtype)  # fmt: skip
+        super().__init__(
+            num_embeddings=num_embeddings,
+            embedding_dim=embedding_dim,
+            compression_ratio=compression_ratio,
+            num_hash_functions=num_hash_functions,
+            padding_idx=padding_idx,
+            num_rows=num_rows,
+            backend=backend,
+            sparse=sparse,
+            fused_optimizer=fused_optimizer,
+            signed=signed,
+            importance=importance,
+            importance_rows=importance_rows,
+            hot_ids=hot_ids,
+            private_dim=private_dim,
+            device=device,
+            dtype=dtype,
+        )
         self._bag = bag
         self.hash_cache: Optional[torch.Tensor]
         if hash_cache:
@@ -505,8 +555,16 @@ class BloomEmbedding(_BloomTable):
             self.hash_cache = None
 
     @classmethod
-    def from_counts(cls, counts: torch.Tensor, embedding_dim: int, max_bytes: int, *, num_hash_functions: int = 2,
-                    verbose: bool = True, **kwargs):  # fmt: skip
+    def from_counts(
+        cls,
+        counts: torch.Tensor,
+        embedding_dim: int,
+        max_bytes: int,
+        *,
+        num_hash_functions: int = 2,
+        verbose: bool = True,
+        **kwargs,
+    ):
         r"""The table :func:`~triton_bloom.planner.plan_embedding` plans for
         ``counts`` (lookups per id) within ``max_bytes``: hot rows for the
         frequent ids, a private code, shared rows.  When the whole table fits,
@@ -523,8 +581,13 @@ class BloomEmbedding(_BloomTable):
         """
         from .planner import plan_embedding
 
-        plan = plan_embedding(counts, embedding_dim, max_bytes, num_hash_functions=num_hash_functions,
-                              dtype=kwargs.pop("dtype", None) or torch.float32)  # fmt: skip
+        plan = plan_embedding(
+            counts,
+            embedding_dim,
+            max_bytes,
+            num_hash_functions=num_hash_functions,
+            dtype=kwargs.pop("dtype", None) or torch.float32,
+        )
         if verbose:
             print(plan)
         return plan.build(**kwargs)
@@ -536,9 +599,16 @@ class BloomEmbedding(_BloomTable):
             out = out + codes @ self.private_projection
         return out
 
-    def topk(self, queries: torch.Tensor, k: int, candidates: Optional[torch.Tensor] = None,
-             exclude: Optional[torch.Tensor] = None, *, bias: Optional[torch.Tensor] = None,
-             chunk_size: Optional[int] = None):  # fmt: skip
+    def topk(
+        self,
+        queries: torch.Tensor,
+        k: int,
+        candidates: Optional[torch.Tensor] = None,
+        exclude: Optional[torch.Tensor] = None,
+        *,
+        bias: Optional[torch.Tensor] = None,
+        chunk_size: Optional[int] = None,
+    ):
         """The ``k`` ids whose vectors score highest (``queries @ vector``,
         plus ``bias[id]`` when given) for each of the ``(Q, embedding_dim)``
         queries, ties to the smaller id, without materialising the catalogue:
@@ -548,8 +618,15 @@ class BloomEmbedding(_BloomTable):
 
         return bloom_topk(queries, self, k, candidates=candidates, exclude=exclude, bias=bias, chunk_size=chunk_size)
 
-    def rank(self, queries: torch.Tensor, targets: torch.Tensor, exclude: Optional[torch.Tensor] = None, *,
-             bias: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None):  # fmt: skip
+    def rank(
+        self,
+        queries: torch.Tensor,
+        targets: torch.Tensor,
+        exclude: Optional[torch.Tensor] = None,
+        *,
+        bias: Optional[torch.Tensor] = None,
+        chunk_size: Optional[int] = None,
+    ):
         """Where each query's target id ranks among every id (ties count half),
         without materialising the catalogue: :func:`triton_bloom.output.bloom_rank`.
         Returns ``Ranks(above, others)``, each ``(Q,)``."""
@@ -661,12 +738,24 @@ class BloomEmbeddingBag(_BloomTable):
                 f"private_dim={private_dim} with mode='max' is not supported: the max of a sum is not the sum of "
                 "the maxima, so the private part cannot be pooled apart; use mode='sum' or 'mean'"
             )
-        super().__init__(num_embeddings=num_embeddings, embedding_dim=embedding_dim,
-                         compression_ratio=compression_ratio, num_hash_functions=num_hash_functions,
-                         padding_idx=padding_idx, num_rows=num_rows, backend=backend, sparse=sparse,
-                         fused_optimizer=fused_optimizer, signed=signed, importance=importance,
-                         importance_rows=importance_rows, hot_ids=hot_ids, private_dim=private_dim, device=device,
-                         dtype=dtype)  # fmt: skip
+        super().__init__(
+            num_embeddings=num_embeddings,
+            embedding_dim=embedding_dim,
+            compression_ratio=compression_ratio,
+            num_hash_functions=num_hash_functions,
+            padding_idx=padding_idx,
+            num_rows=num_rows,
+            backend=backend,
+            sparse=sparse,
+            fused_optimizer=fused_optimizer,
+            signed=signed,
+            importance=importance,
+            importance_rows=importance_rows,
+            hot_ids=hot_ids,
+            private_dim=private_dim,
+            device=device,
+            dtype=dtype,
+        )
         self.mode = mode
         self.include_last_offset = include_last_offset
 
@@ -676,13 +765,27 @@ class BloomEmbeddingBag(_BloomTable):
         offsets: Optional[torch.Tensor] = None,
         per_sample_weights: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        out = bag_lookup(input, self.embeddings.weight, offsets, per_sample_weights, mode=self.mode,
-                         include_last_offset=self.include_last_offset, **self._options())  # fmt: skip
+        out = bag_lookup(
+            input,
+            self.embeddings.weight,
+            offsets,
+            per_sample_weights,
+            mode=self.mode,
+            include_last_offset=self.include_last_offset,
+            **self._options(),
+        )
         if self.private is not None:
             # Sum and mean commute with the projection: pool the codes, then project.
-            codes = F.embedding_bag(input, self.private.weight, offsets, mode=self.mode, sparse=self.sparse,
-                                    per_sample_weights=per_sample_weights, include_last_offset=self.include_last_offset,
-                                    padding_idx=self.padding_idx)  # fmt: skip
+            codes = F.embedding_bag(
+                input,
+                self.private.weight,
+                offsets,
+                mode=self.mode,
+                sparse=self.sparse,
+                per_sample_weights=per_sample_weights,
+                include_last_offset=self.include_last_offset,
+                padding_idx=self.padding_idx,
+            )
             out = out + codes @ self.private_projection
         return out
 

@@ -148,8 +148,14 @@ def _private_rows(ids: torch.Tensor, weight: torch.Tensor, hot: Optional[torch.T
 # One function per operation: the kernels' result or the reference's. -----------
 
 
-def _hash(ids: torch.Tensor, weight: torch.Tensor, hot: Optional[torch.Tensor], *, rows: Optional[torch.Tensor],
-          lookup: Lookup):  # fmt: skip
+def _hash(
+    ids: torch.Tensor,
+    weight: torch.Tensor,
+    hot: Optional[torch.Tensor],
+    *,
+    rows: Optional[torch.Tensor],
+    lookup: Lookup,
+):
     """``(rows, private)``: the flattened ids' ``(n, k)`` int64 rows of
     ``weight`` (``rows``, a hash cache's, when given, else hashed), where a hot
     id's ``k`` rows are all its private row, and the ids' private rows
@@ -161,8 +167,9 @@ def _hash(ids: torch.Tensor, weight: torch.Tensor, hot: Optional[torch.Tensor], 
     if rows is not None:
         rows = rows.reshape(n, k).to(torch.int64)
     elif lookup.use_triton:
-        rows = dispatch.kernels().bloom_hash(flat, seed_tensor(ids.device), num_hash_functions=k, num_rows=num_rows,
-                                             wide_ids=lookup.wide_ids(ids))  # fmt: skip
+        rows = dispatch.kernels().bloom_hash(
+            flat, seed_tensor(ids.device), num_hash_functions=k, num_rows=num_rows, wide_ids=lookup.wide_ids(ids)
+        )
     else:
         rows = hash_rows(flat, k, num_rows).to(torch.int64)
     private = _private_rows(ids, weight, hot)
@@ -173,8 +180,9 @@ def _row_gradients(rows: torch.Tensor, entries: Entries, *, use_triton: bool):
     """``(unique_rows, values)``: the sorted rows ``entries`` touch and their
     summed gradients (see ``kernels/segment.py``)."""
     if use_triton:
-        return dispatch.kernels().bloom_row_gradients(rows, entries.sources, entries.grad, scales=entries.scales,
-                                                      keep=entries.keep)  # fmt: skip
+        return dispatch.kernels().bloom_row_gradients(
+            rows, entries.sources, entries.grad, scales=entries.scales, keep=entries.keep
+        )
     return bloom_row_gradients_reference(rows, entries.sources, entries.grad, scales=entries.scales, keep=entries.keep)
 
 
@@ -182,10 +190,17 @@ def _forward(ids, weight, importance, hot, *, rows: Optional[torch.Tensor], look
     """``(*, dim)`` sums of the ids' weighted rows (``rows``: precomputed, or ``None``)."""
     if lookup.use_triton:
         return dispatch.kernels().bloom_forward(
-            ids, weight, seed_tensor(weight.device), num_hash_functions=lookup.num_hash_functions,
-            padding_idx=lookup.padding_idx, rows=rows, wide_ids=lookup.wide_ids(ids), signed=lookup.signed,
-            importance=importance, hot=hot,
-        )  # fmt: skip
+            ids,
+            weight,
+            seed_tensor(weight.device),
+            num_hash_functions=lookup.num_hash_functions,
+            padding_idx=lookup.padding_idx,
+            rows=rows,
+            wide_ids=lookup.wide_ids(ids),
+            signed=lookup.signed,
+            importance=importance,
+            hot=hot,
+        )
     private = _private_rows(ids, weight, hot)
     if rows is None:
         rows = hash_rows(ids, lookup.num_hash_functions, _shared_rows(weight, hot))
@@ -203,24 +218,36 @@ def _backward(grad_out, ids, weight, importance, hot, *, rows: Optional[torch.Te
     num_rows = weight.shape[0]
     if lookup.use_triton and not _deterministic():
         return dispatch.kernels().bloom_backward(
-            grad_out, ids, seed_tensor(grad_out.device), num_rows=num_rows,
-            num_hash_functions=lookup.num_hash_functions, padding_idx=lookup.padding_idx, rows=rows,
-            wide_ids=lookup.wide_ids(ids), dtype=weight.dtype, signed=lookup.signed, weight=weight,
-            importance=importance, hot=hot,
-        )  # fmt: skip
+            grad_out,
+            ids,
+            seed_tensor(grad_out.device),
+            num_rows=num_rows,
+            num_hash_functions=lookup.num_hash_functions,
+            padding_idx=lookup.padding_idx,
+            rows=rows,
+            wide_ids=lookup.wide_ids(ids),
+            dtype=weight.dtype,
+            signed=lookup.signed,
+            weight=weight,
+            importance=importance,
+            hot=hot,
+        )
     if lookup.use_triton:
-        unique_rows, values, grad_importance = _backward_rows(grad_out, ids, weight, importance, hot, rows=rows,
-                                                              lookup=lookup)  # fmt: skip
+        unique_rows, values, grad_importance = _backward_rows(
+            grad_out, ids, weight, importance, hot, rows=rows, lookup=lookup
+        )
         return densify(unique_rows, values, num_rows, weight.dtype), grad_importance
     rows, private = _hash(ids, weight, hot, rows=rows, lookup=lookup)
     factors, signs, imp_rows = lookup.factors(ids, importance, private)
-    grad_weight = bloom_backward_reference(grad_out, ids, rows, num_rows, lookup.padding_idx, dtype=weight.dtype,
-                                           factors=factors)  # fmt: skip
+    grad_weight = bloom_backward_reference(
+        grad_out, ids, rows, num_rows, lookup.padding_idx, dtype=weight.dtype, factors=factors
+    )
     grad_importance = None
     if importance is not None:
         entries = embedding_entries(ids, grad_out, lookup.padding_idx)
-        grad_importance = _importance_gradient(rows, entries, weight, importance, signs=signs, imp_rows=imp_rows,
-                                               use_triton=False)  # fmt: skip
+        grad_importance = _importance_gradient(
+            rows, entries, weight, importance, signs=signs, imp_rows=imp_rows, use_triton=False
+        )
     return grad_weight, grad_importance
 
 
@@ -229,52 +256,111 @@ def _bag_forward(ids, offsets, weight, per_sample_weights, importance, hot, *, m
     ``(B, dim)`` positions of the maxima (empty otherwise)."""
     if lookup.use_triton:
         return dispatch.kernels().bloom_bag_forward(
-            ids, offsets, weight, seed_tensor(weight.device), num_hash_functions=lookup.num_hash_functions,
-            mode=mode, per_sample_weights=per_sample_weights, padding_idx=lookup.padding_idx,
-            wide_ids=lookup.wide_ids(ids), signed=lookup.signed, importance=importance, hot=hot,
-        )  # fmt: skip
+            ids,
+            offsets,
+            weight,
+            seed_tensor(weight.device),
+            num_hash_functions=lookup.num_hash_functions,
+            mode=mode,
+            per_sample_weights=per_sample_weights,
+            padding_idx=lookup.padding_idx,
+            wide_ids=lookup.wide_ids(ids),
+            signed=lookup.signed,
+            importance=importance,
+            hot=hot,
+        )
     private = _private_rows(ids, weight, hot)
     rows = with_hot_rows(hash_rows(ids, lookup.num_hash_functions, _shared_rows(weight, hot)), private)
     factors, _, _ = lookup.factors(ids, importance, private)
-    return bloom_bag_forward_reference(ids, offsets, weight, rows, mode=mode, per_sample_weights=per_sample_weights,
-                                       padding_idx=lookup.padding_idx, factors=factors)  # fmt: skip
+    return bloom_bag_forward_reference(
+        ids,
+        offsets,
+        weight,
+        rows,
+        mode=mode,
+        per_sample_weights=per_sample_weights,
+        padding_idx=lookup.padding_idx,
+        factors=factors,
+    )
 
 
-def _bag_backward(grad_out, ids, offsets, weight, per_sample_weights, importance, hot, argmax, *, mode: int,
-                  psw_grad: bool, lookup: Lookup):  # fmt: skip
+def _bag_backward(
+    grad_out,
+    ids,
+    offsets,
+    weight,
+    per_sample_weights,
+    importance,
+    hot,
+    argmax,
+    *,
+    mode: int,
+    psw_grad: bool,
+    lookup: Lookup,
+):
     """``(grad_weight, grad_per_sample_weights or None, grad_importance or
     None)`` of ``_bag_forward``: the dense gradients, deterministic under
     ``torch.use_deterministic_algorithms(True)``."""
     num_rows = weight.shape[0]
     if lookup.use_triton and not _deterministic():
         return dispatch.kernels().bloom_bag_backward(
-            grad_out, ids, offsets, weight, seed_tensor(weight.device),
-            num_hash_functions=lookup.num_hash_functions, mode=mode, per_sample_weights=per_sample_weights,
-            argmax=argmax, padding_idx=lookup.padding_idx, wide_ids=lookup.wide_ids(ids), psw_grad=psw_grad,
-            signed=lookup.signed, importance=importance, hot=hot,
-        )  # fmt: skip
+            grad_out,
+            ids,
+            offsets,
+            weight,
+            seed_tensor(weight.device),
+            num_hash_functions=lookup.num_hash_functions,
+            mode=mode,
+            per_sample_weights=per_sample_weights,
+            argmax=argmax,
+            padding_idx=lookup.padding_idx,
+            wide_ids=lookup.wide_ids(ids),
+            psw_grad=psw_grad,
+            signed=lookup.signed,
+            importance=importance,
+            hot=hot,
+        )
     if lookup.use_triton:
         unique_rows, values, grad_psw, grad_importance = _bag_backward_rows(
-            grad_out, ids, offsets, weight, per_sample_weights, importance, hot, argmax, mode=mode,
-            psw_grad=psw_grad, lookup=lookup,
-        )  # fmt: skip
+            grad_out,
+            ids,
+            offsets,
+            weight,
+            per_sample_weights,
+            importance,
+            hot,
+            argmax,
+            mode=mode,
+            psw_grad=psw_grad,
+            lookup=lookup,
+        )
         return densify(unique_rows, values, num_rows, weight.dtype), grad_psw, grad_importance
     # On CPU, spreading each bag's gradient over its ids and scattering with
     # index_add_ is ~2x faster than summing per touched row.
     rows, private = _hash(ids, weight, hot, rows=None, lookup=lookup)
     grad_psw = None
     if psw_grad:
-        grad_psw = _per_sample_weights_gradient(grad_out, ids, offsets, weight, importance, hot, rows=rows,
-                                                lookup=lookup)  # fmt: skip
-    entries = bag_entries(ids, offsets, grad_out, mode=mode, per_sample_weights=per_sample_weights,
-                          padding_idx=lookup.padding_idx, argmax=argmax)  # fmt: skip
+        grad_psw = _per_sample_weights_gradient(
+            grad_out, ids, offsets, weight, importance, hot, rows=rows, lookup=lookup
+        )
+    entries = bag_entries(
+        ids,
+        offsets,
+        grad_out,
+        mode=mode,
+        per_sample_weights=per_sample_weights,
+        padding_idx=lookup.padding_idx,
+        argmax=argmax,
+    )
     factors, signs, imp_rows = lookup.factors(ids, importance, private)
-    grad_weight = bloom_backward_reference(per_id_gradient(entries), ids, rows, num_rows, lookup.padding_idx,
-                                           dtype=weight.dtype, factors=factors)  # fmt: skip
+    grad_weight = bloom_backward_reference(
+        per_id_gradient(entries), ids, rows, num_rows, lookup.padding_idx, dtype=weight.dtype, factors=factors
+    )
     grad_importance = None
     if importance is not None:
-        grad_importance = _importance_gradient(rows, entries, weight, importance, signs=signs, imp_rows=imp_rows,
-                                               use_triton=False)  # fmt: skip
+        grad_importance = _importance_gradient(
+            rows, entries, weight, importance, signs=signs, imp_rows=imp_rows, use_triton=False
+        )
     return grad_weight, grad_psw, grad_importance
 
 
@@ -295,8 +381,9 @@ def _table_gradients(rows, private, entries: Entries, ids, weight, importance, *
     unique_rows, values = _row_gradients(rows, with_factors(entries, factors), use_triton=lookup.use_triton)
     grad_importance = None
     if importance is not None:
-        grad_importance = _importance_gradient(rows, entries, weight, importance, signs=signs, imp_rows=imp_rows,
-                                               use_triton=lookup.use_triton)  # fmt: skip
+        grad_importance = _importance_gradient(
+            rows, entries, weight, importance, signs=signs, imp_rows=imp_rows, use_triton=lookup.use_triton
+        )
     return unique_rows, values, grad_importance
 
 
@@ -313,19 +400,40 @@ def _backward_rows(grad_out, ids, weight, importance, hot, *, rows: Optional[tor
     return _table_gradients(rows, private, entries, ids, weight, importance, lookup=lookup)
 
 
-def _bag_backward_rows(grad_out, ids, offsets, weight, per_sample_weights, importance, hot, argmax, *, mode: int,
-                       psw_grad: bool, lookup: Lookup):  # fmt: skip
+def _bag_backward_rows(
+    grad_out,
+    ids,
+    offsets,
+    weight,
+    per_sample_weights,
+    importance,
+    hot,
+    argmax,
+    *,
+    mode: int,
+    psw_grad: bool,
+    lookup: Lookup,
+):
     """``(unique_rows, values, grad_per_sample_weights or None,
     grad_importance or None)`` of ``_bag_forward``."""
     rows, private = _hash(ids, weight, hot, rows=None, lookup=lookup)
     grad_psw = None
     if psw_grad:
-        grad_psw = _per_sample_weights_gradient(grad_out, ids, offsets, weight, importance, hot, rows=rows,
-                                                lookup=lookup)  # fmt: skip
-    entries = bag_entries(ids, offsets, grad_out, mode=mode, per_sample_weights=per_sample_weights,
-                          padding_idx=lookup.padding_idx, argmax=argmax)  # fmt: skip
-    unique_rows, values, grad_importance = _table_gradients(rows, private, entries, ids, weight, importance,
-                                                            lookup=lookup)  # fmt: skip
+        grad_psw = _per_sample_weights_gradient(
+            grad_out, ids, offsets, weight, importance, hot, rows=rows, lookup=lookup
+        )
+    entries = bag_entries(
+        ids,
+        offsets,
+        grad_out,
+        mode=mode,
+        per_sample_weights=per_sample_weights,
+        padding_idx=lookup.padding_idx,
+        argmax=argmax,
+    )
+    unique_rows, values, grad_importance = _table_gradients(
+        rows, private, entries, ids, weight, importance, lookup=lookup
+    )
     return unique_rows, values, grad_psw, grad_importance
 
 
@@ -378,8 +486,13 @@ def bloom_forward(
     check_id_range(ids, num_embeddings)
     if hash_cache is not None:
         check_hash_cache_rows(ids, hash_cache, weight.shape[0])
-    lookup = Lookup(num_hash_functions=num_hash_functions, padding_idx=padding_idx, num_embeddings=num_embeddings,
-                    signed=signed, use_triton=use_triton)  # fmt: skip
+    lookup = Lookup(
+        num_hash_functions=num_hash_functions,
+        padding_idx=padding_idx,
+        num_embeddings=num_embeddings,
+        signed=signed,
+        use_triton=use_triton,
+    )
     return _forward(ids, weight, importance, hot, rows=_cached_rows(ids, hash_cache), lookup=lookup)
 
 
@@ -405,10 +518,16 @@ def bloom_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense gradients of ``bloom_forward``: the ``(num_rows, dim)`` table's,
     and the importance weights' (empty without them)."""
-    lookup = Lookup(num_hash_functions=num_hash_functions, padding_idx=padding_idx, num_embeddings=num_embeddings,
-                    signed=signed, use_triton=use_triton)  # fmt: skip
-    grad_weight, grad_importance = _backward(grad_out, ids, weight, importance, hot,
-                                             rows=_cached_rows(ids, hash_cache), lookup=lookup)  # fmt: skip
+    lookup = Lookup(
+        num_hash_functions=num_hash_functions,
+        padding_idx=padding_idx,
+        num_embeddings=num_embeddings,
+        signed=signed,
+        use_triton=use_triton,
+    )
+    grad_weight, grad_importance = _backward(
+        grad_out, ids, weight, importance, hot, rows=_cached_rows(ids, hash_cache), lookup=lookup
+    )
     return grad_weight, _or_empty(grad_importance, weight)
 
 
@@ -436,11 +555,17 @@ def bloom_backward_rows(
     int64 rows, their ``(u, dim)`` summed gradients (float32, float64 for a
     float64 ``grad_out``), and the importance weights' dense gradient (empty
     without them).  Deterministic on both backends."""
-    lookup = Lookup(num_hash_functions=num_hash_functions, padding_idx=padding_idx, num_embeddings=num_embeddings,
-                    signed=signed, use_triton=use_triton)  # fmt: skip
+    lookup = Lookup(
+        num_hash_functions=num_hash_functions,
+        padding_idx=padding_idx,
+        num_embeddings=num_embeddings,
+        signed=signed,
+        use_triton=use_triton,
+    )
     rows = _cached_rows(ids, hash_cache)
-    unique_rows, values, grad_importance = _backward_rows(grad_out, ids, weight, importance, hot, rows=rows,
-                                                          lookup=lookup)  # fmt: skip
+    unique_rows, values, grad_importance = _backward_rows(
+        grad_out, ids, weight, importance, hot, rows=rows, lookup=lookup
+    )
     return unique_rows, values, _or_empty(grad_importance, weight)
 
 
@@ -504,8 +629,13 @@ def bloom_bag_forward(
     ``bloom_forward``'s."""
     check_id_range(ids, num_embeddings)
     check_offsets(offsets, ids.numel())
-    lookup = Lookup(num_hash_functions=num_hash_functions, padding_idx=padding_idx, num_embeddings=num_embeddings,
-                    signed=signed, use_triton=use_triton)  # fmt: skip
+    lookup = Lookup(
+        num_hash_functions=num_hash_functions,
+        padding_idx=padding_idx,
+        num_embeddings=num_embeddings,
+        signed=signed,
+        use_triton=use_triton,
+    )
     return _bag_forward(ids, offsets, weight, per_sample_weights, importance, hot, mode=mode, lookup=lookup)
 
 
@@ -550,12 +680,26 @@ def bloom_bag_backward(
     """Dense gradients of ``bloom_bag_forward``: the ``(num_rows, dim)``
     table's, the ``(n,)`` per-sample weights' (empty unless ``psw_grad``) and
     the importance weights' (empty without them)."""
-    lookup = Lookup(num_hash_functions=num_hash_functions, padding_idx=padding_idx, num_embeddings=num_embeddings,
-                    signed=signed, use_triton=use_triton)  # fmt: skip
+    lookup = Lookup(
+        num_hash_functions=num_hash_functions,
+        padding_idx=padding_idx,
+        num_embeddings=num_embeddings,
+        signed=signed,
+        use_triton=use_triton,
+    )
     grad_weight, grad_psw, grad_importance = _bag_backward(
-        grad_out, ids, offsets, weight, per_sample_weights, importance, hot, argmax, mode=mode, psw_grad=psw_grad,
+        grad_out,
+        ids,
+        offsets,
+        weight,
+        per_sample_weights,
+        importance,
+        hot,
+        argmax,
+        mode=mode,
+        psw_grad=psw_grad,
         lookup=lookup,
-    )  # fmt: skip
+    )
     return grad_weight, _psw_gradient_out(grad_psw, per_sample_weights, weight), _or_empty(grad_importance, weight)
 
 
@@ -586,12 +730,26 @@ def bloom_bag_backward_rows(
     """Gradients of ``bloom_bag_forward`` per touched row: ``bloom_backward_rows``'s
     rows and values, then ``bloom_bag_backward``'s per-sample weights' and
     importance weights' gradients."""
-    lookup = Lookup(num_hash_functions=num_hash_functions, padding_idx=padding_idx, num_embeddings=num_embeddings,
-                    signed=signed, use_triton=use_triton)  # fmt: skip
+    lookup = Lookup(
+        num_hash_functions=num_hash_functions,
+        padding_idx=padding_idx,
+        num_embeddings=num_embeddings,
+        signed=signed,
+        use_triton=use_triton,
+    )
     unique_rows, values, grad_psw, grad_importance = _bag_backward_rows(
-        grad_out, ids, offsets, weight, per_sample_weights, importance, hot, argmax, mode=mode, psw_grad=psw_grad,
+        grad_out,
+        ids,
+        offsets,
+        weight,
+        per_sample_weights,
+        importance,
+        hot,
+        argmax,
+        mode=mode,
+        psw_grad=psw_grad,
         lookup=lookup,
-    )  # fmt: skip
+    )
     grad_psw = _psw_gradient_out(grad_psw, per_sample_weights, weight)
     return unique_rows, values, grad_psw, _or_empty(grad_importance, weight)
 
@@ -626,13 +784,22 @@ def _table_gradient(ctx, rows: torch.Tensor, values: torch.Tensor) -> Optional[t
     training = ctx.training
     if training.optimizer is not None:
         weight, state = ctx.stepped
-        bloom_rowwise_update(weight, rows, values, state, optimizer=training.optimizer, lr=training.lr,
-                             eps=training.eps, use_triton=ctx.lookup["use_triton"])  # fmt: skip
+        bloom_rowwise_update(
+            weight,
+            rows,
+            values,
+            state,
+            optimizer=training.optimizer,
+            lr=training.lr,
+            eps=training.eps,
+            use_triton=ctx.lookup["use_triton"],
+        )
         return None
     weight_shape, weight_dtype = ctx.table_meta
     # Sorted, unique rows: coalesced by construction.
-    return torch.sparse_coo_tensor(rows.unsqueeze(0), values.to(weight_dtype), weight_shape, is_coalesced=True,
-                                   check_invariants=False)  # fmt: skip
+    return torch.sparse_coo_tensor(
+        rows.unsqueeze(0), values.to(weight_dtype), weight_shape, is_coalesced=True, check_invariants=False
+    )
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
@@ -649,16 +816,21 @@ def _backward_formula(ctx, grad_out):
     if needs_weight or needs_importance:
         if ctx.stepped is not None:
             weight = ctx.stepped[0]
-        tensors = dict(grad_out=grad_out, ids=ids, weight=weight, importance=importance, hot=hot,
-                       hash_cache=hash_cache)  # fmt: skip
+        tensors = dict(grad_out=grad_out, ids=ids, weight=weight, importance=importance, hot=hot, hash_cache=hash_cache)
         if ctx.training.per_row:
             rows, values, grad_importance = bloom_backward_rows(**tensors, **ctx.lookup)
             if needs_weight:
                 grad_weight = _table_gradient(ctx, rows, values)
         else:
             grad_weight, grad_importance = bloom_backward(**tensors, **ctx.lookup)
-    return (None, grad_weight if needs_weight else None, grad_importance if needs_importance else None, None, None,
-            None)  # fmt: skip
+    return (
+        None,
+        grad_weight if needs_weight else None,
+        grad_importance if needs_importance else None,
+        None,
+        None,
+        None,
+    )
 
 
 bloom_forward.register_autograd(_backward_formula, setup_context=_setup_context)
@@ -681,9 +853,16 @@ def _bag_backward_formula(ctx, grad_out, _grad_argmax):
     if needs_weight or psw_grad or needs_importance:
         if ctx.stepped is not None:
             weight = ctx.stepped[0]
-        tensors = dict(grad_out=grad_out, ids=ids, offsets=offsets, weight=weight,
-                       per_sample_weights=per_sample_weights, importance=importance, hot=hot,
-                       argmax=argmax)  # fmt: skip
+        tensors = dict(
+            grad_out=grad_out,
+            ids=ids,
+            offsets=offsets,
+            weight=weight,
+            per_sample_weights=per_sample_weights,
+            importance=importance,
+            hot=hot,
+            argmax=argmax,
+        )
         options = dict(mode=ctx.mode, psw_grad=psw_grad, **ctx.lookup)
         if ctx.training.per_row:
             # The step comes after this op: the per-sample weights' and
@@ -693,8 +872,15 @@ def _bag_backward_formula(ctx, grad_out, _grad_argmax):
                 grad_weight = _table_gradient(ctx, rows, values)
         else:
             grad_weight, grad_psw, grad_importance = bloom_bag_backward(**tensors, **options)
-    return (None, None, grad_weight if needs_weight else None, grad_psw if psw_grad else None,
-            grad_importance if needs_importance else None, None, None)  # fmt: skip
+    return (
+        None,
+        None,
+        grad_weight if needs_weight else None,
+        grad_psw if psw_grad else None,
+        grad_importance if needs_importance else None,
+        None,
+        None,
+    )
 
 
 bloom_bag_forward.register_autograd(_bag_backward_formula, setup_context=_bag_setup_context)

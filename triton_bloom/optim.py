@@ -64,8 +64,9 @@ class _FusedOptimizer:
 
     def step_reference(self, weight: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
         """The update in plain PyTorch (CPU path and test oracle)."""
-        bloom_rowwise_update_reference(weight, rows, values, optimizer=self.kind, lr=self.lr, eps=self.eps,
-                                       state=self.state(weight))  # fmt: skip
+        bloom_rowwise_update_reference(
+            weight, rows, values, optimizer=self.kind, lr=self.lr, eps=self.eps, state=self.state(weight)
+        )
 
 
 class FusedSGD(_FusedOptimizer):

@@ -115,8 +115,17 @@ def _acc_dtype(*dtypes) -> torch.dtype:
 
 # The lookup options the scores kernel implements; a module with others (a
 # newer variant) scores through its own forward and a matmul instead.
-_KERNEL_OPTIONS = {"num_hash_functions", "padding_idx", "num_embeddings", "backend", "sparse", "fused_optimizer",
-                   "signed", "importance", "hot"}  # fmt: skip
+_KERNEL_OPTIONS = {
+    "num_hash_functions",
+    "padding_idx",
+    "num_embeddings",
+    "backend",
+    "sparse",
+    "fused_optimizer",
+    "signed",
+    "importance",
+    "hot",
+}
 
 
 class _Table:
@@ -139,14 +148,20 @@ class _Table:
         dim, num = getattr(emb, "embedding_dim", None), getattr(emb, "num_embeddings", None)
         params = list(emb.parameters()) if isinstance(emb, nn.Module) else []
         if not bloom and (not params or not isinstance(dim, int) or not isinstance(num, int)):
-            raise TypeError(f"emb must be a BloomEmbedding or an embedding-like nn.Module with parameters and "
-                            f"integer num_embeddings and embedding_dim attributes, got {type(emb).__name__}")  # fmt: skip
+            raise TypeError(
+                f"emb must be a BloomEmbedding or an embedding-like nn.Module with parameters and "
+                f"integer num_embeddings and embedding_dim attributes, got {type(emb).__name__}"
+            )
         if need_catalogue and num is None:
-            raise ValueError("scoring the whole catalogue needs num_embeddings; this module has num_embeddings=None "
-                             "(pass candidates= to score a set of ids)")  # fmt: skip
+            raise ValueError(
+                "scoring the whole catalogue needs num_embeddings; this module has num_embeddings=None "
+                "(pass candidates= to score a set of ids)"
+            )
         if need_grad and getattr(emb, "fused_optimizer", None) is not None:
-            raise ValueError(f"a tied output cannot train a table with fused_optimizer={emb.fused_optimizer!r}: the "
-                             "fused step would run once per chunk of ids; use a torch.optim optimizer")  # fmt: skip
+            raise ValueError(
+                f"a tied output cannot train a table with fused_optimizer={emb.fused_optimizer!r}: the "
+                "fused step would run once per chunk of ids; use a torch.optim optimizer"
+            )
         self.emb = emb
         self.weight = emb.embeddings.weight if bloom else getattr(emb, "weight", params[0])
         self.options = emb._options() if bloom else {}
@@ -154,8 +169,12 @@ class _Table:
         self.embedding_dim = dim
         self.padding_idx = getattr(emb, "padding_idx", None)
         use_triton = bloom and dispatch.use_triton(emb.backend, self.weight.device)
-        plain = (bloom and set(self.options) <= _KERNEL_OPTIONS and getattr(emb, "hash_cache", None) is None
-                 and getattr(emb, "private", None) is None)  # fmt: skip
+        plain = (
+            bloom
+            and set(self.options) <= _KERNEL_OPTIONS
+            and getattr(emb, "hash_cache", None) is None
+            and getattr(emb, "private", None) is None
+        )
         self.kernel = use_triton and plain
         # Scoring without gradients skips the custom op (and its per-call
         # checks: these ids are generated or checked here) where the
@@ -188,17 +207,30 @@ class _Table:
             if self.kernel:
                 wide = ids.dtype == torch.int64 and (self.num_embeddings is None or self.num_embeddings > WIDE_ID_START)
                 return dispatch.kernels().bloom_scores(
-                    queries, ids, self.weight.detach(), seed_tensor(self.device),
-                    num_hash_functions=self.options["num_hash_functions"], padding_idx=self.options["padding_idx"],
-                    wide_ids=wide, signed=self.options["signed"], importance=self.options.get("importance"),
-                    hot=self.options.get("hot"), exact=exact,
-                )  # fmt: skip
+                    queries,
+                    ids,
+                    self.weight.detach(),
+                    seed_tensor(self.device),
+                    num_hash_functions=self.options["num_hash_functions"],
+                    padding_idx=self.options["padding_idx"],
+                    wide_ids=wide,
+                    signed=self.options["signed"],
+                    importance=self.options.get("importance"),
+                    hot=self.options.get("hot"),
+                    exact=exact,
+                )
             if self.reference:
                 k = self.options["num_hash_functions"]
-                factors, _, _ = row_factors(ids, k, signed=self.options["signed"],
-                                            importance=self.options.get("importance"))  # fmt: skip
-                vectors = bloom_forward_reference(ids, self.weight, hash_rows(ids, k, self.weight.shape[0]),
-                                                  self.options["padding_idx"], factors=factors)  # fmt: skip
+                factors, _, _ = row_factors(
+                    ids, k, signed=self.options["signed"], importance=self.options.get("importance")
+                )
+                vectors = bloom_forward_reference(
+                    ids,
+                    self.weight,
+                    hash_rows(ids, k, self.weight.shape[0]),
+                    self.options["padding_idx"],
+                    factors=factors,
+                )
             else:
                 vectors = self.vectors(ids)
             if exact:
@@ -231,8 +263,7 @@ def _check_bias(bias, table):
     if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
         raise TypeError(f"bias must be a floating point Tensor, got {getattr(bias, 'dtype', type(bias).__name__)}")
     if table.num_embeddings is None or bias.shape != (table.num_embeddings,):
-        raise ValueError(f"bias must have shape (num_embeddings,) = ({table.num_embeddings},), "
-                         f"got {tuple(bias.shape)}")  # fmt: skip
+        raise ValueError(f"bias must have shape (num_embeddings,) = ({table.num_embeddings},), got {tuple(bias.shape)}")
     if bias.device != table.device:
         raise RuntimeError(f"bias is on {bias.device} but the table is on {table.device}")
     return bias
@@ -249,7 +280,9 @@ def _check_ids(ids, name, num_embeddings, *, allow_missing):
         return
     low, high = (int(v) for v in torch.aminmax(ids))
     if low < (-1 if allow_missing else 0):
-        raise IndexError(f"{name} holds id {low}: ids must be non-negative" + (" (-1 marks padding)" if allow_missing else ""))
+        raise IndexError(
+            f"{name} holds id {low}: ids must be non-negative" + (" (-1 marks padding)" if allow_missing else "")
+        )
     if num_embeddings is not None and high >= num_embeddings:
         raise IndexError(f"{name} holds id {high}, out of range for num_embeddings={num_embeddings}")
 
@@ -299,8 +332,9 @@ def _exclusion_pairs(exclude, num_queries, positions_of, num_embeddings, targets
     column, from a ``(Q, m)`` tensor padded with -1; with ``targets``, a
     query's own target is never excluded."""
     if exclude.dim() != 2 or exclude.shape[0] != num_queries:
-        raise ValueError(f"exclude must be a (num_queries={num_queries}, m) Tensor padded with -1, "
-                         f"got shape {tuple(exclude.shape)}")  # fmt: skip
+        raise ValueError(
+            f"exclude must be a (num_queries={num_queries}, m) Tensor padded with -1, got shape {tuple(exclude.shape)}"
+        )
     _check_ids(exclude, "exclude", num_embeddings, allow_missing=True)
     query, slot = (exclude >= 0).nonzero(as_tuple=True)
     ids = exclude[query, slot].to(torch.int64)
@@ -372,9 +406,20 @@ def _walk(score_chunk, num_queries, *, num_embeddings, device, candidates, exclu
         yield _Walk(s, ids, score_chunk(ids), (queries, columns))
 
 
-def topk_over_ids(score_chunk: Callable, num_queries: int, k: int, *, num_embeddings: Optional[int],
-                  device, dtype=torch.float32, candidates=None, exclude=None, skip_id=None,
-                  chunk_size=None, score_rows: Optional[Callable] = None) -> TopK:  # fmt: skip
+def topk_over_ids(
+    score_chunk: Callable,
+    num_queries: int,
+    k: int,
+    *,
+    num_embeddings: Optional[int],
+    device,
+    dtype=torch.float32,
+    candidates=None,
+    exclude=None,
+    skip_id=None,
+    chunk_size=None,
+    score_rows: Optional[Callable] = None,
+) -> TopK:
     """The top-k driver every top-k here runs: walks the ids in chunks,
     scores each chunk, drops excluded ids and merges into a running top-k.
 
@@ -393,12 +438,22 @@ def topk_over_ids(score_chunk: Callable, num_queries: int, k: int, *, num_embedd
     """
     _check_k(k)
     chunk = _check_chunk_size(chunk_size, num_queries, device)
-    best = (torch.empty((num_queries, 0), dtype=dtype, device=device),
-            torch.empty((num_queries, 0), dtype=torch.int64, device=device))  # fmt: skip
+    best = (
+        torch.empty((num_queries, 0), dtype=dtype, device=device),
+        torch.empty((num_queries, 0), dtype=torch.int64, device=device),
+    )
     if candidates is not None and candidates.dim() == 2:
         return _topk_per_query(score_rows, num_queries, k, candidates, exclude, skip_id, num_embeddings, chunk, best)
-    for part in _walk(score_chunk, num_queries, num_embeddings=num_embeddings, device=device, candidates=candidates,
-                      exclude=exclude, skip_id=skip_id, chunk=chunk):  # fmt: skip
+    for part in _walk(
+        score_chunk,
+        num_queries,
+        num_embeddings=num_embeddings,
+        device=device,
+        candidates=candidates,
+        exclude=exclude,
+        skip_id=skip_id,
+        chunk=chunk,
+    ):
         scores = part.scores
         scores[part.dropped] = float("-inf")
         values, columns = _chunk_top(scores, k)
@@ -422,8 +477,16 @@ class Ranks(NamedTuple):
     others: torch.Tensor
 
 
-def rank_over_ids(score_chunk: Callable, targets: torch.Tensor, *, num_embeddings: int, device,
-                  exclude=None, skip_id=None, chunk_size=None) -> Ranks:  # fmt: skip
+def rank_over_ids(
+    score_chunk: Callable,
+    targets: torch.Tensor,
+    *,
+    num_embeddings: int,
+    device,
+    exclude=None,
+    skip_id=None,
+    chunk_size=None,
+) -> Ranks:
     """The rank driver: where each query's target falls among the scores of
     every id, walking the catalogue in chunks as :func:`topk_over_ids` does.
 
@@ -448,8 +511,17 @@ def rank_over_ids(score_chunk: Callable, targets: torch.Tensor, *, num_embedding
     greater = torch.zeros(num_queries, dtype=torch.int64, device=device)
     ties = torch.zeros_like(greater)
     others = torch.zeros_like(greater)
-    for part in _walk(score_chunk, num_queries, num_embeddings=num_embeddings, device=device, candidates=None,
-                      exclude=exclude, skip_id=skip_id, chunk=chunk, targets=targets):  # fmt: skip
+    for part in _walk(
+        score_chunk,
+        num_queries,
+        num_embeddings=num_embeddings,
+        device=device,
+        candidates=None,
+        exclude=exclude,
+        skip_id=skip_id,
+        chunk=chunk,
+        targets=targets,
+    ):
         keep = torch.ones(part.scores.shape, dtype=torch.bool, device=device)
         keep[part.dropped] = False
         # The target is not ranked against itself.
@@ -466,7 +538,9 @@ def _topk_per_query(score_rows, num_queries, k, candidates, exclude, skip_id, nu
     if score_rows is None:
         raise ValueError("per-query (2-D) candidates are not supported here")
     if candidates.shape[0] != num_queries:
-        raise ValueError(f"2-D candidates must have num_queries={num_queries} rows, got shape {tuple(candidates.shape)}")
+        raise ValueError(
+            f"2-D candidates must have num_queries={num_queries} rows, got shape {tuple(candidates.shape)}"
+        )
     _check_ids(candidates, "candidates", num_embeddings, allow_missing=True)
     # Each row sorted, missing entries (-1) last, so columns run in id order.
     missing = torch.iinfo(torch.int64).max
@@ -478,8 +552,10 @@ def _topk_per_query(score_rows, num_queries, k, candidates, exclude, skip_id, nu
         valid &= cands != skip_id
     if exclude is not None:
         if exclude.dim() != 2 or exclude.shape[0] != num_queries:
-            raise ValueError(f"exclude must be a (num_queries={num_queries}, m) Tensor padded with -1, "
-                             f"got shape {tuple(exclude.shape)}")  # fmt: skip
+            raise ValueError(
+                f"exclude must be a (num_queries={num_queries}, m) Tensor padded with -1, "
+                f"got shape {tuple(exclude.shape)}"
+            )
         _check_ids(exclude, "exclude", num_embeddings, allow_missing=True)
         ex = exclude.to(torch.int64).contiguous()
         if cands.shape[1]:
@@ -498,9 +574,16 @@ def _topk_per_query(score_rows, num_queries, k, candidates, exclude, skip_id, nu
     return _finish(best, k, num_queries, cands.device, best[0].dtype)
 
 
-def bloom_topk(queries: torch.Tensor, emb, k: int, *, candidates: Optional[torch.Tensor] = None,
-               exclude: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
-               chunk_size: Optional[int] = None) -> TopK:  # fmt: skip
+def bloom_topk(
+    queries: torch.Tensor,
+    emb,
+    k: int,
+    *,
+    candidates: Optional[torch.Tensor] = None,
+    exclude: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    chunk_size: Optional[int] = None,
+) -> TopK:
     r"""The ``k`` best-scoring ids of a Bloom embedding for each query, without
     materialising the catalogue's vectors: ``score(q, i) = q . emb(i)``.
 
@@ -550,9 +633,19 @@ def bloom_topk(queries: torch.Tensor, emb, k: int, *, candidates: Optional[torch
             scores = torch.bmm(vectors, queries.to(acc).unsqueeze(2)).squeeze(2)
             return scores if bias is None else scores + bias[ids]
 
-    return topk_over_ids(score_chunk, queries.shape[0], k, num_embeddings=table.num_embeddings,
-                         device=queries.device, dtype=acc, candidates=candidates, exclude=exclude,
-                         skip_id=table.padding_idx, chunk_size=chunk_size, score_rows=score_rows)  # fmt: skip
+    return topk_over_ids(
+        score_chunk,
+        queries.shape[0],
+        k,
+        num_embeddings=table.num_embeddings,
+        device=queries.device,
+        dtype=acc,
+        candidates=candidates,
+        exclude=exclude,
+        skip_id=table.padding_idx,
+        chunk_size=chunk_size,
+        score_rows=score_rows,
+    )
 
 
 def _scorer(table, queries, bias, *, exact=False):
@@ -574,8 +667,15 @@ def _scorer(table, queries, bias, *, exact=False):
     return queries, score_chunk, acc, bias
 
 
-def bloom_rank(queries: torch.Tensor, targets: torch.Tensor, emb, *, exclude: Optional[torch.Tensor] = None,
-               bias: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None) -> Ranks:  # fmt: skip
+def bloom_rank(
+    queries: torch.Tensor,
+    targets: torch.Tensor,
+    emb,
+    *,
+    exclude: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    chunk_size: Optional[int] = None,
+) -> Ranks:
     r"""Where each query's target ranks among every id of the catalogue, by
     ``score(q, i) = q . emb(i) (+ bias[i])``, without materialising the
     catalogue's vectors or its scores: full-ranking evaluation (MRR, AUC,
@@ -614,15 +714,23 @@ def bloom_rank(queries: torch.Tensor, targets: torch.Tensor, emb, *, exclude: Op
     # the ids that tie with it.
     queries, score_chunk, _, _ = _scorer(table, queries, bias, exact=True)
     targets = _check_targets(targets, queries.shape[0], table.num_embeddings, table.padding_idx, queries.device)
-    return rank_over_ids(score_chunk, targets, num_embeddings=table.num_embeddings, device=queries.device,
-                         exclude=exclude, skip_id=table.padding_idx, chunk_size=chunk_size)  # fmt: skip
+    return rank_over_ids(
+        score_chunk,
+        targets,
+        num_embeddings=table.num_embeddings,
+        device=queries.device,
+        exclude=exclude,
+        skip_id=table.padding_idx,
+        chunk_size=chunk_size,
+    )
 
 
 def _check_targets(targets, num_queries, num_embeddings, padding_idx, device):
     """One int64 target per query, in range, not the padding id."""
     if not isinstance(targets, torch.Tensor) or targets.shape != (num_queries,):
-        raise ValueError(f"targets must be a ({num_queries},) Tensor, one id per query, "
-                         f"got {getattr(targets, 'shape', targets)}")  # fmt: skip
+        raise ValueError(
+            f"targets must be a ({num_queries},) Tensor, one id per query, got {getattr(targets, 'shape', targets)}"
+        )
     if targets.device != device:
         raise RuntimeError(f"targets are on {targets.device} but the queries are on {device}")
     _check_ids(targets, "targets", num_embeddings, allow_missing=False)
@@ -666,15 +774,21 @@ def _catalogue_backward(table, hidden, bias, chunk, needs, grad_of_chunk):
                 if g is not None:
                     total += g.to(total.dtype)
     grads = iter(total.to(p.dtype) for total, p in zip(totals, wanted))
-    return (grad_h.to(hidden.dtype) if need_h else None, grad_b.to(bias.dtype) if need_b else None,
-            *(next(grads) if need else None for need in need_p))  # fmt: skip
+    return (
+        grad_h.to(hidden.dtype) if need_h else None,
+        grad_b.to(bias.dtype) if need_b else None,
+        *(next(grads) if need else None for need in need_p),
+    )
 
 
 class _Logits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, table, chunk, *params):
-        out = torch.empty((hidden.shape[0], table.num_embeddings), device=hidden.device,
-                          dtype=torch.promote_types(hidden.dtype, table.weight.dtype))  # fmt: skip
+        out = torch.empty(
+            (hidden.shape[0], table.num_embeddings),
+            device=hidden.device,
+            dtype=torch.promote_types(hidden.dtype, table.weight.dtype),
+        )
         for s, e in _chunks(table.num_embeddings, chunk):
             out[:, s:e] = table.scores(hidden, _id_range(s, e, table.num_embeddings, hidden.device))
         ctx.save_for_backward(hidden)
@@ -687,8 +801,9 @@ class _Logits(torch.autograd.Function):
         (hidden,) = ctx.saved_tensors
         acc = _acc_dtype(hidden.dtype, ctx.table.weight.dtype)
         needs = (ctx.needs_input_grad[0], False, *ctx.needs_input_grad[3:])
-        grads = _catalogue_backward(ctx.table, hidden, None, ctx.chunk, needs,
-                                    lambda s, e, logits: grad_out[:, s:e].to(acc))  # fmt: skip
+        grads = _catalogue_backward(
+            ctx.table, hidden, None, ctx.chunk, needs, lambda s, e, logits: grad_out[:, s:e].to(acc)
+        )
         return grads[0], None, None, *grads[2:]
 
 
@@ -722,8 +837,9 @@ class _LogSumExp(torch.autograd.Function):
 
 def _check_hidden(hidden, dim):
     if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1 or hidden.shape[-1] != dim:
-        raise ValueError(f"hidden must be a (*, {dim}) Tensor (embedding_dim={dim}), "
-                         f"got {getattr(hidden, 'shape', hidden)}")  # fmt: skip
+        raise ValueError(
+            f"hidden must be a (*, {dim}) Tensor (embedding_dim={dim}), got {getattr(hidden, 'shape', hidden)}"
+        )
     if not hidden.is_floating_point():
         raise TypeError(f"hidden must be floating point, got dtype {hidden.dtype}")
 
@@ -759,11 +875,18 @@ def bloom_logits(hidden: torch.Tensor, emb, *, chunk_size: Optional[int] = None)
     return out.view(*hidden.shape[:-1], table.num_embeddings)
 
 
-def bloom_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, emb, *, bias: Optional[torch.Tensor] = None,
-                        reduction: str = "mean",
-                        ignore_index: int = -100, num_samples: Optional[int] = None,
-                        generator: Optional[torch.Generator] = None,
-                        chunk_size: Optional[int] = None) -> torch.Tensor:  # fmt: skip
+def bloom_cross_entropy(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    emb,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    num_samples: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
     r"""``F.cross_entropy(bloom_logits(hidden, emb), targets)`` without the
     ``batch x num_embeddings`` logits: the log-sum-exp runs online over chunks
     of ids, and the backward recomputes each chunk's logits and sends the
@@ -799,8 +922,10 @@ def bloom_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, emb, *, bia
     table = _Table(emb, need_grad=True)
     _check_hidden(hidden, table.embedding_dim)
     if not isinstance(targets, torch.Tensor) or targets.shape != hidden.shape[:-1]:
-        raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])} (hidden's without its last "
-                         f"dimension), got {getattr(targets, 'shape', targets)}")  # fmt: skip
+        raise ValueError(
+            f"targets must have shape {tuple(hidden.shape[:-1])} (hidden's without its last "
+            f"dimension), got {getattr(targets, 'shape', targets)}"
+        )
     if targets.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"targets must hold int32 or int64 ids, got dtype {targets.dtype}")
     flat = hidden.reshape(-1, hidden.shape[-1])
@@ -814,13 +939,13 @@ def bloom_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, emb, *, bia
     if bias is not None:
         target_logits = target_logits + bias[safe].to(acc)
     if num_samples is None:
-        lse = _LogSumExp.apply(flat, bias, table, _check_chunk_size(chunk_size, flat.shape[0], flat.device),
-                               *table.parameters())
+        lse = _LogSumExp.apply(
+            flat, bias, table, _check_chunk_size(chunk_size, flat.shape[0], flat.device), *table.parameters()
+        )
     else:
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-        samples = torch.randint(0, table.num_embeddings, (num_samples,), generator=generator,
-                                device=table.device)  # fmt: skip
+        samples = torch.randint(0, table.num_embeddings, (num_samples,), generator=generator, device=table.device)
         sampled = flat.to(acc) @ table.vectors(samples).to(acc).T
         if bias is not None:
             sampled = sampled + bias[samples].to(acc)
@@ -910,9 +1035,19 @@ class BloomOutputLayer(nn.Module):
         torch.Size([8, 10])
     """
 
-    def __init__(self, in_features: int, num_embeddings: int, compression_ratio: float = 0.2,
-                 num_hash_functions: int = 4, *, num_rows: Optional[int] = None, bias: bool = True,
-                 backend: str = "auto", device=None, dtype=None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        in_features: int,
+        num_embeddings: int,
+        compression_ratio: float = 0.2,
+        num_hash_functions: int = 4,
+        *,
+        num_rows: Optional[int] = None,
+        bias: bool = True,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
         from .modules import compressed_rows
 
@@ -949,8 +1084,15 @@ class BloomOutputLayer(nn.Module):
         rows = self.target_rows(ids.reshape(-1))
         return self(hidden)[:, rows].sum(-1)
 
-    def topk(self, hidden: torch.Tensor, k: int, *, candidates: Optional[torch.Tensor] = None,
-             exclude: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None) -> TopK:  # fmt: skip
+    def topk(
+        self,
+        hidden: torch.Tensor,
+        k: int,
+        *,
+        candidates: Optional[torch.Tensor] = None,
+        exclude: Optional[torch.Tensor] = None,
+        chunk_size: Optional[int] = None,
+    ) -> TopK:
         """The decoder: the ``k`` ids with the highest sum of log-probabilities
         at their ``k`` units, for each row of ``hidden`` ``(Q, H)``; the same
         arguments and result as :func:`bloom_topk`.  On the Triton backend
@@ -962,19 +1104,40 @@ class BloomOutputLayer(nn.Module):
             rows = hash_rows(ids, k_hash, rows_total).to(torch.int64)  # (Q, C, k)
             return log_probs.gather(1, rows.reshape(ids.shape[0], -1)).view(rows.shape).to(acc).sum(-1)
 
-        return topk_over_ids(score_chunk, hidden.shape[0], k, num_embeddings=self.num_embeddings,
-                             device=hidden.device, dtype=acc, candidates=candidates, exclude=exclude,
-                             chunk_size=chunk_size, score_rows=score_rows)  # fmt: skip
+        return topk_over_ids(
+            score_chunk,
+            hidden.shape[0],
+            k,
+            num_embeddings=self.num_embeddings,
+            device=hidden.device,
+            dtype=acc,
+            candidates=candidates,
+            exclude=exclude,
+            chunk_size=chunk_size,
+            score_rows=score_rows,
+        )
 
-    def rank(self, hidden: torch.Tensor, targets: torch.Tensor, *, exclude: Optional[torch.Tensor] = None,
-             chunk_size: Optional[int] = None) -> Ranks:  # fmt: skip
+    def rank(
+        self,
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        exclude: Optional[torch.Tensor] = None,
+        chunk_size: Optional[int] = None,
+    ) -> Ranks:
         """Where each row's target ranks by the decoder's score (the sum of
         the log-probabilities at an id's ``k`` units) among every id: the
         same arguments and result as :func:`bloom_rank`."""
         log_probs, score_chunk, _ = self._decoder(hidden)
         targets = _check_targets(targets, hidden.shape[0], self.num_embeddings, None, hidden.device)
-        return rank_over_ids(score_chunk, targets, num_embeddings=self.num_embeddings, device=hidden.device,
-                             exclude=exclude, chunk_size=chunk_size)  # fmt: skip
+        return rank_over_ids(
+            score_chunk,
+            targets,
+            num_embeddings=self.num_embeddings,
+            device=hidden.device,
+            exclude=exclude,
+            chunk_size=chunk_size,
+        )
 
     def _decoder(self, hidden):
         """The ``(Q, num_rows)`` log-probabilities (the layer's dtype: a half
@@ -982,7 +1145,9 @@ class BloomOutputLayer(nn.Module):
         decoder scores function (one kernel per chunk on the Triton backend)
         and the dtype its sums run in (float32, or float64)."""
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
-            raise ValueError(f"hidden must be a 2-D (num_queries, in_features) Tensor, got {getattr(hidden, 'shape', hidden)}")
+            raise ValueError(
+                f"hidden must be a 2-D (num_queries, in_features) Tensor, got {getattr(hidden, 'shape', hidden)}"
+            )
         with torch.no_grad():
             log_probs = self(hidden)
         acc = _acc_dtype(log_probs.dtype)
@@ -990,14 +1155,20 @@ class BloomOutputLayer(nn.Module):
 
         def score_chunk(ids):
             if use_triton:
-                return dispatch.kernels().bloom_row_score_sums(log_probs, ids, seed_tensor(ids.device),
-                                                               num_hash_functions=self.num_hash_functions,
-                                                               wide_ids=self.num_embeddings > WIDE_ID_START)  # fmt: skip
+                return dispatch.kernels().bloom_row_score_sums(
+                    log_probs,
+                    ids,
+                    seed_tensor(ids.device),
+                    num_hash_functions=self.num_hash_functions,
+                    wide_ids=self.num_embeddings > WIDE_ID_START,
+                )
             rows = hash_rows(ids, self.num_hash_functions, self.num_rows).to(torch.int64)
             return log_probs[:, rows].to(acc).sum(-1)
 
         return log_probs, score_chunk, acc
 
     def extra_repr(self) -> str:
-        return (f"{self.projection.in_features}, {self.num_embeddings}, num_rows={self.num_rows}, "
-                f"num_hash_functions={self.num_hash_functions}")  # fmt: skip
+        return (
+            f"{self.projection.in_features}, {self.num_embeddings}, num_rows={self.num_rows}, "
+            f"num_hash_functions={self.num_hash_functions}"
+        )

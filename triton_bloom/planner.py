@@ -80,21 +80,33 @@ class Plan:
         if self.kind == "reduced":
             return ScaledEmbedding(self.num_embeddings, self.reduced_dim, device=device, dtype=self.dtype)
         kwargs.setdefault("padding_idx", None)
-        module = BloomEmbedding(self.num_embeddings, self.embedding_dim, num_rows=self.num_rows,
-                                num_hash_functions=self.num_hash_functions, hot_ids=self.hot_ids,
-                                private_dim=self.private_dim, device=device, dtype=self.dtype, **kwargs)  # fmt: skip
+        module = BloomEmbedding(
+            self.num_embeddings,
+            self.embedding_dim,
+            num_rows=self.num_rows,
+            num_hash_functions=self.num_hash_functions,
+            hot_ids=self.hot_ids,
+            private_dim=self.private_dim,
+            device=device,
+            dtype=self.dtype,
+            **kwargs,
+        )
         module.plan = self
         return module
 
     def __str__(self) -> str:
         full = self.num_embeddings * self.embedding_dim * _element_size(self.dtype)
-        lines = [f"embedding plan for {self.num_embeddings:,} ids x {self.embedding_dim} dims, "
-                 f"budget {self.max_bytes:,} B ({self.max_bytes / full:.3f} of the full table's {full:,} B)"]  # fmt: skip
+        lines = [
+            f"embedding plan for {self.num_embeddings:,} ids x {self.embedding_dim} dims, "
+            f"budget {self.max_bytes:,} B ({self.max_bytes / full:.3f} of the full table's {full:,} B)"
+        ]
         if self.kind == "full":
             lines.append("  the full table fits the budget: use it (no hashing, no collisions)")
         elif self.kind == "reduced":
-            lines.append(f"  a plain table at embedding_dim={self.reduced_dim} is the best use of the budget "
-                         f"({self.bytes:,} B): smaller vectors beat shared rows here")  # fmt: skip
+            lines.append(
+                f"  a plain table at embedding_dim={self.reduced_dim} is the best use of the budget "
+                f"({self.bytes:,} B): smaller vectors beat shared rows here"
+            )
         else:
             hot = self.hot_ids.numel() if self.hot_ids is not None else 0
             lines += [
@@ -190,8 +202,15 @@ def plan_embedding(
     if width == "free":
         reduced = max_bytes // (n * e)
         if reduced >= 1:
-            candidates.append(Plan(kind="reduced", bytes=n * reduced * e, reduced_dim=int(reduced),
-                                   score=_value(int(reduced), d, rank), **common))  # fmt: skip
+            candidates.append(
+                Plan(
+                    kind="reduced",
+                    bytes=n * reduced * e,
+                    reduced_dim=int(reduced),
+                    score=_value(int(reduced), d, rank),
+                    **common,
+                )
+            )
     private_options = [r for r in (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64) if r < d]
     for r in private_options:
         left = max_bytes - e * (n * r + r * d)
@@ -208,16 +227,27 @@ def plan_embedding(
             own = tail / (tail + load) if load > 0 else torch.ones_like(tail)
             v = _value(r, d, rank)
             score = float(cumulative[hot]) + float((tail * (v + (1 - v) * own)).sum())
-            candidates.append(Plan(
-                kind="bloom", bytes=_bloom_bytes(n, d, e, rows, hot, r, index_bytes), score=score, num_rows=int(rows),
-                num_hash_functions=k, private_dim=r, hot_ids=order[:hot].sort().values if hot else None,
-                hot_share=float(cumulative[hot]), ids_per_row=k * (n - hot) / rows, tail_share_per_row=load,
-                **common,
-            ))  # fmt: skip
+            candidates.append(
+                Plan(
+                    kind="bloom",
+                    bytes=_bloom_bytes(n, d, e, rows, hot, r, index_bytes),
+                    score=score,
+                    num_rows=int(rows),
+                    num_hash_functions=k,
+                    private_dim=r,
+                    hot_ids=order[:hot].sort().values if hot else None,
+                    hot_share=float(cumulative[hot]),
+                    ids_per_row=k * (n - hot) / rows,
+                    tail_share_per_row=load,
+                    **common,
+                )
+            )
     if not candidates:
         raise ValueError(f"max_bytes={max_bytes} cannot hold even one shared row of {d} dims ({e * d} B)")
     candidates.sort(key=lambda plan: plan.score, reverse=True)
     best = candidates[0]
-    best.alternatives = [(c.kind, c.private_dim, c.hot_ids.numel() if c.hot_ids is not None else 0, c.num_rows,
-                          round(c.score, 4)) for c in candidates[1:6]]  # fmt: skip
+    best.alternatives = [
+        (c.kind, c.private_dim, c.hot_ids.numel() if c.hot_ids is not None else 0, c.num_rows, round(c.score, 4))
+        for c in candidates[1:6]
+    ]
     return best

@@ -232,8 +232,14 @@ def bloom_bag_forward_reference(
         weights = factors.to(weight.dtype) if weights is None else weights * factors.to(weight.dtype)
     if weights is not None:
         weights = weights.reshape(-1)
-    out = F.embedding_bag(flat_rows, weight, (offsets * k).to(flat_rows.dtype), mode="sum",
-                          per_sample_weights=weights, include_last_offset=True)  # fmt: skip
+    out = F.embedding_bag(
+        flat_rows,
+        weight,
+        (offsets * k).to(flat_rows.dtype),
+        mode="sum",
+        per_sample_weights=weights,
+        include_last_offset=True,
+    )
     return out, no_argmax
 
 

@@ -58,8 +58,9 @@ def embedding_entries(ids: torch.Tensor, grad_out: torch.Tensor, padding_idx: Op
     """Entries of a plain lookup: id ``i`` adds ``grad_out[i]``."""
     n = ids.numel()
     # The width is spelled out: -1 cannot be inferred when there are no ids.
-    return Entries(torch.arange(n, device=ids.device), grad_out.reshape(n, grad_out.shape[-1]), None,
-                   _live(ids, padding_idx))  # fmt: skip
+    return Entries(
+        torch.arange(n, device=ids.device), grad_out.reshape(n, grad_out.shape[-1]), None, _live(ids, padding_idx)
+    )
 
 
 def bag_entries(

@@ -27,12 +27,17 @@ def render_table(headers, rows, title=None, caption=None, numeric_from=None, com
     from rich.text import Text
 
     numeric_from = len(headers) if numeric_from is None else numeric_from
-    table = Table(title=title, caption=caption, title_justify="left", caption_justify="left",
-                  show_header=any(headers), box=box.SIMPLE_HEAD if compact else box.HEAVY_HEAD)  # fmt: skip
+    table = Table(
+        title=title,
+        caption=caption,
+        title_justify="left",
+        caption_justify="left",
+        show_header=any(headers),
+        box=box.SIMPLE_HEAD if compact else box.HEAVY_HEAD,
+    )
     for i, header in enumerate(headers):
         # Fold rather than cut long cells: a cut path or version is useless.
-        table.add_column(header, justify="right" if i >= numeric_from else "left", no_wrap=i == 0,
-                         overflow="fold")  # fmt: skip
+        table.add_column(header, justify="right" if i >= numeric_from else "left", no_wrap=i == 0, overflow="fold")
     for row in rows:
         # Text, not markup: a cell such as "bag_forward[max]" is not a style tag.
         table.add_row(*(Text(str(c)) for c in row))

@@ -180,15 +180,21 @@ class _Table:
         k = self.num_hash_functions
         if dispatch.use_triton(self.backend, ids.device):
             # int32 ids are all below 2**31: only int64 ids may need 8-byte hashing.
-            return dispatch.kernels().bloom_hash(ids, seed_tensor(ids.device), num_hash_functions=k,
-                                                 num_rows=self.num_rows, wide_ids=ids.dtype == torch.int64)  # fmt: skip
+            return dispatch.kernels().bloom_hash(
+                ids,
+                seed_tensor(ids.device),
+                num_hash_functions=k,
+                num_rows=self.num_rows,
+                wide_ids=ids.dtype == torch.int64,
+            )
         return hash_rows(ids, k, self.num_rows).to(torch.int64)
 
 
 def _segment_counts(mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """How many entries of each segment (``lengths``) ``mask`` keeps."""
-    bag_of_id = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths.long(),
-                                        output_size=mask.numel())  # fmt: skip
+    bag_of_id = torch.repeat_interleave(
+        torch.arange(lengths.numel(), device=lengths.device), lengths.long(), output_size=mask.numel()
+    )
     return torch.zeros(lengths.numel(), dtype=lengths.dtype, device=lengths.device).index_add_(
         0, bag_of_id, mask.to(lengths.dtype)
     )
@@ -260,8 +266,9 @@ class BloomKJTTransform(nn.Module):
         super().__init__()
         for name, table in tables.items():
             _check_table(name, table, pooled)
-        if num_bags is not None and (pooled or isinstance(num_bags, bool) or not isinstance(num_bags, int)
-                                     or num_bags < 0):  # fmt: skip
+        if num_bags is not None and (
+            pooled or isinstance(num_bags, bool) or not isinstance(num_bags, int) or num_bags < 0
+        ):
             raise ValueError(f"num_bags must be a non-negative int, and only with pooled=False; got {num_bags!r}")
         self.per_table, self.owner = _feature_map(tables, feature_names)
         self.pooled = pooled
@@ -380,15 +387,15 @@ class BloomKJTTransform(nn.Module):
             jt = by_key[key]
             if key in self.owner:
                 if self.pooled:
-                    v, l, w = self._pooled_feature(self.owner[key], jt)
+                    v, lens, w = self._pooled_feature(self.owner[key], jt)
                 else:
-                    v, l, w = self._sequence_feature(self.owner[key], jt, stride)
+                    v, lens, w = self._sequence_feature(self.owner[key], jt, stride)
             else:
-                v, l, w = jt.values(), jt.lengths(), jt.weights_or_none()
+                v, lens, w = jt.values(), jt.lengths(), jt.weights_or_none()
                 if w is None and self.weighted:
                     w = torch.ones(v.shape, dtype=torch.float32, device=v.device)
             values.append(v.to(torch.int64))
-            lengths.append(l)
+            lengths.append(lens)
             weights.append(w)
         return KeyedJaggedTensor(
             keys=out_keys,
@@ -405,16 +412,16 @@ def _check_specs(saved: Mapping[str, dict], mine: Mapping[str, dict], what: str)
     for name in sorted(set(saved) | set(mine)):
         a, b = saved.get(name), mine.get(name)
         if a is None or b is None:
-            problems.append(f"table {name!r}: {what} {'lacks' if a is None else 'has'} it, the other side "
-                            f"{'has' if a is None else 'lacks'} it")  # fmt: skip
+            problems.append(
+                f"table {name!r}: {what} {'lacks' if a is None else 'has'} it, the other side "
+                f"{'has' if a is None else 'lacks'} it"
+            )
             continue
         for key in sorted(a.keys() | b.keys()):
             if a.get(key) != b.get(key):
                 problems.append(f"table {name!r} {key}: {what} {a.get(key)!r}, modules {b.get(key)!r}")
     if problems:
-        raise ValueError(
-            "hash specifications differ (" + "; ".join(problems) + "); the same ids would read other rows"
-        )
+        raise ValueError("hash specifications differ (" + "; ".join(problems) + "); the same ids would read other rows")
 
 
 def _select(features: KeyedJaggedTensor, keys: List[str]) -> KeyedJaggedTensor:
@@ -501,8 +508,13 @@ class BloomEmbeddingBagCollection(_BloomCollection):
         torch.Size([200000, 16])
     """
 
-    def __init__(self, tables: Mapping[str, BloomEmbeddingBag],
-                 feature_names: Optional[Mapping[str, Sequence[str]]] = None, *, device=None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        tables: Mapping[str, BloomEmbeddingBag],
+        feature_names: Optional[Mapping[str, Sequence[str]]] = None,
+        *,
+        device=None,
+    ) -> None:
         super().__init__(tables, feature_names, pooled=True, device=device)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
@@ -540,18 +552,26 @@ class BloomEmbeddingCollection(_BloomCollection):
         torch.Size([3, 8])
     """
 
-    def __init__(self, tables: Mapping[str, BloomEmbedding],
-                 feature_names: Optional[Mapping[str, Sequence[str]]] = None, *, device=None,
-                 num_bags: Optional[int] = None, process_group=None) -> None:  # fmt: skip
-        super().__init__(tables, feature_names, pooled=False, device=device, num_bags=num_bags,
-                         process_group=process_group)  # fmt: skip
+    def __init__(
+        self,
+        tables: Mapping[str, BloomEmbedding],
+        feature_names: Optional[Mapping[str, Sequence[str]]] = None,
+        *,
+        device=None,
+        num_bags: Optional[int] = None,
+        process_group=None,
+    ) -> None:
+        super().__init__(
+            tables, feature_names, pooled=False, device=device, num_bags=num_bags, process_group=process_group
+        )
 
     def forward(self, features: KeyedJaggedTensor) -> Dict[str, JaggedTensor]:
         pooled = self._lookup(features).to_dict()
         by_key = features.to_dict()
         return {
-            feature: JaggedTensor(values=pooled[feature][: by_key[feature].values().numel()],
-                                  lengths=by_key[feature].lengths())  # fmt: skip
+            feature: JaggedTensor(
+                values=pooled[feature][: by_key[feature].values().numel()], lengths=by_key[feature].lengths()
+            )
             for feature in self.transform.features()
         }
 
@@ -593,8 +613,9 @@ def _check_modules(collection: _BloomCollection, tables: Mapping[str, nn.Module]
     if unknown:
         raise KeyError(f"tables {unknown} are not in the collection, which has {sorted(collection.transform.tables)}")
     specs = collection.hash_specs()
-    _check_specs({name: specs[name] for name in tables}, {name: t.hash_spec() for name, t in tables.items()},
-                 "collection")  # fmt: skip
+    _check_specs(
+        {name: specs[name] for name in tables}, {name: t.hash_spec() for name, t in tables.items()}, "collection"
+    )
     for name, table in tables.items():
         expected = (table.num_rows, table.embedding_dim)
         config = next(c for c in collection.configs if c.name == name)
