@@ -59,6 +59,23 @@ def write_json(path, payload):
         f.write("\n")
 
 
+def write_outputs(payload, out, markdown_report, plot):
+    """FILE.json, FILE.md and FILE.png side by side; returns their paths.
+
+    Args:
+        payload (dict): the result, written as JSON to ``out``.
+        out (str): the JSON path; the markdown and the plot take its stem.
+        markdown_report (callable): ``payload -> str``, the summary.
+        plot (callable): ``(payload, png_path) -> path or None`` (None when
+            matplotlib is missing).
+    """
+    stem = os.path.splitext(out)[0]
+    write_json(out, payload)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown_report(payload))
+    return {"json": out, "md": stem + ".md", "png": plot(payload, stem + ".png")}
+
+
 def markdown_table(headers, rows):
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

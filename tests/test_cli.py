@@ -113,7 +113,7 @@ def test_bench_without_a_checkout_falls_back_to_builtin(capsys, monkeypatch):
         capsys, "bench", "--device", "cpu", "--num-embeddings", "1000", "--batch", "16", "--repeats", "2"
     )
     assert code == 0
-    assert "bench/speed.py is not here" in " ".join(out.split())
+    assert "bench/perf/speed.py is not here" in " ".join(out.split())
     assert "BloomEmbedding 0.2" in out
 
 
@@ -142,7 +142,7 @@ def test_bench_runs_speed_script_from_the_checkout(capsys, tmp_path):
         "triton_bloom,seed",
     )
     assert code == 0
-    assert "bench/speed.py --quick" in out
+    assert "bench/perf/speed.py --quick" in out
     assert json.loads(out_file.read_text())["rows"]
 
 
@@ -242,7 +242,7 @@ def test_demo_model_ranks_match_the_materialised_count(ratio):
 
 def test_demo_counts_a_tie_as_half_an_item_above():
     """Items whose k rows all collide share a vector and so a score: the
-    demo ranks such a tie half above the held-out item, as bench/quality.py does."""
+    demo ranks such a tie half above the held-out item, as bench/studies/quality.py does."""
     # User 0 trained on items 0 and 5 and holds out item 1; user 1 trained
     # on items 2 and 3 and holds out item 0.
     data = demo.Dataset(

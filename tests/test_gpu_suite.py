@@ -1,4 +1,4 @@
-"""bench/gpu_suite.sh, checked where it cannot run: without a GPU it must stop
+"""bench/perf/gpu_suite.sh, checked where it cannot run: without a GPU it must stop
 at once and write nothing, and its plan (``--plan``) must fit its budget of
 files and time and call only flags and tests that exist."""
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "bench" / "gpu_suite.sh"
+SCRIPT = ROOT / "bench" / "perf" / "gpu_suite.sh"
 RESULTS = ROOT / "bench" / "results"
 MAX_FILES = 8
 MAX_SECONDS = 8 * 60
@@ -173,8 +173,8 @@ def help_text(argv):
 @pytest.mark.parametrize(
     "name, program",
     [
-        ("speed", ["bench/speed.py"]),
-        ("train_step", ["bench/train_step.py"]),
+        ("speed", ["bench/perf/speed.py"]),
+        ("train_step", ["bench/perf/train_step.py"]),
         ("tune", ["-m", "triton_bloom", "tune"]),
     ],
 )

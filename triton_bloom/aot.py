@@ -26,7 +26,7 @@ interpreter or for the compiler, never both:
 
 Run as ``python -m triton_bloom.aot record FILE`` then ``python -m
 triton_bloom.aot compile FILE --targets 80 90``; ``tests/test_gpu_targets.py``
-does both, and ``bench/kernel_report.py`` tabulates the result.
+does both, and ``bench/perf/kernel_report.py`` tabulates the result.
 """
 
 from __future__ import annotations

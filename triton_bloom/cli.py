@@ -2,7 +2,7 @@
 
     triton-bloom info     versions, backends, device, autotune cache
     triton-bloom tune     autotune the kernels for named shapes, save the winners
-    triton-bloom bench    bench/speed.py --quick from a checkout, else a built-in timing
+    triton-bloom bench    bench/perf/speed.py --quick from a checkout, else a built-in timing
     triton-bloom demo     a recommender trained with nn.Embedding vs BloomEmbedding
 
 The kernels are imported inside the commands that need them, so ``--help``,
@@ -245,11 +245,11 @@ def _short_kernel(record):
 
 
 def find_speed_script():
-    """``bench/speed.py`` of a source checkout: beside the package (an editable
+    """``bench/perf/speed.py`` of a source checkout: beside the package (an editable
     install or a run from the repository), else under the current directory."""
     here = Path(__file__).resolve().parent.parent
     for root in (here, Path.cwd()):
-        script = root / "bench" / "speed.py"
+        script = root / "bench" / "perf" / "speed.py"
         if script.is_file() and (root / "bench" / "common.py").is_file():
             return script
     return None
@@ -261,11 +261,11 @@ def cmd_bench(args) -> int:
     if script is None:
         if not args.builtin:
             out.print(
-                "bench/speed.py is not here (benchmarks ship with the source checkout, not the package): "
+                "bench/perf/speed.py is not here (benchmarks ship with the source checkout, not the package): "
                 "running the built-in timing instead."
             )
         return builtin_bench(args)
-    root = script.parent.parent
+    root = script.parents[2]
     out_file = args.out or os.path.join(tempfile.mkdtemp(prefix="triton_bloom_bench_"), "speed_quick.json")
     command = [sys.executable, str(script), "--quick", "--out", out_file]
     for flag, value in (
@@ -439,13 +439,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="bench/speed.py --quick from a source checkout, else a built-in timing",
+        help="bench/perf/speed.py --quick from a source checkout, else a built-in timing",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="From a source checkout (bench/ beside the package or in the current directory), run\n"
-        "'python bench/speed.py --quick': every provider (Spotlight's layer, plain PyTorch,\n"
+        "'python bench/perf/speed.py --quick': every provider (Spotlight's layer, plain PyTorch,\n"
         "nn.Embedding, FBGEMM on CUDA) on a handful of shapes.  bench/ is not installed with\n"
         "the package; without it, time BloomEmbedding against nn.Embedding here instead.\n"
-        "Arguments after '--' go to bench/speed.py unchanged.\n\n"
+        "Arguments after '--' go to bench/perf/speed.py unchanged.\n\n"
         "example: triton-bloom bench -- --providers triton_bloom,seed",
     )
     bench.add_argument("--builtin", action="store_true", help="run the built-in timing even in a checkout")
@@ -456,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--out",
         metavar="FILE.json",
-        help="bench/speed.py's output (default: a temporary "
+        help="bench/perf/speed.py's output (default: a temporary "
         "directory, so recorded results in bench/results stay untouched)",
     )
     builtin = bench.add_argument_group("built-in timing only")

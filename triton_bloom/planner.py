@@ -21,7 +21,7 @@ A reduced-dimension plain table (when the width is free) keeps ``v(d')``
 for every id.  The model ranks layouts by where their bytes go (frequent ids
 first, a little private capacity for every id, the shared rows last); it
 does not know the data's true rank, so it cannot promise accuracy: the
-quality study (``bench/quality.py``) measures what the choice is worth.
+quality study (``bench/studies/quality.py``) measures what the choice is worth.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """How well a model ranks each user's held-out item: the metrics of the demo
-and of ``bench/quality.py``, kept in one place so that both count alike.
+and of ``bench/studies/quality.py``, kept in one place so that both count alike.
 
 Ties count half: an item that scores exactly what the held-out item scores
 is ranked above it half the time.  Ties are what hash collisions produce (two

@@ -21,8 +21,8 @@ the two methods in turn (ours, baseline, ours, ...) after a warm-up run of
 each, so that a change in the machine's load hits both alike; the ratio is
 the median of the per-pair ratios, the times the medians of each method's.
 
-    python bench/output.py                  # writes bench/results/output_cpu.{json,md}
-    python bench/output.py --device cuda    # the kernels: bench/results/output_cuda.{json,md}
+    python bench/perf/output.py                  # writes bench/results/output_cpu.{json,md}
+    python bench/perf/output.py --device cuda    # the kernels: bench/results/output_cuda.{json,md}
 """
 
 import argparse
@@ -38,12 +38,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from bench.common import environment, markdown_table, write_json  # noqa: E402
 from triton_bloom import BloomEmbedding, bloom_cross_entropy  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
 DIM, RATIO, K_HASH, TOP = 64, 0.2, 4, 10
 TARGETS = {"topk": (0.1, 1.1), "loss": (0.25, 1.2)}
 

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from bench import data as D
-from bench import layouts as L
-from bench import quality as Q
+from bench.studies import data as D
+from bench.studies import layouts as L
+from bench.studies import quality as Q
 from triton_bloom import bloom_hash
 
 

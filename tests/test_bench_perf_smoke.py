@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-import bench.memory as memory
-import bench.speed as speed
+import bench.perf.memory as memory
+import bench.perf.speed as speed
 
 REQUIRED_PROVIDERS = {"triton_bloom", "seed", "embedding_bag_cached", "reference", "full_embedding"}
 SPEED_FIELDS = {
@@ -153,7 +153,7 @@ def test_memory_rows_measured_and_analytic(tmp_path):
 def test_output_benchmark_compares_like_with_like(tmp_path):
     # Tiny sizes: the point is that both methods compute the same thing and
     # every field the results file is read for is there.
-    import bench.output as output
+    import bench.perf.output as output
 
     out = tmp_path / "output.json"
     payload = output.main(

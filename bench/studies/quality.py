@@ -32,9 +32,9 @@ The fair protocol (issue 11):
   the biases-only model (``gain kept``: ``(x - biases) / (full - biases)``,
   the share of what the full table adds over no table at all).
 
-    python bench/quality.py --quick --out /tmp/quality_quick.json      # ml-100k, ~3 min
-    python bench/quality.py --out bench/results/quality_cpu.json      # ml-100k + synthetic, both tasks
-    python bench/quality.py --dataset /path/to/u.data --budgets 0.2 0.1 --out r.json
+    python bench/studies/quality.py --quick --out /tmp/quality_quick.json      # ml-100k, ~3 min
+    python bench/studies/quality.py --out bench/results/quality_cpu.json      # ml-100k + synthetic, both tasks
+    python bench/studies/quality.py --dataset /path/to/u.data --budgets 0.2 0.1 --out r.json
 
 Writes the JSON, and a markdown summary and a PNG plot beside it.  The
 helpers the budget sweep reuses: ``equal_bytes_specs``, ``make_table``,
@@ -58,11 +58,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from bench import data as datasets  # noqa: E402
-from bench import layouts  # noqa: E402
 from bench.common import environment, write_json  # noqa: E402
+from bench.studies import data as datasets  # noqa: E402
+from bench.studies import layouts  # noqa: E402
 from triton_bloom import BloomEmbedding, ScaledEmbedding, ZeroEmbedding  # noqa: E402
 from triton_bloom.output import bloom_rank  # noqa: E402
 from triton_bloom.ranking import ranking_metrics  # noqa: E402
@@ -79,7 +79,7 @@ VARIANTS: dict[str, dict] = {
     "signed+importance": {"signed": True, "importance": True},
 }
 
-# Layouts that mix private and hashed parameters (bench/layouts.py until the
+# Layouts that mix private and hashed parameters (bench/studies/layouts.py until the
 # library builds them): (share of ids that get a private full row, private
 # code dimension, k of the Bloom rows the rest of the budget buys (0: none),
 # optionally the hot rows' width).
@@ -110,7 +110,7 @@ class TableSpec:
     """How users and items are embedded.  ``kind``: ``none`` (biases only),
     ``full`` (``dim`` None: the model's dim; else a reduced-dimension full
     table, label ``small``), ``hash`` (Bloom with k=1), ``bloom``, a
-    variant's name, ``mixed`` (bench/layouts.py) or ``planner``.  ``budget``:
+    variant's name, ``mixed`` (bench/studies/layouts.py) or ``planner``.  ``budget``:
     the share of the full table's bytes the spec was sized for."""
 
     kind: str
@@ -501,7 +501,7 @@ def padded_items(events: list, users: np.ndarray) -> torch.Tensor:
     """Each user's items among some interactions, as ``bloom_rank``'s ``exclude``.
 
     Args:
-        events (list): :class:`bench.data.Interactions` to gather from.
+        events (list): :class:`bench.studies.data.Interactions` to gather from.
         users (ndarray): ``(Q,)`` the users wanted (repeats allowed).
 
     Returns:
@@ -538,7 +538,7 @@ def rank_metrics(
     Args:
         model: a :class:`Factorization` (anything with ``ranker``).
         targets (Interactions): one held-out (user, item) per row.
-        seen (list): :class:`~bench.data.Interactions` left out of the
+        seen (list): :class:`~bench.studies.data.Interactions` left out of the
             ranking; a target seen before (a repeat event) still competes.
         chunk (int): targets ranked at a time.
         exclude (Tensor, optional): ``padded_items(seen, targets.user)``,
@@ -886,7 +886,7 @@ def parse_args(argv):
         "--layout",
         action="append",
         metavar="H,R,K[,HD]",
-        help="a bench/layouts.py layout to run instead of the defaults: hot share, private dim, k (0: no "
+        help="a bench/studies/layouts.py layout to run instead of the defaults: hot share, private dim, k (0: no "
         "Bloom rows), hot rows' dim (repeatable)",
     )
     p.add_argument(
@@ -1003,7 +1003,7 @@ def _log(message: str) -> None:
 def main(argv=None):
     args = parse_args(argv)
     if importlib.util.find_spec("matplotlib") is None:  # fail before training, not after
-        raise SystemExit("bench/quality.py plots with matplotlib: pip install matplotlib")
+        raise SystemExit("bench/studies/quality.py plots with matplotlib: pip install matplotlib")
     torch.set_num_threads(args.threads)
     overrides = {k: v for k, v in dict(dim=args.dim, max_epochs=args.epochs, patience=args.patience).items() if v}
     if args.spotlight_init:
@@ -1021,7 +1021,7 @@ def main(argv=None):
     payload = {
         "benchmark": "quality",
         "environment": environment(),
-        "command": "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python bench/studies/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "wall_seconds": time.perf_counter() - start,
         "cpu_seconds": time.process_time() - cpu_start,
         "protocol": {
@@ -1044,7 +1044,7 @@ def main(argv=None):
             "selection": "early stopping on validation (implicit: AUC, ratings: RMSE); test metrics at the "
             "best validation epoch; best k / variant / layout chosen on validation means",
             "tables": "full = ScaledEmbedding (nn.Embedding); bloom/hash/variants = BloomEmbedding("
-            "padding_idx=None, backend='auto'); mixed = bench/layouts.py MixedTable (hot ids by "
+            "padding_idx=None, backend='auto'); mixed = bench/studies/layouts.py MixedTable (hot ids by "
             f"training count, then a private code + projection, Bloom rows with the rest); compressed: "
             f"{' and '.join(args.compress)} (the other table, if any, stays full)",
             "relative": "/ full: test metric over the full table's; gain kept: (x - biases only) / "
@@ -1062,7 +1062,7 @@ def main(argv=None):
         "runs": runs,
     }
     write_json(args.out, payload)
-    from bench.quality_report import write_markdown, write_plot
+    from bench.studies.quality_report import write_markdown, write_plot
 
     stem = os.path.splitext(args.out)[0]
     write_markdown(stem + ".md", payload)

@@ -38,15 +38,15 @@ sample of users, ties counting half; HR@100 picks the epoch and rate.
 Every model, biases-only included, has a full-size item bias (one float per item, outside the budget, the same for
 every layout); the user table of (a) is outside the budget too.
 
-    python bench/budget_sweep.py --quick --out /tmp/budget_sweep_quick.json   # minutes
-    python bench/budget_sweep.py --out bench/results/budget_sweep_cpu.json    # the full run, both studies
+    python bench/studies/budget_sweep.py --quick --out /tmp/budget_sweep_quick.json   # minutes
+    python bench/studies/budget_sweep.py --out bench/results/budget_sweep_cpu.json    # the full run, both studies
 
 The recorded full run ran the two studies side by side, one process a core,
 and merged them (49 min on 2 shared cores; the sweep alone took 37):
 
-    python bench/budget_sweep.py --studies sweep --no-plot --out /tmp/sweep.json &
-    python bench/budget_sweep.py --studies width --no-plot --out /tmp/width.json; wait
-    python bench/budget_sweep.py --merge /tmp/sweep.json /tmp/width.json --out bench/results/budget_sweep_cpu.json
+    python bench/studies/budget_sweep.py --studies sweep --no-plot --out /tmp/sweep.json &
+    python bench/studies/budget_sweep.py --studies width --no-plot --out /tmp/width.json; wait
+    python bench/studies/budget_sweep.py --merge /tmp/sweep.json /tmp/width.json --out bench/results/budget_sweep_cpu.json
 
 Writes the JSON, a markdown summary and a PNG (quality against bytes on a log
 axis, one line per layout, one chart per study) beside it.
@@ -70,11 +70,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import triton_bloom  # noqa: E402
-from bench import data as datasets  # noqa: E402
 from bench.common import environment, markdown_table, write_json  # noqa: E402
+from bench.studies import data as datasets  # noqa: E402
 from triton_bloom import BloomEmbedding  # noqa: E402
 from triton_bloom.ranking import items_above, ranking_metrics  # noqa: E402
 
@@ -162,7 +162,7 @@ TINY = Config(
 
 
 def catalogue(cfg: Config) -> datasets.Interactions:
-    """Implicit events over a large catalogue, drawn as ``bench.data.synthetic``
+    """Implicit events over a large catalogue, drawn as ``bench.studies.data.synthetic``
     draws them (probability ``pop_i * exp(affinity_scale * a_ui)``, Zipf
     ``pop`` in a random order of the items, unit-variance rank-``rank``
     affinity ``a``, each user's items in random order) but without its dense
@@ -1140,7 +1140,7 @@ def main(argv=None):
     payload = {
         "benchmark": "budget_sweep",
         "environment": environment(),
-        "command": "python bench/budget_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python bench/studies/budget_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "wall_seconds": time.perf_counter() - start,
         "config": dataclasses.asdict(cfg),
         "library_features": library_features(),

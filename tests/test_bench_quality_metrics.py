@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from bench import data as D
-from bench import quality as Q
+from bench.studies import data as D
+from bench.studies import quality as Q
 from triton_bloom.ranking import items_above, ranking_metrics
 
 

@@ -9,7 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from bench import data as D
+from bench.studies import data as D
 
 # (raw user, raw item, rating, timestamp); raw ids deliberately sparse and unsorted.
 ROWS = [

@@ -1,4 +1,4 @@
-"""``bench/sequence.py`` on a tiny synthetic catalogue (seconds, no network):
+"""``bench/studies/sequence.py`` on a tiny synthetic catalogue (seconds, no network):
 every model fits its budget as built, and the library's ranking of the Bloom
 models (``bloom_rank``, ``BloomOutputLayer.rank``) counts exactly what
 materialised scores and ``items_above`` count."""
@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 import torch
 
-import bench.sequence as S
-from bench import data as datasets
+import bench.studies.sequence as S
 from bench.common import environment
+from bench.studies import data as datasets
 from triton_bloom import BloomEmbedding
 from triton_bloom.hashing import hash_rows
 from triton_bloom.output import bloom_rank

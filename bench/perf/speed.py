@@ -46,7 +46,7 @@ dense ``(num_rows, dim)`` gradient's zero fill is not counted.
 Ratios: ``ratio_to_<p> = ms of p / ms of this row`` for the same shape and
 mode (above 1: this row is faster than ``p``).
 
-    python bench/speed.py [--quick] [--out FILE.json] [--device cpu|cuda]
+    python bench/perf/speed.py [--quick] [--out FILE.json] [--device cpu|cuda]
 
 writes FILE.json, FILE.md (tables) and FILE.png (ms vs embedding_dim).
 """
@@ -67,10 +67,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from bench.baselines import SpotlightBloomEmbedding  # noqa: E402
-from bench.common import environment, markdown_table, write_json  # noqa: E402
+from bench.common import environment, markdown_table, write_outputs  # noqa: E402
 from triton_bloom import BloomEmbedding, BloomEmbeddingBag, dispatch  # noqa: E402
 
 PROVIDERS = ("triton_bloom", "reference", "seed", "embedding_bag_cached", "full_embedding", "fbgemm")
@@ -735,15 +735,6 @@ def plot(payload: dict, path: str) -> Optional[str]:
     return path
 
 
-def write_outputs(payload: dict, out: str) -> dict:
-    """FILE.json, FILE.md and FILE.png side by side; returns their paths."""
-    stem = os.path.splitext(out)[0]
-    write_json(out, payload)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown_report(payload))
-    return {"json": out, "md": stem + ".md", "png": plot(payload, stem + ".png")}
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a handful of shapes (under 3 minutes on 2 CPU cores)")
@@ -789,10 +780,10 @@ def main(argv=None) -> dict:
     payload["config"] = {
         "quick": args.quick,
         "cases": len(cases),
-        "command": "python bench/speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python bench/perf/speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     payload["wall_s"] = time.perf_counter() - started
-    paths = write_outputs(payload, out)
+    paths = write_outputs(payload, out, markdown_report, plot)
     print("\n" + markdown_report(payload))
     print(f"wrote {', '.join(p for p in paths.values() if p)} in {payload['wall_s']:.0f} s")
     return payload

@@ -12,7 +12,7 @@ time to each, and the bytes of weights plus optimizer state.  Defaults:
 ``num_embeddings=10_000_000``, ``embedding_dim=64``, Spotlight's ratio 0.2 and
 ``k=4``, a batch of 16384 ids.
 
-    python bench/train_step.py [--out bench/results/train_step_cpu.json]
+    python bench/perf/train_step.py [--out bench/results/train_step_cpu.json]
 """
 
 import argparse
@@ -23,7 +23,7 @@ import sys
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from bench.common import environment, markdown_table, median_ms, write_json  # noqa: E402
 from triton_bloom import BloomEmbedding, FusedRowWiseAdagrad, FusedSGD  # noqa: E402

@@ -57,7 +57,7 @@ too): ml-100k holds one rating per (user, movie), so a seen item is never
 the next one, and leaving them in would mostly measure which model learns
 to push the history down.  Spotlight's ``sequence_mrr_score`` keeps them by
 default; excluding is the common protocol and the one of
-``bench/budget_sweep.py``.  Ties count half.  The Bloom models are ranked
+``bench/studies/budget_sweep.py``.  Ties count half.  The Bloom models are ranked
 through the library's output side without materialising any item vector:
 ``triton_bloom.output.bloom_rank`` (tied, with the item bias) and
 ``BloomOutputLayer.rank``; the plain models materialise their logits and
@@ -80,9 +80,9 @@ plain way to keep the width); tied Bloom at width 64; and, with
 ``--families``, the Bloom output layer.  The GRU's weights are outside the
 table budget and reported per model.  ``GRU`` holds its grid and epochs.
 
-    python bench/sequence.py --quick --out /tmp/sequence_quick.json            # about a minute
-    python bench/sequence.py --seeds 3 --out bench/results/sequence_cpu.json   # the recorded run, ~20 min
-    python bench/sequence.py --model gru --seeds 3 --families full reduced factorised tied_bloom
+    python bench/studies/sequence.py --quick --out /tmp/sequence_quick.json            # about a minute
+    python bench/studies/sequence.py --seeds 3 --out bench/results/sequence_cpu.json   # the recorded run, ~20 min
+    python bench/studies/sequence.py --model gru --seeds 3 --families full reduced factorised tied_bloom
         --out bench/results/sequence_gru_cpu.json                              # the GRU run, one line
 
 Writes the JSON and a markdown summary beside it.
@@ -105,10 +105,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from bench import data as datasets  # noqa: E402
 from bench.common import environment, markdown_table, write_json  # noqa: E402
+from bench.studies import data as datasets  # noqa: E402
 from triton_bloom import BloomEmbedding, BloomOutputLayer, bloom_cross_entropy, embedding_bytes  # noqa: E402
 from triton_bloom.output import bloom_rank  # noqa: E402
 from triton_bloom.ranking import items_above, ranking_metrics  # noqa: E402
@@ -911,7 +911,7 @@ def main(argv=None):
     payload = {
         "benchmark": "sequence",
         "environment": environment(),
-        "command": "python bench/sequence.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python bench/studies/sequence.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         **run(load(args.dataset), cfg, log, families=args.families),
     }
     write_json(args.out, payload)

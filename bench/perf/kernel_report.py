@@ -13,7 +13,7 @@ and the JSON behind it:
   vector reductions (``red.global.v4.f32`` and the like, sm_90 only);
 - the bytes each kernel must move per id against the ideal.
 
-Run: ``python bench/kernel_report.py`` (under a minute on 2 cores);
+Run: ``python bench/perf/kernel_report.py`` (under a minute on 2 cores);
 ``--target 80`` for A100, ``--out`` for another place.
 """
 
@@ -27,7 +27,7 @@ import platform
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 from triton_bloom import aot  # noqa: E402
@@ -116,7 +116,7 @@ def main(argv=None):
         f"# Kernels compiled for sm_{args.target}",
         "",
         f"Triton {meta['triton']}, torch {meta['torch']}, Python {meta['python']}, {when}. "
-        "Compiled ahead of time on a CPU host with `bench/kernel_report.py` (no GPU: registers, spills and "
+        "Compiled ahead of time on a CPU host with `bench/perf/kernel_report.py` (no GPU: registers, spills and "
         "instruction counts are the compiler's, no timing). Loads and reductions are static counts in the "
         "PTX; 16-byte loads are `ld.global.v4` of 32-bit words or `ld.global.v2` of 64-bit ones.",
         "",

@@ -2,16 +2,16 @@
 # The GPU suite: everything a machine with a CUDA GPU should check and measure
 # for this project, as one command that needs no install and no network.
 #
-#   bash bench/gpu_suite.sh [OUTPUT_DIR]     run it (OUTPUT_DIR: see below)
-#   bash bench/gpu_suite.sh --plan           print the steps and their time limits, run nothing
+#   bash bench/perf/gpu_suite.sh [OUTPUT_DIR]     run it (OUTPUT_DIR: see below)
+#   bash bench/perf/gpu_suite.sh --plan           print the steps and their time limits, run nothing
 #
 # It runs from a source checkout with PYTHONPATH=<checkout> (triton_bloom
 # finds kernels/ itself there), with whatever python3, torch and triton the
 # machine has.  Steps, in order, each with its own time limit; a failed step
 # does not stop the next:
 #   tests       the CUDA test files (kernels against the reference path)
-#   speed       bench/speed.py --quick --device cuda (GB/s, copy_ bandwidth)
-#   train_step  bench/train_step.py on CUDA (forward, backward, optimizer)
+#   speed       bench/perf/speed.py --quick --device cuda (GB/s, copy_ bandwidth)
+#   train_step  bench/perf/train_step.py on CUDA (forward, backward, optimizer)
 #   tune        python -m triton_bloom tune, the winners saved here
 # The whole run stays under 8 minutes on an H200 (the limits below; a step
 # that would pass the deadline is cut short).  Exit status: 0 when every step
@@ -26,7 +26,7 @@ set -u
 export PYTHONUNBUFFERED=1
 START=$SECONDS
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 
 # Every file this script may write into the output folder; nothing else goes
 # there (speed.py's plot is left in a scratch folder to stay within 8).
@@ -191,7 +191,7 @@ if [ "$PLAN_ONLY" = 0 ]; then
             commit="$commit, with uncommitted changes"
         fi
         echo "git commit:  $commit"
-        echo "command:     bash bench/gpu_suite.sh $*"
+        echo "command:     bash bench/perf/gpu_suite.sh $*"
         echo "nvidia-smi (name, driver, memory):"
         limited 20 nvidia-smi --query-gpu=index,name,driver_version,memory.total \
             --format=csv,noheader 2>&1 | sed 's/^/  /' || echo "  nvidia-smi failed"
@@ -229,7 +229,7 @@ if [ "$PLAN_ONLY" = 1 ] || ! "$PY" -c "import mmh3" >/dev/null 2>&1; then
     if [ "$PLAN_ONLY" = 0 ]; then
         mkdir -p "$SCRATCH/stand_in"
         cat > "$SCRATCH/stand_in/mmh3.py" <<'EOF'
-"""Stand-in for the mmh3 package, missing on this machine (bench/gpu_suite.sh)."""
+"""Stand-in for the mmh3 package, missing on this machine (bench/perf/gpu_suite.sh)."""
 
 
 def hash(*args, **kwargs):
@@ -246,7 +246,7 @@ step tests "$TESTS_S" tests.log env PYTHONPATH="$PYTEST_PATH" \
     "$PY" -m pytest -q -x --durations=15 -rfEs -p no:cacheprovider "${TEST_FILES[@]}" \
     ${DESELECT[@]+"${DESELECT[@]}"}
 
-step speed "$SPEED_S" bench.log "$PY" bench/speed.py --quick --device cuda --out "$SCRATCH/speed.json"
+step speed "$SPEED_S" bench.log "$PY" bench/perf/speed.py --quick --device cuda --out "$SCRATCH/speed.json"
 if [ "$PLAN_ONLY" = 0 ]; then
     # speed.py writes FILE.json, FILE.md and FILE.png; the plot stays behind.
     [ -f "$SCRATCH/speed.json" ] && cp "$SCRATCH/speed.json" "$OUT_DIR/speed.json"
@@ -256,7 +256,7 @@ fi
 # The README's CPU setting (10M ids, dim 64, ratio 0.2, k=4, 16384 ids a
 # step), so the two tables compare; on an H200 the steps take milliseconds
 # and tuning the kernels at their first launch most of the minute.
-step train_step "$TRAIN_STEP_S" bench.log "$PY" bench/train_step.py --device cuda --num-embeddings 10000000 \
+step train_step "$TRAIN_STEP_S" bench.log "$PY" bench/perf/train_step.py --device cuda --num-embeddings 10000000 \
     --embedding-dim 64 --ratio 0.2 --k 4 --batch 16384 --repeats 20 --out "$OUT_DIR/train_step.json"
 
 # Two shapes only: every config of every kernel is compiled and timed, and

@@ -1,4 +1,4 @@
-"""``bench/budget_sweep.py`` end to end on a tiny catalogue (seconds), and the
+"""``bench/studies/budget_sweep.py`` end to end on a tiny catalogue (seconds), and the
 pieces its numbers rest on: the generator, the byte counts, the bench-side
 layouts."""
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import bench.budget_sweep as S
+import bench.studies.budget_sweep as S
 from triton_bloom import BloomEmbedding
 
 

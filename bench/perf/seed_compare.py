@@ -12,7 +12,7 @@ Two comparisons, each timed in one run on the same ids, reported as ratios
 Defaults: ``num_embeddings=1_000_000``, ``embedding_dim=64``, Spotlight's
 ``compression_ratio=0.2`` and ``k=4``, ids ``(4096, 8)``, bags ``4096 x 20``.
 
-    python bench/seed_compare.py [--out bench/results/seed_compare_cpu.json]
+    python bench/perf/seed_compare.py [--out bench/results/seed_compare_cpu.json]
 """
 
 import argparse
@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from bench.baselines import SpotlightBloomEmbedding  # noqa: E402
 from bench.common import environment, markdown_table, median_ms, write_json  # noqa: E402

@@ -37,7 +37,7 @@ where the tables dominate.
 Ratios: ``ratio_to_<p>_module = p's module_bytes / this row's`` (and
 ``_peak`` likewise), for the same optimizer and ``num_embeddings``.
 
-    python bench/memory.py [--out FILE.json] [--device cpu|cuda] [--sizes 1e4,1e6,1e9]
+    python bench/perf/memory.py [--out FILE.json] [--device cpu|cuda] [--sizes 1e4,1e6,1e9]
 
 writes FILE.json, FILE.md and FILE.png.
 """
@@ -57,10 +57,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from bench.baselines import SpotlightBloomEmbedding  # noqa: E402
-from bench.common import environment, markdown_table, write_json  # noqa: E402
+from bench.common import environment, markdown_table, write_outputs  # noqa: E402
 from triton_bloom import BloomEmbedding  # noqa: E402
 
 PROVIDERS = ("triton_bloom", "triton_bloom_hash_cache", "seed", "full_embedding")
@@ -470,14 +470,6 @@ def plot(payload: dict, path: str) -> Optional[str]:
     return path
 
 
-def write_outputs(payload: dict, out: str) -> dict:
-    stem = os.path.splitext(out)[0]
-    write_json(out, payload)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown_report(payload))
-    return {"json": out, "md": stem + ".md", "png": plot(payload, stem + ".png")}
-
-
 def _int_list(text: str) -> list:
     return [int(float(x)) for x in text.split(",") if x.strip()]
 
@@ -524,8 +516,8 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     payload = run(selected, device, limit)
     payload["wall_s"] = time.perf_counter() - started
-    payload["config"] = {"command": "python bench/memory.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    paths = write_outputs(payload, out)
+    payload["config"] = {"command": "python bench/perf/memory.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    paths = write_outputs(payload, out, markdown_report, plot)
     print("\n" + markdown_report(payload))
     print(f"wrote {', '.join(p for p in paths.values() if p)} in {payload['wall_s']:.0f} s")
     return payload

@@ -1,6 +1,6 @@
-"""Markdown summary and PNG plot of a ``bench/quality.py`` result.
+"""Markdown summary and PNG plot of a ``bench/studies/quality.py`` result.
 
-python bench/quality_report.py bench/results/quality_cpu.json   # re-render the .md and .png
+python bench/studies/quality_report.py bench/results/quality_cpu.json   # re-render the .md and .png
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from bench.common import markdown_table  # noqa: E402
 
