@@ -180,3 +180,59 @@ def test_output_benchmark_compares_like_with_like(tmp_path):
         assert row["time_ratio"] > 0 and row["peak_mib"] >= 0 and row["baseline_peak_mib"] > 0
         assert row["memory_ratio"] == pytest.approx(row["peak_mib"] / row["baseline_peak_mib"])  # mmap'd: > 0
     assert "| topk | 3,000 | 5 | yes |" in out.with_suffix(".md").read_text()
+
+
+def test_seed_compare_pairs_the_layers_and_records_the_conditions(tmp_path, capsys):
+    import statistics
+
+    import bench.perf.seed_compare as seed_compare
+
+    out = tmp_path / "seed_compare.json"
+    argv = ["--num-embeddings", "5000", "--batch", "32", "--seq", "4", "--bag-length", "5"]
+    summary = seed_compare.main([*argv, "--repeats", "5", "--warmup", "1", "--threads", "1", "--out", str(out)])
+    printed = capsys.readouterr().out
+    # Progress: one line per measure, printed as it runs, naming its pair count.
+    steps = [line.split(" ... ")[0] for line in printed.splitlines() if line.startswith("[")]
+    assert steps == [
+        "[1/4] embedding forward: 5 pairs",
+        "[2/4] embedding forward_backward: 5 pairs",
+        "[3/4] bag forward: 5 pairs",
+        "[4/4] bag forward_backward: 5 pairs",
+    ]
+    payload = json.loads(out.read_text())
+    assert payload["threads"] == 1 and payload["config"]["threads"] == 1
+    assert set(payload["load_average"]) == {"before", "after"}
+    assert all(len(v) == 3 for v in payload["load_average"].values())
+    for name, result in payload["results"].items():
+        for measure in ("forward", "forward_backward"):
+            times = result["times_ms"][measure]
+            assert len(times["seed"]) == len(times["triton_bloom"]) == 5
+            # The recorded speedup is the median of per-pair ratios, not a ratio of medians.
+            pairs = [s / o for s, o in zip(times["seed"], times["triton_bloom"])]
+            assert result["pair_ratio"][measure]["median"] == pytest.approx(statistics.median(pairs))
+            assert (
+                result["pair_ratio"][measure]["q1"] <= statistics.median(pairs) <= result["pair_ratio"][measure]["q3"]
+            )
+            assert result["median_ms"][measure]["seed"] == pytest.approx(statistics.median(times["seed"]))
+        key = {"forward": "forward_speedup", "forward_backward": "forward_backward_speedup"}
+        for measure, field in key.items():
+            assert summary[name][field] == payload["ratios"][name][field] == result["pair_ratio"][measure]["median"]
+        assert summary[name]["memory_ratio"] == result["module_bytes"]["seed"] / result["module_bytes"]["triton_bloom"]
+
+
+def test_seed_compare_rejects_too_few_pairs():
+    import bench.perf.seed_compare as seed_compare
+
+    with pytest.raises(SystemExit):
+        seed_compare.main(["--repeats", "1"])
+
+
+def test_seed_compare_alternates_the_layers_run_by_run():
+    import bench.perf.seed_compare as seed_compare
+
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("seed", "triton_bloom")}
+    times = seed_compare.paired_ms(fns, repeats=4, warmup=1, sync=None)
+    assert {name: len(t) for name, t in times.items()} == {"seed": 4, "triton_bloom": 4}
+    timed = calls[2:]  # after one warm-up run of each
+    assert timed == ["seed", "triton_bloom", "triton_bloom", "seed", "seed", "triton_bloom", "triton_bloom", "seed"]
