@@ -1,0 +1,171 @@
+"""The open-id demo: its stream, its rival layers, its scoring and its
+command, each checked against a direct computation on small data."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from triton_bloom import cli, demo_open, embedding_bytes
+from triton_bloom.demo_layers import QuotientRemainderEmbedding, VocabularyEmbedding, layer_specs
+from triton_bloom.demo_stream import EvalSet, StreamConfig, eval_set, make_stream
+from triton_bloom.hashing import bloom_hash
+
+TINY = StreamConfig(items=20_000, users=300, events=6_000, clusters=20, eval_events=400)
+
+
+@pytest.fixture(scope="module")
+def stream():
+    return make_stream(TINY, seed=5)
+
+
+def test_stream_is_deterministic_and_seeded():
+    a, b, c = make_stream(TINY, 1), make_stream(TINY, 1), make_stream(TINY, 2)
+    for name in ("raw_ids", "time", "user", "item", "history"):
+        assert torch.equal(getattr(a, name), getattr(b, name))
+    assert not torch.equal(a.item, c.item)
+
+
+def test_stream_ids_are_raw_distinct_and_time_ordered(stream):
+    raw = stream.raw_ids
+    assert raw.dtype == torch.int64 and bool((raw >= 0).all())
+    assert torch.unique(raw).numel() == raw.numel()
+    assert raw.max() > 2**40  # raw 64-bit ids, not 0..n-1
+    assert bool((stream.time[1:] >= stream.time[:-1]).all())
+    # New items appear through time: some test items never occur before the test.
+    train_items = set(stream.item[stream.time < TINY.valid_until].tolist())
+    test_items = set(stream.item[stream.time >= TINY.valid_until].tolist())
+    assert test_items - train_items
+
+
+def test_stream_history_is_each_users_previous_items(stream):
+    last = {}
+    for e in range(TINY.events):
+        u = int(stream.user[e])
+        past = last.get(u, [])
+        expected = (past[::-1][: TINY.history] + [-1] * TINY.history)[: TINY.history]
+        assert stream.history[e].tolist() == expected, e
+        last.setdefault(u, []).append(int(stream.item[e]))
+
+
+def test_stream_splits_and_counts(stream):
+    train, valid, test = (stream.split(s) for s in ("train", "valid", "test"))
+    assert train.max() < valid.min() and valid.max() < test.min()
+    assert bool((stream.history[torch.cat([train, valid, test]), 0] >= 0).all())
+    ids, counts = stream.train_counts()
+    direct = {}
+    for i in stream.item[train].tolist():
+        direct[int(stream.raw_ids[i])] = direct.get(int(stream.raw_ids[i]), 0) + 1
+    assert dict(zip(ids.tolist(), counts.tolist())) == direct
+    # Zipf popularity: a small head carries a large share of the events.
+    top = torch.sort(counts, descending=True).values
+    assert top[: max(1, top.numel() // 100)].sum() > 0.05 * counts.sum()
+
+
+def test_eval_set_segments_and_negatives(stream):
+    data = eval_set(stream, "test", 300, seed=0)
+    ids, counts = stream.train_counts()
+    seen = dict(zip(ids.tolist(), counts.tolist()))
+    targets = data.candidates[:, 0].tolist()
+    assert data.rare.tolist() == [seen.get(t, 0) <= TINY.rare_max for t in targets]
+    test_ids = set(stream.raw_ids[stream.item[stream.split("test")]].tolist())
+    assert set(data.candidates[:, 1:].flatten().tolist()) <= test_ids
+    assert bool(data.history_mask[:, 0].all())
+
+
+def test_vocabulary_embedding_maps_known_ids_and_the_rest_to_oov():
+    g = torch.Generator().manual_seed(0)
+    vocab = torch.randint(0, 2**62, (50,), generator=g)
+    emb = VocabularyEmbedding(vocab, 6)
+    queries = torch.cat([vocab[torch.randperm(50, generator=g)[:20]], torch.randint(0, 2**62, (20,), generator=g)])
+    order = sorted(vocab.tolist())
+    expected = [order.index(q) if q in order else 50 for q in queries.tolist()]
+    assert emb.rows(queries).tolist() == expected
+    assert torch.equal(emb(queries), emb.table.weight[expected])
+    assert embedding_bytes(emb) == 50 * 8 + 51 * 6 * 4
+    with pytest.raises(ValueError, match="distinct"):
+        VocabularyEmbedding(torch.tensor([3, 3]), 4)
+
+
+def test_quotient_remainder_is_the_product_of_its_two_rows():
+    emb = QuotientRemainderEmbedding(7, 11, 5)
+    ids = torch.randint(0, 2**63 - 1, (40,), generator=torch.Generator().manual_seed(1))
+    out = emb(ids)
+    for i, raw in enumerate(ids.tolist()):
+        h = int(bloom_hash(torch.tensor([raw]), 1, 77)[0, 0])
+        assert torch.equal(out[i], emb.quotient.weight[h // 11] * emb.remainder.weight[h % 11])
+    assert embedding_bytes(emb) == (7 + 11) * 5 * 4
+
+
+def test_every_layer_keeps_to_the_budget(stream):
+    ids, counts = stream.train_counts()
+    budget = 2 * ids.numel()
+    specs = layer_specs(ids, counts, 8, budget)
+    labels = [label for label, _, _ in specs]
+    for needed in ("vocab", "hashing trick", "quotient-remainder", "Bloom k=2", "Bloom k=4", "hot 50%", "planner"):
+        assert any(label.startswith(needed) for label in labels), needed
+    for label, build, over in specs:
+        layer = build(True)
+        nbytes = embedding_bytes(layer)
+        if over:
+            assert nbytes > budget, label
+        else:
+            assert 0.95 * budget <= nbytes <= budget, (label, nbytes, budget)
+        unseen = torch.randint(0, 2**63 - 1, (9,))
+        assert layer(torch.cat([ids[:3], unseen])).shape == (12, 8)
+
+
+def test_evaluate_matches_a_direct_count_with_ties():
+    """Two users, a table whose vectors tie on purpose: AUC counts a tie as
+    half, HR@10 is the expected hit over a random order of tied items."""
+    g = torch.Generator().manual_seed(3)
+    table = torch.nn.Embedding(60, 4)
+    torch.nn.init.normal_(table.weight, generator=g)
+    with torch.no_grad():
+        table.weight[30:] = table.weight[0]  # ids 30..59 share id 0's vector
+    candidates = torch.stack([torch.tensor([0] + list(range(1, 60)) + [1] * 41), torch.arange(100, 201) % 60])
+    data = EvalSet(
+        history=torch.tensor([[5, 6], [7, 0]]),
+        history_mask=torch.tensor([[True, True], [True, False]]),
+        candidates=candidates,
+        rare=torch.tensor([True, False]),
+        head=torch.tensor([False, True]),
+    )
+    got = demo_open.evaluate(table, data)
+    aucs, hits = [], []
+    for row in range(2):
+        users = table.weight[data.history[row][data.history_mask[row]]].mean(0)
+        scores = (table.weight[candidates[row]] * users).sum(-1).tolist()
+        ids = candidates[row].tolist()
+        others = [s for s, i in zip(scores[1:], ids[1:]) if i != ids[0]]
+        above = sum(s > scores[0] for s in others)
+        ties = sum(s == scores[0] for s in others)
+        aucs.append((len(others) - above - ties / 2) / len(others))
+        hits.append(min(1.0, max(0.0, (10 - above) / (ties + 1))))
+    assert got["auc"] == pytest.approx(sum(aucs) / 2)
+    assert got["hr@10"] == pytest.approx(sum(hits) / 2)
+    assert got["auc_rare"] == pytest.approx(aucs[0]) and got["hr@10_head"] == pytest.approx(hits[1])
+
+
+def test_demo_open_writes_every_row_and_the_verdict(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo_open, "QUICK", dataclasses.replace(TINY, eval_events=200))
+    out = tmp_path / "f.json"
+    assert cli.main(["demo", "--quick", "--seed", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    payload = json.loads(out.read_text())
+    labels = [m["label"] for m in payload["models"]]
+    assert payload["winner"] in labels and payload["winner"] in payload["verdict"]
+    for model in payload["models"]:
+        for key in ("label", "bytes", "budget_bytes", "auc", "hr@10", "auc_rare", "step_ms"):
+            assert key in model, key
+        assert model["over_budget"] or model["bytes"] <= model["budget_bytes"]
+    assert "Verdict" in printed
+    rows = [line for line in printed.splitlines() if any(line.startswith(label[:15]) for label in labels)]
+    assert len(rows) >= 2 * len(labels)  # both tables
+    assert all(len(line) <= 80 for line in rows), max(rows, key=len)
+
+
+def test_demo_refuses_closed_options_without_closed(capsys):
+    with pytest.raises(SystemExit, match="--users apply to the closed demo only"):
+        cli.main(["demo", "--users", "30"])
