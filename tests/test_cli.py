@@ -171,6 +171,7 @@ def test_demo_runs_tiny(capsys):
     code, out = run_cli(
         capsys,
         "demo",
+        "--closed",
         "--quick",
         "--users",
         "300",

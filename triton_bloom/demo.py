@@ -1,15 +1,31 @@
-"""What Bloom embeddings buy a recommender, at equal bytes: one model trained
-with full ``nn.Embedding`` / ``nn.EmbeddingBag`` tables, and at each budget
-(a share of the full tables' bytes) with the tables a sceptical user tries
-first and with ours, side by side: bytes, memory, time per epoch, accuracy.
+"""Two demos of Bloom embeddings at equal bytes, one per regime.
 
-At each budget: the full table at the largest ``embedding_dim`` that fits
-(every parameter starting at the full table's scale, ``normal(0, 1/32)``),
-plain ``BloomEmbedding`` / ``BloomEmbeddingBag`` at that ``compression_ratio``,
-and the layout ``BloomEmbedding.from_counts`` plans for the budget from the
-items' training counts (hot rows for frequent ids, a private low-dimensional
-part, Bloom rows for the rest, or a plain smaller table when that is best);
-its plan is printed.  Every model trains with the same settings.
+``triton-bloom demo`` (the default): open ids below one float per distinct
+id, the regime Bloom embeddings were made for.  A synthetic event log with
+raw 64-bit item ids, a catalogue of millions of items with Zipf popularity,
+new items born over time; a two-tower recommender trained in one pass over
+the first 70% of the log and tested on the last 20%.  Every layer at one
+budget of 2 B per distinct training id, everything counted: a vocabulary
+table of the most frequent ids + an out-of-vocabulary row (its id map
+counted), the hashing trick, quotient-remainder embeddings, plain Bloom
+(k=2, 4), Bloom with hot rows at several shares of the budget, the
+planner's choice, and the full table (over budget).  See
+triton_bloom/demo_open.py.  About 5 minutes on a quiet 2-core machine;
+--quick under a minute.
+
+``triton-bloom demo --closed``: a closed vocabulary (ids 0..n-1) with a
+float per id to spare, as in MovieLens: one model trained with full
+``nn.Embedding`` / ``nn.EmbeddingBag`` tables, and at each budget (a share
+of the full tables' bytes) with a smaller plain table, plain Bloom and the
+layout the planner picks (``width="free"``: it says "use nn.Embedding(n,
+d')" there), side by side: bytes, memory, time per epoch, accuracy.
+
+Closed demo details.  At each budget: the full table at the largest
+``embedding_dim`` that fits (every parameter starting at the full table's
+scale, ``normal(0, 1/32)``), plain ``BloomEmbedding`` /
+``BloomEmbeddingBag`` at that ``compression_ratio``, and the planner's
+layout from the items' training counts; its plan is printed.  Every model
+trains with the same settings.
 
 Data: planted, so there is something to find.  Users and items have hidden
 rank-16 taste vectors, items have Zipf popularity, user activity is
@@ -53,8 +69,9 @@ import torch.nn.functional as F
 
 from .modules import BloomEmbedding, BloomEmbeddingBag, ZeroEmbedding, embedding_bytes
 from .output import bloom_rank
+from .planner import plan_embedding
 from .ranking import ranking_metrics
-from .terminal import console, cpu_model, progress, render_table
+from .terminal import console, cpu_model, progress
 
 FULL_SIZE = dict(users=20_000, items=10_000, epochs=15)
 QUICK_SIZE = dict(users=5_000, items=2_500, epochs=8)
@@ -184,9 +201,15 @@ def build_model(ratio, num_items, dim, num_hash_functions, device, *, small_dim=
         for table in (history, items):
             nn.init.normal_(table.weight, 0.0, 1.0 / dim)
     elif counts is not None:
+        # The two-tower model lets the width shrink: the planner may answer
+        # with a plain smaller table (built at the Bloom tables' init scale).
         budget = int(ratio * num_items * dim * 4)
-        history = MeanPooled(BloomEmbedding.from_counts(counts, dim, max_bytes=budget, verbose=False, padding_idx=None))
-        items = BloomEmbedding.from_counts(counts, dim, max_bytes=budget, verbose=False, padding_idx=None)
+        plan = plan_embedding(counts, dim, budget, width="free")
+        history, items = MeanPooled(plan.build()), plan.build()
+        for table in (history.table, items):
+            if plan.kind != "bloom":
+                nn.init.normal_(table.weight, 0.0, 1.0 / dim)
+            table.plan = plan
     else:
         # Ids are 0-based and all real: no padding id.
         common = dict(compression_ratio=ratio, num_hash_functions=num_hash_functions, padding_idx=None)
@@ -331,64 +354,93 @@ def training_bytes(model, optimizer):
     return params + state
 
 
+CLOSED_ONLY = ("epochs", "ratios", "users", "items", "interactions_per_user", "dim", "hashes", "history")
+CLOSED_ONLY += ("batch_size", "lr", "l2", "device")
+CLOSED_DEFAULTS = dict(ratios=[0.2], interactions_per_user=15, dim=32, hashes=4, history=16, batch_size=2048)
+CLOSED_DEFAULTS |= dict(lr=0.01, l2=1e-4)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--epochs",
-        type=int,
-        help=f"training epochs per model (default {FULL_SIZE['epochs']}, {QUICK_SIZE['epochs']} with --quick)",
+        "--closed",
+        action="store_true",
+        help="the closed-vocabulary demo (ids 0..n-1, a float per id to spare) instead of the open-id one",
     )
-    parser.add_argument(
-        "--ratios",
-        type=float,
-        nargs="+",
-        default=[0.2],
-        metavar="R",
-        help="budgets, as shares of the full tables' bytes, each in (0, 1]; at each, a smaller "
-        "full table, Bloom at that compression ratio and the planner's layout (default 0.2)",
-    )
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"{QUICK_SIZE['users']:,} users x {QUICK_SIZE['items']:,} items and "
-        f"{QUICK_SIZE['epochs']} epochs: under a minute on 2 CPU cores",
+        help="smaller data (and, open demo, one learning rate): under a minute on 2 CPU cores",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="seeds the data, the initialisation and the sampling (default 0)"
     )
-    size = parser.add_argument_group("dataset and model (advanced)")
-    size.add_argument(
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        metavar="S",
+        help="open demo: run every data seed and add mean ± std and paired differences over them",
+    )
+    parser.add_argument("--out", metavar="FILE.json", help="open demo: write every row's numbers and the verdict")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    closed = parser.add_argument_group("closed demo only (--closed)")
+    closed.add_argument(
+        "--epochs",
+        type=int,
+        help=f"training epochs per model (default {FULL_SIZE['epochs']}, {QUICK_SIZE['epochs']} with --quick)",
+    )
+    closed.add_argument(
+        "--ratios",
+        type=float,
+        nargs="+",
+        metavar="R",
+        help="budgets, as shares of the full tables' bytes, each in (0, 1]; at each, a smaller "
+        "full table, Bloom at that compression ratio and the planner's layout (default 0.2)",
+    )
+    closed.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
+    closed.add_argument(
         "--users",
         type=int,
         help=f"number of users (default {FULL_SIZE['users']:,}, {QUICK_SIZE['users']:,} with --quick)",
     )
-    size.add_argument(
+    closed.add_argument(
         "--items",
         type=int,
         help=f"number of items (default {FULL_SIZE['items']:,}, {QUICK_SIZE['items']:,} with --quick)",
     )
-    size.add_argument(
+    closed.add_argument(
         "--interactions-per-user",
         type=float,
-        default=15,
         metavar="N",
         help="mean interactions per user, at least 3 each (default 15)",
     )
-    size.add_argument("--dim", type=int, default=32, help="embedding dimension (default 32)")
-    size.add_argument("--hashes", type=int, default=4, metavar="K", help="hash functions per id (default 4)")
-    size.add_argument(
-        "--history",
-        type=int,
-        default=16,
-        metavar="L",
-        help="history items sampled per training interaction (default 16)",
+    closed.add_argument("--dim", type=int, help="embedding dimension (default 32)")
+    closed.add_argument("--hashes", type=int, metavar="K", help="hash functions per id of plain Bloom (default 4)")
+    closed.add_argument(
+        "--history", type=int, metavar="L", help="history items sampled per training interaction (default 16)"
     )
-    size.add_argument("--batch-size", type=int, default=2048, help="interactions per step (default 2048)")
-    size.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default 0.01)")
-    size.add_argument("--l2", type=float, default=1e-4, help="L2 weight on the user vectors (default 1e-4)")
+    closed.add_argument("--batch-size", type=int, help="interactions per step (default 2048)")
+    closed.add_argument("--lr", type=float, help="Adam learning rate (default 0.01)")
+    closed.add_argument("--l2", type=float, help="L2 weight on the user vectors (default 1e-4)")
 
 
 def run(args) -> int:
+    """``triton-bloom demo``: the open-id demo, or with ``--closed`` the closed one."""
+    if args.closed:
+        for name, value in CLOSED_DEFAULTS.items():
+            if getattr(args, name, None) is None:
+                setattr(args, name, value)
+        return run_closed(args)
+    given = [name for name in CLOSED_ONLY if getattr(args, name, None) is not None]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise SystemExit(f"triton-bloom demo: {flags} apply to the closed demo only: add --closed")
+    from .demo_open import run_open
+
+    return run_open(args)
+
+
+def run_closed(args) -> int:
     preset = QUICK_SIZE if args.quick else FULL_SIZE
     num_users = args.users or preset["users"]
     num_items = args.items or preset["items"]
@@ -423,16 +475,22 @@ def run(args) -> int:
         if small >= 1:
             variants.append((f"nn.Embedding dim {small}", None, small, False))
         variants += [(f"Bloom {r:g}", r, None, False), (f"planned ≤{r:g}", r, None, True)]
-    rows, full_auc, full_bytes, plans, top_lines = [], None, None, [], []
+    results, plans, top_lines = [], [], []
     bar = progress(total=len(variants) * epochs, desc="training", unit="epoch")
     try:
         for index, (name, ratio, small, planned) in enumerate(variants):
+            if planned:
+                plan = plan_embedding(counts, args.dim, int(ratio * num_items * args.dim * 4), width="free")
+                plans.append((name, plan))
+                twin = next((r for r in results if plan.kind == "reduced" and r["label"] == plan.label()), None)
+                if twin is not None:  # the planner chose a row already trained: same layout, same numbers
+                    results.append(dict(twin, label=f"{name} = {twin['label']}", ratio=ratio))
+                    bar.update(epochs)
+                    continue
             torch.manual_seed(args.seed + index)
             model = build_model(
                 ratio, num_items, args.dim, args.hashes, device, small_dim=small, counts=counts if planned else None
             )
-            if planned:
-                plans.append((name, getattr(model.items, "plan", None)))
             optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
             generator = torch.Generator(device=device).manual_seed(args.seed)
             seconds = []
@@ -445,48 +503,88 @@ def run(args) -> int:
                 seconds.append(time.perf_counter() - tick)
                 bar.set_postfix_str(f"{name}, epoch {epoch + 1}/{epochs}, loss {loss:.3f}")
                 bar.update(1)
+            bar.set_postfix_str(f"{name}: ranking every item")
             vectors = user_vectors(model, data)
             auc, hits = metrics(model_ranks(model, data, vectors), data)
             if not top_lines and ratio is not None and not planned:  # the first plain Bloom model
                 top_lines = [top_items_line(model, vectors, data, u, name) for u in range(min(2, num_users))]
-            nbytes = sum(embedding_bytes(t) for t in model.embedding_tables())
-            full_bytes, full_auc = full_bytes or nbytes, full_auc or auc
-            mib = training_bytes(model, optimizer) / 2**20
-            rows.append(
-                [
-                    name,
-                    f"{nbytes / 1024:,.1f}",
-                    f"{nbytes / full_bytes:.3f}",
-                    f"{mib:.2f}",
-                    f"{statistics.median(seconds):.2f}",
-                    f"{auc:.4f}",
-                    f"{auc / full_auc:.3f}",
-                    f"{hits:.4f}",
-                ]
+            results.append(
+                dict(
+                    label=name,
+                    ratio=ratio if small is None else small / args.dim,
+                    bytes=sum(embedding_bytes(t) for t in model.embedding_tables()),
+                    mib=training_bytes(model, optimizer) / 2**20,
+                    epoch_s=statistics.median(seconds),
+                    auc=auc,
+                    hits=hits,
+                )
             )
             del model, optimizer
     finally:
         bar.close()
 
+    from .demo_report import _table
+
+    full = results[0]
     auc, hits = metrics(popularity_ranks(data, args.seed), data)
-    rows.append(["popularity", "-", "-", "-", "-", f"{auc:.4f}", f"{auc / full_auc:.3f}", f"{hits:.4f}"])
-    render_table(
-        ["model", "emb. KiB", "of full", "MiB", "s/epoch", "AUC", "AUC / full", "HR@10"],
-        rows,
-        title=f"{num_users:,} users x {num_items:,} items, dim {args.dim}, k={args.hashes}, {device.type}",
-        caption="emb. KiB: the two item tables, everything they store (hot-id index, private part "
-        f"included; the item bias adds {num_items * 4 / 1024:,.1f} KiB to every model).  MiB: all "
-        "parameters + Adam state.  s/epoch: median.  AUC, HR@10: held-out item vs every unseen item; "
-        "higher is better.",
-        numeric_from=1,
+    rows = [
+        [
+            r["label"],
+            f"{r['bytes'] / 1024:,.1f}",
+            f"{r['bytes'] / full['bytes']:.3f}",
+            f"{r['mib']:.2f}",
+            f"{r['epoch_s']:.2f}",
+            f"{r['auc']:.4f}",
+            f"{r['auc'] / full['auc']:.3f}",
+            f"{r['hits']:.4f}",
+        ]
+        for r in results
+    ]
+    rows.append(["popularity", "-", "-", "-", "-", f"{auc:.4f}", f"{auc / full['auc']:.3f}", f"{hits:.4f}"])
+    out.print(
+        f"\n{num_users:,} users x {num_items:,} items, dim {args.dim}, k={args.hashes}, {device.type}:",
+        markup=False,
+    )
+    headers = [
+        ("", "KiB", "of", "", "s/", "", "AUC /", ""),
+        ("model", "(emb.)", "full", "MiB", "epoch", "AUC", "full", "HR@10"),
+    ]
+    out.print(_table(headers, rows, 26), markup=False)
+    out.print(
+        "KiB: the two item tables, everything they store (hot-id index, private part included; the item "
+        f"bias adds {num_items * 4 / 1024:,.1f} KiB to every model).  MiB: all parameters + Adam state.  "
+        "s/epoch: median.  AUC, HR@10: held-out item vs every unseen item; higher is better."
     )
     for name, plan in plans:
-        if plan is not None:
-            out.print(f"[bold]{name}[/bold] (each of the two item tables): {plan}")
+        out.print(f"\n{name} (each of the two item tables):\n{plan}", markup=False)
     for line in top_lines:
         out.print(line)
+    for ratio in ratios:
+        out.print("\n" + closed_verdict(results, ratio), markup=False)
     out.print(f"Done in {time.perf_counter() - started:.0f} s.")
     return 0
+
+
+def closed_verdict(results, ratio) -> str:
+    """The best model within ``ratio`` of the full tables' bytes by AUC, its
+    lead over the runner-up, and where plain Bloom stands."""
+    full = results[0]
+    inside = [r for r in results[1:] if r["bytes"] <= ratio * full["bytes"] * 1.0001 and "=" not in r["label"]]
+    if not inside:
+        return f"At {ratio:g} of the bytes: no model fits."
+    ranked = sorted(inside, key=lambda r: r["auc"], reverse=True)
+    best = ranked[0]
+    text = f"Verdict at {ratio:g} of the bytes: best {best['label']} (AUC {best['auc']:.4f}"
+    if len(ranked) > 1:
+        text += f", {best['auc'] - ranked[1]['auc']:+.4f} over {ranked[1]['label']}"
+    text += f", {best['epoch_s']:.2f} s/epoch)."
+    bloom = next((r for r in inside if r["label"] == f"Bloom {ratio:g}"), None)
+    if bloom is not None and bloom is not best:
+        text += (
+            f"  Plain Bloom: {bloom['auc'] - best['auc']:+.4f} AUC at {bloom['epoch_s'] / best['epoch_s']:.1f}x "
+            "the time per epoch: with closed ids and a float per id to spare, a smaller plain table is the tool."
+        )
+    return text
 
 
 def _sync(device):

@@ -1,27 +1,47 @@
 """The budget planner: from id frequencies and a byte budget, the layout of
-an embedding table.
+an embedding table, and a sentence saying what to build.
 
-Candidates are scored by a model of what each id keeps of a private,
-full-width row, weighted by how often the id is looked up:
+Two regimes (``/work/shared/DESIGN.md``, "Accuracy at equal bytes"):
+
+- **closed ids** (``0..n-1``, ``counts`` indexed by id): every id can have
+  a private code, and when the model's width is free a plain table of a
+  smaller ``embedding_dim`` is an option.  Every closed-vocabulary study
+  recorded under ``bench/results/`` (ml-100k, 10k-item synthetic, the
+  ``demo --closed`` run) found that plain smaller table ahead of every
+  Bloom layout at equal bytes, so with ``width="free"`` it is the plan
+  whenever it has at least one dimension: ``nn.Embedding(n, d')``.
+- **open ids** (``ids=`` the raw ids the counts belong to, any id below
+  ``2**63`` at lookup, ``num_embeddings=None``): no per-id code fits, only
+  hot rows for the frequent ids (8 B per raw id in the hot set) and shared
+  rows for every other id, seen or not.  The plan gives ``OPEN_HOT_SHARE``
+  (half) of the budget to hot rows of the most frequent ids counted at
+  least twice and the rest to shared rows with ``k`` hashes: the split the
+  open-id demo measured ahead of a vocabulary table of the same bytes and
+  of plain Bloom (``bench/results/demo_open_cpu.md``), where the scoring
+  model below would spend nearly all of it on hot rows.
+
+Closed ids are planned by a model of what each id keeps of a
+private, full-width row, weighted by how often the id is looked up:
 
 - a **hot** id (a private row of its own) keeps all of it;
 - every other id keeps ``v(r) = 1 - exp(-3 r / rank)`` through a private
-  ``r``-dimensional code (``private_dim``): most of what a row holds lies in
-  its first few dimensions when the interactions have an effective rank of
-  ``rank`` (``v(rank) = 0.95``).  The default, 8, fits the quality study:
-  on ml-100k a plain table of 6 dimensions keeps 0.93 of the full table's
-  gain over biases only, on the study's synthetic data 0.73;
+  ``r``-dimensional code (``private_dim``, closed ids only): most of what a
+  row holds lies in its first few dimensions when the interactions have an
+  effective rank of ``rank`` (``v(rank) = 0.95``);
 - and, of the rest, the share of its ``k`` shared Bloom rows' training
   signal that is its own: ``p / (p + k * T / R)``, where ``p`` is its
   frequency, ``T`` the total frequency of the ids that hash and ``R`` the
   shared rows (each row receives ``k * T / R`` of the others' lookups in
   expectation).
 
-A reduced-dimension plain table (when the width is free) keeps ``v(d')``
-for every id.  The model ranks layouts by where their bytes go (frequent ids
-first, a little private capacity for every id, the shared rows last); it
-does not know the data's true rank, so it cannot promise accuracy: the
-quality study (``bench/studies/quality.py``) measures what the choice is worth.
+A part that buys nothing is dropped: among the layouts whose score is
+within ``SIMPLER_WITHIN`` of the best, the one with the fewest reads per
+lookup wins, so shared rows that add less than that give way to a pure
+hot (and private) table with a single fallback row (``num_rows=1``,
+``k=1``: the out-of-vocabulary row).  The model does not know the data's
+true rank, so it cannot promise accuracy: the demo (``python -m
+triton_bloom demo``, ``demo --closed``) and the quality studies measure
+what a choice is worth.
 """
 
 from __future__ import annotations
@@ -35,8 +55,22 @@ import torch
 __all__ = ["Plan", "plan_embedding"]
 
 # Fractions of the budget left after the private part that the hot rows may
-# take; the shared Bloom rows get the rest.
-HOT_SHARES = (0.0, 0.25, 0.5, 0.75, 0.9, 0.97)
+# take; the shared Bloom rows get the rest.  A share of 1 is the pure hot
+# table: one shared fallback row, k = 1.
+HOT_SHARES = (0.0, 0.25, 0.5, 0.75, 0.9, 0.97, 1.0)
+# A layout with fewer reads per lookup is taken when its score is within
+# this share of the best: the model's differences below it are not resolved
+# by any study we ran, and every extra read costs time on every lookup.
+SIMPLER_WITHIN = 0.01
+CLOSED_EVIDENCE = "bench/results/quality_cpu.md, bench/results/demo_closed_cpu.md"
+# Open ids: the share of the budget the hot rows take.  In the open-id demo
+# and the probe of issue 20 (two generators), hot rows at 50% to 75% of the
+# budget with a Bloom tail were within noise of each other and ahead of
+# plain Bloom and, on the demo's data, of a pure vocabulary table; the
+# scoring model (which values a shared row only by an id's own share of its
+# signal) would spend nearly everything on hot rows instead.
+OPEN_HOT_SHARE = 0.5
+OPEN_EVIDENCE = "bench/results/demo_open_cpu.md"
 
 
 @dataclasses.dataclass
@@ -45,16 +79,20 @@ class Plan:
 
     ``kind`` is ``"full"`` (the plain table fits the budget), ``"reduced"``
     (a plain table of ``embedding_dim=reduced_dim``: best for the budget
-    when the model lets the width shrink) or ``"bloom"``.  :meth:`build`
-    makes the module; ``str(plan)`` is the report.
+    when the model lets the width shrink) or ``"bloom"`` (a
+    :class:`~triton_bloom.BloomEmbedding`, possibly with hot rows and a
+    private code; ``pure_hot`` when its shared part is a single fallback
+    row).  ``num_embeddings`` is ``None`` for open ids.  :meth:`build`
+    makes the module; ``str(plan)`` is the report, a sentence to act on.
     """
 
     kind: str
-    num_embeddings: int
+    num_embeddings: Optional[int]
     embedding_dim: int
     bytes: int
     max_bytes: int
     score: float
+    num_ids: int = 0
     num_rows: int = 0
     num_hash_functions: int = 0
     private_dim: int = 0
@@ -66,19 +104,55 @@ class Plan:
     # lookup that land on one shared row (above 1 with fewer rows than k).
     tail_share_per_row: float = 0.0
     dtype: torch.dtype = torch.float32
+    reason: str = ""
     alternatives: list = dataclasses.field(default_factory=list)
+
+    @property
+    def open_ids(self) -> bool:
+        return self.num_embeddings is None
+
+    @property
+    def num_hot(self) -> int:
+        return self.hot_ids.numel() if self.hot_ids is not None else 0
+
+    @property
+    def pure_hot(self) -> bool:
+        """A Bloom layout whose shared part is one fallback row (no hashing that matters)."""
+        return self.kind == "bloom" and self.num_rows == 1 and self.num_hash_functions == 1
+
+    def reads(self) -> int:
+        """Table reads per lookup: what a layout costs in time on every id."""
+        if self.kind != "bloom":
+            return 1
+        return (1 if self.pure_hot else self.num_hash_functions) + (1 if self.private_dim else 0)
+
+    def label(self) -> str:
+        """A short name for tables: ``"hot 2,807 + 1 row"``, ``"nn.Embedding dim 6"``..."""
+        if self.kind == "full":
+            return "full table"
+        if self.kind == "reduced":
+            return f"nn.Embedding dim {self.reduced_dim}"
+        parts = [f"hot {self.num_hot:,}"] if self.num_hot else []
+        if self.private_dim:
+            parts.append(f"private {self.private_dim}")
+        if self.pure_hot:
+            parts.append("1 row")
+        else:
+            parts.append(f"Bloom {self.num_rows:,}x{self.num_hash_functions}")
+        return " + ".join(parts)
 
     def build(self, **kwargs):
         """The planned module: a :class:`~triton_bloom.BloomEmbedding` (extra
         ``kwargs`` go to it: ``padding_idx``, ``backend``, ``sparse``...), or
-        for ``"full"``/``"reduced"`` a :class:`~triton_bloom.ScaledEmbedding`."""
+        for ``"full"``/``"reduced"`` a :class:`~triton_bloom.ScaledEmbedding`
+        (``sparse`` is passed on, other Bloom options are dropped)."""
         from .modules import BloomEmbedding, ScaledEmbedding
 
         device = kwargs.pop("device", None)
-        if self.kind == "full":
-            return ScaledEmbedding(self.num_embeddings, self.embedding_dim, device=device, dtype=self.dtype)
-        if self.kind == "reduced":
-            return ScaledEmbedding(self.num_embeddings, self.reduced_dim, device=device, dtype=self.dtype)
+        if self.kind in ("full", "reduced"):
+            width = self.embedding_dim if self.kind == "full" else self.reduced_dim
+            sparse = bool(kwargs.get("sparse", False))
+            return ScaledEmbedding(self.num_embeddings, width, sparse=sparse, device=device, dtype=self.dtype)
         kwargs.setdefault("padding_idx", None)
         module = BloomEmbedding(
             self.num_embeddings,
@@ -94,30 +168,61 @@ class Plan:
         module.plan = self
         return module
 
-    def __str__(self) -> str:
-        full = self.num_embeddings * self.embedding_dim * _element_size(self.dtype)
-        lines = [
-            f"embedding plan for {self.num_embeddings:,} ids x {self.embedding_dim} dims, "
-            f"budget {self.max_bytes:,} B ({self.max_bytes / full:.3f} of the full table's {full:,} B)"
-        ]
+    def code(self) -> str:
+        """The constructor call that builds this plan (``plan.build()`` does it for you)."""
         if self.kind == "full":
-            lines.append("  the full table fits the budget: use it (no hashing, no collisions)")
+            return f"nn.Embedding({self.num_embeddings}, {self.embedding_dim})"
+        if self.kind == "reduced":
+            return f"nn.Embedding({self.num_embeddings}, {self.reduced_dim})"
+        args = [
+            "None" if self.open_ids else str(self.num_embeddings),
+            str(self.embedding_dim),
+            f"num_rows={self.num_rows}",
+            f"num_hash_functions={self.num_hash_functions}",
+        ]
+        if self.num_hot:
+            args.append("hot_ids=plan.hot_ids")
+        if self.private_dim:
+            args.append(f"private_dim={self.private_dim}")
+        return f"BloomEmbedding({', '.join(args)}, padding_idx=None)"
+
+    def __str__(self) -> str:
+        e = _element_size(self.dtype)
+        what = "open ids (any id below 2**63)" if self.open_ids else f"{self.num_embeddings:,} ids"
+        counted = f", {self.num_ids:,} of them counted" if self.open_ids else ""
+        head = f"Plan for {what}{counted} x {self.embedding_dim} dims within {self.max_bytes:,} B"
+        if not self.open_ids:
+            full = self.num_embeddings * self.embedding_dim * e
+            head += f" ({self.max_bytes / full:.3f} of the full table's {full:,} B)"
+        lines = [head + ":"]
+        if self.kind == "full":
+            lines.append(f"  use {self.code()}: the full table fits the budget (no hashing, no collisions).")
         elif self.kind == "reduced":
             lines.append(
-                f"  a plain table at embedding_dim={self.reduced_dim} is the best use of the budget "
-                f"({self.bytes:,} B): smaller vectors beat shared rows here"
+                f"  use {self.code()} ({self.bytes:,} B): a plain table of {self.reduced_dim} dims instead of "
+                f"{self.embedding_dim}.  {self.reason}"
             )
         else:
-            hot = self.hot_ids.numel() if self.hot_ids is not None else 0
-            lines += [
-                f"  {hot:,} hot ids with private rows, covering {self.hot_share:.1%} of the lookups",
-                f"  private code of {self.private_dim} dims per id" if self.private_dim else "  no private code",
-                f"  {self.num_rows:,} shared rows, k={self.num_hash_functions}: {self.ids_per_row:.1f} ids "
-                f"share each row on average ({self.tail_share_per_row:.3f} of a lookup's "
-                f"{self.num_hash_functions} row reads land on each)",
-                f"  {self.bytes:,} B in all ({self.bytes / full:.3f} of the full table)",
-            ]
-        lines.append(f"  model score {self.score:.3f} (1 = every id as good as a private full row)")
+            parts = []
+            if self.num_hot:
+                parts.append(
+                    f"a private row for each of the {self.num_hot:,} most frequent ids "
+                    f"({self.hot_share:.1%} of the lookups)"
+                )
+            if self.private_dim:
+                parts.append(f"a private {self.private_dim}-dim code for every id")
+            if self.pure_hot:
+                parts.append("one shared row for every other id" + (", unseen ones included" if self.open_ids else ""))
+            else:
+                parts.append(
+                    f"{self.num_rows:,} shared rows that every other id hashes to with k={self.num_hash_functions} "
+                    f"({self.ids_per_row:,.1f} counted ids per row)"
+                )
+            lines.append(f"  use {self.code()} ({self.bytes:,} B): " + ", ".join(parts) + ".")
+            if self.reason:
+                lines.append(f"  {self.reason}")
+            lines.append("  plan.build() makes it.")
+        lines.append(f"  (model score {self.score:.3f}; 1 = every id as good as a private full row)")
         return "\n".join(lines)
 
 
@@ -132,8 +237,20 @@ def _value(dims: int, embedding_dim: int, rank: float) -> float:
     return 1.0 - math.exp(-3.0 * dims / rank)
 
 
-def _bloom_bytes(n, d, e, rows, hot, r, index_bytes):
-    return e * ((rows + hot) * d + n * r + r * d) + hot * index_bytes
+def _check_ids(ids, counts) -> torch.Tensor:
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.numel() != counts.numel():
+        raise ValueError(
+            f"ids must be a 1-D tensor with one raw id per count ({counts.numel()}), got {getattr(ids, 'shape', ids)}"
+        )
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"ids must be integer raw ids, got dtype {ids.dtype}")
+    ids = ids.to(torch.int64).cpu()
+    if bool((ids < 0).any()):
+        raise ValueError(f"ids must be non-negative (below 2**63), got {int(ids.min())}")
+    unique = torch.unique(ids)
+    if unique.numel() != ids.numel():
+        raise ValueError("ids must be distinct: sum the counts of a repeated id first")
+    return ids
 
 
 def plan_embedding(
@@ -141,23 +258,30 @@ def plan_embedding(
     embedding_dim: int,
     max_bytes: int,
     *,
+    ids: Optional[torch.Tensor] = None,
     num_hash_functions: int = 2,
     width: str = "fixed",
     rank: float = 8.0,
     dtype: torch.dtype = torch.float32,
 ) -> Plan:
-    r"""Plan an embedding table of ``len(counts)`` ids within ``max_bytes``.
+    r"""Plan an embedding table within ``max_bytes``.
 
     Args:
-        counts (Tensor): ``(num_embeddings,)`` lookups (or training events)
-            per id, e.g. ``torch.bincount(train_ids, minlength=N)``.
+        counts (Tensor): ``(n,)`` lookups (or training events) per id: for
+            closed ids, indexed by id, e.g. ``torch.bincount(train_ids,
+            minlength=n)``; with ``ids``, the count of ``ids[i]``, e.g.
+            ``ids, counts = torch.unique(train_ids, return_counts=True)`` (in a
+            stream, the counts of a recent window or a heavy-hitters sketch).
         embedding_dim (int): the width the model needs.
         max_bytes (int): the budget for everything the layer stores
             (:func:`~triton_bloom.embedding_bytes` of the built module).
+        ids (Tensor, optional): distinct raw ids below ``2**63`` for open ids
+            (``num_embeddings=None``): any id may be looked up, counted or
+            not.  Default: ``None``, closed ids ``0..n-1``.
         num_hash_functions (int): ``k`` of the shared rows. Default: 2.
         width (str): ``"fixed"`` (the model needs ``embedding_dim``, as a
             transformer's width or a tied output layer) or ``"free"`` (a
-            smaller ``embedding_dim`` is an option too).
+            smaller ``embedding_dim`` is an option too; closed ids only).
         rank (float): the interactions' effective rank, for the scoring
             model: how many private dimensions keep 95% of a full row.
             Default: 8.
@@ -174,6 +298,9 @@ def plan_embedding(
         >>> module = plan.build()
         >>> embedding_bytes(module) <= plan.max_bytes
         True
+        >>> raw, counts = torch.unique(torch.randint(0, 2**62, (1000,)) % 997 * 2**40, return_counts=True)
+        >>> plan_embedding(counts, 16, max_bytes=20_000, ids=raw).num_embeddings is None
+        True
     """
     if not isinstance(counts, torch.Tensor) or counts.dim() != 1 or counts.numel() < 2:
         raise ValueError(f"counts must be a 1-D tensor of per-id frequencies, got {getattr(counts, 'shape', counts)}")
@@ -183,11 +310,14 @@ def plan_embedding(
         raise ValueError(f"width must be 'fixed' or 'free', got {width!r}")
     if not rank > 0:
         raise ValueError(f"rank must be positive, got {rank!r}")
+    open_ids = ids is not None
+    if open_ids:
+        ids = _check_ids(ids, counts)
     n, d, e = counts.numel(), int(embedding_dim), _element_size(dtype)
     max_bytes = int(max_bytes)
     full_bytes = n * d * e
-    common = dict(num_embeddings=n, embedding_dim=d, max_bytes=max_bytes, dtype=dtype)
-    if max_bytes >= full_bytes:
+    common = dict(num_embeddings=None if open_ids else n, embedding_dim=d, max_bytes=max_bytes, dtype=dtype, num_ids=n)
+    if not open_ids and max_bytes >= full_bytes:
         return Plan(kind="full", bytes=full_bytes, score=1.0, **common)
     freq = counts.double().cpu()
     total = float(freq.sum())
@@ -195,59 +325,106 @@ def plan_embedding(
     order = torch.argsort(p, descending=True, stable=True)
     p_sorted = p[order]
     cumulative = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(p_sorted, 0)])
-    index_bytes = 4 if n <= 2**31 else 8
-    k = num_hash_functions
+    # The hot set is a sorted int32 buffer for closed ids that fit, else int64 raw ids.
+    index_bytes = 8 if open_ids or n > 2**31 else 4
 
-    candidates = []
-    if width == "free":
+    if not open_ids and width == "free":
         reduced = max_bytes // (n * e)
         if reduced >= 1:
-            candidates.append(
-                Plan(
-                    kind="reduced",
-                    bytes=n * reduced * e,
-                    reduced_dim=int(reduced),
-                    score=_value(int(reduced), d, rank),
-                    **common,
-                )
+            return Plan(
+                kind="reduced",
+                bytes=n * int(reduced) * e,
+                reduced_dim=int(reduced),
+                score=_value(int(reduced), d, rank),
+                reason="With closed ids and a free width, a smaller plain table beat every Bloom layout at equal "
+                f"bytes in each study we recorded ({CLOSED_EVIDENCE}): no hashing, no id map, one read per lookup.",
+                **common,
             )
-    private_options = [r for r in (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64) if r < d]
+
+    def candidate(hot, rows, k, r):
+        v = _value(r, d, rank)
+        tail = p_sorted[hot:]
+        tail_mass = float(cumulative[-1] - cumulative[hot])
+        load = k * tail_mass / rows
+        own = tail / (tail + load) if load > 0 else torch.ones_like(tail)
+        hot_index = order[:hot]
+        return Plan(
+            kind="bloom",
+            bytes=e * ((rows + hot) * d + n * r + r * d) + hot * index_bytes,
+            score=float(cumulative[hot]) + float((tail * (v + (1 - v) * own)).sum()),
+            num_rows=int(rows),
+            num_hash_functions=k,
+            private_dim=r,
+            hot_ids=(ids[hot_index] if open_ids else hot_index).sort().values if hot else None,
+            hot_share=float(cumulative[hot]),
+            ids_per_row=k * (n - hot) / rows,
+            tail_share_per_row=load,
+            **common,
+        )
+
+    candidates = []
+    private_options = [0] if open_ids else [r for r in (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64) if r < d]
     for r in private_options:
         left = max_bytes - e * (n * r + r * d)
         if left < e * d:  # not even one shared row
             continue
         for share in HOT_SHARES:
-            hot = min(int(share * left) // (e * d + index_bytes), n - 1)
-            rows = (left - hot * (e * d + index_bytes)) // (e * d)
-            if rows < 1:
+            if share == 1.0:
+                k, hot, rows = 1, min((left - e * d) // (e * d + index_bytes), n), 1
+            else:
+                k = num_hash_functions
+                hot = min(int(share * left) // (e * d + index_bytes), n - 1)
+                rows = (left - hot * (e * d + index_bytes)) // (e * d)
+            if rows < 1 or (share == 1.0 and hot == 0):
                 continue
-            tail = p_sorted[hot:]
-            tail_mass = float(cumulative[-1] - cumulative[hot])
-            load = k * tail_mass / rows
-            own = tail / (tail + load) if load > 0 else torch.ones_like(tail)
-            v = _value(r, d, rank)
-            score = float(cumulative[hot]) + float((tail * (v + (1 - v) * own)).sum())
-            candidates.append(
-                Plan(
-                    kind="bloom",
-                    bytes=_bloom_bytes(n, d, e, rows, hot, r, index_bytes),
-                    score=score,
-                    num_rows=int(rows),
-                    num_hash_functions=k,
-                    private_dim=r,
-                    hot_ids=order[:hot].sort().values if hot else None,
-                    hot_share=float(cumulative[hot]),
-                    ids_per_row=k * (n - hot) / rows,
-                    tail_share_per_row=load,
-                    **common,
-                )
+            candidates.append(candidate(hot, rows, k, r))
+    if open_ids and candidates:
+        # The measured rule of the open regime (module docstring): half the
+        # budget for the most frequent ids, never for ids counted once.
+        repeated = int((counts >= 2).sum())
+        hot = min(int(OPEN_HOT_SHARE * max_bytes) // (e * d + index_bytes), repeated)
+        rows = (max_bytes - hot * (e * d + index_bytes)) // (e * d)
+        if rows > num_hash_functions:
+            chosen = candidate(hot, rows, num_hash_functions, 0)
+            chosen.reason = (
+                f"Open ids: {OPEN_HOT_SHARE:.0%} of the budget for private rows of the most frequent ids (ids "
+                "counted once get none), the rest for shared rows, so that every other id, new ones included, "
+                f"gets a vector of its own {num_hash_functions} rows; measured ahead of a vocabulary table and "
+                f"of plain Bloom ({OPEN_EVIDENCE})."
             )
+        else:  # too few bytes for a shared part that could tell ids apart
+            hot = min((max_bytes - e * d) // (e * d + index_bytes), n)
+            chosen = candidate(hot, 1, 1, 0) if hot else candidate(0, rows, num_hash_functions, 0)
+        chosen.alternatives = [(c.label(), c.bytes, round(c.score, 4)) for c in candidates][:5]
+        return chosen
     if not candidates:
         raise ValueError(f"max_bytes={max_bytes} cannot hold even one shared row of {d} dims ({e * d} B)")
     candidates.sort(key=lambda plan: plan.score, reverse=True)
-    best = candidates[0]
-    best.alternatives = [
-        (c.kind, c.private_dim, c.hot_ids.numel() if c.hot_ids is not None else 0, c.num_rows, round(c.score, 4))
-        for c in candidates[1:6]
-    ]
+    top = candidates[0]
+    near = [c for c in candidates if c.score >= top.score * (1 - SIMPLER_WITHIN)]
+    best = min(near, key=lambda c: (c.reads(), -c.score))
+    if best is not top:
+        dropped = []
+        if top.num_rows > 1 and best.pure_hot:
+            dropped.append(f"{top.num_rows:,} shared Bloom rows")
+        if top.private_dim and not best.private_dim:
+            dropped.append(f"a {top.private_dim}-dim private code")
+        if dropped:
+            best.reason = (
+                f"Left out: {' and '.join(dropped)}, which would add {top.score - best.score:.3f} to the model "
+                f"score (under {SIMPLER_WITHIN:.0%}) for {top.reads() - best.reads()} more read(s) per lookup."
+            )
+    elif best.pure_hot:
+        with_rows = next((c for c in candidates if c.kind == "bloom" and not c.pure_hot), None)
+        if with_rows is not None:
+            best.reason = (
+                f"Shared Bloom rows buy less than hot rows at this budget: the best layout with them "
+                f"({with_rows.label()}) scores {with_rows.score:.3f}."
+            )
+    elif best.kind == "bloom" and not best.pure_hot:
+        best.reason = (
+            f"The shared rows give every other id{', new ones included,' if open_ids else ''} "
+            f"a vector of {best.num_hash_functions} rows rather than one fallback row."
+        )
+    best.alternatives = [(c.label(), c.bytes, round(c.score, 4)) for c in candidates if c is not best][:5]
     return best
