@@ -53,6 +53,28 @@ def pytest_report_header(config):
     )
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One intra-op thread per worker: `pytest -n auto` runs a worker per core,
+    # and two threads each on CI's two cores would wait on each other.
+    torch.set_num_threads(1)
+
+
+def pytest_sessionfinish(session):
+    # An xdist worker hands its generated-case counts to the controller,
+    # which prints the totals (pytest_testnodedown below).
+    if hasattr(session.config, "workeroutput"):
+        from case_count import CASES
+
+        session.config.workeroutput["case_counts"] = dict(CASES)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    from case_count import CASES
+
+    CASES.update(getattr(node, "workeroutput", {}).get("case_counts", {}))
+
+
 def pytest_terminal_summary(terminalreporter):
     # The generated tests' case counts, visible under `pytest -q` too.
     from case_count import summary
