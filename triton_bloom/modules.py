@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Optional
 
@@ -16,6 +15,10 @@ from .checks import WEIGHT_DTYPES, check_training_options, normalize_padding_idx
 from .constants import MODES
 from .functional import bag_lookup, lookup
 from .hashing import IMPORTANCE_SEED, SEEDS, SIGN_SEEDS, bloom_hash, check_num_hash_functions
+from .layout import compressed_rows, embedding_bytes
+from .layout import positive_int as _positive_int
+from .layout import sorted_hot_ids as _sorted_hot_ids
+from .plain import ScaledEmbedding, ScaledEmbeddingBag, ZeroEmbedding
 
 __all__ = [
     "BloomEmbedding",
@@ -25,128 +28,6 @@ __all__ = [
     "ScaledEmbeddingBag",
     "embedding_bytes",
 ]
-
-
-def embedding_bytes(module: nn.Module) -> int:
-    r"""Bytes of every parameter and buffer of ``module`` (each tensor counted
-    once): what an embedding layer costs in memory, hot-id index, importance
-    weights, private part and hash cache included, optimizer state excluded.
-
-    Examples::
-
-        >>> embedding_bytes(torch.nn.Embedding(1000, 32))
-        128000
-        >>> embedding_bytes(BloomEmbedding(1000, 32, compression_ratio=0.2))
-        25600
-    """
-    seen, total = set(), 0
-    for tensor in itertools.chain(module.parameters(), module.buffers()):
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            total += tensor.numel() * tensor.element_size()
-    return total
-
-
-def _sorted_hot_ids(hot_ids, num_embeddings: Optional[int], padding_idx: Optional[int], device) -> torch.Tensor:
-    """``hot_ids`` checked (distinct ids in range, not the padding id) and
-    sorted, in the narrowest integer type: the hot set as the kernels search it."""
-    hot = torch.as_tensor(hot_ids, device=device)
-    if hot.dim() != 1 or hot.is_floating_point() or hot.dtype == torch.bool or hot.is_complex():
-        raise TypeError(
-            f"hot_ids must be a 1-D tensor of integer ids, got dtype {hot.dtype} and shape {tuple(hot.shape)}"
-        )
-    hot = torch.sort(hot.to(torch.int64)).values
-    if hot.numel():
-        low, high = int(hot[0]), int(hot[-1])
-        if low < 0 or (num_embeddings is not None and high >= num_embeddings):
-            bad = low if low < 0 else high
-            raise IndexError(f"hot id {bad} is out of range for num_embeddings={num_embeddings}")
-        repeated = hot[1:] == hot[:-1]
-        if bool(repeated.any()):
-            raise ValueError(f"hot_ids must be distinct, but id {int(hot[1:][repeated][0])} repeats")
-        if padding_idx is not None and bool((hot == padding_idx).any()):
-            raise ValueError(f"hot_ids must not hold padding_idx={padding_idx}: it reads no row")
-    if num_embeddings is not None and num_embeddings <= 2**31:
-        hot = hot.to(torch.int32)
-    return hot
-
-
-class ScaledEmbedding(nn.Embedding):
-    r"""An :class:`torch.nn.Embedding` initialised from
-    :math:`\mathcal{N}(0, 1/\text{embedding\_dim})` (standard deviation
-    ``1 / embedding_dim``), as in Spotlight.  Takes ``nn.Embedding``'s arguments.
-
-    Examples::
-
-        >>> emb = ScaledEmbedding(10, 4, padding_idx=0)
-        >>> emb(torch.tensor([0, 3])).shape
-        torch.Size([2, 4])
-    """
-
-    def reset_parameters(self) -> None:
-        with torch.no_grad():
-            self.weight.normal_(0, 1.0 / self.embedding_dim)
-            if self.padding_idx is not None:
-                self.weight[self.padding_idx].fill_(0)
-
-
-class ZeroEmbedding(nn.Embedding):
-    r"""An :class:`torch.nn.Embedding` initialised to zeros, as Spotlight uses
-    for biases.  Takes ``nn.Embedding``'s arguments.
-
-    Examples::
-
-        >>> bias = ZeroEmbedding(10, 1)
-        >>> bias(torch.tensor([3])).sum().item()
-        0.0
-    """
-
-    def reset_parameters(self) -> None:
-        with torch.no_grad():
-            self.weight.zero_()
-
-
-class ScaledEmbeddingBag(nn.EmbeddingBag):
-    r"""An :class:`torch.nn.EmbeddingBag` initialised from
-    :math:`\mathcal{N}(0, 1/\text{embedding\_dim})`, as in Spotlight.  Takes
-    ``nn.EmbeddingBag``'s arguments.
-
-    Examples::
-
-        >>> bag = ScaledEmbeddingBag(10, 4, mode="sum")
-        >>> bag(torch.tensor([[1, 2], [3, 4]])).shape
-        torch.Size([2, 4])
-    """
-
-    def reset_parameters(self) -> None:
-        with torch.no_grad():
-            self.weight.normal_(0, 1.0 / self.embedding_dim)
-            if self.padding_idx is not None:
-                self.weight[self.padding_idx].fill_(0)
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def compressed_rows(num_embeddings: Optional[int], compression_ratio: float, num_rows: Optional[int]) -> int:
-    """Rows of the compressed table: ``num_rows`` if given, else Spotlight's
-    ``int(compression_ratio * num_embeddings)``; ``ValueError`` below one row."""
-    if num_rows is not None:
-        return _positive_int("num_rows", num_rows)
-    if num_embeddings is None:
-        raise ValueError("num_rows is required when num_embeddings is None")
-    if not compression_ratio > 0:
-        raise ValueError(f"compression_ratio must be positive, got {compression_ratio!r}")
-    rows = int(compression_ratio * num_embeddings)
-    if rows < 1:
-        raise ValueError(
-            f"compression_ratio={compression_ratio} of num_embeddings={num_embeddings} "
-            f"leaves {rows} rows; the table needs at least one"
-        )
-    return rows
 
 
 class _BloomTable(nn.Module):
@@ -480,8 +361,9 @@ class BloomEmbedding(_BloomTable):
             so the projected code has the table's per-element scale. Its parameters
             train with the model's optimizer, never the fused one; with
             ``sparse=True`` its gradient is sparse too. Default: 0 (none).
-        device, dtype: of the table; float32, float64, float16 or bfloat16
-            (half-precision tables sum and accumulate in float32).
+        device (torch.device, optional): where the table lives.
+        dtype (torch.dtype, optional): of the table; float32, float64, float16
+            or bfloat16 (half-precision tables sum and accumulate in float32).
 
     Attributes:
         embeddings (ScaledEmbedding): the compressed table; its weight of shape
@@ -675,10 +557,15 @@ class BloomEmbeddingBag(_BloomTable):
         sparse (bool): sparse COO ``weight.grad``, as in ``nn.EmbeddingBag``.
         fused_optimizer (FusedSGD or FusedRowWiseAdagrad, optional): train the
             table inside the backward pass (see :mod:`triton_bloom.optim`).
-        signed, importance, importance_rows, hot_ids, private_dim: the
-            variants, as in :class:`BloomEmbedding` (``private_dim`` with
-            ``mode="sum"`` or ``"mean"`` only).
-        device, dtype: of the table (float32, float64, float16 or bfloat16).
+        signed (bool): as in :class:`BloomEmbedding`. Default: ``False``.
+        importance (bool): as in :class:`BloomEmbedding`. Default: ``False``.
+        importance_rows (int, optional): as in :class:`BloomEmbedding`.
+        hot_ids (Tensor, optional): as in :class:`BloomEmbedding`.
+        private_dim (int): as in :class:`BloomEmbedding`, with ``mode="sum"``
+            or ``"mean"`` only. Default: 0 (none).
+        device (torch.device, optional): where the table lives.
+        dtype (torch.dtype, optional): of the table (float32, float64, float16
+            or bfloat16).
 
     Attributes:
         embeddings (ScaledEmbedding): the compressed table (state key

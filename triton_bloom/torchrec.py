@@ -9,7 +9,8 @@ weights, so the collection is a weighted one.  An unpooled lookup (a
 does with an ``EmbeddingBagCollection`` then applies unchanged:
 ``DistributedModelParallel`` shards the table-wise, column-wise or row-wise,
 FBGEMM's fused optimizers train it inside the backward, and no rank ever
-holds a dense gradient of it.
+holds a dense gradient of it.  TorchRec is imported by this module alone:
+``import triton_bloom`` never needs it.
 
 The pieces, from the bottom up:
 
@@ -23,9 +24,6 @@ The pieces, from the bottom up:
 - :func:`copy_weights_to_collection` and :func:`copy_weights_from_collection`:
   move trained tables between Bloom modules and a collection, sharded or not,
   checking the hash specification.
-
-TorchRec is imported here only, and only when this module is imported:
-``import triton_bloom`` never needs it.
 """
 
 from __future__ import annotations

@@ -1,0 +1,83 @@
+"""A Bloom table's layout, checked and measured: its sizes (a positive int,
+the rows of the compressed table), its hot-id set, and what it costs in
+bytes.  Below the modules, the output side and the planner, which all use
+them, so that none of them has to import another for these."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+__all__ = ["positive_int", "compressed_rows", "sorted_hot_ids", "embedding_bytes"]
+
+
+def positive_int(name: str, value) -> int:
+    """``value`` if it is a positive int (not a bool), else ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def compressed_rows(num_embeddings: Optional[int], compression_ratio: float, num_rows: Optional[int]) -> int:
+    """Rows of the compressed table: ``num_rows`` if given, else Spotlight's
+    ``int(compression_ratio * num_embeddings)``; ``ValueError`` below one row."""
+    if num_rows is not None:
+        return positive_int("num_rows", num_rows)
+    if num_embeddings is None:
+        raise ValueError("num_rows is required when num_embeddings is None")
+    if not compression_ratio > 0:
+        raise ValueError(f"compression_ratio must be positive, got {compression_ratio!r}")
+    rows = int(compression_ratio * num_embeddings)
+    if rows < 1:
+        raise ValueError(
+            f"compression_ratio={compression_ratio} of num_embeddings={num_embeddings} "
+            f"leaves {rows} rows; the table needs at least one"
+        )
+    return rows
+
+
+def sorted_hot_ids(hot_ids, num_embeddings: Optional[int], padding_idx: Optional[int], device) -> torch.Tensor:
+    """``hot_ids`` checked (distinct ids in range, not the padding id) and
+    sorted, in the narrowest integer type: the hot set as the kernels search it."""
+    hot = torch.as_tensor(hot_ids, device=device)
+    if hot.dim() != 1 or hot.is_floating_point() or hot.dtype == torch.bool or hot.is_complex():
+        raise TypeError(
+            f"hot_ids must be a 1-D tensor of integer ids, got dtype {hot.dtype} and shape {tuple(hot.shape)}"
+        )
+    hot = torch.sort(hot.to(torch.int64)).values
+    if hot.numel():
+        low, high = int(hot[0]), int(hot[-1])
+        if low < 0 or (num_embeddings is not None and high >= num_embeddings):
+            bad = low if low < 0 else high
+            raise IndexError(f"hot id {bad} is out of range for num_embeddings={num_embeddings}")
+        repeated = hot[1:] == hot[:-1]
+        if bool(repeated.any()):
+            raise ValueError(f"hot_ids must be distinct, but id {int(hot[1:][repeated][0])} repeats")
+        if padding_idx is not None and bool((hot == padding_idx).any()):
+            raise ValueError(f"hot_ids must not hold padding_idx={padding_idx}: it reads no row")
+    if num_embeddings is not None and num_embeddings <= 2**31:
+        hot = hot.to(torch.int32)
+    return hot
+
+
+def embedding_bytes(module: nn.Module) -> int:
+    r"""Bytes of every parameter and buffer of ``module`` (each tensor counted
+    once): what an embedding layer costs in memory, hot-id index, importance
+    weights, private part and hash cache included, optimizer state excluded.
+
+    Examples::
+
+        >>> embedding_bytes(torch.nn.Embedding(1000, 32))
+        128000
+        >>> embedding_bytes(BloomEmbedding(1000, 32, compression_ratio=0.2))
+        25600
+    """
+    seen, total = set(), 0
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
