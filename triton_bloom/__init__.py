@@ -7,7 +7,7 @@ seeds, bit for bit) and its vector is the sum of the ``k`` rows.
 
 from . import functional, optim
 from .convert import BloomifyReport, bloomify
-from .dispatch import triton_available
+from .dispatch import TritonFallbackWarning, triton_available
 from .hashing import SEEDS, bloom_hash
 from .modules import (
     BloomEmbedding,
@@ -58,4 +58,5 @@ __all__ = [
     "functional",
     "optim",
     "triton_available",
+    "TritonFallbackWarning",
 ]

@@ -48,8 +48,28 @@ def _autotune_module():
 # info
 
 
+def _kernels_status(dispatch):
+    """``(kernels import, interpreter on, why not)`` for ``info``, which must
+    report a broken install rather than fail on it: the kernels either load,
+    are left out because Triton cannot run here (``why not`` is that error),
+    or raise while importing (``why not`` is that error, which every lookup
+    with ``backend="triton"`` or on CUDA would raise too)."""
+    try:
+        module, missing = dispatch._load_kernels()
+    except Exception as exc:  # a bug in the kernels, or a Triton they do not match
+        return False, False, f"fails to import ({type(exc).__name__}: {exc})"
+    if module is None:
+        return False, False, f"Triton cannot run here ({type(missing).__name__}: {missing})"
+    try:
+        return True, bool(module.interpreting()), None
+    except Exception as exc:
+        return True, False, f"imports, but interpreting() fails ({type(exc).__name__}: {exc})"
+
+
 def cmd_info(args) -> int:
     from . import __version__, dispatch
+
+    kernels_ok, interpreting, why_not = _kernels_status(dispatch)
 
     try:
         import triton
@@ -64,8 +84,8 @@ def cmd_info(args) -> int:
         ["torch", torch.__version__],
         ["triton", triton_version],
         ["python", f"{platform.python_version()} ({platform.python_implementation()}, {platform.system()})"],
-        ["Triton kernels import", _yes_no(dispatch.triton_available())],
-        ["Triton interpreter (TRITON_INTERPRET)", "on" if dispatch.interpreter_enabled() else "off"],
+        ["Triton kernels import", "yes" if why_not is None else f"{_yes_no(kernels_ok)}: {why_not}"],
+        ["Triton interpreter (TRITON_INTERPRET)", "on" if interpreting else "off"],
         ["CUDA available", _yes_no(torch.cuda.is_available())],
     ]
     if torch.cuda.is_available():
@@ -79,10 +99,10 @@ def cmd_info(args) -> int:
                 ]
             )
     rows.append(["cpu", f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"])
-    rows.append(["BloomEmbedding backend here", _backend_here(dispatch)])
-    autotune = _autotune_module()
+    rows.append(["BloomEmbedding backend here", _backend_here(kernels_ok, interpreting)])
+    autotune = _autotune_module() if kernels_ok else None
     if autotune is None:
-        rows.append(["autotune cache", "n/a (Triton does not import)"])
+        rows.append(["autotune cache", "n/a (the Triton kernels do not import)"])
     else:
         path = args.cache or autotune.cache_path()
         if path is None:
@@ -104,10 +124,10 @@ def _yes_no(flag):
     return "yes" if flag else "no"
 
 
-def _backend_here(dispatch):
-    if torch.cuda.is_available() and dispatch.triton_available() and not dispatch.interpreter_enabled():
+def _backend_here(kernels_ok, interpreting):
+    if torch.cuda.is_available() and kernels_ok and not interpreting:
         return "Triton kernels on CUDA tensors, PyTorch path on CPU tensors"
-    if dispatch.interpreter_enabled():
+    if interpreting:
         return "PyTorch path (backend='triton' runs the kernels through the interpreter)"
     return "PyTorch path"
 
