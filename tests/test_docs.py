@@ -89,6 +89,13 @@ def test_the_contributors_guide_names_files_that_exist():
     assert not missing, f"CONTRIBUTING.md names paths that do not exist: {missing}"
 
 
+@pytest.mark.parametrize("page", [README, *PAGES], ids=lambda p: str(p.relative_to(ROOT)))
+def test_pages_name_files_that_exist(page):
+    # Commands and file tables name paths in code, not links: `python bench/perf/speed.py`.
+    missing = sorted({path for path in named_paths(page.read_text(encoding="utf-8")) if not (ROOT / path).exists()})
+    assert not missing, f"{page.relative_to(ROOT)} names paths that do not exist: {missing}"
+
+
 def test_the_path_pattern_skips_placeholders_only():
     text = "see `tests/test_<area>.py`, `bench/results/gpu_suite_<UTC date>/` and `kernels/lookup.py`."
     assert list(named_paths(text)) == ["kernels/lookup.py"]
