@@ -73,3 +73,81 @@ def test_planner_argument_errors():
         plan_embedding(torch.ones(10), 8, 100, width="wide")
     with pytest.raises(ValueError, match="max_bytes=10"):
         plan_embedding(torch.ones(10), 8, 10)
+
+
+def raw_zipf(n, exponent, seed):
+    """Distinct raw int64 ids and Zipf counts in random order, with a tail of ids counted once."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.unique(torch.randint(0, 2**63 - 1, (n,), generator=g))
+    ranks = torch.randperm(ids.numel(), generator=g).double() + 1
+    counts = (5000 / ranks**exponent).long().clamp(min=1)
+    return ids[torch.randperm(ids.numel(), generator=g)], counts
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_open_ids_plan_hot_rows_for_the_zipf_head_and_bloom_for_the_rest(seed):
+    ids, counts = raw_zipf(20_000, 1.05, seed)
+    dim, budget = 16, 2 * ids.numel()  # half a float per counted id
+    plan = plan_embedding(counts, dim, budget, ids=ids)
+    assert plan.num_embeddings is None and plan.kind == "bloom" and not plan.pure_hot
+    module = plan.build()
+    assert embedding_bytes(module) == plan.bytes <= budget
+    # Half the budget in hot rows (64 B a row + 8 B a raw id), the rest in shared rows.
+    row = dim * 4
+    assert plan.num_hot == int(0.5 * budget) // (row + 8)
+    assert plan.num_rows == (budget - plan.num_hot * (row + 8)) // row
+    assert plan.num_hash_functions == 2 and plan.private_dim == 0
+    # The hot ids are the most frequent raw ids (independent count: a dict).
+    frequency = dict(zip(ids.tolist(), counts.tolist()))
+    hot = set(plan.hot_ids.tolist())
+    assert min(frequency[i] for i in hot) >= max(c for i, c in frequency.items() if i not in hot)
+    # Any raw id below 2**63 looks up, counted or not; a hot id reads its own row.
+    unseen = torch.randint(0, 2**63 - 1, (5,))
+    assert module(torch.cat([ids[:5], unseen])).shape == (10, dim)
+    text = str(plan)
+    assert "use BloomEmbedding(None, 16" in text and "most frequent ids" in text and "new ones included" in text
+
+
+def test_open_ids_never_give_a_private_row_to_an_id_counted_once():
+    ids, counts = raw_zipf(3_000, 1.05, 7)
+    repeated = int((counts >= 2).sum())
+    plan = plan_embedding(counts, 8, 10**7, ids=ids)  # room for every id
+    assert plan.num_hot == repeated and plan.num_rows > 2
+
+
+def test_open_ids_with_a_tiny_budget_drop_the_shared_part():
+    ids, counts = raw_zipf(3_000, 1.05, 8)
+    plan = plan_embedding(counts, 8, 6 * 32 + 8)  # closed ids: fine
+    assert plan.bytes <= 6 * 32 + 8
+    # 3 shared rows: 3 pairs for thousands of ids tell none apart.
+    plan = plan_embedding(counts, 8, 3 * 32 + 40, ids=ids)
+    assert plan.pure_hot and plan.num_rows == 1 and plan.num_hash_functions == 1
+    assert plan.num_hot == (3 * 32 + 40 - 32) // 40 and "buy nothing" in str(plan)
+    assert embedding_bytes(plan.build()) <= plan.max_bytes
+
+
+def test_closed_fixed_width_plan_leaves_out_a_shared_part_that_buys_nothing():
+    counts = zipf_counts(3000, 1.0, 1)
+    budget = 3000 * 32 * 4 // 5
+    plan = plan_embedding(counts, 32, budget)
+    from triton_bloom.planner import HOT_SHARES, SIMPLER_WITHIN
+
+    assert 1.0 in HOT_SHARES
+    # Whatever it picks scores within SIMPLER_WITHIN of every alternative it lists, and a
+    # Bloom part with fewer rows than k is never kept.
+    for _, _, score in plan.alternatives:
+        assert plan.score >= score * (1 - SIMPLER_WITHIN) or plan.reads() < 3
+    assert plan.pure_hot or plan.num_rows > plan.num_hash_functions
+    assert embedding_bytes(plan.build()) == plan.bytes <= budget
+
+
+def test_open_ids_argument_errors():
+    ids, counts = raw_zipf(100, 1.0, 0)
+    with pytest.raises(ValueError, match="one raw id per count"):
+        plan_embedding(counts, 8, 1000, ids=ids[:-1])
+    with pytest.raises(ValueError, match="distinct"):
+        plan_embedding(counts[:2], 8, 1000, ids=torch.tensor([5, 5]))
+    with pytest.raises(ValueError, match="non-negative"):
+        plan_embedding(counts[:2], 8, 1000, ids=torch.tensor([5, -1]))
+    with pytest.raises(TypeError, match="integer"):
+        plan_embedding(counts[:2], 8, 1000, ids=torch.tensor([5.0, 1.0]))

@@ -384,7 +384,9 @@ def plan_embedding(
         repeated = int((counts >= 2).sum())
         hot = min(int(OPEN_HOT_SHARE * max_bytes) // (e * d + index_bytes), repeated)
         rows = (max_bytes - hot * (e * d + index_bytes)) // (e * d)
-        if rows > num_hash_functions:
+        # A shared part that cannot tell the other counted ids apart (fewer
+        # k-row combinations than ids) buys nothing: then a pure hot table.
+        if rows > num_hash_functions and math.comb(rows, num_hash_functions) >= n - hot:
             chosen = candidate(hot, rows, num_hash_functions, 0)
             chosen.reason = (
                 f"Open ids: {OPEN_HOT_SHARE:.0%} of the budget for private rows of the most frequent ids (ids "
@@ -392,9 +394,14 @@ def plan_embedding(
                 f"gets a vector of its own {num_hash_functions} rows; measured ahead of a vocabulary table and "
                 f"of plain Bloom ({OPEN_EVIDENCE})."
             )
-        else:  # too few bytes for a shared part that could tell ids apart
+        else:
             hot = min((max_bytes - e * d) // (e * d + index_bytes), n)
             chosen = candidate(hot, 1, 1, 0) if hot else candidate(0, rows, num_hash_functions, 0)
+            if hot:
+                chosen.reason = (
+                    f"Shared Bloom rows buy nothing at this budget: {rows:,} rows give fewer {num_hash_functions}-row "
+                    f"combinations than the {n - hot:,} other counted ids, so every byte goes to hot rows."
+                )
         chosen.alternatives = [(c.label(), c.bytes, round(c.score, 4)) for c in candidates][:5]
         return chosen
     if not candidates:
