@@ -169,3 +169,19 @@ def test_demo_open_writes_every_row_and_the_verdict(tmp_path, monkeypatch, capsy
 def test_demo_refuses_closed_options_without_closed(capsys):
     with pytest.raises(SystemExit, match="--users apply to the closed demo only"):
         cli.main(["demo", "--users", "30"])
+
+
+def test_closed_verdict_names_the_best_by_each_metric_and_skips_repeated_rows():
+    from triton_bloom.demo import closed_verdict
+
+    rows = [
+        dict(label="nn.Embedding", bytes=1000, auc=0.95, hits=0.30, epoch_s=5.0),
+        dict(label="nn.Embedding dim 6", bytes=190, auc=0.91, hits=0.20, epoch_s=2.0),
+        dict(label="Bloom 0.2", bytes=200, auc=0.89, hits=0.25, epoch_s=6.0),
+        dict(label="planned ≤0.2 = nn.Embedding dim 6", bytes=190, auc=0.91, hits=0.20, epoch_s=2.0),
+    ]
+    text = closed_verdict(rows, 0.2)
+    assert "by AUC nn.Embedding dim 6 (0.9100, +0.0200 over Bloom 0.2)" in text
+    assert "by HR@10 Bloom 0.2 (0.2500, +0.0500 over nn.Embedding dim 6)" in text
+    assert "3.0x the time per epoch" in text
+    assert closed_verdict(rows[:1], 0.2) == "At 0.2 of the bytes: no model fits."

@@ -32,6 +32,8 @@ def _table(headers, rows, first_width):
 
 def _label(row):
     label = row["label"]
+    if row.get("same_as"):  # the planner's layout is one of the rows: say which, not its sizes again
+        label = f"{label.split(':')[0]} = {row['same_as']}"
     if row.get("over_budget"):
         label += " *"
     return label
