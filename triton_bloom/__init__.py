@@ -29,6 +29,7 @@ from .output import (
     bloom_topk,
 )
 from .planner import Plan, plan_embedding
+from .quantized import QuantizedBloomEmbedding, QuantizedBloomEmbeddingBag, quantize
 
 __version__ = "0.1.0"
 
@@ -59,4 +60,7 @@ __all__ = [
     "optim",
     "triton_available",
     "TritonFallbackWarning",
+    "QuantizedBloomEmbedding",
+    "QuantizedBloomEmbeddingBag",
+    "quantize",
 ]
