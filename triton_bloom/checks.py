@@ -26,6 +26,7 @@ __all__ = [
     "check_input",
     "check_id_tensor",
     "check_id_range",
+    "check_id_bounds",
     "check_offsets",
     "normalize_padding_idx",
 ]
@@ -175,6 +176,11 @@ def check_id_range(ids: torch.Tensor, num_embeddings: Optional[int]) -> None:
         torch._assert_async(ok, f"triton_bloom: ids out of range [0, {num_embeddings})")
         return
     low, high = (int(v) for v in torch.aminmax(ids))
+    check_id_bounds(low, high, num_embeddings)
+
+
+def check_id_bounds(low: int, high: int, num_embeddings: Optional[int]) -> None:
+    """:func:`check_id_range` given the ids' smallest and largest value."""
     if low < 0:
         raise IndexError(f"index {low} is out of range: ids must be non-negative")
     if num_embeddings is not None and high >= num_embeddings:

@@ -139,6 +139,23 @@ def lookup(
     """:func:`bloom_embedding` once its arguments are checked: checks the
     input and runs the custom op with :func:`op_options` of ``options``."""
     check_input(input, weight)
+    if (
+        hash_cache is None
+        and importance is None
+        and hot is None
+        and not options["signed"]
+        and not options["sparse"]
+        and options["fused_optimizer"] is None
+        and options["backend"] != "triton"
+        and ops.eager_path(input, weight)
+    ):
+        return ops.eager_lookup(
+            input,
+            weight,
+            num_hash_functions=options["num_hash_functions"],
+            padding_idx=options["padding_idx"],
+            num_embeddings=options["num_embeddings"],
+        )
     return ops.bloom_forward(
         input, weight, importance=importance, hot=hot, hash_cache=hash_cache, **op_options(weight, **options)
     )

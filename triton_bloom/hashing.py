@@ -8,10 +8,12 @@ int32); larger ids hash their 8 little-endian bytes with the same
 murmur3_x86_32 algorithm, which is what ``mmh3.hash(id.to_bytes(8, "little"))``
 gives.
 
-The arithmetic runs on int64 tensors holding unsigned 32-bit values, so it is
-the same on every device and never relies on signed overflow.  The Triton
-twin of this file is ``kernels/hashing.py``; the tests hold both to
-scikit-learn bit for bit.
+:func:`murmurhash3_32` is the definition in PyTorch ops, the same on every
+device.  On the CPU, :func:`hash_rows` runs the compiled loop of
+``triton_bloom.native`` instead when it is built (one pass instead of about
+forty elementwise ops; :func:`hash_rows_torch` is the ops' version).  The
+Triton twin is ``kernels/hashing.py``; the tests hold all three to
+scikit-learn and ``mmh3`` bit for bit.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
+
+from . import native
 
 __all__ = [
     "SEEDS",
@@ -30,6 +34,7 @@ __all__ = [
     "bloom_signs",
     "importance_rows",
     "hash_rows",
+    "hash_rows_torch",
     "seed_tensor",
     "check_num_hash_functions",
 ]
@@ -165,12 +170,36 @@ def murmurhash3_32(ids: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
     return narrow
 
 
+def native_allowed(ids: torch.Tensor) -> bool:
+    """Whether ``ids`` may go to the compiled loop of :mod:`triton_bloom.native`:
+    a plain CPU tensor, outside ``torch.compile``'s tracing and any dispatch
+    mode (fake tensors have no data for it to read)."""
+    return (
+        type(ids) is torch.Tensor
+        and ids.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+    )
+
+
 def hash_rows(ids: torch.Tensor, num_hash_functions: int, num_rows: int) -> torch.Tensor:
     """:func:`bloom_hash` without argument checks, in the narrowest index type.
 
     Returns int32 rows when ``num_rows`` fits in int32 (``embedding_bag`` and
     ``index_add_`` take them, and they halve the traffic), int64 otherwise.
+    On the CPU the compiled loop of :mod:`triton_bloom.native` computes them
+    when it is built; elsewhere, or without it, :func:`hash_rows_torch` does.
     """
+    if native_allowed(ids):
+        result = native.rows(ids, SEEDS[:num_hash_functions], num_rows)
+        if result is not None:
+            return result[0]
+    return hash_rows_torch(ids, num_hash_functions, num_rows)
+
+
+def hash_rows_torch(ids: torch.Tensor, num_hash_functions: int, num_rows: int) -> torch.Tensor:
+    """:func:`hash_rows` in PyTorch ops, on any device: :func:`murmurhash3_32`,
+    then the floor modulo."""
     hashes = murmurhash3_32(ids, seed_tensor(ids.device)[:num_hash_functions])
     if num_rows >= 2**31:
         # A negative int32 hash maps to num_rows + hash, past int32's range.

@@ -22,11 +22,15 @@ operation and joins forward and backward for autograd.
 
 from __future__ import annotations
 
+import math
+import threading
+import weakref
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .constants import FUSED_ROWWISE_ADAGRAD, FUSED_SGD, MODE_MAX, MODE_MEAN, MODE_SUM, accumulation_dtype
 from .hashing import bloom_signs, importance_rows
 
@@ -39,6 +43,8 @@ __all__ = [
     "row_factors",
     "with_hot_rows",
     "bag_sizes",
+    "gradient_buffer",
+    "release_gradient_buffers",
 ]
 
 
@@ -123,10 +129,105 @@ def bloom_forward_reference(
     if padding_idx is not None:
         keep = (ids.reshape(-1, 1) != padding_idx).to(weight.dtype)
         per_sample_weights = keep.expand(-1, k) if per_sample_weights is None else per_sample_weights * keep
+    if per_sample_weights is None and not (weight.requires_grad and torch.is_grad_enabled()):
+        # A small batch sums on one thread (same bits), so a busy machine
+        # does not stall it; None for a large one.
+        out = native.gather_sum(weight, flat_rows)
+        if out is not None:
+            return out.view(*ids.shape, dim)
     if per_sample_weights is not None:
-        per_sample_weights = per_sample_weights.contiguous()
-    out = F.embedding_bag(flat_rows, weight, mode="sum", per_sample_weights=per_sample_weights)
+        per_sample_weights = per_sample_weights.reshape(-1)
+    # The op F.embedding_bag calls for 2-D input, with the bags' offsets cached
+    # rather than built by every call.
+    n = flat_rows.shape[0]
+    out = torch.embedding_bag(
+        weight,
+        flat_rows.reshape(-1),
+        _bag_starts(n, k, flat_rows.dtype, weight.device),
+        False,
+        0,
+        False,
+        per_sample_weights,
+        False,
+        None,
+    )[0]
     return out.view(*ids.shape, dim)
+
+
+_starts: dict = {}
+
+
+def _bag_starts(n: int, k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``arange(0, n * k, k)``: where each id's bag of ``k`` rows starts."""
+    key = (k, dtype, device)
+    starts = _starts.get(key)
+    if starts is None or starts.numel() < n:
+        starts = torch.arange(0, max(n, 1024) * k, k, dtype=dtype, device=device)
+        if device.type == "cpu":
+            _starts[key] = starts
+    return starts[:n]
+
+
+# Dense gradients kept for reuse, one per table (see gradient_buffer).
+_buffers: dict = {}
+_buffers_lock = threading.Lock()
+# Below this a fresh buffer costs little: malloc serves it from memory it keeps.
+POOLED_GRADIENT_BYTES = 1 << 20
+
+
+def _storage_users(storage) -> int:
+    return torch._C._storage_Use_Count(storage._cdata)
+
+
+def gradient_buffer(
+    shape: tuple, dtype: torch.dtype, device: torch.device, owner: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """A zeroed ``shape`` tensor for ``owner``'s dense gradient, in memory
+    that earlier steps' gradients of ``owner`` used when nothing holds them
+    any more.
+
+    A fresh table-sized ``torch.zeros`` on the CPU comes from ``mmap``
+    (glibc maps blocks above 32 MB, and unmaps them on free), so every step
+    page-faults the whole gradient in again: 12,500 faults and ~15 ms for a
+    51 MB table, against ~1.5 ms to zero memory already mapped.  The pool
+    keeps the storage of the last gradient it handed out and reuses it only
+    when it is the storage's sole holder: while ``weight.grad``, a view of
+    it, or any tensor a caller kept still uses it, a fresh buffer is
+    returned (and kept instead), so accumulated and retained gradients are
+    never overwritten.  Autograd takes the returned tensor as ``.grad``
+    without a copy, as it takes a fresh one.  The pool's buffer lives as
+    long as ``owner`` (``release_gradient_buffers`` frees it sooner).
+
+    Args:
+        shape (tuple): ``(num_rows, dim)``.
+        dtype (torch.dtype), device (torch.device): of the gradient.
+        owner (Tensor, optional): the table; ``None`` gives a fresh buffer.
+    """
+    nbytes = math.prod(shape) * dtype.itemsize
+    if owner is None or device.type != "cpu" or nbytes < POOLED_GRADIENT_BYTES:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    key = id(owner)
+    with _buffers_lock:
+        entry = _buffers.get(key)
+        if entry is not None and entry[1] == (shape, dtype) and _storage_users(entry[0]) == 1:
+            # The view is made under the lock: from here on the storage has a second holder.
+            grad = torch.empty(0, dtype=dtype, device=device).set_(entry[0], 0, shape)
+        else:
+            grad = torch.empty(shape, dtype=dtype, device=device)
+            if entry is None:
+                try:
+                    weakref.finalize(owner, _buffers.pop, key, None)
+                except TypeError:  # an owner without weak references: no pooling
+                    return grad.zero_()
+            _buffers[key] = (grad.untyped_storage(), (shape, dtype))
+    return native.zero(grad)
+
+
+def release_gradient_buffers() -> None:
+    """Free the dense gradients :func:`gradient_buffer` keeps for reuse
+    (gradients in use stay valid: their tensors hold their memory)."""
+    with _buffers_lock:
+        _buffers.clear()
 
 
 def bloom_backward_reference(
@@ -138,23 +239,31 @@ def bloom_backward_reference(
     *,
     dtype: Optional[torch.dtype] = None,
     factors: Optional[torch.Tensor] = None,
+    owner: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Gradient of :func:`bloom_forward_reference` with respect to the table.
 
     Returns the dense ``(num_rows, dim)`` gradient in ``dtype`` (default:
-    ``grad_out``'s), accumulated in float32 for half-precision dtypes.
+    ``grad_out``'s), accumulated in float32 for half-precision dtypes.  With
+    ``owner`` (the table) it is written into :func:`gradient_buffer`'s
+    reusable memory when the gradient is accumulated in ``dtype`` itself.
     """
     dim = grad_out.shape[-1]
     dtype = dtype or grad_out.dtype
     acc = accumulation_dtype(dtype)
     k = rows.shape[-1]
-    grad = grad_out.reshape(-1, dim).to(acc)
-    # index_add_ takes int32 indices too, but only int64 ones reach its fast
-    # path on CPU (2x faster here).
-    flat_rows = rows.reshape(-1, k).to(torch.int64)
+    # contiguous(): index_add_ reads an expanded gradient (the one a .sum()
+    # loss gives) three times slower than the copy costs.
+    grad = grad_out.reshape(-1, dim).to(acc).contiguous()
+    flat_rows = rows.reshape(-1, k)
     if padding_idx is not None:
         grad = grad.masked_fill(ids.reshape(-1, 1) == padding_idx, 0)
-    grad_weight = torch.zeros((num_rows, dim), dtype=acc, device=grad_out.device)
+    grad_weight = gradient_buffer((num_rows, dim), acc, grad_out.device, owner if acc == dtype else None)
+    if factors is None and native.scatter_add(grad_weight, flat_rows.contiguous(), grad):
+        return grad_weight.to(dtype)
+    # index_add_ takes int32 indices too, but only int64 ones reach its fast
+    # path on CPU (2x faster here).
+    flat_rows = flat_rows.to(torch.int64)
     for j in range(k):
         scaled = grad if factors is None else grad * factors[:, j : j + 1].to(acc)
         grad_weight.index_add_(0, flat_rows[:, j], scaled)
