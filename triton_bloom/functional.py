@@ -265,8 +265,9 @@ def bloom_embedding_bag(
         sparse (bool): ``weight``'s gradient is a coalesced sparse COO tensor.
         fused_optimizer (FusedSGD or FusedRowWiseAdagrad, optional): update
             the touched rows inside the backward pass (see :mod:`triton_bloom.optim`).
-        signed (bool), importance (Tensor, optional), hot_ids (Tensor,
-            optional): the variants, as in :func:`bloom_embedding`.
+        signed (bool): as in :func:`bloom_embedding`.
+        importance (Tensor, optional): as in :func:`bloom_embedding`.
+        hot_ids (Tensor, optional): as in :func:`bloom_embedding`.
 
     Shape:
         - Output: :math:`(B, H)`; empty bags give zeros.
