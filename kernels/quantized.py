@@ -259,10 +259,13 @@ def used_bytes(dim, bits):
 
 def tile(dim, bits):
     """``(BLOCK_N, BLOCK_B)`` of a table of ``dim`` columns at ``bits``: as
-    many of a row's bytes as give at most 128 columns (16 float32
-    accumulators a thread at 4 warps), at least 16 bytes (one 128-bit load)."""
+    many of a row's bytes as give at most 128 columns, at least 16 bytes, and
+    as many ids as give each of the 128 threads (4 warps) 16 bytes of codes
+    at int8 (one 128-bit load a row) and 8 at int4 (a 64-bit load, whose 16
+    columns keep the accumulators at 16 a thread, as in the float kernels)."""
     block_b = max(16, min(triton.next_power_of_2(used_bytes(dim, bits)), 128 * bits // 8))
-    return 16, block_b
+    per_thread = 16 if bits == 8 else 8
+    return max(16, min(64, per_thread * 128 // block_b)), block_b
 
 
 def _common_args(ids, codes, meta, seeds, *, bits, dim, num_hash_functions, wide_ids, signed, importance, hot):
