@@ -394,3 +394,26 @@ def test_module_bytes(hot):
     assert embedding_bytes(int4) - hot_bytes <= 0.1407 * (embedding_bytes(float_module) - hot_bytes)
     # Against the full fp32 table of the 10,000 ids the Bloom table at 0.2 replaces: 1/35.
     assert embedding_bytes(int4) <= 0.03 * 10_000 * dim * 4
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_custom_ops_pass_opcheck(bits):
+    from triton_bloom.quantized_ops import quantized_bag_forward, quantized_forward
+
+    _, quantized, generator = build(BloomEmbeddingBag, bits, "torch", seed=6, dim=10, hot=HOT, mode="mean")
+    ids, offsets = random_bags(generator, 4, 6)
+    ids, offsets = ids.to(DEVICE), offsets.to(DEVICE)
+    options = dict(
+        bits=bits,
+        dim=10,
+        num_hash_functions=4,
+        padding_idx=None,
+        num_embeddings=NUM_IDS,
+        signed=False,
+        use_triton=False,
+    )
+    tensors = (quantized.codes, quantized.scale_offset)
+    torch.library.opcheck(quantized_forward, (ids, *tensors, None, quantized.hot_ids), options)
+    torch.library.opcheck(
+        quantized_bag_forward, (ids, offsets, *tensors, None, None, quantized.hot_ids), dict(options, mode=1)
+    )
