@@ -417,3 +417,16 @@ def test_the_custom_ops_pass_opcheck(bits):
     torch.library.opcheck(
         quantized_bag_forward, (ids, offsets, *tensors, None, None, quantized.hot_ids), dict(options, mode=1)
     )
+
+
+def test_dtype_casts_keep_the_format():
+    _, quantized, generator = build(
+        BloomEmbedding, 4, "torch", seed=8, dim=6, hot=HOT, signed=True, importance=True, importance_rows=7
+    )
+    ids = torch.randint(0, NUM_IDS, (25,), generator=generator).to(DEVICE)
+    before = quantized(ids)
+    for cast in (lambda m: m.half(), lambda m: m.double(), lambda m: m.to(torch.bfloat16), lambda m: m.float()):
+        cast(quantized)
+        assert quantized.scale_offset.dtype == torch.bfloat16
+        assert quantized.importance_weight.dtype == torch.float32
+        assert torch.equal(quantized(ids), before)

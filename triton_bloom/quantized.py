@@ -85,6 +85,20 @@ class _QuantizedTable(nn.Module):
             importance = torch.ones((rows, num_hash_functions), dtype=torch.float32, device=device)
         self.register_buffer("importance_weight", importance)
 
+    def _apply(self, fn, recurse=True):
+        # .half(), .double() and .to(dtype) convert floating-point buffers:
+        # the scale and offset (bfloat16 bits the kernel reads as such) and
+        # the importance weights keep their dtype, moved as integers.
+        kept = {"scale_offset": torch.int16, "importance_weight": torch.int32}
+        originals = {name: self._buffers[name] for name in kept if self._buffers.get(name) is not None}
+        for name, tensor in originals.items():
+            self._buffers[name] = tensor.view(kept[name])
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            for name, tensor in originals.items():
+                self._buffers[name] = self._buffers[name].view(tensor.dtype)
+
     @property
     def num_hot(self) -> int:
         """Ids with a private row (0 without ``hot_ids``)."""
