@@ -108,6 +108,13 @@ def search_space(args, tuning):
     return [_config_dict(c) for c in _fits_registers(_gather_configs(tuning.tiles), args, tuning.max_per_thread)]
 
 
+def candidates(args, tuning):
+    """The configurations the autotuner tries for a launch on ``args``, in
+    its order, as :func:`search_space`'s dicts: the search space pruned as
+    the autotuner prunes it (registers, then the row's width)."""
+    return [_config_dict(c) for c in _prune(_gather_configs(tuning.tiles), args, tuning.max_per_thread)]
+
+
 # The autotuner keys on these arguments (and, by itself, on the dtype of every
 # tensor argument, so each weight dtype is tuned on its own).
 TUNING_KEY = ("dim", "K")

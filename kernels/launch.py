@@ -55,6 +55,7 @@ def device_guard(device):
 class _Recorder(threading.local):
     def __init__(self):
         self.launches = None
+        self.choose = None
 
 
 _recorder = _Recorder()
@@ -78,6 +79,23 @@ def recording_launches():
         yield _recorder.launches
     finally:
         _recorder.launches = previous
+
+
+@contextlib.contextmanager
+def choosing_tuned_configs(choose):
+    """Under the interpreter, run each tuned launch made in this thread inside
+    the block at ``choose(kernel, args, candidates)`` instead of
+    ``INTERPRETER_META``: ``candidates`` are the configurations the autotuner
+    would try for this launch (``{"kwargs", "num_warps", "num_stages"}``
+    dicts, pruned as it prunes them), and ``choose`` returns one of them.  The
+    traffic model (``bench/perf/traffic.py``) traces a kernel at the tiling
+    it compiles, not at the interpreter's pinned one."""
+    previous = _recorder.choose
+    _recorder.choose = choose
+    try:
+        yield
+    finally:
+        _recorder.choose = previous
 
 
 def launch(kernel, grid_for, args, device, *, config=None, tuning=None):
@@ -114,8 +132,13 @@ def launch(kernel, grid_for, args, device, *, config=None, tuning=None):
             kernel[grid_for({**args, **meta})](**args, **meta, **options)
         return
     if interpreting():
+        meta, options = INTERPRETER_META, {}
+        if _recorder.choose is not None:
+            chosen = _recorder.choose(kernel, args, autotune.candidates(args, tuning))
+            meta = chosen["kwargs"]
+            options = {name: chosen[name] for name in ("num_warps", "num_stages") if chosen.get(name) is not None}
         with _one_at_a_time():
-            kernel[grid_for(INTERPRETER_META)](**args, **INTERPRETER_META)
+            kernel[grid_for({**args, **meta})](**args, **meta, **options)
         return
     with device_guard(device):
         autotune.run_tuned(kernel, grid_for, args, device, tuning)

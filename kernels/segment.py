@@ -1,11 +1,14 @@
 """Gradients aggregated per touched row, without atomics: sort the
-(row, source) pairs by row, then one program sums each row's segment in a
-fixed order.
+(row, source) pairs by row, then each program sums a block of rows'
+segments, each in the order of its entries.
 
 It serves the deterministic backward (bit-identical run to run, as
-``torch.use_deterministic_algorithms(True)`` asks), sparse gradients (the
-touched rows and their values are exactly a coalesced COO tensor) and the
-fused optimizers (which need each row's whole gradient before updating it).
+``torch.use_deterministic_algorithms(True)`` asks), the dense gradient of a
+half-precision table (each touched row's float32 sum written once into the
+zeroed gradient in the table's dtype: no float32 copy of the whole table to
+zero and cast), sparse gradients (the touched rows and their values are
+exactly a coalesced COO tensor) and the fused optimizers (which need each
+row's whole gradient before updating it).
 """
 
 import torch
@@ -14,10 +17,39 @@ import triton.language as tl
 
 from ..constants import accumulation_dtype
 from .launch import launch
+from .lookup import accumulator
 
-# Not autotuned: BLOCK_N sets the order in which a row's terms are added, so a
-# tuner free to change it would change the bits of the result between runs.
-SEGMENT_BLOCK_N = 16
+# Segments a program sums at once, and the most columns it takes.  Each
+# segment's terms are added one after another in the order of its entries,
+# whatever the tiling: the bits of a sum do not depend on these.  Typical
+# segments are short (1.4 entries at 131,072 row-touches over 200,000 rows),
+# so a block of segments, not a block of one segment's entries, fills a tile.
+SEGMENT_BLOCK_S = 32
+SEGMENT_BLOCK_D = 64
+# float64 sums take two registers an element: half the segments.
+SEGMENT_BLOCK_S_WIDE = 16
+
+
+@triton.jit
+def segment_sums(
+    SEGMENTS, SOURCES, SCALES, GRAD, offs_s, mask_s, offs_d, mask_d, dim, HAS_SCALE: tl.constexpr, ACC: tl.constexpr
+):
+    """The ``(BLOCK_S, BLOCK_D)`` sums of the segments ``offs_s`` on the
+    columns ``offs_d``, in ``ACC``: each segment's entries added in order."""
+    start = tl.load(SEGMENTS + offs_s, mask=mask_s, other=0)
+    length = tl.load(SEGMENTS + offs_s + 1, mask=mask_s, other=0) - start
+    acc = tl.zeros((offs_s.shape[0], offs_d.shape[0]), dtype=ACC)
+    for j in range(0, tl.max(length, axis=0)):
+        live = j < length
+        entry = start + j
+        sources = tl.load(SOURCES + entry, mask=live, other=0)
+        grad = tl.load(
+            GRAD + sources[:, None] * dim + offs_d[None, :], mask=live[:, None] & mask_d[None, :], other=0.0
+        ).to(ACC)
+        if HAS_SCALE:
+            grad *= tl.load(SCALES + entry, mask=live, other=0.0).to(ACC)[:, None]
+        acc += grad
+    return acc
 
 
 @triton.jit
@@ -26,51 +58,42 @@ def _bloom_segment_sum_kernel(
     SOURCES,  # (m,) int64 row of GRAD each entry adds, sorted by destination row
     SCALES,  # (m,) float scale of each entry, read only when HAS_SCALE
     GRAD,  # (s, dim) per-source gradients, contiguous
-    OUT,  # (u, dim) float32 (float64) per-unique-row sums, contiguous
+    ROWS,  # (u,) int64 the unique rows, read only when DENSE
+    OUT,  # (u, dim) ACC per-unique-row sums; with DENSE the (num_rows, dim) gradient
+    u,  # unique rows
     dim,  # embedding_dim
     HAS_SCALE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    DENSE: tl.constexpr,  # write row r's sum into OUT[ROWS[r]] in OUT's dtype
+    ACC: tl.constexpr,  # float32 (float64 for float64 gradients)
+    BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    segment = tl.program_id(0).to(tl.int64)
+    offs_s = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_s = offs_s < u
     mask_d = offs_d < dim
-    start = tl.load(SEGMENTS + segment)
-    end = tl.load(SEGMENTS + segment + 1)
-    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=OUT.dtype.element_ty)
-    for first in range(start, end, BLOCK_N):
-        offs_n = first + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < end
-        sources = tl.load(SOURCES + offs_n, mask=mask_n, other=0)
-        mask = mask_n[:, None] & mask_d[None, :]
-        grad = tl.load(GRAD + sources[:, None] * dim + offs_d[None, :], mask=mask, other=0.0)
-        grad = grad.to(OUT.dtype.element_ty)
-        if HAS_SCALE:
-            grad *= tl.load(SCALES + offs_n, mask=mask_n, other=0.0).to(OUT.dtype.element_ty)[:, None]
-        acc += grad
-    tl.store(OUT + segment * dim + offs_d, tl.sum(acc, axis=0), mask=mask_d)
+    acc = segment_sums(SEGMENTS, SOURCES, SCALES, GRAD, offs_s, mask_s, offs_d, mask_d, dim, HAS_SCALE, ACC)
+    dest = offs_s
+    if DENSE:
+        dest = tl.load(ROWS + offs_s, mask=mask_s, other=0)
+    mask = mask_s[:, None] & mask_d[None, :]
+    tl.store(OUT + dest[:, None] * dim + offs_d[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
 
 
-def bloom_row_gradients(rows, sources, grad, *, scales=None, keep=None):
-    """Sum ``grad[sources[i]] * scales[i]`` into each of ``rows[i, :]``, per row.
+def segment_config(dim, acc_dtype):
+    """The segment kernels' fixed tiling: ``BLOCK_S`` segments x ``BLOCK_D`` columns."""
+    block_s = SEGMENT_BLOCK_S_WIDE if acc_dtype == torch.float64 else SEGMENT_BLOCK_S
+    return {
+        "kwargs": {"BLOCK_S": block_s, "BLOCK_D": min(SEGMENT_BLOCK_D, max(16, triton.next_power_of_2(dim)))},
+        "num_warps": 4,
+        "num_stages": 1,
+    }
 
-    Args:
-        rows (Tensor): ``(n, k)`` int64 rows each entry adds to.
-        sources (Tensor): ``(n,)`` int64 row of ``grad`` each entry adds.
-        grad (Tensor): ``(s, dim)`` gradients.
-        scales (Tensor, optional): ``(n,)`` factors of the entries (per-sample
-            weights, 1/count), or ``(n, k)`` factors of each of their rows.
-        keep (Tensor, optional): ``(n,)`` bool; entries that are ``False``
-            (padding) add nothing and touch no row.
 
-    Returns:
-        ``(unique_rows, values)``: the sorted ``(u,)`` int64 rows that some
-        entry touches and their ``(u, dim)`` summed gradients, float32
-        (float64 when ``grad`` is float64). Deterministic: each row's terms
-        are added in the order of the entries.
-    """
+def sorted_entries(rows, sources, scales=None, keep=None):
+    """The entries sorted by row: ``(unique_rows, segments, sources, scales)``
+    (``scales`` ``None`` without them), as the segment kernels take them."""
     k = rows.shape[1]
-    dim = grad.shape[1]
     if keep is not None:
         rows, sources = rows[keep], sources[keep]
         scales = scales[keep] if scales is not None else None
@@ -81,26 +104,58 @@ def bloom_row_gradients(rows, sources, grad, *, scales=None, keep=None):
         flat_scales = scales.reshape(-1) if scales.dim() == 2 else scales.repeat_interleave(k)
     sorted_rows, order = torch.sort(flat_rows, stable=True)
     unique_rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
-    segments = torch.zeros(unique_rows.numel() + 1, dtype=torch.int64, device=grad.device)
+    segments = torch.zeros(unique_rows.numel() + 1, dtype=torch.int64, device=rows.device)
     torch.cumsum(counts, 0, out=segments[1:])
+    sorted_scales = flat_scales[order].contiguous() if flat_scales is not None else None
+    return unique_rows, segments, flat_sources[order].contiguous(), sorted_scales
+
+
+def bloom_row_gradients(rows, sources, grad, *, scales=None, keep=None, dense=None):
+    """Sum ``grad[sources[i]] * scales[i]`` into each of ``rows[i, :]``, per row.
+
+    Args:
+        rows (Tensor): ``(n, k)`` int64 rows each entry adds to.
+        sources (Tensor): ``(n,)`` int64 row of ``grad`` each entry adds.
+        grad (Tensor): ``(s, dim)`` gradients.
+        scales (Tensor, optional): ``(n,)`` factors of the entries (per-sample
+            weights, 1/count), or ``(n, k)`` factors of each of their rows.
+        keep (Tensor, optional): ``(n,)`` bool; entries that are ``False``
+            (padding) add nothing and touch no row.
+        dense (Tensor, optional): a zeroed ``(num_rows, dim)`` gradient: each
+            touched row's sum is written into it, cast once to its dtype,
+            instead of into a ``(u, dim)`` tensor of sums.
+
+    Returns:
+        ``(unique_rows, values)``: the sorted ``(u,)`` int64 rows that some
+        entry touches and their ``(u, dim)`` summed gradients, float32
+        (float64 when ``grad`` is float64); with ``dense``, ``values`` is
+        ``dense``.  Deterministic: each row's terms are added one after
+        another in the order of the entries, in float32 (float64).
+    """
+    dim = grad.shape[1]
+    unique_rows, segments, sorted_sources, sorted_scales = sorted_entries(rows, sources, scales, keep)
     acc_dtype = accumulation_dtype(grad.dtype)
-    values = torch.empty((unique_rows.numel(), dim), dtype=acc_dtype, device=grad.device)
-    if unique_rows.numel() and dim:
+    u = unique_rows.numel()
+    values = dense if dense is not None else torch.empty((u, dim), dtype=acc_dtype, device=grad.device)
+    if u and dim:
         args = dict(
             SEGMENTS=segments,
-            SOURCES=flat_sources[order].contiguous(),
-            SCALES=flat_scales[order].contiguous() if flat_scales is not None else segments,
+            SOURCES=sorted_sources,
+            SCALES=sorted_scales if sorted_scales is not None else segments,
             GRAD=grad.contiguous(),
+            ROWS=unique_rows if dense is not None else segments,
             OUT=values,
+            u=u,
             dim=dim,
-            HAS_SCALE=flat_scales is not None,
+            HAS_SCALE=sorted_scales is not None,
+            DENSE=dense is not None,
+            ACC=accumulator(grad.dtype),
         )
-        config = {"kwargs": {"BLOCK_N": SEGMENT_BLOCK_N, "BLOCK_D": min(128, triton.next_power_of_2(dim))}}
         launch(
             _bloom_segment_sum_kernel,
-            lambda meta: (unique_rows.numel(), triton.cdiv(dim, meta["BLOCK_D"])),
+            lambda meta: (triton.cdiv(u, meta["BLOCK_S"]), triton.cdiv(dim, meta["BLOCK_D"])),
             args,
             grad.device,
-            config=config,
+            config=segment_config(dim, acc_dtype),
         )
     return unique_rows, values

@@ -143,6 +143,20 @@ def _shared_rows(weight: torch.Tensor, hot: Optional[torch.Tensor]) -> int:
     return weight.shape[0] - (hot.numel() if hot is not None else 0)
 
 
+def _atomic_backward(weight: torch.Tensor) -> bool:
+    """Whether the Triton path's dense gradient comes from the atomic kernels
+    (float32 and float64 tables, outside deterministic mode), else from sums
+    per touched row written once into the zeroed gradient: a half-precision
+    table would otherwise need a float32 accumulator of the whole table,
+    zeroed and cast every step (``bench/results/traffic_sm90.md``)."""
+    return not _deterministic() and accumulation_dtype(weight.dtype) == weight.dtype
+
+
+def _zeroed_gradient(weight: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """The table's dense gradient before any row is written: zeros of its shape and dtype."""
+    return torch.zeros((weight.shape[0], grad_out.shape[-1]), dtype=weight.dtype, device=grad_out.device)
+
+
 def _private_rows(ids: torch.Tensor, weight: torch.Tensor, hot: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The flattened ids' private rows (-1 for ids that hash), or ``None``
     without hot ids."""
@@ -182,12 +196,14 @@ def _hash(
     return with_hot_rows(rows, private), private
 
 
-def _row_gradients(rows: torch.Tensor, entries: Entries, *, use_triton: bool):
+def _row_gradients(rows: torch.Tensor, entries: Entries, *, use_triton: bool, dense: Optional[torch.Tensor] = None):
     """``(unique_rows, values)``: the sorted rows ``entries`` touch and their
-    summed gradients (see ``kernels/segment.py``)."""
+    summed gradients (see ``kernels/segment.py``); with ``dense`` (a zeroed
+    ``(num_rows, dim)`` gradient, Triton path only), the sums are written
+    into it and ``values`` is ``dense``."""
     if use_triton:
         return dispatch.kernels().bloom_row_gradients(
-            rows, entries.sources, entries.grad, scales=entries.scales, keep=entries.keep
+            rows, entries.sources, entries.grad, scales=entries.scales, keep=entries.keep, dense=dense
         )
     return bloom_row_gradients_reference(rows, entries.sources, entries.grad, scales=entries.scales, keep=entries.keep)
 
@@ -219,10 +235,11 @@ def _backward(grad_out, ids, weight, importance, hot, *, rows: Optional[torch.Te
 
     The Triton kernel's atomic adds make the float sums' order, and so their
     last bits, vary run to run; under ``torch.use_deterministic_algorithms``
-    the Triton path sums each touched row in a fixed order instead.
+    the Triton path sums each touched row in a fixed order instead, as it
+    does for half-precision tables (see :func:`_atomic_backward`).
     """
     num_rows = weight.shape[0]
-    if lookup.use_triton and not _deterministic():
+    if lookup.use_triton and _atomic_backward(weight):
         return dispatch.kernels().bloom_backward(
             grad_out,
             ids,
@@ -239,10 +256,11 @@ def _backward(grad_out, ids, weight, importance, hot, *, rows: Optional[torch.Te
             hot=hot,
         )
     if lookup.use_triton:
-        unique_rows, values, grad_importance = _backward_rows(
-            grad_out, ids, weight, importance, hot, rows=rows, lookup=lookup
+        dense = _zeroed_gradient(weight, grad_out)
+        _, _, grad_importance = _backward_rows(
+            grad_out, ids, weight, importance, hot, rows=rows, lookup=lookup, dense=dense
         )
-        return densify(unique_rows, values, num_rows, weight.dtype), grad_importance
+        return dense, grad_importance
     rows, private = _hash(ids, weight, hot, rows=rows, lookup=lookup)
     factors, signs, imp_rows = lookup.factors(ids, importance, private)
     grad_weight = bloom_backward_reference(
@@ -308,7 +326,7 @@ def _bag_backward(
     None)`` of ``_bag_forward``: the dense gradients, deterministic under
     ``torch.use_deterministic_algorithms(True)``."""
     num_rows = weight.shape[0]
-    if lookup.use_triton and not _deterministic():
+    if lookup.use_triton and _atomic_backward(weight):
         return dispatch.kernels().bloom_bag_backward(
             grad_out,
             ids,
@@ -327,7 +345,8 @@ def _bag_backward(
             hot=hot,
         )
     if lookup.use_triton:
-        unique_rows, values, grad_psw, grad_importance = _bag_backward_rows(
+        dense = _zeroed_gradient(weight, grad_out)
+        _, _, grad_psw, grad_importance = _bag_backward_rows(
             grad_out,
             ids,
             offsets,
@@ -339,8 +358,9 @@ def _bag_backward(
             mode=mode,
             psw_grad=psw_grad,
             lookup=lookup,
+            dense=dense,
         )
-        return densify(unique_rows, values, num_rows, weight.dtype), grad_psw, grad_importance
+        return dense, grad_psw, grad_importance
     # On CPU, spreading each bag's gradient over its ids and scattering with
     # index_add_ is ~2x faster than summing per touched row.
     rows, private = _hash(ids, weight, hot, rows=None, lookup=lookup)
@@ -380,11 +400,14 @@ def _importance_gradient(rows, entries: Entries, weight, importance, *, signs, i
     return densify(unique_rows, values, importance.shape[0], importance.dtype)
 
 
-def _table_gradients(rows, private, entries: Entries, ids, weight, importance, *, lookup: Lookup):
+def _table_gradients(rows, private, entries: Entries, ids, weight, importance, *, lookup: Lookup, dense=None):
     """``(unique_rows, values, grad_importance or None)`` of ``entries``
-    (``rows`` and ``private`` as :func:`_hash` gives them)."""
+    (``rows`` and ``private`` as :func:`_hash` gives them; ``dense``: see
+    :func:`_row_gradients`)."""
     factors, signs, imp_rows = lookup.factors(ids, importance, private)
-    unique_rows, values = _row_gradients(rows, with_factors(entries, factors), use_triton=lookup.use_triton)
+    unique_rows, values = _row_gradients(
+        rows, with_factors(entries, factors), use_triton=lookup.use_triton, dense=dense
+    )
     grad_importance = None
     if importance is not None:
         grad_importance = _importance_gradient(
@@ -399,11 +422,12 @@ def _per_sample_weights_gradient(grad_out, ids, offsets, weight, importance, hot
     return per_sample_weights_gradient(vectors, offsets, grad_out)
 
 
-def _backward_rows(grad_out, ids, weight, importance, hot, *, rows: Optional[torch.Tensor], lookup: Lookup):
-    """``(unique_rows, values, grad_importance or None)`` of ``_forward``."""
+def _backward_rows(grad_out, ids, weight, importance, hot, *, rows: Optional[torch.Tensor], lookup: Lookup, dense=None):
+    """``(unique_rows, values, grad_importance or None)`` of ``_forward``
+    (``dense``: see :func:`_row_gradients`)."""
     rows, private = _hash(ids, weight, hot, rows=rows, lookup=lookup)
     entries = embedding_entries(ids, grad_out, lookup.padding_idx)
-    return _table_gradients(rows, private, entries, ids, weight, importance, lookup=lookup)
+    return _table_gradients(rows, private, entries, ids, weight, importance, lookup=lookup, dense=dense)
 
 
 def _bag_backward_rows(
@@ -419,9 +443,11 @@ def _bag_backward_rows(
     mode: int,
     psw_grad: bool,
     lookup: Lookup,
+    dense=None,
 ):
     """``(unique_rows, values, grad_per_sample_weights or None,
-    grad_importance or None)`` of ``_bag_forward``."""
+    grad_importance or None)`` of ``_bag_forward`` (``dense``: see
+    :func:`_row_gradients`)."""
     rows, private = _hash(ids, weight, hot, rows=None, lookup=lookup)
     grad_psw = None
     if psw_grad:
@@ -438,7 +464,7 @@ def _bag_backward_rows(
         argmax=argmax,
     )
     unique_rows, values, grad_importance = _table_gradients(
-        rows, private, entries, ids, weight, importance, lookup=lookup
+        rows, private, entries, ids, weight, importance, lookup=lookup, dense=dense
     )
     return unique_rows, values, grad_psw, grad_importance
 
