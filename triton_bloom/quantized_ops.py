@@ -139,19 +139,38 @@ def _kernels():
 
 
 def _vectors(ids, codes, scale_offset, importance, hot, *, bits, dim, num_hash_functions, padding_idx, signed):
-    """The flattened ids' ``(n, dim)`` float32 vectors, padding ids zero."""
+    """The flattened ids' ``(n, dim)`` float32 vectors, padding ids zero.
+
+    Only the gathered rows are dequantised, and without a ``(n, k, dim)``
+    pass per step: ``sum_j f_j (code_j * scale_j + offset_j)`` is one batched
+    product of the codes with the weights ``f_j * scale_j``, plus
+    ``sum_j f_j * offset_j`` (``f_j``: the variants' factors, else 1)."""
     flat = ids.reshape(-1)
+    n, k = flat.numel(), num_hash_functions
     num_rows = codes.shape[0] - (hot.numel() if hot is not None else 0)
     private = hot_rows(flat, hot, num_rows) if hot is not None else None
-    rows = with_hot_rows(hash_rows(flat, num_hash_functions, num_rows).to(torch.int64), private)
-    factors, _, _ = row_factors(flat, num_hash_functions, signed=signed, importance=importance, hot=private)
-    values = dequantize_rows(codes[rows], scale_offset[rows], bits, dim)  # (n, k, dim)
-    if factors is not None:
-        values = values * factors.float()[..., None]
-    vectors = values.sum(1)
+    rows = with_hot_rows(hash_rows(flat, k, num_rows).to(torch.int64), private).reshape(-1)
+    factors, _, _ = row_factors(flat, k, signed=signed, importance=importance, hot=private)
+    meta = scale_offset.index_select(0, rows).float().view(n, k, 2)
+    offset, scale = meta[..., 0], meta[..., 1]
     if padding_idx is not None:
-        vectors = vectors.masked_fill((flat == padding_idx)[:, None], 0.0)
-    return vectors
+        # A padding id's rows weigh nothing: its vector comes out zero.
+        live = (flat != padding_idx).float()[:, None]
+        factors = live if factors is None else factors.float() * live
+    if factors is not None:
+        factors = factors.float()
+        offset, scale = offset * factors, scale * factors
+    gathered = codes.index_select(0, rows)  # (n * k, row_bytes)
+    if bits == 8:
+        vectors = torch.einsum("nk,nkd->nd", scale, gathered[:, :dim].float().view(n, k, dim))
+    else:
+        half = -(-dim // 2)
+        gathered = gathered[:, :half]
+        # The low nibbles are the even columns, the high ones the odd columns.
+        low = torch.einsum("nk,nkd->nd", scale, (gathered & 15).float().view(n, k, half))
+        high = torch.einsum("nk,nkd->nd", scale, (gathered >> 4).float().view(n, k, half))
+        vectors = torch.stack([low, high], dim=-1).view(n, 2 * half)[:, :dim]
+    return vectors + offset.sum(1, keepdim=True)
 
 
 def _torch_bag(vectors, ids, offsets, per_sample_weights, *, mode, padding_idx):
