@@ -318,3 +318,18 @@ def test_compiled_loops_refuse_rows_outside_the_table():
         native.gather_sum(weight, rows)
     with pytest.raises(IndexError, match="row -1"):
         native.scatter_add(torch.zeros(5, 3), torch.tensor([[0], [-1]]), torch.ones(2, 3))
+
+
+def test_cpu_floor_benchmark_smoke(tmp_path):
+    from bench.perf import cpu_floor
+
+    out = tmp_path / "floor.json"
+    payload = cpu_floor.main(["--quick", "--threads", "1", "--out", str(out)])
+    assert out.exists() and (tmp_path / "floor.md").exists()
+    assert [r["batch"] for r in payload["results"]] == [32, 256]
+    for r in payload["results"]:
+        for pair in ("forward_vs_seed", "train_vs_seed", "forward_vs_floor"):
+            assert r[pair]["q1"] <= r[pair]["ratio"] <= r[pair]["q3"]
+        assert r["parts"]["hash_native_us"] is not None
+    assert set(payload["allocator_settings_us"]) == set(cpu_floor.ALLOCATORS)
+    assert payload["main_job_step"][0]["threads"] == 1
