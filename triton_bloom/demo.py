@@ -10,8 +10,8 @@ table of the most frequent ids + an out-of-vocabulary row (its id map
 counted), the hashing trick, quotient-remainder embeddings, plain Bloom
 (k=2, 4), Bloom with hot rows at several shares of the budget, the
 planner's choice, and the full table (over budget).  See
-triton_bloom/demo_open.py.  About 5 minutes on a quiet 2-core machine;
---quick under a minute.
+triton_bloom/demo_open.py.  Measured times (CPU seconds, and wall
+seconds with the load they ran under): bench/results/demo_open_cpu.md.
 
 ``triton-bloom demo --closed``: a closed vocabulary (ids 0..n-1) with a
 float per id to spare, as in MovieLens: one model trained with full
