@@ -337,3 +337,38 @@ def test_cpu_floor_benchmark_smoke(tmp_path):
         assert r["parts"]["hash_native_us"] is not None
     assert set(payload["allocator_settings_us"]) == set(cpu_floor.ALLOCATORS)
     assert payload["main_job_step"][0]["threads"] == 1
+
+
+def test_bag_gradients_reuse_the_buffer_and_stay_right():
+    from triton_bloom import BloomEmbeddingBag
+
+    torch.manual_seed(0)
+    bag = BloomEmbeddingBag(100_000, 64, num_rows=16_384, mode="mean")
+    g = torch.Generator().manual_seed(6)
+    data = [torch.randint(0, 100_000, (32, 7), generator=g) for _ in range(3)]
+    kept = []
+    for ids in data:
+        bag.zero_grad(set_to_none=True)
+        bag(ids).pow(2).sum().backward()
+        kept.append(bag.weight.grad)
+    fresh = []
+    for ids in data:
+        weight = bag.weight.detach().clone().requires_grad_(True)
+        out = (
+            torch.nn.functional.embedding_bag(
+                torch.stack([hash_rows(i, 4, 16_384).reshape(-1).long() for i in ids]), weight, mode="sum"
+            )
+            / (ids.shape[1])
+        )
+        fresh.append(torch.autograd.grad(out.pow(2).sum(), weight)[0])
+    for got, expected in zip(kept, fresh):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    # Kept gradients are never overwritten; a freed one is reused.
+    assert len({t.data_ptr() for t in kept}) == 3
+    del kept
+    bag.zero_grad(set_to_none=True)
+    bag(data[0]).sum().backward()
+    first = bag.weight.grad.data_ptr()
+    bag.zero_grad(set_to_none=True)
+    bag(data[1]).sum().backward()
+    assert bag.weight.grad.data_ptr() == first

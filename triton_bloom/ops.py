@@ -380,7 +380,14 @@ def _bag_backward(
     )
     factors, signs, imp_rows = lookup.factors(ids, importance, private)
     grad_weight = bloom_backward_reference(
-        per_id_gradient(entries), ids, rows, num_rows, lookup.padding_idx, dtype=weight.dtype, factors=factors
+        per_id_gradient(entries),
+        ids,
+        rows,
+        num_rows,
+        lookup.padding_idx,
+        dtype=weight.dtype,
+        factors=factors,
+        owner=weight,
     )
     grad_importance = None
     if importance is not None:
