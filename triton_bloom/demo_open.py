@@ -293,9 +293,11 @@ def verdict(rows, metric="hr@10") -> tuple[str, str]:
     rivals = [r for r in rows if r["label"].startswith(RIVALS)]
     if planner is not None and rivals:
         rival = max(rivals, key=lambda r: r[metric])
+        lead = planner[metric] - rival[metric]
+        where = "ahead of" if lead > 0 else "behind" if lead < 0 else "level with"
         text += (
-            f"  The planner's choice against the best rival ({rival['label']}): "
-            f"{planner[metric] - rival[metric]:+.4f} HR@10, {planner['auc'] - rival['auc']:+.4f} AUC."
+            f"  The planner's choice is {where} the best rival a user tries first ({rival['label']}): "
+            f"{lead:+.4f} HR@10, {planner['auc'] - rival['auc']:+.4f} AUC (one seed; see --seeds for the spread)."
         )
     bloom = [r for r in rows if r["label"].startswith("Bloom k=")]
     hashing = next((r for r in rows if r["label"].startswith("hashing")), None)
