@@ -118,7 +118,7 @@ def test_it_writes_at_most_eight_declared_files(plan):
 def test_plan_fits_in_eight_minutes(plan):
     total = shell_int("TOTAL_LIMIT_S")
     assert total <= MAX_SECONDS - 5
-    assert [name for name, *_ in plan] == ["tests", "speed", "train_step", "tune"]
+    assert [name for name, *_ in plan] == ["tests", "speed", "train_step", "traffic", "tune"]
     limits = [limit for _, limit, _, _ in plan]
     assert all(limit >= 30 for limit in limits)
     # In a normal run no step is cut by the overall deadline.

@@ -12,6 +12,8 @@
 #   tests       the CUDA test files (kernels against the reference path)
 #   speed       bench/perf/speed.py --quick --device cuda (GB/s, copy_ bandwidth)
 #   train_step  bench/perf/train_step.py on CUDA (forward, backward, optimizer)
+#   traffic     bench/perf/traffic.py --measure: each kernel's measured µs beside
+#               the traffic model's (bench/results/traffic_sm90.json), float32
 #   tune        python -m triton_bloom tune, the winners saved here
 # The whole run stays under 8 minutes on an H200 (the limits below; a step
 # that would pass the deadline is cut short).  Exit status: 0 when every step
@@ -38,9 +40,10 @@ SUITE_FILES=(machine.txt summary.txt tests.log speed.json speed.md train_step.js
 # imports twice, nvidia-smi); a step never runs past the ceiling.
 TOTAL_LIMIT_S=470
 KILL_GRACE_S=5
-TESTS_S=200
-SPEED_S=110
+TESTS_S=180
+SPEED_S=90
 TRAIN_STEP_S=70
+TRAFFIC_S=40
 TUNE_S=60
 
 # The CUDA test files.  conftest.py turns Triton's interpreter on only when no
@@ -258,6 +261,11 @@ fi
 # and tuning the kernels at their first launch most of the minute.
 step train_step "$TRAIN_STEP_S" bench.log "$PY" bench/perf/train_step.py --device cuda --num-embeddings 10000000 \
     --embedding-dim 64 --ratio 0.2 --k 4 --batch 16384 --repeats 20 --out "$OUT_DIR/train_step.json"
+
+# The traffic model's first check (bench/perf/traffic.py's docstring): the
+# float32 ops of its report at its shapes, modelled against measured µs.
+step traffic "$TRAFFIC_S" bench.log "$PY" bench/perf/traffic.py --measure bench/results/traffic_sm90.json \
+    --ops forward backward fused_sgd bag_forward_sum bag_backward_sum scores_topk --dtypes float32
 
 # Two shapes only: every config of every kernel is compiled and timed, and
 # the shapes the speed run used are compiled already (Triton's disk cache).
