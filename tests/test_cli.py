@@ -60,6 +60,18 @@ def test_info_prints_versions_backends_and_cache(capsys, private_cache, monkeypa
     assert "autotune cache entries" in out
 
 
+def test_info_says_whether_the_cpu_loops_built(capsys, monkeypatch):
+    from triton_bloom import native
+
+    monkeypatch.setenv("COLUMNS", "300")
+    monkeypatch.setattr(native, "_tried", True)
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_error", "FileNotFoundError: no compiler named cc-missing")
+    code, out = run_cli(capsys, "info")
+    assert code == 0
+    assert "PyTorch ops instead: FileNotFoundError: no compiler named cc-missing" in out
+
+
 def test_tune_without_gpu_says_so_and_exits_zero(capsys):
     if torch.cuda.is_available() and not launch.interpreting():
         pytest.skip("a GPU is present: tune would really tune")

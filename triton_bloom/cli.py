@@ -100,6 +100,7 @@ def cmd_info(args) -> int:
             )
     rows.append(["cpu", f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"])
     rows.append(["BloomEmbedding backend here", _backend_here(kernels_ok, interpreting)])
+    rows.append(["CPU path's compiled loops", _native_row()])
     autotune = _autotune_module() if kernels_ok else None
     if autotune is None:
         rows.append(["autotune cache", "n/a (the Triton kernels do not import)"])
@@ -122,6 +123,16 @@ def cmd_info(args) -> int:
 
 def _yes_no(flag):
     return "yes" if flag else "no"
+
+
+def _native_row():
+    """Whether the CPU path's C loops (hashing, scatter) built here, or why not:
+    without them the PyTorch ops give the same bits, only slower."""
+    from . import native
+
+    if native.available():
+        return "built (same results as the PyTorch ops, faster)"
+    return f"not in use, PyTorch ops instead: {native.build_error()}"
 
 
 def _backend_here(kernels_ok, interpreting):
