@@ -146,22 +146,10 @@ def test_graph_sees_imports_inside_functions():
     assert "triton_bloom.output" in graph["triton_bloom.modules"]
 
 
-# Files over the limit on purpose for now, each with the reason; the test
-# below fails when one fits, so that it leaves this list too.
-# ops.py: being changed in another piece of work when this test was added.
-KNOWN_LONG = {"triton_bloom/ops.py"}
-
-
 def line_counts():
     return {str(path.relative_to(ROOT)): len(path.read_text().splitlines()) for path in package_files().values()}
 
 
 def test_no_file_over_max_lines():
-    too_long = {name: n for name, n in line_counts().items() if n > MAX_LINES and name not in KNOWN_LONG}
+    too_long = {name: n for name, n in line_counts().items() if n > MAX_LINES}
     assert not too_long, f"files over {MAX_LINES} lines: {too_long}"
-
-
-def test_known_long_files_still_long():
-    counts = line_counts()
-    fit = {name for name in KNOWN_LONG if counts.get(name, 0) <= MAX_LINES}
-    assert not fit, f"remove {sorted(fit)} from KNOWN_LONG: within {MAX_LINES} lines now"

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from . import dispatch, ops
+from . import dispatch, eager, ops
 from .checks import (
     check_hash_cache,
     check_hot,
@@ -147,9 +147,9 @@ def lookup(
         and not options["sparse"]
         and options["fused_optimizer"] is None
         and options["backend"] != "triton"
-        and ops.eager_path(input, weight)
+        and eager.eager_path(input, weight)
     ):
-        return ops.eager_lookup(
+        return eager.eager_lookup(
             input,
             weight,
             num_hash_functions=options["num_hash_functions"],
