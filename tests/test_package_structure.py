@@ -110,26 +110,10 @@ def describe(cycle, graph, files):
     )
 
 
-# Import edges left in place on purpose, each with the reason; the test
-# below fails when one of them is gone, so that it leaves this list too.
-# BloomEmbedding.from_counts (modules) runs the planner, and Plan.build
-# (planner) makes the modules: both are public, so one of the two has to
-# move before this circle can go (see the note in the lead's report).
-KNOWN_EDGES = {("triton_bloom.modules", "triton_bloom.planner")}
-
-
 def test_no_import_circle():
     graph, files = import_graph(), package_files()
-    for source, target in KNOWN_EDGES:
-        graph[source].pop(target, None)
     cycle = find_cycle(graph)
     assert cycle is None, "import circle: " + describe(cycle, graph, files)
-
-
-def test_known_edges_still_exist():
-    graph = import_graph()
-    gone = {edge for edge in KNOWN_EDGES if edge[1] not in graph[edge[0]]}
-    assert not gone, f"remove {sorted(gone)} from KNOWN_EDGES: the import is gone"
 
 
 def test_cycle_finder_names_a_circle():
@@ -140,9 +124,8 @@ def test_cycle_finder_names_a_circle():
 
 
 def test_graph_sees_imports_inside_functions():
-    # The edges this package once had through function-level imports only.
+    # An edge made by function-level imports only (modules -> output).
     graph = import_graph()
-    assert "triton_bloom.planner" in graph["triton_bloom.modules"]
     assert "triton_bloom.output" in graph["triton_bloom.modules"]
 
 

@@ -56,12 +56,14 @@ def test_full_table_when_it_fits_and_reduced_dimension_when_free():
     assert plan_embedding(flat, 16, 300 * 8 * 4, width="fixed").kind == "bloom"
 
 
-def test_from_counts_builds_and_reports(capsys):
+def test_plan_builds_and_reports():
     counts = zipf_counts(2000, 1.2, 3)
-    emb = BloomEmbedding.from_counts(counts, 24, max_bytes=2000 * 24 * 4 // 5, padding_idx=None)
+    plan = plan_embedding(counts, 24, 2000 * 24 * 4 // 5)
+    emb = plan.build(padding_idx=None)
+    assert isinstance(emb, BloomEmbedding) and emb.plan is plan
     assert embedding_bytes(emb) <= 2000 * 24 * 4 // 5
-    assert emb.plan.kind == "bloom"
-    assert "most frequent ids" in capsys.readouterr().out
+    assert plan.kind == "bloom"
+    assert "most frequent ids" in str(plan)
 
 
 def test_planner_argument_errors():

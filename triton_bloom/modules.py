@@ -436,44 +436,6 @@ class BloomEmbedding(_BloomTable):
         else:
             self.hash_cache = None
 
-    @classmethod
-    def from_counts(
-        cls,
-        counts: torch.Tensor,
-        embedding_dim: int,
-        max_bytes: int,
-        *,
-        num_hash_functions: int = 2,
-        verbose: bool = True,
-        **kwargs,
-    ):
-        r"""The table :func:`~triton_bloom.planner.plan_embedding` plans for
-        ``counts`` (lookups per id) within ``max_bytes``: hot rows for the
-        frequent ids, a private code, shared rows.  When the whole table fits,
-        a plain :class:`ScaledEmbedding` (no hashing at all).  The plan, with
-        its collision figures, is ``module.plan`` and is printed when
-        ``verbose``.  Other ``kwargs`` go to the constructor.
-
-        Examples::
-
-            >>> counts = torch.bincount(torch.randint(0, 1000, (5000,)) ** 2 % 1000, minlength=1000)
-            >>> emb = BloomEmbedding.from_counts(counts, 16, max_bytes=1000 * 16 * 4 // 5, verbose=False)
-            >>> embedding_bytes(emb) <= 1000 * 16 * 4 // 5
-            True
-        """
-        from .planner import plan_embedding
-
-        plan = plan_embedding(
-            counts,
-            embedding_dim,
-            max_bytes,
-            num_hash_functions=num_hash_functions,
-            dtype=kwargs.pop("dtype", None) or torch.float32,
-        )
-        if verbose:
-            print(plan)
-        return plan.build(**kwargs)
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         out = lookup(input, self.embeddings.weight, hash_cache=self.hash_cache, **self._options())
         if self.private is not None:

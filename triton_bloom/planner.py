@@ -54,6 +54,9 @@ from typing import Optional
 
 import torch
 
+from .modules import BloomEmbedding
+from .plain import ScaledEmbedding
+
 __all__ = ["Plan", "plan_embedding"]
 
 # Fractions of the budget left after the private part that the hot rows may
@@ -148,8 +151,6 @@ class Plan:
         ``kwargs`` go to it: ``padding_idx``, ``backend``, ``sparse``...), or
         for ``"full"``/``"reduced"`` a :class:`~triton_bloom.ScaledEmbedding`
         (``sparse`` is passed on, other Bloom options are dropped)."""
-        from .modules import BloomEmbedding, ScaledEmbedding
-
         device = kwargs.pop("device", None)
         if self.kind in ("full", "reduced"):
             width = self.embedding_dim if self.kind == "full" else self.reduced_dim

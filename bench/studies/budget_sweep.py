@@ -251,7 +251,7 @@ def library_features() -> dict:
         "hot_ids": "hot_ids" in params,
         "private_dim": "private_dim" in params,
         "embedding_bytes": hasattr(triton_bloom, "embedding_bytes"),
-        "from_counts": hasattr(BloomEmbedding, "from_counts"),
+        "planner": hasattr(triton_bloom, "plan_embedding"),
     }
 
 
@@ -446,19 +446,11 @@ def build_items(layout: Layout, budget: int, num_items: int, counts: torch.Tenso
         module = _fit_rows(make, (budget - r * per_dim) // row, budget, row)
         return module, DIM, {"private_dim": r, "tail_rows": _tail_rows(module), "k": layout.k, "source": source}
     if layout.family == "planner":
-        if not feats["from_counts"]:
-            raise Unavailable("the library has no BloomEmbedding.from_counts yet")
-        try:
-            from triton_bloom.planner import plan_embedding
-        except ImportError:  # only the classmethod: it plans for a fixed width
-            module = BloomEmbedding.from_counts(
-                counts, DIM, max_bytes=budget, verbose=False, padding_idx=None, sparse=True
-            )
-            plan = getattr(module, "plan", None)
-        else:
-            # The sweep lets the planner shrink the width too, as a user of an MF model could.
-            plan = plan_embedding(counts, DIM, budget, width=layout.width)
-            module = plan.build(padding_idx=None, sparse=True) if plan.kind == "bloom" else plan.build()
+        from triton_bloom.planner import plan_embedding
+
+        # The sweep lets the planner shrink the width too, as a user of an MF model could.
+        plan = plan_embedding(counts, DIM, budget, width=layout.width)
+        module = plan.build(padding_idx=None, sparse=True) if plan.kind == "bloom" else plan.build()
         if isinstance(module, nn.Embedding) and not isinstance(module, BloomEmbedding):
             module.sparse = True  # a plain table from the planner trains like the bench's own plain tables
         return module, module.embedding_dim, {"plan": _describe(module, plan), "source": "library"}

@@ -63,7 +63,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from bench.common import environment, write_json  # noqa: E402
 from bench.studies import data as datasets  # noqa: E402
 from bench.studies import layouts  # noqa: E402
-from triton_bloom import BloomEmbedding, ScaledEmbedding, ZeroEmbedding  # noqa: E402
+from triton_bloom import BloomEmbedding, ScaledEmbedding, ZeroEmbedding, plan_embedding  # noqa: E402
 from triton_bloom.output import bloom_rank  # noqa: E402
 from triton_bloom.ranking import ranking_metrics  # noqa: E402
 
@@ -316,9 +316,7 @@ def make_table(
         )
     elif spec.kind == "planner":
         # Needs the library's planner (issue 11, part 4).
-        table = BloomEmbedding.from_counts(
-            counts, dim, max_bytes=int(spec.budget * full_bytes(num, dim)), verbose=False, padding_idx=None
-        )
+        table = plan_embedding(counts, dim, int(spec.budget * full_bytes(num, dim))).build(padding_idx=None)
     else:
         # No padding id: every user and item is real, none may be the zero vector.
         kwargs = dict(spec.kwargs)
@@ -900,7 +898,7 @@ def parse_args(argv):
         "--no-planner",
         dest="planner",
         action="store_false",
-        help="leave out BloomEmbedding.from_counts's choice at each budget",
+        help="leave out the planner's choice (plan_embedding) at each budget",
     )
     p.add_argument("--repeats", type=int, help="seeds per table (default 3; 1 with --quick)")
     p.add_argument("--seed", type=int, default=0, help="repeat r uses seed + r; tuning uses seed")
