@@ -34,20 +34,21 @@ SEGMENT_BLOCK_S_WIDE = 16
 def segment_sums(
     SEGMENTS, SOURCES, SCALES, GRAD, offs_s, mask_s, offs_d, mask_d, dim, HAS_SCALE: tl.constexpr, ACC: tl.constexpr
 ):
-    """The ``(BLOCK_S, BLOCK_D)`` sums of the segments ``offs_s`` on the
-    columns ``offs_d``, in ``ACC``: each segment's entries added in order."""
+    """The ``(BLOCK_S, BLOCK_D)`` sums of the segments ``offs_s`` (a
+    ``(BLOCK_S, 1)`` block) on the columns ``offs_d`` (``(1, BLOCK_D)``), in
+    ``ACC``: each segment's entries added in order.  Two-dimensional
+    throughout, as the lookups' ids: Triton 3.6 failed to compile a gather
+    masked by a one-dimensional block of segments (RemoveLayoutConversions)."""
     start = tl.load(SEGMENTS + offs_s, mask=mask_s, other=0)
     length = tl.load(SEGMENTS + offs_s + 1, mask=mask_s, other=0) - start
-    acc = tl.zeros((offs_s.shape[0], offs_d.shape[0]), dtype=ACC)
-    for j in range(0, tl.max(length, axis=0)):
+    acc = tl.zeros((offs_s.shape[0], offs_d.shape[1]), dtype=ACC)
+    for j in range(0, tl.max(length)):
         live = j < length
         entry = start + j
         sources = tl.load(SOURCES + entry, mask=live, other=0)
-        grad = tl.load(
-            GRAD + sources[:, None] * dim + offs_d[None, :], mask=live[:, None] & mask_d[None, :], other=0.0
-        ).to(ACC)
+        grad = tl.load(GRAD + sources * dim + offs_d, mask=live & mask_d, other=0.0).to(ACC)
         if HAS_SCALE:
-            grad *= tl.load(SCALES + entry, mask=live, other=0.0).to(ACC)[:, None]
+            grad *= tl.load(SCALES + entry, mask=live, other=0.0).to(ACC)
         acc += grad
     return acc
 
@@ -68,16 +69,15 @@ def _bloom_segment_sum_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    offs_s = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_s = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)[:, None]
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
     mask_s = offs_s < u
     mask_d = offs_d < dim
     acc = segment_sums(SEGMENTS, SOURCES, SCALES, GRAD, offs_s, mask_s, offs_d, mask_d, dim, HAS_SCALE, ACC)
     dest = offs_s
     if DENSE:
         dest = tl.load(ROWS + offs_s, mask=mask_s, other=0)
-    mask = mask_s[:, None] & mask_d[None, :]
-    tl.store(OUT + dest[:, None] * dim + offs_d[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + dest * dim + offs_d, acc.to(OUT.dtype.element_ty), mask=mask_s & mask_d)
 
 
 def segment_config(dim, acc_dtype):

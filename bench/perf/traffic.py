@@ -64,10 +64,12 @@ Triton's private interpreter API: :func:`check_triton` guards the version and
 :func:`self_test` checks the hooks against kernels whose traffic is known by
 construction.
 
-Run ``python bench/perf/traffic.py`` (full shapes, writes
-``bench/results/traffic_sm90.md`` and ``.json``; about an hour on two
-cores), ``--ci`` (small shapes with the L2 scaled down in proportion,
-asserts ratios, under a minute), ``--ops``/``--dtypes`` to select.
+Run ``python bench/perf/traffic.py`` (the issue's shapes, writes
+``bench/results/traffic_sm90.md`` and ``.json``; the interpreter makes that
+hours on two cores: ``--scale N`` divides the shapes and the L2 by ``N``,
+which keeps the ratios that matter, the table against the L2 and the ids
+against the table), ``--ci`` (1/32 of the shapes, asserts ratios),
+``--ops``/``--dtypes``/``--dims`` to select, ``--measure`` on a GPU.
 """
 
 from __future__ import annotations
@@ -1113,14 +1115,17 @@ def summarize(tracer, ideal_bytes):
             issue_s = warp_instructions / (spec["sms"] * spec["issue_slots"] * spec["clock_hz"])
             row["us"][gpu] = max(dram_s, issue_s) * 1e6
             row["issue_needed"][gpu] = issue_s / dram_s if dram_s else (math.inf if issue_s else 0.0)
-            if row["kind"] == "kernel" and dram_s:
-                issue_needed[gpu] = max(issue_needed[gpu], issue_s / dram_s)
+            issue_needed[gpu] += issue_s
             totals[gpu] += row["us"][gpu]
             dram[gpu] += step.dram[gpu]
         steps.append(row)
     for gpu, spec in GPUS.items():
         dram[gpu] += tracer.flushed.get(gpu, 0)
         totals[gpu] += tracer.flushed.get(gpu, 0) / spec["bandwidth"] * 1e6
+        # The op's kernels' issue time over its DRAM time (write-backs at the
+        # end included): a kernel whose writes stay in the L2 has almost no
+        # DRAM time of its own, so its own ratio (in its step) overstates.
+        issue_needed[gpu] /= max(dram[gpu], 1) / spec["bandwidth"]
     return {
         "ideal_bytes": ideal_bytes,
         "dram": dram,
