@@ -97,10 +97,12 @@ def option_grid():
 
 def output_cases():
     """The output side's scores kernel (``kernels/scores.py``), through
-    ``BloomEmbedding.topk`` and ``BloomOutputLayer.topk``: every table dtype
-    at each ``k`` with the variants off and all on (wide ids through
-    candidates), at 1 query (the smallest query block), 40 (the largest),
-    and a row wider than one column block."""
+    ``BloomEmbedding.topk``, ``BloomEmbedding.rank`` and
+    ``BloomOutputLayer.topk``: every table dtype at each ``k`` with the
+    variants off and all on (wide ids through candidates), at 1 query (the
+    smallest query block), 40 (the largest), and a row wider than one column
+    block; ranks (exact scores, a float64 accumulator) in every dtype; and
+    float32 queries over each half-precision or float64 table."""
     full = {"padding": True, "wide_ids": True, "signed": True, "importance": True}
     cases = []
     for dtype in DTYPES:
@@ -109,6 +111,19 @@ def output_cases():
             cases.append(dict(op="scores", dtype=dtype, k=k, variant="all", queries=3, **full))
             cases.append(dict(op="decoder", dtype=dtype, k=k, variant="plain", queries=3))
         cases.append(dict(op="scores", dtype=dtype, k=4, variant="all", queries=40, **full))
+        # Ranks score exactly (a float64 accumulator whatever the table's
+        # dtype: another specialization), and queries often stay float32
+        # over a half-precision table.
+        narrow = {key: value for key, value in full.items() if key != "wide_ids"}
+        # (Exact scores take 16 queries a block whatever their number.)
+        cases.append(dict(op="rank", dtype=dtype, k=4, variant="plain", queries=3))
+        cases.append(dict(op="rank", dtype=dtype, k=4, variant="all", queries=3, **narrow))
+        if dtype != "float32":
+            cases.append(dict(op="rank", dtype=dtype, k=4, variant="plain", queries=3, query_dtype="float32"))
+            for queries in (3, 40):
+                cases.append(
+                    dict(op="scores", dtype=dtype, k=4, variant="plain", queries=queries, query_dtype="float32")
+                )
     for queries, dim in ((1, 33), (40, 64), (40, 200)):
         cases.append(dict(op="scores", dtype="float32", k=4, variant="odd_dim", queries=queries, dim=dim))
     cases.append(dict(op="decoder", dtype="float32", k=4, variant="plain", queries=40, wide_ids=True))
@@ -125,7 +140,7 @@ def run_output_case(case):
     dtype = getattr(torch, case["dtype"])
     k, dim, nq = case["k"], case.get("dim", 32), case["queries"]
     g = torch.Generator().manual_seed(0)
-    queries = torch.randn(nq, dim, generator=g).to(dtype)
+    queries = torch.randn(nq, dim, generator=g).to(getattr(torch, case.get("query_dtype", case["dtype"])))
     # Wide ids (past 2**31) need 8-byte hashing: reached through candidates.
     wide = case.get("wide_ids")
     candidates = torch.randint(2**31, 2**40, (100,), generator=g) if wide else None
@@ -146,6 +161,9 @@ def run_output_case(case):
         importance=bool(case.get("importance")),
         dtype=dtype,
     )
+    if case["op"] == "rank":
+        emb.rank(queries, torch.randint(0, 200, (nq,), generator=g))
+        return
     emb.topk(queries, 5, candidates=candidates)
 
 
@@ -157,7 +175,7 @@ def run_case(case):
     from .functional import bloom_embedding, bloom_embedding_bag
     from .hashing import bloom_hash
 
-    if case["op"] in ("scores", "decoder"):
+    if case["op"] in ("scores", "decoder", "rank"):
         return run_output_case(case)
     dtype = getattr(torch, case["dtype"])
     training = case.get("training")
