@@ -81,3 +81,63 @@ def embedding_bytes(module: nn.Module) -> int:
             seen.add(id(tensor))
             total += tensor.numel() * tensor.element_size()
     return total
+
+
+class WholeCheckpointLoad:
+    """``load_state_dict`` that refuses a checkpoint before copying anything,
+    for the Bloom modules and their quantized forms alike (they check their
+    hash specification, and format, in ``set_extra_state``).
+    ``_EXTRA_STATE_REQUIRED``: what the extra state holds, when a strict load
+    must find it (a quantized checkpoint is nothing without its format)."""
+
+    _EXTRA_STATE_REQUIRED: Optional[str] = None
+
+    def _check_checkpoint(self, state_dict, prefix: str, strict: bool) -> None:
+        """Raise, before anything is copied, unless this module's part of
+        ``state_dict`` loads whole.  PyTorch's loader copies each tensor as it
+        comes and reports a refused extra state, missing or unexpected keys
+        and size mismatches only after copying the rest: a failed load would
+        leave the module half loaded.  A dtype mismatch is refused too (the
+        loader would cast silently): convert the module or the checkpoint."""
+        extra_key = prefix + "_extra_state"
+        if extra_key in state_dict:
+            self.set_extra_state(state_dict[extra_key])  # compares only: ValueError naming each difference
+        elif strict and self._EXTRA_STATE_REQUIRED:
+            raise ValueError(
+                f"the checkpoint has no {extra_key} ({self._EXTRA_STATE_REQUIRED}): it is not a {type(self).__name__}'s"
+            )
+        mine = {key: value for key, value in self.state_dict(prefix=prefix, keep_vars=True).items() if key != extra_key}
+        problems = []
+        for key, tensor in mine.items():
+            saved = state_dict.get(key)
+            if key not in state_dict:
+                if strict:
+                    problems.append(f"missing key {key}")
+            elif not isinstance(saved, torch.Tensor):
+                problems.append(f"{key} is a {type(saved).__name__}, not a tensor")
+            elif saved.shape != tensor.shape:
+                problems.append(
+                    f"size mismatch for {key}: the checkpoint's shape is {tuple(saved.shape)}, "
+                    f"the module's {tuple(tensor.shape)}"
+                )
+            elif saved.dtype != tensor.dtype:
+                problems.append(
+                    f"dtype mismatch for {key}: the checkpoint's is {saved.dtype}, the module's {tensor.dtype}"
+                )
+        if strict:
+            problems += [
+                f"unexpected key {key}"
+                for key in state_dict
+                if key.startswith(prefix) and key not in mine and key != extra_key
+            ]
+        if problems:
+            raise RuntimeError(
+                f"the checkpoint does not fit this {type(self).__name__}, so nothing was loaded: " + "; ".join(problems)
+            )
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # PyTorch's loader tells _load_from_state_dict nothing of `strict`
+        # (it always passes True): the keys are checked here, up front.
+        if strict:
+            self._check_checkpoint(state_dict, "", strict=True)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)

@@ -15,7 +15,7 @@ from .checks import WEIGHT_DTYPES, check_training_options, normalize_padding_idx
 from .constants import MODES
 from .functional import bag_lookup, lookup
 from .hashing import IMPORTANCE_SEED, SEEDS, SIGN_SEEDS, bloom_hash, check_num_hash_functions
-from .layout import compressed_rows, embedding_bytes
+from .layout import WholeCheckpointLoad, compressed_rows, embedding_bytes
 from .layout import positive_int as _positive_int
 from .layout import sorted_hot_ids as _sorted_hot_ids
 from .plain import ScaledEmbedding, ScaledEmbeddingBag, ZeroEmbedding
@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 
-class _BloomTable(nn.Module):
+class _BloomTable(WholeCheckpointLoad, nn.Module):
     """What both Bloom modules share: the checked sizes, the hashing
     parameters, and the compressed table as the submodule ``embeddings``."""
 
@@ -204,52 +204,6 @@ class _BloomTable(nn.Module):
                 f"checkpoint was saved with other hashing than this {type(self).__name__} uses ({details}); "
                 "loading it would read other rows for the same ids"
             )
-
-    def _check_checkpoint(self, state_dict, prefix: str, strict: bool) -> None:
-        """Raise, before anything is copied, unless this module's part of
-        ``state_dict`` loads whole.  PyTorch's loader copies each tensor as it
-        comes and reports a refused extra state, missing or unexpected keys
-        and size mismatches only after copying the rest: a failed load would
-        leave the module half loaded.  A dtype mismatch is refused too (the
-        loader would cast silently): convert the module or the checkpoint."""
-        extra_key = prefix + "_extra_state"
-        if extra_key in state_dict:
-            self.set_extra_state(state_dict[extra_key])  # compares only: ValueError naming each difference
-        mine = {key: value for key, value in self.state_dict(prefix=prefix, keep_vars=True).items() if key != extra_key}
-        problems = []
-        for key, tensor in mine.items():
-            saved = state_dict.get(key)
-            if key not in state_dict:
-                if strict:
-                    problems.append(f"missing key {key}")
-            elif not isinstance(saved, torch.Tensor):
-                problems.append(f"{key} is a {type(saved).__name__}, not a tensor")
-            elif saved.shape != tensor.shape:
-                problems.append(
-                    f"size mismatch for {key}: the checkpoint's shape is {tuple(saved.shape)}, "
-                    f"the module's {tuple(tensor.shape)}"
-                )
-            elif saved.dtype != tensor.dtype:
-                problems.append(
-                    f"dtype mismatch for {key}: the checkpoint's is {saved.dtype}, the module's {tensor.dtype}"
-                )
-        if strict:
-            problems += [
-                f"unexpected key {key}"
-                for key in state_dict
-                if key.startswith(prefix) and key not in mine and key != extra_key
-            ]
-        if problems:
-            raise RuntimeError(
-                f"the checkpoint does not fit this {type(self).__name__}, so nothing was loaded: " + "; ".join(problems)
-            )
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        # PyTorch's loader tells _load_from_state_dict nothing of `strict`
-        # (it always passes True): the keys are checked here, up front.
-        if strict:
-            self._check_checkpoint(state_dict, "", strict=True)
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

@@ -18,7 +18,7 @@ from .checks import check_input, normalize_padding_idx
 from .constants import MODES
 from .functional import bag_layout
 from .hashing import check_num_hash_functions
-from .layout import positive_int, sorted_hot_ids
+from .layout import WholeCheckpointLoad, positive_int, sorted_hot_ids
 from .modules import BloomEmbedding, BloomEmbeddingBag, _BloomTable
 from .quantized_ops import (
     LAYOUT,
@@ -34,7 +34,8 @@ from .quantized_ops import (
 __all__ = ["QuantizedBloomEmbedding", "QuantizedBloomEmbeddingBag", "quantize"]
 
 
-class _QuantizedTable(nn.Module):
+class _QuantizedTable(WholeCheckpointLoad, nn.Module):
+    _EXTRA_STATE_REQUIRED = "quantization format and hashing"
     """What both quantized modules share: the hashing, the quantized rows as
     buffers (``codes``, ``scale_offset``; the hot ids' private rows at the
     end, after ``num_rows`` shared ones), and the checked state dict."""
@@ -139,48 +140,6 @@ class _QuantizedTable(nn.Module):
                     f"checkpoint has another {name} than this {type(self).__name__} ({details}); "
                     f"build the module with the checkpoint's settings (e.g. bits={saved.get('bits', '?')}) to load it"
                 )
-
-    def _check_checkpoint(self, state_dict, prefix: str, strict: bool) -> None:
-        """Raise before anything is copied unless this module's part of
-        ``state_dict`` loads whole (PyTorch's loader would copy the tensors
-        it can, then report the rest), so a refused load changes nothing."""
-        extra_key = prefix + "_extra_state"
-        if extra_key in state_dict:
-            self.set_extra_state(state_dict[extra_key])
-        elif strict:
-            raise ValueError(
-                f"the checkpoint has no {extra_key} (quantization format and hashing): it is not a quantized "
-                f"{type(self).__name__}'s"
-            )
-        mine = {key: value for key, value in self.state_dict(prefix=prefix, keep_vars=True).items() if key != extra_key}
-        problems = []
-        for key, tensor in mine.items():
-            saved = state_dict.get(key)
-            if key not in state_dict:
-                if strict:
-                    problems.append(f"missing key {key}")
-            elif not isinstance(saved, torch.Tensor):
-                problems.append(f"{key} is a {type(saved).__name__}, not a tensor")
-            elif saved.shape != tensor.shape or saved.dtype != tensor.dtype:
-                problems.append(
-                    f"{key} is {saved.dtype} {tuple(saved.shape)} in the checkpoint, {tensor.dtype} "
-                    f"{tuple(tensor.shape)} in the module"
-                )
-        if strict:
-            problems += [
-                f"unexpected key {key}"
-                for key in state_dict
-                if key.startswith(prefix) and key not in mine and key != extra_key
-            ]
-        if problems:
-            raise RuntimeError(
-                f"the checkpoint does not fit this {type(self).__name__}, so nothing was loaded: " + "; ".join(problems)
-            )
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        if strict:
-            self._check_checkpoint(state_dict, "", strict=True)
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
