@@ -1156,6 +1156,11 @@ OPS = (
     "bag_backward_max",
     "scores_topk",
 )
+# Inference lookups of a table quantized by ``triton_bloom.quantize`` (the
+# float table at the report's dtype, quantized to these bits): the bytes a
+# looked-up id moves at int8 and int4 (issue 23).
+QUANTIZED_OPS = ("quantized_forward_int8", "quantized_forward_int4", "quantized_bag_sum_int8", "quantized_bag_sum_int4")
+OPS = OPS + QUANTIZED_OPS
 
 
 def _inputs(op, dtype, shapes, dim):
@@ -1163,7 +1168,7 @@ def _inputs(op, dtype, shapes, dim):
 
     g = torch.Generator().manual_seed(0)
     weight = (torch.randn(shapes["num_rows"], dim, generator=g) * 0.1).to(dtype)
-    if op.startswith("bag"):
+    if op.startswith("bag") or op.startswith("quantized_bag"):
         n = shapes["bags"] * shapes["bag_len"]
         ids = torch.randint(0, shapes["num_embeddings"], (n,), generator=g, dtype=torch.int64)
         offsets = torch.arange(0, n + 1, shapes["bag_len"], dtype=torch.int64)
@@ -1175,12 +1180,18 @@ def _inputs(op, dtype, shapes, dim):
     return weight, ids, None, g
 
 
-def ideal_bytes(op, dtype, shapes, dim):
-    """The bytes an operation cannot avoid (module docstring)."""
+def ideal_bytes(op, dtype, shapes, dim, row_bytes=None):
+    """The bytes an operation cannot avoid (module docstring); a quantized
+    lookup's rows cost ``row_bytes`` each (codes, scale and offset) and its
+    output is float32."""
     import torch
 
     elem = torch.empty((), dtype=dtype).element_size()
     k = shapes["k"]
+    if op in QUANTIZED_OPS:
+        n = shapes["bags"] * shapes["bag_len"] if "bag" in op else shapes["batch"] * shapes["seq"]
+        out_rows = shapes["bags"] if "bag" in op else n
+        return n * 8 + n * k * row_bytes + out_rows * dim * 4
     if op.startswith("bag"):
         n, out_rows = shapes["bags"] * shapes["bag_len"], shapes["bags"]
     elif op == "scores_topk":
@@ -1200,6 +1211,24 @@ def ideal_bytes(op, dtype, shapes, dim):
     return ids + out + 2 * rows + extra
 
 
+def _quantized_module(op, weight, shapes):
+    """``weight`` in a Bloom module of the op's kind, quantized to its bits."""
+    import torch
+
+    import triton_bloom
+
+    rows, dim = weight.shape
+    common = dict(num_rows=rows, num_hash_functions=shapes["k"], padding_idx=None, backend="triton")
+    if "bag" in op:
+        module = triton_bloom.BloomEmbeddingBag(shapes["num_embeddings"], dim, mode="sum", **common)
+    else:
+        module = triton_bloom.BloomEmbedding(shapes["num_embeddings"], dim, **common)
+    module = module.to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        module.weight.copy_(weight)
+    return triton_bloom.quantize(module, bits=int(op.rpartition("int")[2]))
+
+
 def run_op(op, dtype, shapes, compiler, l2_scale=1.0, dim=None):
     """Trace ``op`` at ``dtype`` and return :func:`summarize`'s numbers."""
     import torch
@@ -1212,6 +1241,12 @@ def run_op(op, dtype, shapes, compiler, l2_scale=1.0, dim=None):
     weight, ids, offsets, g = _inputs(op, dtype, shapes, dim)
     k, num_embeddings = shapes["k"], shapes["num_embeddings"]
     common = dict(num_embeddings=num_embeddings, backend="triton")
+    if op in QUANTIZED_OPS:
+        module = _quantized_module(op, weight, shapes)
+        table_bytes = sum(b.numel() * b.element_size() for b in (module.codes, module.scale_offset))
+        with tracing(compiler, l2_scale) as tracer:
+            module(ids, offsets[:-1]) if "bag" in op else module(ids)
+        return summarize(tracer, ideal_bytes(op, dtype, shapes, dim, table_bytes / module.codes.shape[0]))
     if op == "scores_topk":
         queries = torch.randn(shapes["queries"], dim, generator=g).to(dtype)
         seeds = seed_tensor(weight.device)
@@ -1383,6 +1418,10 @@ LABELS = {
     "bag_backward_mean": "bag backward, mean",
     "bag_backward_max": "bag backward, max",
     "scores_topk": "scores + top-10",
+    "quantized_forward_int8": "quantized forward, int8",
+    "quantized_forward_int4": "quantized forward, int4",
+    "quantized_bag_sum_int8": "quantized bag, sum, int8",
+    "quantized_bag_sum_int4": "quantized bag, sum, int4",
 }
 
 
@@ -1520,6 +1559,7 @@ CI_LIMITS = {
     ("fused_sgd", "float32"): 1.3,
     ("bag_forward_sum", "float32"): 1.0,
     ("scores_topk", "float32"): 1.8,
+    ("quantized_forward_int4", "float32"): 1.0,
 }
 
 
@@ -1606,6 +1646,10 @@ def measure_op(op, dtype, shapes, dim):
     weight, ids = weight.cuda(), ids.cuda()
     offsets = offsets.cuda() if offsets is not None else None
     k, common = shapes["k"], dict(num_embeddings=shapes["num_embeddings"], backend="triton")
+    if op in QUANTIZED_OPS:
+        module = _quantized_module(op, weight, shapes)
+        with torch.no_grad():
+            return _timed(lambda: module(ids, offsets[:-1]) if "bag" in op else module(ids))
     if op == "scores_topk":
         queries = torch.randn(shapes["queries"], dim, generator=g).to(dtype).cuda()
         seeds = seed_tensor(weight.device)
