@@ -9,9 +9,12 @@ The table comes in two arrays (see ``triton_bloom/quantized_ops.py``):
   divisible by 16, gathers a row with 128-bit loads.  int4 packs two columns
   a byte: column ``2c`` in the low nibble of byte ``c``, ``2c + 1`` in the
   high one.
-- ``META``: the ``(rows, 2)`` bfloat16 offset and scale of each row, read
-  as one int32 per row (one 4-byte load per gathered row); ``bfloat16 ->
-  float32`` is a 16-bit shift, so no conversion instruction either.
+- ``SCALE_CODES``: ``(rows,)`` uint8, each row's scale code ``e`` on the
+  table's grid ``GRID = (lo, step)`` (float32): the scale is
+  ``2 ** (lo + (e - 1) * step)``, 0 for ``e = 0`` (one byte loaded and one
+  ``exp2`` per gathered row).
+- ``COLUMN_OFFSET``: ``(dim,)`` float32, the table's mean row, loaded once
+  per program; a value is ``(u - (2**BITS - 1) / 2) * scale + offset``.
 
 The hashing and its variants (signs, importance weights, hot rows) are
 ``kernels/lookup.py``'s, shared with the float kernels.
@@ -30,21 +33,24 @@ MODE_MAX = tl.constexpr(constants.MODE_MAX)
 
 
 @triton.jit
-def _dequantized(CODES, META, rows, row_live, offs_b, mask_b, row_bytes, BITS: tl.constexpr):
+def _dequantized(
+    CODES, SCALE_CODES, lo, step, column_offset, rows, row_live, offs_b, mask_b, row_bytes, BITS: tl.constexpr
+):
     """The float32 values of ``rows`` on the byte block ``offs_b``: a
     ``(BLOCK_N, BLOCK_B)`` tile for int8, ``(BLOCK_N, 2 * BLOCK_B)`` for int4
-    (each byte's two nibbles side by side).  Rows outside ``row_live`` read
-    offset and scale 0, so their values are 0."""
-    meta = tl.load(META + rows, mask=row_live, other=0)
-    offset = (meta << 16).to(tl.float32, bitcast=True)
-    scale = (meta & -65536).to(tl.float32, bitcast=True)
+    (each byte's two nibbles side by side); ``column_offset`` is the block's
+    ``(1, COLS)`` offsets.  Rows outside ``row_live`` are 0."""
+    code = tl.load(SCALE_CODES + rows, mask=row_live, other=0).to(tl.float32)
+    scale = tl.where(code > 0, tl.exp2(lo + (code - 1.0) * step), 0.0)
+    # Levels symmetric around the offset: u * scale + (offset - centre * scale).
+    shift = tl.where(row_live, column_offset, 0.0) - ((1 << BITS) - 1) * 0.5 * scale
     codes = tl.load(CODES + rows * row_bytes + offs_b, mask=row_live & mask_b, other=0)
     if BITS == 8:
-        vals = codes.to(tl.float32) * scale + offset
+        vals = codes.to(tl.float32) * scale + shift
     else:
-        low = (codes & 15).to(tl.float32) * scale + offset
-        high = (codes >> 4).to(tl.float32) * scale + offset
-        vals = tl.interleave(low, high)
+        low = (codes & 15).to(tl.float32) * scale
+        high = (codes >> 4).to(tl.float32) * scale
+        vals = tl.interleave(low, high) + shift
     return vals
 
 
@@ -59,7 +65,10 @@ def _quantized_sum(
     offs_n,
     SEEDS,
     CODES,
-    META,
+    SCALE_CODES,
+    lo,
+    step,
+    column_offset,
     IMPORTANCE,
     offs_b,
     mask_b,
@@ -81,7 +90,9 @@ def _quantized_sum(
         rows, row_live = row_index(
             ids, live, mixed_lo, mixed_hi, hot, ids, offs_n, SEEDS, j, num_rows, live, K, False, HAS_HOT, WIDE_IDS
         )
-        vals = _dequantized(CODES, META, rows, row_live, offs_b, mask_b, row_bytes, BITS)
+        vals = _dequantized(
+            CODES, SCALE_CODES, lo, step, column_offset, rows, row_live, offs_b, mask_b, row_bytes, BITS
+        )
         if SIGNED or HAS_IMPORTANCE:
             _, factor = variant_factor(
                 ids,
@@ -109,7 +120,9 @@ def _quantized_forward_kernel(
     IDS,  # (n,) int32/int64 ids
     SEEDS,  # (49,) int32 seeds: rows, signs, importance
     CODES,  # (rows, row_bytes) uint8 codes
-    META,  # (rows,) int32: each row's bfloat16 offset (low half) and scale (high half)
+    SCALE_CODES,  # (rows,) uint8 scale codes
+    GRID,  # (2,) float32: the scale grid's lo and step
+    COLUMN_OFFSET,  # (dim,) float32
     IMPORTANCE,  # (importance_rows, K) float32, read only when HAS_IMPORTANCE
     HOT,  # (hot_count,) sorted hot ids, read only when HAS_HOT
     OUT,  # (n, dim) float32
@@ -135,6 +148,9 @@ def _quantized_forward_kernel(
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
     offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)[None, :]
     offs_c = tl.program_id(1) * COLS + tl.arange(0, COLS)[None, :]
+    lo = tl.load(GRID)
+    step = tl.load(GRID + 1)
+    column_offset = tl.load(COLUMN_OFFSET + offs_c, mask=offs_c < dim, other=0.0)
     ids, live = load_ids(IDS, offs_n, offs_n < n, padding_idx, HAS_PADDING)
     mixed_lo, mixed_hi, imp_rows, hot = id_hashes(
         ids, SEEDS, importance_rows, HOT, hot_count, HOT_STEPS, HAS_IMPORTANCE, HAS_HOT, WIDE_IDS
@@ -149,7 +165,10 @@ def _quantized_forward_kernel(
         offs_n,
         SEEDS,
         CODES,
-        META,
+        SCALE_CODES,
+        lo,
+        step,
+        column_offset,
         IMPORTANCE,
         offs_b,
         offs_b < row_bytes,
@@ -173,7 +192,9 @@ def _quantized_bag_kernel(
     PSW,  # (n,) float32 per-sample weights, read only when HAS_PSW
     SEEDS,
     CODES,
-    META,
+    SCALE_CODES,
+    GRID,
+    COLUMN_OFFSET,
     IMPORTANCE,
     HOT,
     OUT,  # (B, dim) float32
@@ -200,6 +221,9 @@ def _quantized_bag_kernel(
     bag = tl.program_id(0).to(tl.int64)
     offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)[None, :]
     offs_c = tl.program_id(1) * COLS + tl.arange(0, COLS)
+    lo = tl.load(GRID)
+    step = tl.load(GRID + 1)
+    column_offset = tl.load(COLUMN_OFFSET + offs_c[None, :], mask=offs_c[None, :] < dim, other=0.0)
     start = tl.load(OFFSETS + bag)
     end = tl.load(OFFSETS + bag + 1)
     acc = tl.zeros((COLS,), dtype=tl.float32)
@@ -221,7 +245,10 @@ def _quantized_bag_kernel(
             offs_n,
             SEEDS,
             CODES,
-            META,
+            SCALE_CODES,
+            lo,
+            step,
+            column_offset,
             IMPORTANCE,
             offs_b,
             offs_b < row_bytes,
@@ -268,12 +295,15 @@ def tile(dim, bits):
     return max(16, min(64, per_thread * 128 // block_b)), block_b
 
 
-def _common_args(ids, codes, meta, seeds, *, bits, dim, num_hash_functions, wide_ids, signed, importance, hot):
+def _common_args(ids, table, seeds, *, bits, dim, num_hash_functions, wide_ids, signed, importance, hot):
+    codes, scale_codes, scale_grid, column_offset = table
     args = dict(
         IDS=ids.reshape(-1).contiguous(),
         SEEDS=seeds,
         CODES=codes,
-        META=meta.view(torch.int32).reshape(-1),
+        SCALE_CODES=scale_codes,
+        GRID=scale_grid,
+        COLUMN_OFFSET=column_offset,
         dim=dim,
         row_bytes=codes.shape[1],
         BITS=bits,
@@ -293,14 +323,30 @@ def _common_args(ids, codes, meta, seeds, *, bits, dim, num_hash_functions, wide
 
 
 def quantized_forward(
-    ids, codes, meta, seeds, *, bits, dim, num_hash_functions, padding_idx, wide_ids, signed, importance, hot
+    ids,
+    codes,
+    scale_codes,
+    scale_grid,
+    column_offset,
+    seeds,
+    *,
+    bits,
+    dim,
+    num_hash_functions,
+    padding_idx,
+    wide_ids,
+    signed,
+    importance,
+    hot,
 ):
     """The ``(*, dim)`` float32 sums of the dequantised ``k`` rows of every id.
 
     Args:
         ids (Tensor): int32/int64 ids, any shape, validated by the caller.
         codes (Tensor): ``(rows, row_bytes)`` uint8, ``row_bytes`` a multiple of 16.
-        meta (Tensor): ``(rows, 2)`` bfloat16 offsets and scales, contiguous.
+        scale_codes (Tensor): ``(rows,)`` uint8 scale codes.
+        scale_grid (Tensor): ``(2,)`` float32 ``lo`` and ``step`` of the scales.
+        column_offset (Tensor): ``(dim,)`` float32 offsets.
         seeds (Tensor): int32 seeds on the table's device.
         bits (int): 8 or 4.
         dim (int): columns of the table.
@@ -313,8 +359,7 @@ def quantized_forward(
         return out
     args = _common_args(
         ids,
-        codes,
-        meta,
+        (codes, scale_codes, scale_grid, column_offset),
         seeds,
         bits=bits,
         dim=dim,
@@ -339,7 +384,9 @@ def quantized_bag_forward(
     ids,
     offsets,
     codes,
-    meta,
+    scale_codes,
+    scale_grid,
+    column_offset,
     seeds,
     *,
     bits,
@@ -363,8 +410,7 @@ def quantized_bag_forward(
         return out
     args = _common_args(
         ids,
-        codes,
-        meta,
+        (codes, scale_codes, scale_grid, column_offset),
         seeds,
         bits=bits,
         dim=dim,

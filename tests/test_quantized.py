@@ -39,18 +39,29 @@ def backend(request):
 # The oracle: numpy float64, from the module's raw buffers. ---------------------
 
 
-def oracle_table(module) -> np.ndarray:
-    """Each row dequantised: ``code * scale + offset``, codes unpacked from
-    bytes (int4: column 2c in the low nibble of byte c), in float64."""
+def oracle_codes(module) -> np.ndarray:
+    """The codes unpacked from bytes (int4: column 2c in the low nibble of byte c)."""
     codes = module.codes.cpu().numpy().astype(np.int64)
     if module.bits == 4:
         unpacked = np.empty((codes.shape[0], codes.shape[1] * 2), dtype=np.int64)
         unpacked[:, 0::2] = codes % 16
         unpacked[:, 1::2] = codes // 16
         codes = unpacked
-    codes = codes[:, : module.embedding_dim].astype(np.float64)
-    meta = module.scale_offset.float().cpu().numpy().astype(np.float64)  # bfloat16 -> float32 is exact
-    return codes * meta[:, 1:2] + meta[:, 0:1]
+    return codes[:, : module.embedding_dim]
+
+
+def oracle_scales(module) -> np.ndarray:
+    """Each row's scale, ``2 ** (lo + (e - 1) * step)`` (0 for code 0), in float64."""
+    lo, step = module.scale_grid.cpu().double().numpy()
+    e = module.scale_codes.cpu().numpy().astype(np.float64)
+    return np.where(e > 0, np.exp2(lo + (e - 1) * step), 0.0)
+
+
+def oracle_table(module) -> np.ndarray:
+    """Each row dequantised, ``(u - (2**bits - 1) / 2) * scale + column offset``, in float64."""
+    centre = (2**module.bits - 1) / 2
+    offset = module.column_offset.cpu().double().numpy()
+    return (oracle_codes(module) - centre) * oracle_scales(module)[:, None] + offset
 
 
 def oracle_vectors(ids, table, *, k, num_rows, padding_idx=None, hot=None, signed=False, importance=None):
@@ -96,10 +107,11 @@ def oracle_bags(vectors, ids, offsets, mode, per_sample_weights=None, padding_id
 
 
 def assert_close(actual, expected):
-    """float32 rounding of a sum of a few float32 terms, against float64."""
+    """float32 rounding of a sum of a few float32 terms (and of the float32
+    scales the lookups compute), against float64."""
     actual = actual.detach().cpu().double().numpy()
     assert actual.shape == expected.shape
-    np.testing.assert_allclose(actual, expected, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(actual, expected, rtol=2e-5, atol=1e-5)
 
 
 def trained_like(module, generator):
@@ -125,28 +137,64 @@ def build(cls, bits, backend, *, seed, dim, hot=None, **options):
 # The format. -------------------------------------------------------------------
 
 
+def oracle_error(deviation, scale, bits):
+    """Squared error of each row of ``deviation`` (the rows minus the column
+    offsets) at ``scale``, each value rounded to the nearest level."""
+    centre = (2**bits - 1) / 2
+    safe = np.where(scale > 0, scale, 1.0)[:, None]
+    levels = np.clip(np.floor(deviation / safe + centre + 0.5), 0, 2**bits - 1)
+    return (((levels - centre) * safe - deviation) ** 2).sum(1)
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dim", [1, 5, 33, 64])
-def test_rows_round_to_the_nearest_level_within_half_a_step(bits, dim):
+def test_rows_take_the_nearest_level_at_the_scale_of_least_error(bits, dim):
     generator = torch.Generator().manual_seed(dim * bits)
     float_module = trained_like(BloomEmbedding(NUM_IDS, dim, num_rows=50), generator)
-    with torch.no_grad():
-        float_module.embeddings.weight[3] = 0.25  # a constant row
     quantized = quantize(float_module, bits=bits)
     w = float_module.weight.detach().double().numpy()
-    table = oracle_table(quantized)
-    meta = quantized.scale_offset.float().double().numpy()
-    scale, offset = meta[:, 1:2], meta[:, 0:1]
-    # The rounded offset never lies above a row's minimum, nor the top level below its maximum.
-    assert (offset[:, 0] <= w.min(1)).all()
-    assert (offset[:, 0] + (2**bits - 1) * scale[:, 0] >= w.max(1) - 1e-12).all()
-    assert (np.abs(table - w) <= scale / 2 * (1 + 1e-6) + 1e-12).all()
-    # The bfloat16 rounding costs at most a few percent of a step.
-    ideal = (w.max(1) - w.min(1)) / (2**bits - 1)
-    assert (scale[:, 0] <= ideal * 1.02 + np.abs(w.min(1)) * 2**-7 / (2**bits - 1) + 1e-30).all()
-    # Rows start 16-byte aligned; int4 packs two columns a byte.
+    offset = quantized.column_offset.double().numpy()
+    assert np.allclose(offset, w.mean(0), rtol=1e-6, atol=1e-6)
+    deviation = w - quantized.column_offset.double().numpy()
+    centre = (2**bits - 1) / 2
+    scale = oracle_scales(quantized)
+    codes = oracle_codes(quantized)
+    # Each value is at the level nearest to it (ties either way), clipped to the extreme levels.
+    exact = deviation / scale[:, None] + centre
+    assert (np.abs(codes - np.clip(exact, 0, 2**bits - 1)) <= 0.5 + 1e-6).all()
+    assert ((exact < 0) <= (codes == 0)).all() and ((exact > 2**bits - 1) <= (codes == 2**bits - 1)).all()
+    # The row's scale has the least squared error of the grid's scales near it, the unclipped one included.
+    lo, step = quantized.scale_grid.double().numpy()
+    assert 0 < step <= 1 / 16
+    error = oracle_error(deviation, scale, bits)
+    assert np.allclose(error, (((codes - centre) * scale[:, None] - deviation) ** 2).sum(1), rtol=1e-9, atol=1e-12)
+    # The candidates: the grid's scales from the first that covers the row's
+    # full range down to 3/4 of it (at most 64 codes).
+    full_range = np.abs(deviation).max(1) / centre
+    top = np.clip(np.ceil((np.log2(full_range) - lo) / step) + 1, 1, 255)
+    lowest = top - min(64, np.ceil(np.log2(4 / 3) / step) + 1) + 1
+    e = quantized.scale_codes.numpy().astype(np.float64)
+    assert ((lowest - 1 <= e) & (e <= top + 1)).all()
+    for other in (e - 1, e + 1, top):
+        # (The float64 grid here may put a boundary a code off the lookups' float32 one.)
+        inside = (other > lowest) & (other < top) | (other == top)
+        other_scale = np.exp2(lo + (np.clip(other, 1, 255) - 1) * step)
+        assert (error <= oracle_error(deviation, other_scale, bits) * (1 + 1e-6) + 1e-12)[inside].all()
+    assert (scale >= full_range * 0.75 * 2**-step * (1 - 1e-6)).all()
+    assert (scale <= full_range * 2**step * (1 + 1e-6)).all()
+    # Rows start 16-byte aligned; int4 packs two columns a byte; one scale byte a row.
     assert quantized.codes.dtype == torch.uint8 and quantized.codes.shape[1] % 16 == 0
     assert quantized.codes.shape[1] == -(-(-(-dim * bits // 8)) // 16) * 16
+    assert quantized.scale_codes.shape == (50,) and quantized.scale_codes.dtype == torch.uint8
+
+
+def test_a_table_of_equal_rows_is_its_column_offsets():
+    float_module = BloomEmbedding(NUM_IDS, 6, num_rows=20)
+    with torch.no_grad():
+        float_module.embeddings.weight.copy_(torch.randn(1, 6).expand(20, 6))
+    quantized = quantize(float_module, bits=4)
+    assert torch.equal(quantized.scale_codes, torch.zeros(20, dtype=torch.uint8))
+    assert torch.equal(quantized.dequantized_weight(), float_module.weight.detach())
 
 
 # Lookups against the oracle, both backends. ------------------------------------
@@ -168,7 +216,9 @@ def test_embedding_matches_dequantize_then_lookup(backend, bits, dim, hot):
     assert_close(out, expected.reshape(6, 7, dim))
     # int32 ids and a non-contiguous view read the same rows.
     assert torch.equal(quantized(ids.int()), out)
-    assert torch.equal(quantized(ids.t()), out.transpose(0, 1))
+    view = quantized(ids.t())
+    assert torch.equal(view, quantized(ids.t().contiguous()))
+    assert_close(view, expected.reshape(6, 7, dim).transpose(1, 0, 2))
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -343,7 +393,7 @@ def test_training_a_quantized_table_is_refused_with_the_fix():
     with pytest.raises(RuntimeError, match=r"inference only.*triton_bloom.quantize\(module, bits=4\)"):
         quantized.requires_grad_(True)
     quantized.requires_grad_(False)  # freezing is fine
-    quantized.scale_offset.requires_grad_(True)
+    quantized.column_offset.requires_grad_(True)
     with pytest.raises(RuntimeError, match="dequantize"):
         quantized(torch.tensor([1, 2], device=DEVICE))
     with torch.no_grad():
@@ -352,7 +402,9 @@ def test_training_a_quantized_table_is_refused_with_the_fix():
     out = triton_bloom.quantized_ops.quantized_forward(
         torch.tensor([1, 2], device=DEVICE),
         quantized.codes,
-        quantized.scale_offset,
+        quantized.scale_codes,
+        quantized.scale_grid,
+        quantized.column_offset,
         None,
         None,
         bits=4,
@@ -387,13 +439,14 @@ def test_module_bytes(hot):
     table_rows = rows + (0 if hot is None else len(hot))
     int8, int4 = quantize(float_module, bits=8), quantize(float_module, bits=4)
     assert embedding_bytes(float_module) == table_rows * dim * 4 + hot_bytes
-    # Codes, plus a bfloat16 scale and offset (4 bytes) a row: nothing else.
-    assert embedding_bytes(int8) == table_rows * (dim + 4) + hot_bytes
-    assert embedding_bytes(int4) == table_rows * (dim // 2 + 4) + hot_bytes
-    # int4 rows at width 64: 36 of 256 bytes, 0.1406 of the fp32 table.
-    assert embedding_bytes(int4) - hot_bytes <= 0.1407 * (embedding_bytes(float_module) - hot_bytes)
-    # Against the full fp32 table of the 10,000 ids the Bloom table at 0.2 replaces: 1/35.
-    assert embedding_bytes(int4) <= 0.03 * 10_000 * dim * 4
+    # Codes and a scale byte a row, plus the table's scale grid (2 floats) and column offsets (dim floats).
+    table = 2 * 4 + dim * 4
+    assert embedding_bytes(int8) == table_rows * (dim + 1) + table + hot_bytes
+    assert embedding_bytes(int4) == table_rows * (dim // 2 + 1) + table + hot_bytes
+    # int4 rows at width 64, everything counted: at most 0.13 of the fp32 table (33 of 256 bytes a row).
+    assert embedding_bytes(int4) - hot_bytes <= 0.13 * (embedding_bytes(float_module) - hot_bytes)
+    # Against the full fp32 table of the 10,000 ids the Bloom table at 0.2 replaces: 1/38.
+    assert embedding_bytes(int4) <= 0.027 * 10_000 * dim * 4
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -412,7 +465,7 @@ def test_the_custom_ops_pass_opcheck(bits):
         signed=False,
         use_triton=False,
     )
-    tensors = (quantized.codes, quantized.scale_offset)
+    tensors = (quantized.codes, quantized.scale_codes, quantized.scale_grid, quantized.column_offset)
     torch.library.opcheck(quantized_forward, (ids, *tensors, None, quantized.hot_ids), options)
     torch.library.opcheck(
         quantized_bag_forward, (ids, offsets, *tensors, None, None, quantized.hot_ids), dict(options, mode=1)
@@ -427,6 +480,6 @@ def test_dtype_casts_keep_the_format():
     before = quantized(ids)
     for cast in (lambda m: m.half(), lambda m: m.double(), lambda m: m.to(torch.bfloat16), lambda m: m.float()):
         cast(quantized)
-        assert quantized.scale_offset.dtype == torch.bfloat16
+        assert quantized.scale_grid.dtype == quantized.column_offset.dtype == torch.float32
         assert quantized.importance_weight.dtype == torch.float32
         assert torch.equal(quantized(ids), before)

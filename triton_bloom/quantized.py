@@ -1,7 +1,8 @@
 """Quantized Bloom tables for inference: ``quantize`` turns a trained
 ``BloomEmbedding`` or ``BloomEmbeddingBag`` into a ``QuantizedBloomEmbedding``
 or ``QuantizedBloomEmbeddingBag`` whose rows are int8 or int4 codes with a
-scale and an offset per row (the format: ``quantized_ops.py``).  The lookups
+one-byte scale per row, symmetric around the table's mean row (the
+format: ``quantized_ops.py``).  The lookups
 dequantise the rows they gather and sum in float32, on the Triton kernels or
 the PyTorch path by the same backend rule as the float modules."""
 
@@ -37,8 +38,9 @@ __all__ = ["QuantizedBloomEmbedding", "QuantizedBloomEmbeddingBag", "quantize"]
 class _QuantizedTable(WholeCheckpointLoad, nn.Module):
     _EXTRA_STATE_REQUIRED = "quantization format and hashing"
     """What both quantized modules share: the hashing, the quantized rows as
-    buffers (``codes``, ``scale_offset``; the hot ids' private rows at the
-    end, after ``num_rows`` shared ones), and the checked state dict."""
+    buffers (``codes`` and ``scale_codes``, the hot ids' private rows at the
+    end, after ``num_rows`` shared ones; ``scale_grid`` and
+    ``column_offset``), and the checked state dict."""
 
     _float_class = BloomEmbedding
 
@@ -78,7 +80,9 @@ class _QuantizedTable(WholeCheckpointLoad, nn.Module):
         self.register_buffer(
             "codes", torch.zeros((rows, row_bytes(embedding_dim, bits)), dtype=torch.uint8, device=device)
         )
-        self.register_buffer("scale_offset", torch.zeros((rows, 2), dtype=torch.bfloat16, device=device))
+        self.register_buffer("scale_codes", torch.zeros(rows, dtype=torch.uint8, device=device))
+        self.register_buffer("scale_grid", torch.zeros(2, dtype=torch.float32, device=device))
+        self.register_buffer("column_offset", torch.zeros(embedding_dim, dtype=torch.float32, device=device))
         self.importance_weight: Optional[torch.Tensor]
         importance = None
         if importance_rows is not None:
@@ -88,9 +92,9 @@ class _QuantizedTable(WholeCheckpointLoad, nn.Module):
 
     def _apply(self, fn, recurse=True):
         # .half(), .double() and .to(dtype) convert floating-point buffers:
-        # the scale and offset (bfloat16 bits the kernel reads as such) and
-        # the importance weights keep their dtype, moved as integers.
-        kept = {"scale_offset": torch.int16, "importance_weight": torch.int32}
+        # the format's float32 scale grid and column offsets, and the
+        # importance weights, keep their dtype, moved as integers.
+        kept = {name: torch.int32 for name in ("scale_grid", "column_offset", "importance_weight")}
         originals = {name: self._buffers[name] for name in kept if self._buffers.get(name) is not None}
         for name, tensor in originals.items():
             self._buffers[name] = tensor.view(kept[name])
@@ -164,7 +168,8 @@ class _QuantizedTable(WholeCheckpointLoad, nn.Module):
         return self
 
     def _check_inference(self) -> None:
-        floats = [self.scale_offset] + ([self.importance_weight] if self.importance_weight is not None else [])
+        floats = [self.scale_grid, self.column_offset]
+        floats += [self.importance_weight] if self.importance_weight is not None else []
         if torch.is_grad_enabled() and any(t.requires_grad for t in floats):
             raise RuntimeError(TRAINING_ERROR.format(bits=self.bits))
 
@@ -182,7 +187,10 @@ class _QuantizedTable(WholeCheckpointLoad, nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """The whole table dequantised, ``(num_rows + hot rows, embedding_dim)``
         float32: what the lookups read, for inspection or fine-tuning."""
-        return dequantize_rows(self.codes, self.scale_offset, self.bits, self.embedding_dim)
+        return dequantize_rows(*self._table(), self.bits, self.embedding_dim)
+
+    def _table(self) -> tuple:
+        return self.codes, self.scale_codes, self.scale_grid, self.column_offset
 
     def _float_options(self) -> dict:
         return dict(
@@ -228,9 +236,8 @@ class _QuantizedTable(WholeCheckpointLoad, nn.Module):
             device=module.embeddings.weight.device,
             **extra,
         )
-        codes, scale_offset = quantize_rows(module.embeddings.weight, bits)
-        quantized.codes.copy_(codes)
-        quantized.scale_offset.copy_(scale_offset)
+        for buffer, value in zip(quantized._table(), quantize_rows(module.embeddings.weight, bits)):
+            buffer.copy_(value)
         if module.importance_weight is not None:
             quantized.importance_weight.copy_(module.importance_weight.detach().float())
         return quantized
@@ -253,14 +260,16 @@ class _QuantizedTable(WholeCheckpointLoad, nn.Module):
 
 class QuantizedBloomEmbedding(_QuantizedTable):
     r"""A :class:`~triton_bloom.BloomEmbedding` for inference whose rows are
-    int8 or int4 codes with a bfloat16 scale and offset per row.
+    int8 or int4 codes with a one-byte scale per row.
 
     Built by :func:`quantize` from a trained module, or empty (all rows
     zero) to load a quantized checkpoint into.  Each lookup dequantises the
-    ``k`` rows it gathers (``code * scale + offset``) and sums them in
+    ``k`` rows it gathers (``(code - centre) * scale + column_offset``) and sums them in
     float32: the output is float32 whatever the float module's dtype was.
     The hashing, padding, signs, importance weights and hot rows are the
-    float module's.  There are no parameters: to train, :meth:`dequantize`.
+    float module's.  There are no parameters (so an optimizer built over
+    this module alone fails with PyTorch's "optimizer got an empty parameter
+    list"; in a model, the table stays frozen): to train, :meth:`dequantize`.
 
     Args:
         num_embeddings (int or None): size of the id space.
@@ -279,7 +288,10 @@ class QuantizedBloomEmbedding(_QuantizedTable):
     Attributes:
         codes (Tensor): ``(num_rows + H, row_bytes)`` uint8 codes, two a byte
             at 4 bits, each row padded to a multiple of 16 bytes.
-        scale_offset (Tensor): ``(num_rows + H, 2)`` bfloat16: offset, scale.
+        scale_codes (Tensor): ``(num_rows + H,)`` uint8: each row's scale
+            on the logarithmic grid ``scale_grid``.
+        scale_grid (Tensor): ``(2,)`` float32: the grid's ``lo`` and ``step``.
+        column_offset (Tensor): ``(embedding_dim,)`` float32: the mean row.
 
     Shape:
         - Input: :math:`(*)`, IntTensor or LongTensor of ids
@@ -291,8 +303,8 @@ class QuantizedBloomEmbedding(_QuantizedTable):
         >>> small = triton_bloom.quantize(emb, bits=4)
         >>> small(torch.tensor([[1, 2], [3, 4]])).shape
         torch.Size([2, 2, 64])
-        >>> embedding_bytes(small) / embedding_bytes(emb)
-        0.140625
+        >>> round(embedding_bytes(small) / embedding_bytes(emb), 4)
+        0.1294
     """
 
     def __init__(
@@ -327,14 +339,12 @@ class QuantizedBloomEmbedding(_QuantizedTable):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         check_input(input, self.codes)
         self._check_inference()
-        return quantized_forward(
-            input, self.codes, self.scale_offset, self.importance_weight, self.hot_ids, **self._options()
-        )
+        return quantized_forward(input, *self._table(), self.importance_weight, self.hot_ids, **self._options())
 
 
 class QuantizedBloomEmbeddingBag(_QuantizedTable):
     r"""A :class:`~triton_bloom.BloomEmbeddingBag` for inference whose rows are
-    int8 or int4 codes with a bfloat16 scale and offset per row; pools in
+    int8 or int4 codes with a one-byte scale per row; pools in
     float32 by ``mode`` (``"sum"``, ``"mean"`` or ``"max"``), with
     ``offsets``, ``include_last_offset`` and ``per_sample_weights`` as in
     :class:`torch.nn.EmbeddingBag`.  Built by :func:`quantize`; the other
@@ -408,8 +418,7 @@ class QuantizedBloomEmbeddingBag(_QuantizedTable):
         return quantized_bag_forward(
             ids,
             offsets,
-            self.codes,
-            self.scale_offset,
+            *self._table(),
             per_sample_weights,
             self.importance_weight,
             self.hot_ids,
@@ -439,8 +448,10 @@ def quantize(module: nn.Module, bits: int = 8) -> nn.Module:
     :class:`QuantizedBloomEmbedding`, a :class:`~triton_bloom.BloomEmbeddingBag`
     a :class:`QuantizedBloomEmbeddingBag`; any other module is deep-copied
     with each Bloom submodule so replaced (the rest of the model unchanged).
-    Each row is quantized on its own (post-training, nearest level) between
-    its minimum and maximum: ``2**bits`` levels, a bfloat16 scale and offset.
+    Each row is quantized on its own (post-training): ``2**bits`` levels
+    symmetric around the table's mean row, at the scale (one byte, on a
+    logarithmic grid) that minimises the row's squared error, each value
+    rounded to the nearest level.
     ``module`` itself is left as it was.
 
     Args:

@@ -1,21 +1,33 @@
 """Quantized Bloom tables: the row format, and the lookups as custom ops.
 
-The format (``LAYOUT``), per row of the table, asymmetric and row-wise as
-FBGEMM's serving tables are:
+The format (``LAYOUT``): each row symmetric around the table's column
+offsets, with one byte of scale per row, so that an int4 row of width 64
+costs 33 bytes (0.129 of its 256 fp32 bytes):
 
-- ``codes``: ``(rows, row_bytes)`` uint8.  int8 keeps one code a byte; int4
-  packs two, column ``2c`` in the low nibble of byte ``c`` and ``2c + 1`` in
-  the high one.  ``row_bytes`` is the codes' bytes rounded up to a multiple
-  of 16, so every row starts 16-byte aligned and the kernel gathers it with
-  128-bit loads (at the usual widths, multiples of 32, nothing is padded).
-- ``scale_offset``: ``(rows, 2)`` bfloat16, the row's offset then its scale;
-  a value is ``code * scale + offset``.  Apart from the codes rather than
-  inline (FBGEMM's layout): four bytes at the end of a 32-byte int4 row of
-  width 64 would either break the rows' 16-byte alignment or pad each row
-  to 48 bytes.  bfloat16, not float16: it has float32's range, so no row's
-  scale underflows or overflows; its 8-bit mantissa costs nothing, since
-  the codes are computed against the rounded scale and offset (the offset
-  rounded down, the scale up, so the codes still span the row).
+- ``codes``: ``(rows, row_bytes)`` uint8 codes ``u`` in ``[0, 2**bits - 1]``.
+  int8 keeps one code a byte; int4 packs two, column ``2c`` in the low
+  nibble of byte ``c`` and ``2c + 1`` in the high one.  ``row_bytes`` is the
+  codes' bytes rounded up to a multiple of 16, so every row starts 16-byte
+  aligned and the kernel gathers it with 128-bit loads (at the usual
+  widths, multiples of 32, nothing is padded).
+- ``scale_codes``: ``(rows,)`` uint8, the row's scale on a logarithmic grid:
+  code ``e`` is the scale ``2 ** (lo + (e - 1) * step)`` (float32), and 0 is
+  a scale of 0 (a row equal to the column offsets).
+- ``scale_grid``: ``(2,)`` float32, the table's ``lo`` and ``step``: 254
+  steps from a quarter below the smallest row's range to the largest
+  row's, at most 1/16 octave apart (so the grid costs a row at most 4.4 %
+  of precision; at a trained table's spread of row ranges, under 1 %).
+- ``column_offset``: ``(dim,)`` float32, the table's mean row.
+
+A value is ``(u - (2**bits - 1) / 2) * scale + column_offset``: the levels
+lie symmetric around the column offset (no level at 0, all ``2**bits``
+used).  A per-row offset in the old format's bfloat16 (four bytes a row with
+the scale) would put an int4 row of width 64 at 36 bytes, 0.141 of fp32;
+symmetric rows over the mean row, with the scale each row picks to
+minimise its squared error (clipping its largest value when that pays),
+reconstruct a trained table almost as well (``bench/results/quantized_format_cpu.md``).
+The per-row bytes sit apart from the codes (not inline as in FBGEMM's
+rows), so the rows stay 16-byte aligned.
 
 Every lookup dequantises the rows it gathers (never the whole table) and
 sums in float32.  Whether the Triton kernels (``kernels/quantized.py``) or
@@ -27,6 +39,7 @@ raises :data:`TRAINING_ERROR`.
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Optional
 
 import torch
@@ -44,19 +57,28 @@ __all__ = [
     "TRAINING_ERROR",
     "row_bytes",
     "quantize_rows",
+    "row_scales",
     "dequantize_rows",
     "quantized_forward",
     "quantized_bag_forward",
 ]
 
 BITS = (8, 4)
-LAYOUT = "rowwise-asymmetric/uint8-codes-16B-rows/bf16-offset-scale"
+LAYOUT = "rowwise-symmetric/uint8-codes-16B-rows/u8-log2-scale/f32-column-offset"
 ROW_ALIGNMENT = 16
+SCALE_LEVELS = 255  # scale codes 1..255; 0 is a scale of 0
+MAX_SCALE_STEP = 1 / 16  # octaves between two scale codes, at most
+# How far below a row's full range (in octaves) its scale may go to clip its
+# largest values: down to 0.75 of the range, past which clipping never paid
+# on the trained tables measured.
+CLIP_ROOM = math.log2(4 / 3)
+_QUANTIZE_CHUNK = 8192  # rows quantized at a time (float64 temporaries)
 TRAINING_ERROR = (
     "a quantized Bloom table is for inference only: its int{bits} rows cannot be trained (no parameters, "
-    "no gradient). Train the float module (BloomEmbedding / BloomEmbeddingBag) and quantize it again with "
-    "triton_bloom.quantize(module, bits={bits}), or call .dequantize() on this module to get a float "
-    "module to fine-tune"
+    "no gradient; an optimizer built over the quantized module alone fails with PyTorch's "
+    "'optimizer got an empty parameter list'). Train the float module (BloomEmbedding / BloomEmbeddingBag) "
+    "and quantize it again with triton_bloom.quantize(module, bits={bits}), or call .dequantize() on this "
+    "module to get a float module to fine-tune"
 )
 
 
@@ -73,18 +95,34 @@ def row_bytes(dim: int, bits: int) -> int:
     return -(-used // ROW_ALIGNMENT) * ROW_ALIGNMENT
 
 
-def _bf16_toward(values: torch.Tensor, direction: float) -> torch.Tensor:
-    """``values`` (float64) as bfloat16, rounded toward ``direction`` (+-inf)."""
-    rounded = values.to(torch.bfloat16)
-    wrong = rounded.double() < values if direction > 0 else rounded.double() > values
-    stepped = torch.nextafter(rounded, torch.full_like(rounded, direction))
-    return torch.where(wrong, stepped, rounded)
+def row_scales(scale_codes: torch.Tensor, scale_grid: torch.Tensor) -> torch.Tensor:
+    """The float32 scales of ``scale_codes`` (any shape) on the grid
+    ``(lo, step)``: ``2 ** (lo + (e - 1) * step)``, and 0 for code 0."""
+    grid = scale_grid.float()
+    codes = scale_codes.to(torch.float32)
+    scales = torch.exp2(grid[0] + (codes - 1) * grid[1])
+    return torch.where(scale_codes > 0, scales, torch.zeros_like(scales))
+
+
+def _scale_grid(ideal: torch.Tensor) -> tuple[float, float]:
+    """``(lo, step)`` of a table whose rows' full-range scales are ``ideal``."""
+    positive = ideal[ideal > 0]
+    if positive.numel() == 0:
+        return 0.0, 0.0
+    top, bottom = math.log2(float(positive.max())), math.log2(float(positive.min())) - CLIP_ROOM
+    step = min((top - bottom) / (SCALE_LEVELS - 1), MAX_SCALE_STEP)
+    # A hair above the largest row's scale: its float32 rounding must not
+    # fall below it (the top code would then clip that row).
+    lo = top - (SCALE_LEVELS - 1) * step + 2**-20
+    return lo, step
 
 
 def quantize_rows(weight: torch.Tensor, bits: int):
-    """``(codes, scale_offset)`` of a float ``(rows, dim)`` table: each row's
-    values mapped onto ``2**bits`` levels between its minimum and maximum
-    (nearest level), in the format above.
+    """``(codes, scale_codes, scale_grid, column_offset)`` of a float
+    ``(rows, dim)`` table, in the format above.  Each row's scale is the
+    grid's scale, from its full range down to :data:`CLIP_ROOM` below it,
+    that minimises the row's squared error with its values rounded to the
+    nearest level (ties to the larger scale).
 
     Raises:
         ValueError: ``bits`` is not 8 or 4, or the table holds NaN or infinity.
@@ -92,29 +130,54 @@ def quantize_rows(weight: torch.Tensor, bits: int):
     check_bits(bits)
     if weight.dim() != 2 or not weight.is_floating_point():
         raise TypeError(f"weight must be a 2-D float table, got dtype {weight.dtype} and shape {tuple(weight.shape)}")
-    w = weight.detach().double()
+    w = weight.detach()
     if w.numel() and not bool(torch.isfinite(w).all()):
         row = int(torch.nonzero(~torch.isfinite(w))[0, 0])
         raise ValueError(f"row {row} of the table holds NaN or infinity: it cannot be quantized")
     rows, dim = w.shape
     levels = 2**bits - 1
-    if dim:
-        low, high = w.amin(1), w.amax(1)
-    else:
-        low = high = w.new_zeros(rows)
-    offset = _bf16_toward(low, float("-inf"))
-    scale = _bf16_toward((high - offset.double()) / levels, float("inf"))
-    step = scale.double()[:, None]
-    safe = torch.where(step > 0, step, torch.ones_like(step))
-    codes = torch.where(step > 0, torch.round((w - offset.double()[:, None]) / safe), torch.zeros_like(w))
-    codes = codes.clamp_(0, levels).to(torch.uint8)
+    half = levels / 2
+    column_offset = w.double().mean(0).float() if rows else w.new_zeros(dim, dtype=torch.float32)
+    mean = column_offset.double()
+    ideal = (
+        torch.cat(
+            [(w[i : i + _QUANTIZE_CHUNK].double() - mean).abs().amax(1) / half for i in range(0, rows, _QUANTIZE_CHUNK)]
+        )
+        if rows and dim
+        else w.new_zeros(rows, dtype=torch.float64)
+    )
+    lo, step = _scale_grid(ideal)
+    scale_grid = torch.tensor([lo, step], dtype=torch.float32, device=w.device)
+    # The scales every code gives, as the lookups compute them (float32).
+    grid = row_scales(torch.arange(1, SCALE_LEVELS + 1, device=w.device), scale_grid).double()
+    searched = min(64, math.ceil(CLIP_ROOM / step) + 1) if step > 0 else 1
+    codes = torch.zeros((rows, dim), dtype=torch.uint8, device=w.device)
+    scale_codes = torch.zeros(rows, dtype=torch.uint8, device=w.device)
+    for start in range(0, rows, _QUANTIZE_CHUNK):
+        d = w[start : start + _QUANTIZE_CHUNK].double() - mean
+        top = torch.searchsorted(grid, ideal[start : start + _QUANTIZE_CHUNK]).clamp_(max=SCALE_LEVELS - 1)
+        best, best_error = top, None
+        for back in range(searched):
+            index = (top - back).clamp(min=0)
+            scale = grid[index][:, None]
+            error = ((torch.round(d / scale + half).clamp_(0, levels) - half) * scale - d).square_().sum(1)
+            if best_error is None:
+                best_error = error
+            else:
+                better = error < best_error
+                best, best_error = torch.where(better, index, best), torch.where(better, error, best_error)
+        live = ideal[start : start + _QUANTIZE_CHUNK] > 0
+        scale = torch.where(live, grid[best], 1.0)[:, None]
+        u = torch.where(live[:, None], torch.round(d / scale + half).clamp_(0, levels), 0.0)
+        codes[start : start + d.shape[0]] = u.to(torch.uint8)
+        scale_codes[start : start + d.shape[0]] = torch.where(live, best + 1, 0).to(torch.uint8)
     if bits == 4:
         if dim % 2:
             codes = F.pad(codes, (0, 1))
         codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
-    packed = torch.zeros((rows, row_bytes(dim, bits)), dtype=torch.uint8, device=weight.device)
+    packed = torch.zeros((rows, row_bytes(dim, bits)), dtype=torch.uint8, device=w.device)
     packed[:, : codes.shape[1]] = codes
-    return packed, torch.stack([offset, scale], dim=1).contiguous()
+    return packed, scale_codes, scale_grid, column_offset
 
 
 def _unpack(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
@@ -124,10 +187,11 @@ def _unpack(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return codes[..., :dim]
 
 
-def dequantize_rows(codes: torch.Tensor, scale_offset: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """The float32 values of the rows (any leading shape): ``code * scale + offset``."""
-    meta = scale_offset.float()
-    return _unpack(codes, bits, dim).float() * meta[..., 1:2] + meta[..., 0:1]
+def dequantize_rows(codes, scale_codes, scale_grid, column_offset, bits: int, dim: int) -> torch.Tensor:
+    """The float32 values of the rows (any leading shape):
+    ``(u - (2**bits - 1) / 2) * scale + column_offset``."""
+    scale = row_scales(scale_codes, scale_grid)[..., None]
+    return (_unpack(codes, bits, dim).float() - (2**bits - 1) / 2) * scale + column_offset.float()
 
 
 def _kernels():
@@ -138,39 +202,48 @@ def _kernels():
 # The PyTorch path. ---------------------------------------------------------------
 
 
-def _vectors(ids, codes, scale_offset, importance, hot, *, bits, dim, num_hash_functions, padding_idx, signed):
+def _vectors(ids, table, importance, hot, *, bits, dim, num_hash_functions, padding_idx, signed):
     """The flattened ids' ``(n, dim)`` float32 vectors, padding ids zero.
 
-    Only the gathered rows are dequantised, and without a ``(n, k, dim)``
-    pass per step: ``sum_j f_j (code_j * scale_j + offset_j)`` is one batched
-    product of the codes with the weights ``f_j * scale_j``, plus
-    ``sum_j f_j * offset_j`` (``f_j``: the variants' factors, else 1)."""
+    Only the gathered rows are dequantised: ``sum_j f_j ((u_j - h) s_j + c)``
+    is the codes times the weights ``f_j s_j``, accumulated hash by hash
+    (one ``(n, dim)`` pass each: a batched product or one ``(n, k, dim)``
+    float pass costs several times more on CPU), minus ``h sum_j f_j s_j``,
+    plus the column offsets ``c`` times ``sum_j f_j`` (``f_j``: the
+    variants' factors, else 1; ``h = (2**bits - 1) / 2``)."""
+    codes, scale_codes, scale_grid, column_offset = table
     flat = ids.reshape(-1)
     n, k = flat.numel(), num_hash_functions
     num_rows = codes.shape[0] - (hot.numel() if hot is not None else 0)
     private = hot_rows(flat, hot, num_rows) if hot is not None else None
     rows = with_hot_rows(hash_rows(flat, k, num_rows).to(torch.int64), private).reshape(-1)
     factors, _, _ = row_factors(flat, k, signed=signed, importance=importance, hot=private)
-    meta = scale_offset.index_select(0, rows).float().view(n, k, 2)
-    offset, scale = meta[..., 0], meta[..., 1]
+    if factors is None:
+        factors = torch.ones((n, k), dtype=torch.float32, device=codes.device)
+    factors = factors.float()
     if padding_idx is not None:
         # A padding id's rows weigh nothing: its vector comes out zero.
-        live = (flat != padding_idx).float()[:, None]
-        factors = live if factors is None else factors.float() * live
-    if factors is not None:
-        factors = factors.float()
-        offset, scale = offset * factors, scale * factors
-    gathered = codes.index_select(0, rows)  # (n * k, row_bytes)
+        factors = factors * (flat != padding_idx).float()[:, None]
+    scale = row_scales(scale_codes.index_select(0, rows), scale_grid).view(n, k) * factors
+    # Rows are multiples of 16 bytes: gathered (and int4 unpacked) as int32
+    # words, four bytes an operation.
+    words = codes.contiguous().view(torch.int32).index_select(0, rows)
+    used, width = -(-dim * bits // 8), codes.shape[1]
     if bits == 8:
-        vectors = torch.einsum("nk,nkd->nd", scale, gathered[:, :dim].float().view(n, k, dim))
+        planes = [words.view(torch.uint8).view(n, k, width)[..., :dim]]
     else:
-        half = -(-dim // 2)
-        gathered = gathered[:, :half]
         # The low nibbles are the even columns, the high ones the odd columns.
-        low = torch.einsum("nk,nkd->nd", scale, (gathered & 15).float().view(n, k, half))
-        high = torch.einsum("nk,nkd->nd", scale, (gathered >> 4).float().view(n, k, half))
-        vectors = torch.stack([low, high], dim=-1).view(n, 2 * half)[:, :dim]
-    return vectors + offset.sum(1, keepdim=True)
+        nibbles = torch.tensor(0x0F0F0F0F, dtype=torch.int32, device=words.device)
+        planes = [(w & nibbles).view(torch.uint8).view(n, k, width)[..., :used] for w in (words, words >> 4)]
+    sums = []
+    for plane in planes:
+        acc = plane[:, 0].float().mul_(scale[:, :1])
+        for j in range(1, k):
+            acc.addcmul_(plane[:, j].float(), scale[:, j : j + 1])
+        sums.append(acc)
+    vectors = sums[0] if bits == 8 else torch.stack(sums, dim=-1).view(n, 2 * used)[:, :dim]
+    centre = (2**bits - 1) / 2
+    return vectors - centre * scale.sum(1, keepdim=True) + factors.sum(1, keepdim=True) * column_offset.float()
 
 
 def _torch_bag(vectors, ids, offsets, per_sample_weights, *, mode, padding_idx):
@@ -203,7 +276,9 @@ def _wide_ids(ids: torch.Tensor, num_embeddings: Optional[int]) -> bool:
 def quantized_forward(
     ids: torch.Tensor,
     codes: torch.Tensor,
-    scale_offset: torch.Tensor,
+    scale_codes: torch.Tensor,
+    scale_grid: torch.Tensor,
+    column_offset: torch.Tensor,
     importance: Optional[torch.Tensor],
     hot: Optional[torch.Tensor],
     *,
@@ -216,7 +291,7 @@ def quantized_forward(
     use_triton: bool,
 ) -> torch.Tensor:
     """``(*)`` ids to the ``(*, dim)`` float32 sums of their dequantised Bloom
-    rows of the quantized table ``(codes, scale_offset)``; the variants as in
+    rows of the quantized table ``(codes, scale_codes, scale_grid, column_offset)``; the variants as in
     ``ops.bloom_forward``."""
     check_id_range(ids, num_embeddings)
     options = dict(bits=bits, dim=dim, num_hash_functions=num_hash_functions, padding_idx=padding_idx, signed=signed)
@@ -224,19 +299,21 @@ def quantized_forward(
         return _kernels().quantized_forward(
             ids,
             codes,
-            scale_offset,
+            scale_codes,
+            scale_grid,
+            column_offset,
             seed_tensor(codes.device),
             wide_ids=_wide_ids(ids, num_embeddings),
             importance=importance,
             hot=hot,
             **options,
         )
-    vectors = _vectors(ids, codes, scale_offset, importance, hot, **options)
+    vectors = _vectors(ids, (codes, scale_codes, scale_grid, column_offset), importance, hot, **options)
     return vectors.reshape(*ids.shape, dim)
 
 
 @quantized_forward.register_fake
-def _(ids, codes, scale_offset, importance, hot, *, dim, **options):
+def _(ids, codes, scale_codes, scale_grid, column_offset, importance, hot, *, dim, **options):
     return codes.new_empty((*ids.shape, dim), dtype=torch.float32)
 
 
@@ -245,7 +322,9 @@ def quantized_bag_forward(
     ids: torch.Tensor,
     offsets: torch.Tensor,
     codes: torch.Tensor,
-    scale_offset: torch.Tensor,
+    scale_codes: torch.Tensor,
+    scale_grid: torch.Tensor,
+    column_offset: torch.Tensor,
     per_sample_weights: Optional[torch.Tensor],
     importance: Optional[torch.Tensor],
     hot: Optional[torch.Tensor],
@@ -269,7 +348,9 @@ def quantized_bag_forward(
             ids,
             offsets,
             codes,
-            scale_offset,
+            scale_codes,
+            scale_grid,
+            column_offset,
             seed_tensor(codes.device),
             mode=mode,
             per_sample_weights=per_sample_weights,
@@ -278,12 +359,14 @@ def quantized_bag_forward(
             hot=hot,
             **options,
         )
-    vectors = _vectors(ids, codes, scale_offset, importance, hot, **options)
+    vectors = _vectors(ids, (codes, scale_codes, scale_grid, column_offset), importance, hot, **options)
     return _torch_bag(vectors, ids, offsets, per_sample_weights, mode=mode, padding_idx=padding_idx)
 
 
 @quantized_bag_forward.register_fake
-def _(ids, offsets, codes, scale_offset, per_sample_weights, importance, hot, *, dim, **options):
+def _(
+    ids, offsets, codes, scale_codes, scale_grid, column_offset, per_sample_weights, importance, hot, *, dim, **options
+):
     return codes.new_empty((offsets.shape[0] - 1, dim), dtype=torch.float32)
 
 

@@ -1243,7 +1243,7 @@ def run_op(op, dtype, shapes, compiler, l2_scale=1.0, dim=None):
     common = dict(num_embeddings=num_embeddings, backend="triton")
     if op in QUANTIZED_OPS:
         module = _quantized_module(op, weight, shapes)
-        table_bytes = sum(b.numel() * b.element_size() for b in (module.codes, module.scale_offset))
+        table_bytes = sum(b.numel() * b.element_size() for b in (module.codes, module.scale_codes))
         with tracing(compiler, l2_scale) as tracer:
             module(ids, offsets[:-1]) if "bag" in op else module(ids)
         return summarize(tracer, ideal_bytes(op, dtype, shapes, dim, table_bytes / module.codes.shape[0]))

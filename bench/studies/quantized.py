@@ -47,7 +47,7 @@ from triton_bloom.demo import (
     train_epoch,
     user_vectors,
 )
-from triton_bloom.quantized_ops import dequantize_rows, quantize_rows
+from triton_bloom.quantized_ops import LAYOUT, dequantize_rows, quantize_rows, row_scales
 
 DIM, K, RATIO = 32, 4, 0.2
 HISTORY, BATCH, LR, L2 = 16, 2048, 0.01, 1e-4
@@ -85,20 +85,21 @@ def fake_quantized_full(model, bits):
     (what a quantized lookup returns), and the bytes the quantized rows hold."""
     quantized, total = copy.deepcopy(model), 0
     for table in (quantized.history, quantized.items):
-        codes, scale_offset = quantize_rows(table.weight, bits)
-        total += codes.numel() * codes.element_size() + scale_offset.numel() * scale_offset.element_size()
+        parts = quantize_rows(table.weight, bits)
+        total += sum(t.numel() * t.element_size() for t in parts)
         with torch.no_grad():
-            table.weight.copy_(dequantize_rows(codes, scale_offset, bits, table.weight.shape[1]))
+            table.weight.copy_(dequantize_rows(*parts, bits, table.weight.shape[1]))
     return quantized, total
 
 
 def scale_inflation(model, bits):
-    """How much wider each row's stored (bfloat16) step is than the exact
-    ``(max - min) / levels``: median and maximum ratio over the item table."""
-    w = model.items.weight.detach().double()
-    _, scale_offset = quantize_rows(w, bits)
-    exact = (w.amax(1) - w.amin(1)) / (2**bits - 1)
-    ratio = scale_offset[:, 1].double() / exact
+    """Each row's stored scale over the scale of its full range about the
+    column offsets, ``max |w - c| / ((2**bits - 1) / 2)`` (below 1 where the
+    row's least-error scale clips it): median and maximum over the item table."""
+    w = model.items.weight.detach()
+    codes, scale_codes, scale_grid, offset = quantize_rows(w, bits)
+    exact = (w.double() - offset.double()).abs().amax(1) / ((2**bits - 1) / 2)
+    ratio = row_scales(scale_codes, scale_grid).double() / exact
     return float(ratio.median()), float(ratio.max())
 
 
@@ -132,9 +133,9 @@ def run_seed(seed, size, log):
     for bits in (8, 4):
         record(f"Bloom {RATIO} int{bits}", quantize(bloom, bits=bits), "bloom", bits)
 
-    # Equal bytes: rows of dim + 4 (int8) or dim / 2 + 4 (int4) bytes instead of 4 * dim.
+    # Equal bytes: rows of dim + 1 (int8) or dim / 2 + 1 (int4) bytes instead of 4 * dim.
     for index, bits in ((2, 8), (3, 4)):
-        row = DIM * bits // 8 + 4
+        row = DIM * bits // 8 + 1
         ratio = RATIO * 4 * DIM / row
         more = trained(ratio, index)
         record(f"Bloom {ratio:.3g} fp32", more, "bloom-more-rows")
@@ -182,8 +183,8 @@ def render(result) -> str:
         f"({setup['users']:,} users x {setup['items']:,} items, {setup['interactions']:,} interactions, one per user "
         f"held out; dim {setup['dim']}, k={setup['k']}, BPR, Adam lr {setup['lr']}, batch {setup['batch']}, "
         f"{setup['epochs']} epochs), seeds {', '.join(map(str, meta['seeds']))} (data, init and sampling per seed).  "
-        "Every model trains in float32; int8/int4 rows are quantized after training (row-wise, nearest level, "
-        "bfloat16 scale and offset per row) and evaluated through the quantized lookups.  Bytes: the two item "
+        "Every model trains in float32; int8/int4 rows are quantized after training (the format of "
+        f"`quantize`: {meta.get('layout', 'rowwise-asymmetric, bfloat16 scale and offset per row')}) and evaluated through the quantized lookups.  Bytes: the two item "
         "tables, everything they hold, as a share of the full fp32 tables.  AUC and HR@10: the held-out item "
         "against every unseen item, mean +- standard deviation over the seeds.  The bytes are the served "
         "model's: the 'more rows' Bloom tables train in fp32 at their full row count (1.28 of the full "
@@ -227,7 +228,7 @@ def render(result) -> str:
     median = {b: statistics.median(i[b][0] for i in inflation) for b in ("8", "4")}
     lines += [
         "",
-        "The bfloat16 scale and offset: the stored step of a row over the exact `(max - min) / levels` of the "
+        "The stored scale of a row over the scale of its full range (int4/int8 levels) in the "
         f"trained Bloom 0.2 item table: median {median['8']:.4f} (int8) and {median['4']:.4f} (int4), "
         f"largest {worst['8']:.4f} and {worst['4']:.4f}.",
     ]
@@ -276,6 +277,7 @@ def main(argv=None):
         seconds=round(time.perf_counter() - started),
         setup=dict(size, interactions=interactions, dim=DIM, k=K, ratio=RATIO, history=HISTORY, batch=BATCH, lr=LR),
         seeds=args.seeds,
+        layout=LAYOUT,
     )
     result = dict(meta=meta, summary=summary, runs=all_rows, scale_inflation=inflations)
     with open(args.out + ".json", "w") as f:
