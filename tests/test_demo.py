@@ -163,7 +163,28 @@ def test_demo_open_writes_every_row_and_the_verdict(tmp_path, monkeypatch, capsy
     assert "Verdict" in printed
     rows = [line for line in printed.splitlines() if any(line.startswith(label[:15]) for label in labels)]
     assert len(rows) >= 2 * len(labels)  # both tables
-    assert all(len(line) <= 80 for line in rows), max(rows, key=len)
+    # Progress bars go to stderr; everything on stdout, prose and tables, fits a default terminal.
+    assert all(len(line) <= 80 for line in printed.splitlines()), max(printed.splitlines(), key=len)
+    # The plan and the verdict are printed whole: wrapping only moved line breaks.
+    flat = " ".join(printed.split())
+    assert " ".join(payload["verdict"].split()) in flat
+    assert " ".join(payload["plan"].split()) in flat
+
+
+def test_wrap_cuts_prose_between_words_only():
+    from triton_bloom.demo_report import wrap
+
+    g = torch.Generator().manual_seed(7)
+    words = [
+        f"{float(x):+.4f}" if i % 3 else "word" * int(x * 4 + 1) for i, x in enumerate(torch.rand(200, generator=g))
+    ]
+    text = "  " + " ".join(words) + "\n\nsecond paragraph, short"
+    out = wrap(text, 60)
+    lines = out.splitlines()
+    assert all(len(line) <= 60 for line in lines), max(lines, key=len)
+    assert out.split() == text.split()  # no word (number) is cut or lost
+    assert lines[0].startswith("  ") and lines[1].startswith("    ")  # the indent, and two more on continuation
+    assert "" in lines and lines[-1] == "second paragraph, short"
 
 
 def test_demo_refuses_closed_options_without_closed(capsys):
@@ -185,3 +206,53 @@ def test_closed_verdict_names_the_best_by_each_metric_and_skips_repeated_rows():
     assert "by HR@10 Bloom 0.2 (0.2500, +0.0500 over nn.Embedding dim 6)" in text
     assert "3.0x the time per epoch" in text
     assert closed_verdict(rows[:1], 0.2) == "At 0.2 of the bytes: no model fits."
+
+
+def test_seed_summary_tables_and_verdict_fit_80_columns():
+    """The --seeds printout (summary, paired table, verdict) on fake runs with
+    the demo's labels and random metrics: every line within 80 columns."""
+    from triton_bloom import demo_report as report
+
+    g = torch.Generator().manual_seed(11)
+    labels = [
+        "vocab 3,249+OOV",
+        "hashing trick k=1",
+        "quotient-remainder",
+        "Bloom k=2",
+        "Bloom k=4",
+        "hot 50% + Bloom k=2",
+        "planner: hot 1,625 + Bloom 1,727x2",
+        "full 221,061 rows",
+    ]
+    payloads = []
+    for seed in (4, 5, 6):
+        models = []
+        for label in labels:
+            metrics = {m: float(torch.rand((), generator=g)) for m in report.METRICS}
+            models.append(dict(label=label, over_budget=label.startswith("full"), step_ms=12.5, **metrics))
+        payloads.append(dict(seed=seed, models=models))
+    summary = report.summarize(payloads)
+    text = "\n".join(
+        [
+            report.summary_table(summary),
+            report.paired_table(summary),
+            report.wrap("Verdict: " + report.seeds_verdict(summary)),
+        ]
+    )
+    assert all(len(line) <= 80 for line in text.splitlines()), max(text.splitlines(), key=len)
+    assert "quotient-remainder" in report.seeds_verdict(summary)
+
+
+def test_train_steps_importance_weights_with_a_dense_optimizer(stream):
+    """Bloom's importance weights get a dense gradient, which SparseAdam
+    refuses: train() gives them Adam and the table SparseAdam, and both move."""
+    from triton_bloom import BloomEmbedding
+
+    torch.manual_seed(0)
+    layer = BloomEmbedding(None, 8, num_rows=64, num_hash_functions=2, padding_idx=None, sparse=True, importance=True)
+    table, weights = layer.weight.detach().clone(), layer.importance_weight.detach().clone()
+    seconds, state = demo_open.train(layer, stream, stream.split("train")[:600], 0.01, batch=200)
+    assert len(seconds) == 3
+    assert not torch.equal(layer.weight, table) and not torch.equal(layer.importance_weight, weights)
+    # The state counted: the layer's bytes and two Adam moments of every parameter.
+    assert state >= 3 * embedding_bytes(layer)

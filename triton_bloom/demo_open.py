@@ -74,8 +74,12 @@ def user_vectors(layer, history: torch.Tensor, mask: torch.Tensor, extra=None):
 
 
 def train(layer, stream, events, lr, batch=BATCH, on_step=None):
-    """One pass over ``events`` in time order; returns the step times (s)."""
-    optimizer = torch.optim.SparseAdam(list(layer.parameters()), lr=lr)
+    """One pass over ``events`` in time order; returns the step times (s)
+    and the layer's bytes with its optimizer state.  Tables with sparse
+    gradients train with SparseAdam; parameters whose gradient is dense
+    (Bloom's importance weights) with Adam at the same rate, made at the
+    first step, once the gradients say which is which."""
+    optimizers = None
     seconds = []
     for start in range(0, events.numel(), batch):
         tick = time.perf_counter()
@@ -90,14 +94,23 @@ def train(layer, stream, events, lr, batch=BATCH, on_step=None):
         same = targets[:, None] == targets[None, :]
         same.fill_diagonal_(False)
         loss = F.cross_entropy(logits.masked_fill(same, float("-inf")), torch.arange(chunk.numel()))
-        optimizer.zero_grad(set_to_none=True)
+        for p in layer.parameters():
+            p.grad = None
         loss.backward()
-        optimizer.step()
+        if optimizers is None:
+            params = [p for p in layer.parameters() if p.grad is not None]
+            sparse = [p for p in params if p.grad.is_sparse]
+            dense = [p for p in params if not p.grad.is_sparse]
+            optimizers = [torch.optim.SparseAdam(sparse, lr=lr)] if sparse else []
+            optimizers += [torch.optim.Adam(dense, lr=lr)] if dense else []
+        for optimizer in optimizers:
+            optimizer.step()
         seconds.append(time.perf_counter() - tick)
         if on_step is not None:
             on_step(float(loss.detach()))
     state = sum(
         v.numel() * v.element_size()
+        for optimizer in optimizers or []
         for s in optimizer.state.values()
         for v in s.values()
         if isinstance(v, torch.Tensor)
@@ -328,35 +341,43 @@ def run_open(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = console()
+    screen = console()
+
+    def say(text=""):
+        # Prose is cut at 80 columns between words (a terminal would cut a number); tables already fit.
+        screen.print(report.wrap(text), markup=False)
+
+    def table(text):
+        screen.print(text, markup=False)
+
     seeds = list(dict.fromkeys(args.seeds if args.seeds is not None else [args.seed]))
     started = time.perf_counter()
-    out.print(
+    say(
         f"Open ids below one float per id: {len(seeds)} data seed(s), "
         f"{'--quick sizes, one learning rate' if args.quick else 'learning rate tuned on validation'}; "
         f"{cpu_model()}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}."
     )
     payloads = []
     for seed in seeds:
-        payload = run_once(seed, quick=args.quick, say=out.print)
+        payload = run_once(seed, quick=args.quick, say=say)
         payloads.append(payload)
         rows = payload["models"]
-        out.print("\nAccuracy on the test (last 20% of the log); * over budget:")
-        out.print(report.accuracy_table(rows), markup=False)
-        out.print("\nCost (train MiB: the layer's parameters, buffers and SparseAdam state):")
-        out.print(report.cost_table(rows), markup=False)
+        say("\nAccuracy on the test (last 20% of the log); * over budget:")
+        table(report.accuracy_table(rows))
+        say("\nCost (train MiB: the layer's parameters, buffers and optimizer state):")
+        table(report.cost_table(rows))
         if payload["plan"]:
-            out.print("\n" + payload["plan"], markup=False)
-        out.print(f"\nVerdict (seed {seed}): {payload['verdict']}", markup=False)
+            say("\n" + payload["plan"])
+        say(f"\nVerdict (seed {seed}): {payload['verdict']}")
     result = dict(payloads[0]) if len(payloads) == 1 else {}
     if len(payloads) > 1:
         summary = report.summarize(payloads)
-        out.print(f"\nMean ± std over seeds {seeds}:")
-        out.print(report.summary_table(summary), markup=False)
-        out.print("\nPaired by seed, the planner's choice minus each row:")
-        out.print(report.paired_table(summary), markup=False)
+        say(f"\nMean ± std over seeds {seeds}:")
+        table(report.summary_table(summary))
+        say("\nPaired by seed, the planner's choice minus each row:")
+        table(report.paired_table(summary))
         text = report.seeds_verdict(summary)
-        out.print("\nVerdict: " + text, markup=False)
+        say("\nVerdict: " + text)
         winner = max(
             (k for k, v in summary["rows"].items() if not v["over_budget"]),
             key=lambda k: summary["rows"][k]["hr@10"]["mean"],
@@ -385,8 +406,8 @@ def run_open(args) -> int:
         load_average=list(os.getloadavg()),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
-    out.print(f"Done in {seconds:.0f} s.")
+    say(f"Done in {seconds:.0f} s.")
     if args.out:
         save_json(args.out, result)
-        out.print(f"Wrote {args.out}.")
+        say(f"Wrote {args.out}.")
     return 0

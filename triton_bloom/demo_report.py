@@ -6,9 +6,32 @@ from __future__ import annotations
 
 import math
 import statistics
+import textwrap
 
 WIDTH = 80
 METRICS = ("auc", "hr@10", "auc_rare", "hr@10_rare", "auc_head", "hr@10_head")
+
+
+def wrap(text: str, width: int = WIDTH) -> str:
+    """Prose cut at ``width`` columns between words, never inside a number:
+    each line of ``text`` is filled on its own, its continuation lines
+    indented two spaces past its own indent."""
+    lines = []
+    for line in text.splitlines() or [""]:
+        indent = line[: len(line) - len(line.lstrip())]
+        lines.append(
+            textwrap.fill(
+                line.strip(),
+                width,
+                initial_indent=indent,
+                subsequent_indent=indent + "  ",
+                break_long_words=False,
+                break_on_hyphens=False,
+            )
+            if line.strip()
+            else ""
+        )
+    return "\n".join(lines)
 
 
 def _table(headers, rows, first_width):
