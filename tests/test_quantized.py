@@ -483,3 +483,60 @@ def test_dtype_casts_keep_the_format():
         assert quantized.scale_grid.dtype == quantized.column_offset.dtype == torch.float32
         assert quantized.importance_weight.dtype == torch.float32
         assert torch.equal(quantized(ids), before)
+
+
+# The output side: scoring ids by their dequantised vectors. --------------------
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_topk_and_rank_score_the_dequantised_vectors(backend, bits):
+    _, quantized, generator = build(BloomEmbedding, bits, backend, seed=20 + bits, dim=24, hot=HOT, signed=True)
+    queries = torch.randn(5, 24, generator=generator)
+    vectors = oracle_vectors(
+        np.arange(NUM_IDS), oracle_table(quantized), k=4, num_rows=97, padding_idx=0, hot=HOT, signed=True
+    )
+    scores = queries.double().numpy() @ vectors.T
+    scores[:, 0] = -np.inf  # the padding id is no item
+    exclude = torch.tensor([[5, 9, -1]] * 5)
+    scores[:, [5, 9]] = -np.inf
+    top = quantized.topk(queries.to(DEVICE), 10, exclude=exclude.to(DEVICE), chunk_size=700)
+    best = -np.sort(-scores, axis=1)[:, :10]
+    np.testing.assert_allclose(top.scores.cpu().double().numpy(), best, rtol=1e-5, atol=1e-4)
+    # The ids returned score what the oracle says (near ties may come in either order).
+    chosen = np.take_along_axis(scores, top.ids.cpu().numpy(), axis=1)
+    np.testing.assert_allclose(chosen, best, rtol=1e-5, atol=1e-4)
+    targets = torch.randint(1, NUM_IDS, (5,), generator=generator)
+    ranks = quantized.rank(queries.to(DEVICE), targets.to(DEVICE), chunk_size=700)
+    own = scores[np.arange(5), targets.numpy()]
+    scores[:, [5, 9]] = queries.double().numpy() @ vectors[[5, 9]].T  # not excluded from the ranking
+    gap = scores - own[:, None]
+    gap[:, 0] = -np.inf
+    above = (gap > 0).sum(1) + ((gap == 0).sum(1) - 1) / 2
+    near = (np.abs(gap) < 1e-4).sum(1)
+    assert (np.abs(ranks.above.cpu().numpy() - above) <= near).all()
+    assert (ranks.others.cpu().numpy() == NUM_IDS - 2).all()
+
+
+def test_the_output_side_refuses_to_train_a_quantized_table():
+    from triton_bloom.output import bloom_logits
+
+    _, quantized, _ = build(BloomEmbedding, 4, "torch", seed=2, dim=8)
+    with pytest.raises(RuntimeError, match=r"inference only.*dequantize\(\)"):
+        bloom_logits(torch.randn(3, 8, requires_grad=True), quantized)
+
+
+def test_an_optimizer_over_a_quantized_table_alone_fails_and_the_error_says_why():
+    """The rows are buffers, so an optimizer built over the quantized module
+    alone gets PyTorch's own error (raised inside ``torch.optim``, before any
+    of this package's code runs); the module's training error names that
+    message and the way back to training, and in a model the table is frozen."""
+    _, quantized, _ = build(BloomEmbedding, 8, "torch", seed=3, dim=4)
+    with pytest.raises(ValueError, match="empty parameter list"):
+        torch.optim.Adam(quantized.parameters())
+    assert "optimizer got an empty parameter list" in quantized.training_error()
+    assert "dequantize()" in quantized.training_error()
+    model = quantize(Ranker("torch"), bits=8)
+    optimizer = torch.optim.Adam(model.parameters())
+    assert {id(p) for group in optimizer.param_groups for p in group["params"]} == {
+        id(p) for p in model.head.parameters()
+    }

@@ -164,14 +164,18 @@ class _QuantizedTable(WholeCheckpointLoad, nn.Module):
     # lookup on float buffers someone made require them.
     def requires_grad_(self, requires_grad: bool = True):
         if requires_grad:
-            raise RuntimeError(TRAINING_ERROR.format(bits=self.bits))
+            raise RuntimeError(self.training_error())
         return self
+
+    def training_error(self) -> str:
+        """Why this table cannot be trained, and what to do instead."""
+        return TRAINING_ERROR.format(bits=self.bits)
 
     def _check_inference(self) -> None:
         floats = [self.scale_grid, self.column_offset]
         floats += [self.importance_weight] if self.importance_weight is not None else []
         if torch.is_grad_enabled() and any(t.requires_grad for t in floats):
-            raise RuntimeError(TRAINING_ERROR.format(bits=self.bits))
+            raise RuntimeError(self.training_error())
 
     def _options(self) -> dict:
         return dict(
@@ -340,6 +344,42 @@ class QuantizedBloomEmbedding(_QuantizedTable):
         check_input(input, self.codes)
         self._check_inference()
         return quantized_forward(input, *self._table(), self.importance_weight, self.hot_ids, **self._options())
+
+    # The output side: every id scored through this module's own lookup (the
+    # rows dequantised as they are gathered), then a dense product.
+
+    def topk(
+        self,
+        queries: torch.Tensor,
+        k: int,
+        candidates: Optional[torch.Tensor] = None,
+        exclude: Optional[torch.Tensor] = None,
+        *,
+        bias: Optional[torch.Tensor] = None,
+        chunk_size: Optional[int] = None,
+    ):
+        """The ``k`` ids whose dequantised vectors score highest for each query,
+        as :meth:`BloomEmbedding.topk <triton_bloom.BloomEmbedding.topk>`:
+        :func:`triton_bloom.output.bloom_topk`."""
+        from .output import bloom_topk
+
+        return bloom_topk(queries, self, k, candidates=candidates, exclude=exclude, bias=bias, chunk_size=chunk_size)
+
+    def rank(
+        self,
+        queries: torch.Tensor,
+        targets: torch.Tensor,
+        exclude: Optional[torch.Tensor] = None,
+        *,
+        bias: Optional[torch.Tensor] = None,
+        chunk_size: Optional[int] = None,
+    ):
+        """Where each query's target ranks among every id by its dequantised
+        vector, as :meth:`BloomEmbedding.rank <triton_bloom.BloomEmbedding.rank>`:
+        :func:`triton_bloom.output.bloom_rank`."""
+        from .output import bloom_rank
+
+        return bloom_rank(queries, targets, self, exclude=exclude, bias=bias, chunk_size=chunk_size)
 
 
 class QuantizedBloomEmbeddingBag(_QuantizedTable):

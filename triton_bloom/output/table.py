@@ -93,6 +93,18 @@ def _is_bloom_lookup(emb) -> bool:
     )
 
 
+def _is_quantized_lookup(emb) -> bool:
+    """Whether ``emb`` is a ``QuantizedBloomEmbedding`` (told by attribute, as
+    above): scored through its own lookup, which dequantises the rows it
+    gathers, then a dense product; it has no parameters to train."""
+    return (
+        isinstance(emb, nn.Module)
+        and callable(getattr(emb, "dequantized_weight", None))
+        and isinstance(getattr(emb, "codes", None), torch.Tensor)
+        and not hasattr(emb, "mode")
+    )
+
+
 class _Table:
     """A :class:`BloomEmbedding` (or any embedding-like module) as the output
     side reads it.  An id's vector is always what the module's own forward
@@ -108,9 +120,13 @@ class _Table:
 
     def __init__(self, emb, *, need_catalogue: bool = True, need_grad: bool = False):
         bloom = _is_bloom_lookup(emb)
+        quantized = _is_quantized_lookup(emb)
         dim, num = getattr(emb, "embedding_dim", None), getattr(emb, "num_embeddings", None)
         params = list(emb.parameters()) if isinstance(emb, nn.Module) else []
-        if not bloom and (not params or not isinstance(dim, int) or not isinstance(num, int)):
+        if quantized and need_grad:
+            # Its rows are buffers: no gradient could reach them.
+            raise RuntimeError(emb.training_error())
+        if not bloom and not quantized and (not params or not isinstance(dim, int) or not isinstance(num, int)):
             raise TypeError(
                 f"emb must be a BloomEmbedding or an embedding-like nn.Module with parameters and "
                 f"integer num_embeddings and embedding_dim attributes, got {type(emb).__name__}"
@@ -126,7 +142,11 @@ class _Table:
                 "fused step would run once per chunk of ids; use a torch.optim optimizer"
             )
         self.emb = emb
-        self.weight = emb.embeddings.weight if bloom else getattr(emb, "weight", params[0])
+        # (A quantized table's float32 column offsets: its device, and the
+        # dtype its lookups return.)
+        self.weight = (
+            emb.embeddings.weight if bloom else emb.column_offset if quantized else getattr(emb, "weight", params[0])
+        )
         self.options = emb._options() if bloom else {}
         self.num_embeddings = num
         self.embedding_dim = dim
