@@ -540,3 +540,16 @@ def test_an_optimizer_over_a_quantized_table_alone_fails_and_the_error_says_why(
     assert {id(p) for group in optimizer.param_groups for p in group["params"]} == {
         id(p) for p in model.head.parameters()
     }
+
+
+def test_a_checkpoint_with_tampered_hot_ids_is_refused_whole():
+    _, quantized, _ = build(BloomEmbedding, 4, "torch", seed=12, dim=8, hot=HOT)
+    state = quantized.state_dict()
+    before = snapshot(quantized)
+    for hot, problem in ((HOT.flip(0), "not sorted"), (torch.tensor([7, 11, 42, NUM_IDS]), "out of range")):
+        tampered = dict(state, hot_ids=hot.to(state["hot_ids"].dtype))
+        tampered["codes"] = state["codes"] + 1
+        with pytest.raises(ValueError, match=f"not a valid hot set: .*{problem}"):
+            quantized.load_state_dict(tampered)
+        after = snapshot(quantized)
+        assert all(torch.equal(before[key], after[key]) for key in before)

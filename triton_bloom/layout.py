@@ -63,6 +63,27 @@ def sorted_hot_ids(hot_ids, num_embeddings: Optional[int], padding_idx: Optional
     return hot
 
 
+def check_checkpoint_hot_ids(module: nn.Module, state_dict, prefix: str) -> None:
+    """Refuse a checkpoint whose ``hot_ids`` (of ``module``'s shape) are no
+    valid hot set for ``module``: the kernels binary-search the hot ids, so
+    they must be a sorted set of ids in range, or ids would read other rows.
+    Called from ``_load_from_state_dict`` before anything is copied (the
+    submodules load after their parent), so the module keeps its own state."""
+    hot = state_dict.get(prefix + "hot_ids")
+    mine = module.hot_ids
+    if mine is None or not isinstance(hot, torch.Tensor) or hot.shape != mine.shape:
+        return
+    try:
+        valid = torch.equal(
+            sorted_hot_ids(hot, module.num_embeddings, module.padding_idx, hot.device).long(), hot.long()
+        )
+        problem = "" if valid else "they are not sorted"
+    except (TypeError, ValueError, IndexError) as error:
+        problem = str(error)
+    if problem:
+        raise ValueError(f"{prefix}hot_ids of the checkpoint are not a valid hot set: {problem}")
+
+
 def embedding_bytes(module: nn.Module) -> int:
     r"""Bytes of every parameter and buffer of ``module`` (each tensor counted
     once): what an embedding layer costs in memory, hot-id index, importance

@@ -15,7 +15,7 @@ from .checks import WEIGHT_DTYPES, check_training_options, normalize_padding_idx
 from .constants import MODES
 from .functional import bag_lookup, lookup
 from .hashing import IMPORTANCE_SEED, SEEDS, SIGN_SEEDS, bloom_hash, check_num_hash_functions
-from .layout import WholeCheckpointLoad, compressed_rows, embedding_bytes
+from .layout import WholeCheckpointLoad, check_checkpoint_hot_ids, compressed_rows, embedding_bytes
 from .layout import positive_int as _positive_int
 from .layout import sorted_hot_ids as _sorted_hot_ids
 from .plain import ScaledEmbedding, ScaledEmbeddingBag, ZeroEmbedding
@@ -209,21 +209,7 @@ class _BloomTable(WholeCheckpointLoad, nn.Module):
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
         self._check_checkpoint(state_dict, prefix, strict=False)
-        hot = state_dict.get(prefix + "hot_ids")
-        if self.hot_ids is not None and isinstance(hot, torch.Tensor) and hot.shape == self.hot_ids.shape:
-            # The kernels binary-search the hot ids: a checkpoint's must be a
-            # sorted set of ids in range, or ids would read other rows.
-            try:
-                valid = torch.equal(
-                    _sorted_hot_ids(hot, self.num_embeddings, self.padding_idx, hot.device).long(), hot.long()
-                )
-                problem = "" if valid else "they are not sorted"
-            except (TypeError, ValueError, IndexError) as error:
-                problem = str(error)
-            if problem:
-                # Raised before anything is copied (the submodules load after
-                # this module), so the module keeps its own state.
-                raise ValueError(f"{prefix}hot_ids of the checkpoint are not a valid hot set: {problem}")
+        check_checkpoint_hot_ids(self, state_dict, prefix)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

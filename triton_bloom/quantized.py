@@ -19,7 +19,7 @@ from .checks import check_input, normalize_padding_idx
 from .constants import MODES
 from .functional import bag_layout
 from .hashing import check_num_hash_functions
-from .layout import WholeCheckpointLoad, positive_int, sorted_hot_ids
+from .layout import WholeCheckpointLoad, check_checkpoint_hot_ids, positive_int, sorted_hot_ids
 from .modules import BloomEmbedding, BloomEmbeddingBag, _BloomTable
 from .quantized_ops import (
     LAYOUT,
@@ -149,13 +149,7 @@ class _QuantizedTable(WholeCheckpointLoad, nn.Module):
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
         self._check_checkpoint(state_dict, prefix, strict=False)
-        hot = state_dict.get(prefix + "hot_ids")
-        if self.hot_ids is not None and isinstance(hot, torch.Tensor) and hot.shape == self.hot_ids.shape:
-            valid = torch.equal(
-                sorted_hot_ids(hot, self.num_embeddings, self.padding_idx, hot.device).long(), hot.long()
-            )
-            if not valid:
-                raise ValueError(f"{prefix}hot_ids of the checkpoint are not sorted: they would read other rows")
+        check_checkpoint_hot_ids(self, state_dict, prefix)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
