@@ -7,7 +7,17 @@ import triton.language as tl
 from ..constants import accumulation_dtype
 from .autotune import Tuning
 from .launch import launch
-from .lookup import hashing_args, id_args, id_hashes, load_ids, padding_args, row_contiguous, scatter_sum
+from .lookup import (
+    aligned,
+    alignment_args,
+    hashing_args,
+    id_args,
+    id_hashes,
+    load_ids,
+    padding_args,
+    row_contiguous,
+    scatter_sum,
+)
 
 
 @triton.jit
@@ -36,9 +46,12 @@ def _bloom_backward_kernel(
     HAS_HOT: tl.constexpr,  # the ids in HOT read their private rows instead of hashing
     HOT_STEPS: tl.constexpr,  # halvings of the binary search over HOT
     WIDE_IDS: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,  # dim and stride_w are multiples of it (lookup.alignment_args)
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    dim = aligned(dim, ROW_ALIGN)
+    stride_w = aligned(stride_w, ROW_ALIGN)
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
     ids, live = load_ids(IDS, offs_n, offs_n < n, padding_idx, HAS_PADDING)
@@ -127,6 +140,10 @@ def bloom_backward(
     n = ids.numel()
     if n and dim:
         grad_out = grad_out.reshape(n, dim).contiguous()
+        # The table is read only for the importance weights' gradient; the
+        # accumulator, of the table's shape, stands in for it otherwise (and
+        # then a strided table does not narrow ROW_ALIGN).
+        table = row_contiguous(weight) if weight is not None and importance is not None else grad_w
         args = dict(
             SEEDS=seeds,
             GRAD_OUT=grad_out,
@@ -135,10 +152,9 @@ def bloom_backward(
             n=n,
             dim=dim,
             **id_args(ids, rows, num_hash_functions),
-            # The table is read only for the importance weights' gradient; the
-            # accumulator, of the table's shape, stands in for it otherwise.
+            **alignment_args(table, dim),
             **hashing_args(
-                row_contiguous(weight) if weight is not None else grad_w,
+                table,
                 num_hash_functions=num_hash_functions,
                 wide_ids=wide_ids,
                 signed=signed,

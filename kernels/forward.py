@@ -6,7 +6,18 @@ import triton.language as tl
 
 from .autotune import Tuning
 from .launch import launch
-from .lookup import accumulator, gather_sum, hashing_args, id_args, id_hashes, load_ids, padding_args, row_contiguous
+from .lookup import (
+    accumulator,
+    aligned,
+    alignment_args,
+    gather_sum,
+    hashing_args,
+    id_args,
+    id_hashes,
+    load_ids,
+    padding_args,
+    row_contiguous,
+)
 
 
 @triton.jit
@@ -34,9 +45,12 @@ def _bloom_forward_kernel(
     HOT_STEPS: tl.constexpr,  # halvings of the binary search over HOT
     WIDE_IDS: tl.constexpr,  # ids may be >= 2**31 (8-byte hashing)
     ACC: tl.constexpr,  # accumulator dtype: float64 for float64 tables, else float32
+    ROW_ALIGN: tl.constexpr,  # dim and stride_w are multiples of it (lookup.alignment_args)
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    dim = aligned(dim, ROW_ALIGN)
+    stride_w = aligned(stride_w, ROW_ALIGN)
     # int64 offsets throughout: n * dim and num_rows * dim may pass 2**31.
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
@@ -119,6 +133,7 @@ def bloom_forward(
         n=n,
         dim=dim,
         ACC=accumulator(weight.dtype),
+        **alignment_args(weight, dim),
         **id_args(ids, rows, num_hash_functions),
         **hashing_args(
             weight,

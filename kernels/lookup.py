@@ -8,11 +8,18 @@ an id of its own (the max-pooled bag's backward, where each column's
 gradient goes to the id that won it).  Row offsets then broadcast against
 the ``(1, BLOCK_D)`` columns in both cases.
 
+Rows are read and written a vector at a time (up to 16 bytes a thread) at
+any dim: the launchers pass ``ROW_ALIGN`` (:func:`alignment_args`), and the
+kernels rewrite ``dim`` and the row stride with :func:`aligned` before any
+offset is built from them.
+
 The ``k`` hash functions run as a loop, not unrolled: unrolled, the
 compiler hoists all ``k`` row gathers to overlap them, and at ``k = 24``
 that keeps 24 tiles alive at once, which spills registers even at the
 smallest tiles (``bench/results/kernels_sm90.md``).
 """
+
+import math
 
 import torch
 import triton
@@ -68,9 +75,43 @@ def row_contiguous(table):
     return table if table.stride(1) == 1 else table.contiguous()
 
 
+def alignment_args(table, dim):
+    """``ROW_ALIGN``, the row alignment that the kernels can use but Triton
+    cannot see: the largest power of two, up to one 16-byte vector of
+    ``table``'s elements, that divides both ``dim`` (the row length of the
+    contiguous operands: the output, its gradient, the accumulator) and
+    ``table``'s row stride.
+
+    Triton specializes an integer argument on divisibility by 16 only, so a
+    row of 100 floats, 16-byte aligned like every row of the table, reads
+    one element an instruction unless the kernel is told (:func:`aligned`).
+    It is 1 when both are multiples of 16, which Triton proves by itself:
+    those dims compile as before, and ``ROW_ALIGN`` adds a specialization
+    only at the other dims, at most one per power of two of their alignment.
+    The base pointers need nothing: Triton checks their 16-byte alignment
+    at each launch."""
+    stride = table.stride(0)
+    if dim % 16 == 0 and stride % 16 == 0:
+        return dict(ROW_ALIGN=1)
+    # The gcd with a power of two is the widest power of two dividing both
+    # (a zero stride, from an expanded table, allows any width).
+    return dict(ROW_ALIGN=math.gcd(dim, stride, max(1, 16 // table.element_size())))
+
+
 def padding_args(padding_idx):
     """``padding_idx`` and ``HAS_PADDING`` as the kernels take them."""
     return dict(padding_idx=-1 if padding_idx is None else padding_idx, HAS_PADDING=padding_idx is not None)
+
+
+@triton.jit
+def aligned(x, ALIGN: tl.constexpr):
+    """``x``, a multiple of ``ALIGN`` (:func:`alignment_args`), written so that
+    the compiler knows it: row offsets and the column mask built from it then
+    keep runs of ``ALIGN`` elements, which load as one vector.
+    (``tl.multiple_of`` leaves a scalar argument without the hint.)"""
+    if ALIGN > 1:
+        x = x // ALIGN * ALIGN
+    return x
 
 
 @triton.jit

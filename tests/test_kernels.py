@@ -5,6 +5,7 @@ Without a GPU these run through Triton's interpreter (conftest sets
 load, since CI must run them.
 """
 
+import importlib
 import random
 
 import numpy as np
@@ -28,7 +29,7 @@ def make_case(seed):
     shape = tuple(rnd.randint(1, 9) for _ in range(ndim))
     num_embeddings = rnd.choice([1, 5, 50, 1000, 2**31 - 1])
     num_rows = rnd.choice([1, 3, 17, 64, 101])
-    dim = rnd.choice([1, 3, 16, 33, 40, 70])
+    dim = rnd.choice([1, 3, 7, 16, 33, 40, 70, 100])
     k = rnd.choice([1, 2, 3, 4, 7, 24])
     padding_idx = rnd.choice([None, 0, min(2, num_embeddings - 1)])
     id_dtype = rnd.choice([torch.int32, torch.int64])
@@ -223,3 +224,78 @@ def test_custom_ops_opcheck(backend):
     for signed, imp, hot_ids in ((False, None, None), (True, importance.detach(), hot)):
         args = (grad_out, ids, weight.detach(), imp, hot_ids, None)  # no hash cache
         torch.library.opcheck(ops.bloom_backward, args, dict(signed=signed, **lookup))
+
+
+# (dim, row stride, offset of the first row in elements): rows whose
+# alignment Triton cannot see (ROW_ALIGN 4, 2, 1 at dim 100 for float32),
+# a base pointer off 16 bytes, dims 1, 7 and 33, and a dim that is a multiple
+# of 16 in a table whose row stride is not.
+STRIDED_TABLES = [
+    (100, 100, 0),
+    (100, 102, 0),
+    (100, 101, 0),
+    (100, 104, 3),
+    (36, 48, 0),
+    (64, 66, 0),
+    (33, 33, 0),
+    (7, 7, 0),
+    (1, 3, 0),
+    (1, 1, 0),
+]
+
+
+def strided_table(num_rows, dim, stride, offset, dtype, generator):
+    """A ``(num_rows, dim)`` view of fresh random storage, rows ``stride``
+    elements apart, starting ``offset`` elements in."""
+    storage = torch.randn(offset + num_rows * stride, generator=generator).to(dtype).to(DEVICE)
+    return storage[offset:].view(num_rows, stride)[:, :dim]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dim,stride,offset", STRIDED_TABLES)
+def test_kernels_any_row_alignment(dim, stride, offset, dtype):
+    # The kernels are told the rows' alignment (lookup.alignment_args) and
+    # rewrite dim and the row stride to a multiple of it: a claim the rows
+    # do not meet would read and write the wrong elements here.
+    require_kernels()
+    g = torch.Generator().manual_seed(dim * 1000 + stride * 10 + offset)
+    num_rows, k = 23, 3
+    weight = strided_table(num_rows, dim, stride, offset, dtype, g)
+    assert weight.stride(0) == stride
+    ids = torch.randint(0, 400, (41,), generator=g).to(DEVICE)
+    grad_out = torch.randn(41, dim, generator=g).to(dtype).to(DEVICE)
+    results = []
+    for backend in ("torch", "triton"):
+        w = weight.detach().requires_grad_(True)  # a leaf with the view's strides
+        out = bloom_embedding(ids, w, k, 5, num_embeddings=400, backend=backend)
+        out.backward(grad_out)
+        results.append((out.detach(), w.grad))
+    (ref_out, ref_grad), (out, grad) = results
+    torch.testing.assert_close(out, ref_out, **TOLERANCES[dtype])
+    torch.testing.assert_close(grad, ref_grad, **TOLERANCES[dtype])
+    if dtype == torch.float64:
+        expected = forward_oracle(ids.cpu().numpy(), weight.cpu().numpy(), k, 5)
+        np.testing.assert_allclose(out.cpu().numpy(), expected, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_alignment_args_claims_only_what_holds(dtype):
+    # ROW_ALIGN must divide dim and the row stride (the kernels rely on it),
+    # fit one 16-byte vector, and be the largest such power of two, except
+    # where both are multiples of 16, which Triton sees by itself (1 there:
+    # no new specialization).
+    kernels = require_kernels()
+    lookup = importlib.import_module(kernels.__name__ + ".lookup")
+    vector = 16 // torch.empty((), dtype=dtype).element_size()
+    for dim in range(1, 70):
+        for stride in (dim, dim + 1, dim + 2, dim + 4, dim + 8, 2 * dim):
+            table = torch.empty(3, stride, dtype=dtype)[:, :dim]
+            align = lookup.alignment_args(table, dim)["ROW_ALIGN"]
+            assert align >= 1 and align & (align - 1) == 0, (dim, stride, align)
+            assert dim % align == 0 and stride % align == 0, (dim, stride, align)
+            if dim % 16 == 0 and stride % 16 == 0:
+                assert align == 1, (dim, stride, align)
+            else:
+                assert align <= vector, (dim, stride, align)
+                wider = 2 * align
+                assert wider > vector or dim % wider or stride % wider, (dim, stride, align)
