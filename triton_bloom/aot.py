@@ -64,7 +64,8 @@ def option_grid():
     24.  Sparse gradients, fused optimizers and the deterministic path run
     over the dtypes with the variants off and on.  Rows are 16-element
     aligned (what real tables have, and what lets the gathers vectorize),
-    and once not.
+    once not aligned at all (dim 33), and at each narrower alignment that
+    the lookups read as a vector (``ROW_ALIGN``, ``kernels/lookup.py``).
     """
     full = {"padding": True, "wide_ids": True, "signed": True, "importance": True, "hot": True}
     variants = {"plain": {}, "all": full}
@@ -91,6 +92,12 @@ def option_grid():
                 cases.append(dict(op="bag", **bag, dtype="float32", k=k, variant=name, **v))
     for op, mode in (("embedding", None), ("bag", "sum"), ("bag", "max")):
         cases.append(dict(op=op, mode=mode, dtype="float32", k=4, variant="odd_dim", dim=33))
+    # Rows aligned to less than 16 elements, which Triton cannot see and the
+    # launchers pass as ROW_ALIGN (kernels/lookup.py): each vector width the
+    # lookups then read (float32 4 and 2 elements, float64 2, bfloat16 4 and
+    # 8), with the variants on at the largest k.
+    for dtype, dim in (("float32", 100), ("float32", 50), ("float64", 100), ("bfloat16", 100), ("bfloat16", 40)):
+        cases.append(dict(op="embedding", dtype=dtype, k=max(KS), variant="row_align", dim=dim, **full))
     cases += output_cases()
     return cases
 
