@@ -12,7 +12,16 @@ from .. import constants
 from .autotune import TUNING_KEY
 from .bag_forward import BAG_TUNING, MODE_MEAN
 from .launch import launch
-from .lookup import hashing_args, id_hashes, load_ids, padding_args, row_contiguous, scatter_sum
+from .lookup import (
+    aligned,
+    alignment_args,
+    hashing_args,
+    id_hashes,
+    load_ids,
+    padding_args,
+    row_contiguous,
+    scatter_sum,
+)
 
 
 @triton.jit
@@ -44,9 +53,12 @@ def _bloom_bag_backward_kernel(
     HAS_HOT: tl.constexpr,  # the ids in HOT read their private rows instead of hashing
     HOT_STEPS: tl.constexpr,  # halvings of the binary search over HOT
     WIDE_IDS: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,  # dim and stride_w are multiples of it (lookup.alignment_args)
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    dim = aligned(dim, ROW_ALIGN)
+    stride_w = aligned(stride_w, ROW_ALIGN)
     bag = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
     mask_d = offs_d < dim
@@ -132,9 +144,12 @@ def _bloom_bag_max_backward_kernel(
     HAS_HOT: tl.constexpr,  # the ids in HOT read their private rows instead of hashing
     HOT_STEPS: tl.constexpr,  # halvings of the binary search over HOT
     WIDE_IDS: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,  # dim and stride_w are multiples of it (lookup.alignment_args)
     BLOCK_N: tl.constexpr,  # bags per program
     BLOCK_D: tl.constexpr,
 ):
+    dim = aligned(dim, ROW_ALIGN)
+    stride_w = aligned(stride_w, ROW_ALIGN)
     offs_b = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
     tile = offs_b * dim + offs_d
@@ -229,6 +244,7 @@ def bloom_bag_backward(
             GRAD_W=grad_w,
             GRAD_IMPORTANCE=grad_imp if grad_imp is not None else grad_w,
             dim=dim,
+            **alignment_args(weight, dim),
             **hashing_args(
                 weight,
                 num_hash_functions=num_hash_functions,

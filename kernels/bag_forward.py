@@ -8,7 +8,17 @@ import triton.language as tl
 from .. import constants
 from .autotune import BAG_TILES, TUNING_KEY, Tuning
 from .launch import launch
-from .lookup import accumulator, gather_sum, hashing_args, id_hashes, load_ids, padding_args, row_contiguous
+from .lookup import (
+    accumulator,
+    aligned,
+    alignment_args,
+    gather_sum,
+    hashing_args,
+    id_hashes,
+    load_ids,
+    padding_args,
+    row_contiguous,
+)
 
 # The pooling codes of triton_bloom/constants.py, as the kernels read them.
 MODE_MEAN = tl.constexpr(constants.MODE_MEAN)
@@ -44,9 +54,12 @@ def _bloom_bag_forward_kernel(
     HOT_STEPS: tl.constexpr,  # halvings of the binary search over HOT
     WIDE_IDS: tl.constexpr,
     ACC: tl.constexpr,  # accumulator dtype: float64 for float64 tables, else float32
+    ROW_ALIGN: tl.constexpr,  # dim and stride_w are multiples of it (lookup.alignment_args)
     BLOCK_N: tl.constexpr,  # ids of the bag handled per step
     BLOCK_D: tl.constexpr,
 ):
+    dim = aligned(dim, ROW_ALIGN)
+    stride_w = aligned(stride_w, ROW_ALIGN)
     bag = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < dim
@@ -167,6 +180,7 @@ def bloom_bag_forward(
         MODE=mode,
         HAS_PSW=per_sample_weights is not None,
         ACC=accumulator(weight.dtype),
+        **alignment_args(weight, dim),
         **hashing_args(
             weight,
             num_hash_functions=num_hash_functions,
