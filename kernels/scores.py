@@ -10,10 +10,15 @@ Two scores share the kernel, chosen by ``FROM_ROW_SCORES``:
   ``score(q, i) = sum_j P[q, h_j(i)]``, ``P`` the ``(queries, num_rows)``
   log-probabilities of the output units.
 
-Each program owns ``BLOCK_N`` ids x ``BLOCK_Q`` queries.  The tile is laid
-out ids-first, ``(BLOCK_N, BLOCK_Q)``, so that the lookup's helpers (which
-take ids as ``(BLOCK_N, 1)``) apply unchanged and the store needs no
-transpose.  Not tuned: the block sizes follow the shape (``_config``).
+Each program owns ``BLOCK_Q`` queries x ``BLOCK_N`` ids, a ``(BLOCK_Q,
+BLOCK_N)`` tile stored along the ids (a row of scores is contiguous).  The
+ids enter the lookup's helpers as ``(BLOCK_N, 1)`` (the gathered vectors'
+rows) and the product ``queries @ vectors.T`` lays them along the tile's
+columns; the decoder reads them as ``(1, BLOCK_N)`` directly.  The product
+runs on tensor cores in TF32 where queries and table are 16-bit (their
+values, and so the products, are exact in TF32), in IEEE float32 FMAs for
+other float32 scores, and as a broadcast sum in float64 (exact scores).  Not
+tuned: the block sizes follow the shape (``_config``).
 """
 
 import torch
@@ -26,53 +31,61 @@ from .lookup import accumulator, gather_sum, hashing_args, id_hashes, load_ids, 
 
 
 @triton.jit
-def _bloom_scores_kernel(
-    QUERIES,  # (nq, dim) queries, rows `stride_q` apart (unused with FROM_ROW_SCORES)
-    IDS,  # (n,) int32/int64 ids of the chunk
-    SEEDS,  # (49,) int32 murmurhash3 seeds
-    W,  # (num_rows, dim) table; with FROM_ROW_SCORES the (nq, num_rows) row scores
-    IMPORTANCE,  # (importance_rows, K) importance weights, read only when HAS_IMPORTANCE
-    HOT,  # (hot_count,) sorted ids with private rows num_rows.., read only when HAS_HOT
-    OUT,  # (nq, n) scores, rows `stride_out` apart
-    nq,  # number of queries
-    n,  # number of ids
-    dim,  # embedding_dim
-    num_rows,  # the modulus of the hash
-    stride_w,  # elements between two rows of W
-    stride_q,  # elements between two queries
-    stride_out,  # elements between two rows of OUT
+def _score_tile(
+    QUERIES,
+    IDS,
+    SEEDS,
+    W,
+    IMPORTANCE,
+    HOT,
+    start,
+    offs_q,
+    nq,
+    n,
+    dim,
+    num_rows,
+    stride_w,
+    stride_q,
     importance_rows,
-    hot_count,  # ids in HOT
-    padding_idx,  # id whose vector is zero (ignored unless HAS_PADDING)
+    hot_count,
+    padding_idx,
     K: tl.constexpr,
     HAS_PADDING: tl.constexpr,
     SIGNED: tl.constexpr,
     HAS_IMPORTANCE: tl.constexpr,
     HAS_HOT: tl.constexpr,
-    HOT_STEPS: tl.constexpr,  # halvings of the binary search over HOT
+    HOT_STEPS: tl.constexpr,
     WIDE_IDS: tl.constexpr,
-    FROM_ROW_SCORES: tl.constexpr,  # the decoder's score instead of the dot product
-    USE_DOT: tl.constexpr,  # tl.dot (float32); else a broadcast sum (float64)
-    VEC_ACC: tl.constexpr,  # the lookup's accumulator for the k-sum of a vector
-    ACC: tl.constexpr,  # the dot products' accumulator
+    FROM_ROW_SCORES: tl.constexpr,
+    DOT: tl.constexpr,
+    VEC_ACC: tl.constexpr,
+    ACC: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
-    offs_q = tl.program_id(1).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)[None, :]
-    ids, live = load_ids(IDS, offs_n, offs_n < n, padding_idx, HAS_PADDING)
-    mixed_lo, mixed_hi, imp_rows, hot = id_hashes(
-        ids, SEEDS, importance_rows, HOT, hot_count, HOT_STEPS, HAS_IMPORTANCE, HAS_HOT, WIDE_IDS
-    )
-    acc = tl.zeros((BLOCK_N, BLOCK_Q), dtype=ACC)
+    """The ``(BLOCK_Q, BLOCK_N)`` scores of the queries ``offs_q``
+    (``(BLOCK_Q, 1)``) against the ids at ``start ..``, in ``ACC``."""
+    acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=ACC)
     if FROM_ROW_SCORES:
+        # Ids along the tile's columns: each row score is read where it lies.
+        offs_n = start + tl.arange(0, BLOCK_N)[None, :]
+        ids, live = load_ids(IDS, offs_n, offs_n < n, padding_idx, HAS_PADDING)
+        mixed_lo, mixed_hi, _, _ = id_hashes(
+            ids, SEEDS, importance_rows, HOT, hot_count, HOT_STEPS, HAS_IMPORTANCE, HAS_HOT, WIDE_IDS
+        )
         # A loop, not unrolled, as in the lookups: k gathers in flight at once
         # would hold k tiles in registers.
         for j in range(K):
             rows = bloom_rows(ids, mixed_lo, mixed_hi, tl.load(SEEDS + j), num_rows, WIDE_IDS)
             acc += tl.load(W + offs_q * stride_w + rows, mask=live & (offs_q < nq), other=0.0).to(ACC)
     else:
+        # Ids along the rows, as the lookup's helpers take them.
+        offs_n = start + tl.arange(0, BLOCK_N)[:, None]
+        ids, live = load_ids(IDS, offs_n, offs_n < n, padding_idx, HAS_PADDING)
+        mixed_lo, mixed_hi, imp_rows, hot = id_hashes(
+            ids, SEEDS, importance_rows, HOT, hot_count, HOT_STEPS, HAS_IMPORTANCE, HAS_HOT, WIDE_IDS
+        )
         for d0 in range(0, dim, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)[None, :]
             vectors = gather_sum(
@@ -102,35 +115,133 @@ def _bloom_scores_kernel(
             # Summed and rounded as the lookup sums and rounds its output, so
             # that a score is the dot product with the vector the embedding
             # returns, whatever the dot products accumulate in.
-            vectors = vectors.to(W.dtype.element_ty).to(ACC)
-            offs_qd = tl.program_id(1).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)[:, None]
-            queries = tl.load(
-                QUERIES + offs_qd * stride_q + offs_d, mask=(offs_qd < nq) & (offs_d < dim), other=0.0
-            ).to(ACC)
-            if USE_DOT:
+            vectors = vectors.to(W.dtype.element_ty)
+            queries = tl.load(QUERIES + offs_q * stride_q + offs_d, mask=(offs_q < nq) & (offs_d < dim), other=0.0)
+            if DOT == 2:
+                # 16-bit queries and vectors are exact in TF32 (an 8-bit
+                # exponent, 10 bits of mantissa): tensor cores, products
+                # exact, sums in float32.  (Not a 16-bit tl.dot: Triton 3.9's
+                # interpreter multiplies bfloat16's raw bits.)
+                acc += tl.dot(queries.to(ACC), tl.trans(vectors.to(ACC)), input_precision="tf32")
+            elif DOT == 1:
                 # IEEE float32, not TF32: rankings must match the PyTorch path's.
-                acc += tl.dot(vectors, tl.trans(queries), input_precision="ieee")
+                acc += tl.dot(queries.to(ACC), tl.trans(vectors.to(ACC)), input_precision="ieee")
             else:
-                acc += tl.sum(vectors[:, None, :] * queries[None, :, :], axis=2)
-    tl.store(OUT + offs_q * stride_out + offs_n, acc.to(OUT.dtype.element_ty), mask=(offs_n < n) & (offs_q < nq))
+                acc += tl.sum(queries.to(ACC)[:, None, :] * vectors.to(ACC)[None, :, :], axis=2)
+    return acc
 
 
-def _config(nq, dim, wide_acc, from_row_scores):
+@triton.jit
+def _bloom_scores_kernel(
+    QUERIES,  # (nq, dim) queries, rows `stride_q` apart (unused with FROM_ROW_SCORES)
+    IDS,  # (n,) int32/int64 ids of the chunk
+    SEEDS,  # (49,) int32 murmurhash3 seeds
+    W,  # (num_rows, dim) table; with FROM_ROW_SCORES the (nq, num_rows) row scores
+    IMPORTANCE,  # (importance_rows, K) importance weights, read only when HAS_IMPORTANCE
+    HOT,  # (hot_count,) sorted ids with private rows num_rows.., read only when HAS_HOT
+    OUT,  # (nq, n) scores, rows `stride_out` apart
+    nq,  # number of queries
+    n,  # number of ids
+    dim,  # embedding_dim
+    num_rows,  # the modulus of the hash
+    stride_w,  # elements between two rows of W
+    stride_q,  # elements between two queries
+    stride_out,  # elements between two rows of OUT
+    importance_rows,
+    hot_count,  # ids in HOT
+    padding_idx,  # id whose vector is zero (ignored unless HAS_PADDING)
+    K: tl.constexpr,
+    HAS_PADDING: tl.constexpr,
+    SIGNED: tl.constexpr,
+    HAS_IMPORTANCE: tl.constexpr,
+    HAS_HOT: tl.constexpr,
+    HOT_STEPS: tl.constexpr,  # halvings of the binary search over HOT
+    WIDE_IDS: tl.constexpr,
+    FROM_ROW_SCORES: tl.constexpr,  # the decoder's score instead of the dot product
+    DOT: tl.constexpr,  # 2: tl.dot, TF32 (16-bit operands); 1: tl.dot, IEEE float32; 0: a broadcast sum (float64)
+    VEC_ACC: tl.constexpr,  # the lookup's accumulator for the k-sum of a vector
+    ACC: tl.constexpr,  # the dot products' accumulator
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    start = tl.program_id(0).to(tl.int64) * BLOCK_N
+    offs_q = tl.program_id(1).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)[:, None]
+    acc = _score_tile(
+        QUERIES,
+        IDS,
+        SEEDS,
+        W,
+        IMPORTANCE,
+        HOT,
+        start,
+        offs_q,
+        nq,
+        n,
+        dim,
+        num_rows,
+        stride_w,
+        stride_q,
+        importance_rows,
+        hot_count,
+        padding_idx,
+        K,
+        HAS_PADDING,
+        SIGNED,
+        HAS_IMPORTANCE,
+        HAS_HOT,
+        HOT_STEPS,
+        WIDE_IDS,
+        FROM_ROW_SCORES,
+        DOT,
+        VEC_ACC,
+        ACC,
+        BLOCK_Q,
+        BLOCK_N,
+        BLOCK_D,
+    )
+    offs_n = start + tl.arange(0, BLOCK_N)[None, :]
+    tl.store(OUT + offs_q * stride_out + offs_n, acc.to(OUT.dtype.element_ty), mask=(offs_q < nq) & (offs_n < n))
+
+
+def _dot_mode(queries, table, acc_dtype):
+    """The ``DOT`` constexpr: TF32 tensor cores where queries and table are
+    both 16-bit and the scores float32 (exact products), IEEE float32 for
+    other float32 scores, the broadcast sum for float64."""
+    if acc_dtype == torch.float64:
+        return 0
+    half = (torch.float16, torch.bfloat16)
+    if queries.dtype in half and table.dtype in half:
+        return 2
+    return 1
+
+
+def _config(nq, dim, dot, from_row_scores):
     """Block sizes from the shape: as many queries as there are (up to 64)
-    per program, 32 columns per step of the loop over the row, and smaller
-    tiles for float64, whose accumulator takes two registers.  At 64 queries
-    a 64-column step spills on sm_90 (255 registers; the compile check)."""
+    per program, 64 ids, 32 columns per step of the loop over the row, and
+    smaller tiles for float64, whose accumulator takes two registers.
+
+    A tile of 64 queries takes eight warps (sm_90, Triton 3.9, the compile
+    check): with four, the float32 product took 128 registers a thread (25%
+    occupancy) and the decoder's 64 x 128 tile 255; with eight, 80 (37.5%),
+    and the decoder 40 at 32 ids.  The TF32 product steps 16 columns at a
+    time: 57 registers (50%) against 76 at 32.  (Float32 at 64 x 32 ids
+    spilled at eight warps and took 71 registers at four.)"""
     # tl.dot needs every block dimension to be at least 16.
     block_q = min(64, max(16, triton.next_power_of_2(nq)))
     block_d = min(32, max(16, triton.next_power_of_2(dim)))
-    block_n = 64
-    if wide_acc:
+    block_n, warps = 64, 4
+    if dot == 0:
         # 16 columns: at 32, the (16, 16, 32) float64 product took 168
         # registers and a stack frame on sm_80.
         block_q, block_n, block_d = min(block_q, 16), 16, 16
-    elif from_row_scores:
-        block_n = 128
-    return {"kwargs": {"BLOCK_Q": block_q, "BLOCK_N": block_n, "BLOCK_D": block_d}, "num_warps": 4, "num_stages": 1}
+    elif block_q == 64:
+        warps = 8
+        if from_row_scores:
+            block_n = 32
+        elif dot == 2:
+            block_d = 16
+    return {"kwargs": {"BLOCK_Q": block_q, "BLOCK_N": block_n, "BLOCK_D": block_d}, "num_warps": warps, "num_stages": 1}
 
 
 def _launch(
@@ -158,7 +269,7 @@ def _launch(
         return out.zero_()
     table = row_contiguous(table)
     queries = row_contiguous(queries)
-    acc = accumulator(acc_dtype)
+    dot = 1 if from_row_scores and acc_dtype == torch.float32 else _dot_mode(queries, table, acc_dtype)
     args = dict(
         QUERIES=queries,
         IDS=ids.reshape(-1).contiguous(),
@@ -170,9 +281,23 @@ def _launch(
         stride_q=queries.stride(0),
         stride_out=out.stride(0),
         FROM_ROW_SCORES=from_row_scores,
-        USE_DOT=acc_dtype == torch.float32,
+        DOT=dot,
         VEC_ACC=accumulator(table.dtype),
-        ACC=acc,
+        ACC=accumulator(acc_dtype),
+        **_common_args(table, num_hash_functions, wide_ids, signed, importance, hot, padding_idx),
+    )
+    if from_row_scores:
+        args["num_rows"] = table.shape[1]  # the row scores' columns are the output units
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(nq, meta["BLOCK_Q"]))
+
+    launch(_bloom_scores_kernel, grid, args, table.device, config=_config(nq, dim, dot, from_row_scores))
+    return out
+
+
+def _common_args(table, num_hash_functions, wide_ids, signed, importance, hot, padding_idx):
+    return dict(
         **hashing_args(
             table,
             num_hash_functions=num_hash_functions,
@@ -184,15 +309,6 @@ def _launch(
         ),
         **padding_args(padding_idx),
     )
-    if from_row_scores:
-        args["num_rows"] = table.shape[1]  # the row scores' columns are the output units
-
-    def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(nq, meta["BLOCK_Q"]))
-
-    config = _config(nq, dim, acc_dtype == torch.float64, from_row_scores)
-    launch(_bloom_scores_kernel, grid, args, table.device, config=config)
-    return out
 
 
 def bloom_scores(

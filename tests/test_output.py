@@ -237,6 +237,31 @@ def test_scores_kernel_matches_reference_vectors():
         torch.testing.assert_close(got, want, atol=tol * 10, rtol=tol)
 
 
+@pytest.mark.parametrize("query_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scores_kernel_16bit_queries_and_table(dtype, query_dtype):
+    # 16-bit queries over a 16-bit table take the kernel's TF32 product
+    # (exact products, float32 sums): 70 queries and 150 ids leave partial
+    # blocks both ways.  Small integers: every vector and score is exact, so
+    # the kernel must equal the float64 product bit for bit.
+    kernels = require_kernels()
+    g = torch.Generator().manual_seed(1)
+    emb = BloomEmbedding(
+        None, 40, num_rows=31, num_hash_functions=3, padding_idx=None, signed=True, dtype=dtype, backend="torch"
+    )
+    with torch.no_grad():
+        emb.weight.copy_(torch.randint(-3, 4, emb.weight.shape, generator=g))
+    ids = torch.randint(0, 10**6, (150,), generator=g)
+    queries = torch.randint(-4, 5, (70, 40), generator=g).to(query_dtype)
+    got = kernels.bloom_scores(
+        queries, ids, emb.weight.detach(), seed_tensor(ids.device), num_hash_functions=3, wide_ids=False, signed=True
+    )
+    with torch.no_grad():
+        want = queries.double() @ emb(ids).double().T
+    assert got.dtype == torch.float32
+    assert torch.equal(got.double(), want)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_logits_and_both_gradients(seed, backend):
     rnd = random.Random(400 + seed)

@@ -103,13 +103,14 @@ def option_grid():
 
 
 def output_cases():
-    """The output side's scores kernel (``kernels/scores.py``), through
+    """The output side's scores kernels (``kernels/scores.py``), through
     ``BloomEmbedding.topk``, ``BloomEmbedding.rank`` and
     ``BloomOutputLayer.topk``: every table dtype at each ``k`` with the
     variants off and all on (wide ids through candidates), at 1 query (the
     smallest query block), 40 (the largest), and a row wider than one column
-    block; ranks (exact scores, a float64 accumulator) in every dtype; and
-    float32 queries over each half-precision or float64 table."""
+    block, and 64 queries at dim 64 (the traffic model's); ranks (exact
+    scores, a float64 accumulator) in every dtype; and float32 queries over
+    each half-precision or float64 table."""
     full = {"padding": True, "wide_ids": True, "signed": True, "importance": True}
     cases = []
     for dtype in DTYPES:
@@ -118,6 +119,8 @@ def output_cases():
             cases.append(dict(op="scores", dtype=dtype, k=k, variant="all", queries=3, **full))
             cases.append(dict(op="decoder", dtype=dtype, k=k, variant="plain", queries=3))
         cases.append(dict(op="scores", dtype=dtype, k=4, variant="all", queries=40, **full))
+        # 64 queries at dim 64: the traffic model's top-k.
+        cases.append(dict(op="scores", dtype=dtype, k=4, variant="plain", queries=64, dim=64))
         # Ranks score exactly (a float64 accumulator whatever the table's
         # dtype: another specialization), and queries often stay float32
         # over a half-precision table.
