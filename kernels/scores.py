@@ -223,8 +223,8 @@ def _config(nq, dim, dot, from_row_scores):
 
     A tile of 64 queries takes eight warps (sm_90, Triton 3.9, the compile
     check): with four, the float32 product took 128 registers a thread (25%
-    occupancy) and the decoder's 64 x 128 tile 255; with eight, 80 (37.5%),
-    and the decoder 40 at 32 ids.  The TF32 product steps 16 columns at a
+    occupancy) and the decoder's 64 x 128 tile 189 (12.5%); with eight, 80
+    (37.5%), and the decoder 40 at 32 ids.  The TF32 product steps 16 columns at a
     time: 57 registers (50%) against 76 at 32.  (Float32 at 64 x 32 ids
     spilled at eight warps and took 71 registers at four.)"""
     # tl.dot needs every block dimension to be at least 16.
