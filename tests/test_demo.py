@@ -256,3 +256,23 @@ def test_train_steps_importance_weights_with_a_dense_optimizer(stream):
     assert not torch.equal(layer.weight, table) and not torch.equal(layer.importance_weight, weights)
     # The state counted: the layer's bytes and two Adam moments of every parameter.
     assert state >= 3 * embedding_bytes(layer)
+
+
+def test_verdict_names_the_best_and_the_planner_against_the_best_rival():
+    g = torch.Generator().manual_seed(5)
+    labels = ["vocab 10+OOV", "hashing trick k=1", "quotient-remainder", "Bloom k=2", "hot 50% + Bloom k=2"]
+    rows = []
+    for label in labels:
+        hr, head, auc = (float(x) for x in torch.rand(3, generator=g))
+        rows.append(dict(label=label, over_budget=False, **{"hr@10": hr, "hr@10_head": head, "auc": auc}))
+    rows.append(dict(rows[-1], label="planner: hot 3 + Bloom 5x2", same_as=rows[-1]["label"]))
+    rows.append(dict(label="full 99 rows", over_budget=True, **{"hr@10": 2.0, "hr@10_head": 2.0, "auc": 2.0}))
+    text, winner = demo_open.verdict(rows)
+    ranked = sorted(rows[:5], key=lambda r: r["hr@10"], reverse=True)
+    assert winner == ranked[0]["label"]  # the over-budget row and the repeated planner row are no rivals
+    assert f"{ranked[0]['hr@10'] - ranked[1]['hr@10']:+.4f} over {ranked[1]['label']}" in text
+    rival = max(rows[:3], key=lambda r: r["hr@10"])
+    planner = rows[4]
+    assert f"({rival['label']}): {planner['hr@10'] - rival['hr@10']:+.4f} HR@10" in text
+    assert f"(head {planner['hr@10_head'] - rival['hr@10_head']:+.4f})" in text
+    assert f"Plain Bloom k=2: {rows[3]['hr@10'] - rows[1]['hr@10']:+.4f} against the hashing trick" in text

@@ -310,7 +310,8 @@ def verdict(rows, metric="hr@10") -> tuple[str, str]:
         where = "ahead of" if lead > 0 else "behind" if lead < 0 else "level with"
         text += (
             f"  The planner's choice is {where} the best rival a user tries first ({rival['label']}): "
-            f"{lead:+.4f} HR@10, {planner['auc'] - rival['auc']:+.4f} AUC (one seed; see --seeds for the spread)."
+            f"{lead:+.4f} HR@10 (head {planner['hr@10_head'] - rival['hr@10_head']:+.4f}), "
+            f"{planner['auc'] - rival['auc']:+.4f} AUC (one seed; see --seeds for the spread)."
         )
     bloom = [r for r in rows if r["label"].startswith("Bloom k=")]
     hashing = next((r for r in rows if r["label"].startswith("hashing")), None)
