@@ -78,6 +78,12 @@ KNOWN_SPILLS = [
         90,
         dict(op="scores", dtype="float32", k=4, variant="odd_dim", queries=1, dim=33),
     ),
+    (
+        "3.6.0",
+        "_quantized_bag_kernel",
+        90,
+        dict(op="quantized_bag", bits=4, mode="max", dtype="float32", k=4, **ALL_AND_HOT),
+    ),
 ]
 
 
@@ -107,6 +113,8 @@ def test_every_specialization_compiles_for_sm80_and_sm90(tmp_path, capsys):
         "_bloom_segment_sum_kernel",
         "_bloom_rowwise_update_kernel",
         "_bloom_scores_kernel",
+        "_quantized_forward_kernel",
+        "_quantized_bag_kernel",
     }
     launches_file = tmp_path / "launches.json"
     launches_file.write_text(json.dumps(launches))

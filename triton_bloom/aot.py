@@ -99,7 +99,77 @@ def option_grid():
     for dtype, dim in (("float32", 100), ("float32", 50), ("float64", 100), ("bfloat16", 100), ("bfloat16", 40)):
         cases.append(dict(op="embedding", dtype=dtype, k=max(KS), variant="row_align", dim=dim, **full))
     cases += output_cases()
+    cases += quantized_cases()
     return cases
+
+
+def quantized_cases():
+    """The quantized tables' lookups (``kernels/quantized.py``, forward
+    only: they are for inference), through ``triton_bloom.quantize``: int8
+    and int4 at each ``k`` with the variants off and all on (hot rows
+    included); each bag mode (and sum with per-sample weights) with them all
+    on; and widths 33 (an odd row, padded bytes) and 256 (a row wider than
+    one block of codes).  The codes are the same whatever the float table's
+    dtype, so ``dtype`` names the float32 table they were quantized from."""
+    full = {"padding": True, "wide_ids": True, "signed": True, "importance": True, "hot": True}
+    variants = {"plain": {}, "all": full}
+    cases = []
+    for bits in (8, 4):
+        for k in KS:
+            for name, v in variants.items():
+                cases.append(dict(op="quantized", bits=bits, dtype="float32", k=k, variant=name, dim=64, **v))
+        for bag in (dict(mode="sum"), dict(mode="mean"), dict(mode="max"), dict(mode="sum", psw=True)):
+            cases.append(
+                dict(op="quantized_bag", bits=bits, **bag, dtype="float32", k=4, variant="all", dim=64, **full)
+            )
+        for k in (1, max(KS)):
+            cases.append(dict(op="quantized_bag", bits=bits, mode="sum", dtype="float32", k=k, variant="plain", dim=64))
+        for op, mode in (("quantized", None), ("quantized_bag", "sum")):
+            for variant, dim in (("odd_dim", 33), ("wide_dim", 256)):
+                cases.append(dict(op=op, mode=mode, bits=bits, dtype="float32", k=4, variant=variant, dim=dim))
+    return cases
+
+
+def run_quantized_case(case):
+    """A forward of ``case`` (a :func:`quantized_cases` entry) through a
+    quantized module, under ``no_grad`` as inference runs."""
+    import torch
+
+    from .modules import BloomEmbedding, BloomEmbeddingBag
+    from .quantized import quantize
+
+    k, dim, num_rows = case["k"], case["dim"], 1000
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 5000, (16,), generator=g, dtype=torch.int64)
+    if not case.get("wide_ids"):
+        ids = ids.to(torch.int32)
+    hot_ids = None
+    if case.get("hot"):
+        hot_ids = torch.unique(ids[1:6])
+        hot_ids = hot_ids[hot_ids != ids[0]]
+    options = dict(
+        num_rows=num_rows,
+        num_hash_functions=k,
+        padding_idx=int(ids[0]) if case.get("padding") else None,
+        signed=bool(case.get("signed")),
+        importance=bool(case.get("importance")),
+        hot_ids=hot_ids,
+        backend="triton",
+    )
+    num_embeddings = None if case.get("wide_ids") else 5000
+    if case["op"] == "quantized":
+        module = BloomEmbedding(num_embeddings, dim, **options)
+    else:
+        module = BloomEmbeddingBag(num_embeddings, dim, mode=case["mode"], **options)
+    with torch.no_grad():
+        module.embeddings.weight.normal_(generator=g)
+    quantized = quantize(module, bits=case["bits"])
+    with torch.no_grad():
+        if case["op"] == "quantized":
+            quantized(ids)
+        else:
+            psw = torch.rand(ids.shape, generator=g) if case.get("psw") else None
+            quantized(ids, torch.tensor([0, 7], dtype=torch.int64), psw)
 
 
 def output_cases():
@@ -187,6 +257,8 @@ def run_case(case):
 
     if case["op"] in ("scores", "decoder", "rank"):
         return run_output_case(case)
+    if case["op"] in ("quantized", "quantized_bag"):
+        return run_quantized_case(case)
     dtype = getattr(torch, case["dtype"])
     training = case.get("training")
     # Few ids and, where the kernels run a program per touched row, few rows:
