@@ -7,7 +7,9 @@ served as trained and quantized after training: plain Bloom k=2 at the
 budget's fp32 rows (and its int8/int4 rows, below the budget), and Bloom
 k=2 with the rows int8 (then int4) rows buy at the budget, quantized; the
 vocabulary table of the most frequent ids + an OOV row (fp32, the rival a
-user tries first) as the reference.  Run: ``python -m
+user tries first) as the reference.  Each quantized table is also scored
+in the first format (``quantized_format.py``: a bfloat16 scale and offset
+per row), on the same trained table, with both formats' relative error.  Run: ``python -m
 bench.studies.quantized_open --seeds 0``; writes
 ``bench/results/quantized_open_cpu.{md,json}``.
 """
@@ -18,6 +20,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import time
 
 import torch
@@ -27,11 +30,14 @@ from triton_bloom import BloomEmbedding, embedding_bytes, quantize
 from triton_bloom.demo_layers import layer_specs
 from triton_bloom.demo_open import BYTES_PER_ID, EMBEDDING_DIM, QUICK_LEARNING_RATES, evaluate, train
 from triton_bloom.demo_stream import QUICK, eval_set, make_stream
+from triton_bloom.quantized_ops import LAYOUT
+
+from .quantized_format import OLD_LAYOUT, new_round_trip, old_bytes, old_round_trip, relative_error, with_old_rows
 
 RESULTS = os.path.join(os.path.dirname(__file__), "..", "results")
 
 
-def run_seed(seed, log):
+def run_seed(seed, log, more_rows=True):
     stream = make_stream(QUICK, seed)
     ids, counts = stream.train_counts()
     events = stream.split("train")
@@ -41,19 +47,22 @@ def run_seed(seed, log):
     d = EMBEDDING_DIM
     rows = []
 
-    def record(label, layer, trained_bytes):
+    def record(key, label, layer, trained_bytes, nbytes=None, error=None):
         metrics = evaluate(layer, test)
+        nbytes = embedding_bytes(layer) if nbytes is None else nbytes
         rows.append(
             dict(
                 seed=seed,
+                key=key,
                 label=label,
                 budget=budget,
-                bytes=embedding_bytes(layer),
+                bytes=nbytes,
                 trained_bytes=trained_bytes,
+                relative_error=error,
                 **metrics,
             )
         )
-        log(f"seed {seed} {label}: {embedding_bytes(layer) / budget:.3f} of budget, HR@10 {metrics['hr@10']:.4f}")
+        log(f"seed {seed} {label}: {nbytes / budget:.3f} of budget, HR@10 {metrics['hr@10']:.4f}")
 
     def trained(build, index):
         torch.manual_seed(1000 * seed + index)
@@ -64,8 +73,10 @@ def run_seed(seed, log):
         return layer
 
     label, build, _ = layer_specs(ids, counts, d, budget, full=False, planner=False)[0]
-    record(label + " fp32", trained(lambda: build(True), 0), None)
-    for index, (bits, row) in enumerate(((None, 4 * d), (8, d + 4), (4, d // 2 + 4)), start=1):
+    record("vocabulary: fp32", label + " fp32", trained(lambda: build(True), 0), None)
+    # A row's bytes in the current format: its codes and a scale byte.
+    sizes = ((None, 4 * d), (8, d + 1), (4, d // 2 + 1)) if more_rows else ((None, 4 * d),)
+    for index, (bits, row) in enumerate(sizes, start=1):
         num_rows = budget // row
         layer = trained(
             lambda num_rows=num_rows: BloomEmbedding(
@@ -74,39 +85,95 @@ def run_seed(seed, log):
             index,
         )
         name = f"Bloom k=2 {num_rows:,} rows"
-        record(name + " fp32", layer, embedding_bytes(layer))
-        for quantized_bits in (8, 4) if bits is None else (bits,):
-            record(f"{name} int{quantized_bits}", quantize(layer, bits=quantized_bits), embedding_bytes(layer))
+        group = f"Bloom, the rows {'fp32' if bits is None else f'int{bits}'} buys"
+        record(f"{group}: fp32", name + " fp32", layer, embedding_bytes(layer))
+        w = layer.weight
+        for q in (8, 4) if bits is None else (bits,):
+            error = relative_error(w, new_round_trip(w, q))
+            record(f"{group}: int{q}", f"{name} int{q}", quantize(layer, bits=q), embedding_bytes(layer), error=error)
+            old = old_bytes(num_rows, d, q)
+            error = relative_error(w, old_round_trip(w, q))
+            served = with_old_rows(layer, q)
+            record(
+                f"{group}: int{q} (old format)",
+                f"{name} int{q} (old format)",
+                served,
+                embedding_bytes(layer),
+                old,
+                error,
+            )
     return rows, dict(budget=budget, distinct_train_ids=ids.numel(), train_events=events.numel(), lr=lr)
+
+
+def _mean_sd(values):
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def render(result) -> str:
     meta = result["meta"]
+    runs = result["runs"]
     lines = [
         "# Quantized Bloom rows, open ids (CPU)",
         "",
         f"Measured {meta['date']} on {meta['cpu']} (2 cores shared with other work: load average "
         f"{meta['load_before'][0]:.1f} before, {meta['load_after'][0]:.1f} after), torch {meta['torch']}, "
         f"triton {meta['triton']}, {meta['seconds'] / 60:.0f} min.  Produced by "
-        "`python -m bench.studies.quantized_open` (`bench/studies/quantized_open.py`).",
+        f"`python -m bench.studies.quantized_open --seeds {' '.join(map(str, meta['seeds']))}` "
+        "(`bench/studies/quantized_open.py`).",
         "",
         "Setup: the stream, model, training and scoring of `triton-bloom demo --quick` (raw int64 item ids, "
         f"dim {EMBEDDING_DIM}, SparseAdam lr {meta['setup']['lr']}, one pass), budget {BYTES_PER_ID} B per distinct "
-        f"training id (about {meta['setup']['budget']:,} B; each seed's own), seeds {', '.join(map(str, meta['seeds']))}.  Every layer "
-        "trains in fp32; int8/int4 rows are quantized after training.  Bytes: the served layer's "
-        "(`embedding_bytes`), as a share of the budget; the 'more rows' layers trained at their fp32 size "
-        "(trained bytes).  HR@10 and AUC on the test events (all, and those on items seen at most a few times "
-        "in training: rare).",
+        f"training id (about {meta['setup']['budget']:,} B; each seed's own), seeds "
+        f"{', '.join(map(str, meta['seeds']))}.  Every layer trains in fp32; int8/int4 rows are quantized after "
+        f"training, in the current format (`{meta.get('layout', '?')}`: one scale byte a row, levels symmetric "
+        "around the column offsets) and, on the same trained table, in the old one "
+        f"(`{meta.get('old_layout', '?')}`: a bfloat16 offset and scale per row; `bench/studies/quantized_format.py`).  "
+        "Bytes: the served layer's (`embedding_bytes`; for the old format, its codes and 4 bytes a row), as a share "
+        "of the budget; the 'more rows' layers trained at their fp32 size (trained bytes).  HR@10 and AUC on the "
+        "test events (all, and those on items seen at most a few times in training: rare).  Relative error: "
+        "`||W - Q|| / ||W||` of the table's round trip through the format.",
         "",
-        "| seed | layer | bytes / budget | trained bytes / budget | HR@10 | HR@10 rare | AUC |",
-        "|---:|---|---:|---:|---:|---:|---:|",
     ]
-    for r in result["runs"]:
+    keys = list(dict.fromkeys(r["key"] for r in runs))
+    by_key = {key: [r for r in runs if r["key"] == key] for key in keys}
+    fp32 = {(r["seed"], r["key"].split(": ")[0]): r for r in runs if r["key"].endswith(": fp32")}
+    lines += [
+        "Over the seeds (mean +- sd; change: against the same trained table in fp32, per seed):",
+        "",
+        "| layer | bytes / budget | HR@10 | change | HR@10 rare | AUC | change | relative error |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, rows in by_key.items():
+        base = [fp32.get((r["seed"], key.split(": ")[0])) for r in rows]
+        quantized = ": int" in key and all(base)
+        cells = [key, f"{_mean_sd([r['bytes'] / r['budget'] for r in rows])[0]:.3f}"]
+        for metric in ("hr@10", "hr@10_rare", "auc"):
+            mean, sd = _mean_sd([r[metric] for r in rows])
+            cells.append(f"{mean:.4f} +- {sd:.4f}")
+            if metric != "hr@10_rare":
+                if quantized:
+                    change = _mean_sd([r[metric] - b[metric] for r, b in zip(rows, base)])
+                    cells.append(f"{change[0]:+.4f} +- {change[1]:.4f}")
+                else:
+                    cells.append("-")
+        errors = [r["relative_error"] for r in rows if r.get("relative_error") is not None]
+        cells.append(f"{statistics.fmean(errors):.4f}" if errors else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Per seed:",
+        "",
+        "| seed | layer | bytes / budget | trained bytes / budget | HR@10 | HR@10 rare | AUC | relative error |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in runs:
         budget = r["budget"]
         trained = "-" if r["trained_bytes"] is None else f"{r['trained_bytes'] / budget:.2f}"
+        error = "-" if r.get("relative_error") is None else f"{r['relative_error']:.4f}"
         lines.append(
             f"| {r['seed']} | {r['label']} | {r['bytes'] / budget:.3f} | {trained} | {r['hr@10']:.4f} | "
-            f"{r['hr@10_rare']:.4f} | {r['auc']:.4f} |"
+            f"{r['hr@10_rare']:.4f} | {r['auc']:.4f} | {error} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -116,6 +183,11 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", default=os.path.join(RESULTS, "quantized_open_cpu"))
     parser.add_argument("--render", action="store_true", help="only write OUT.md from OUT.json")
+    parser.add_argument(
+        "--no-more-rows",
+        action="store_true",
+        help="leave out the layers with the rows int8/int4 buy at the budget (the slowest to train)",
+    )
     args = parser.parse_args(argv)
     if args.render:
         with open(args.out + ".json") as f:
@@ -123,26 +195,31 @@ def main(argv=None):
     else:
         started, load_before = time.perf_counter(), os.getloadavg()
         runs, setup = [], None
-        for seed in args.seeds:
-            seed_runs, setup = run_seed(seed, lambda line: print(line, flush=True))
-            runs += seed_runs
         cpu = next(
             (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?"
         )
-        meta = dict(
-            date=datetime.date.today().isoformat(),
-            cpu=cpu,
-            torch=torch.__version__,
-            triton=triton.__version__,
-            load_before=load_before,
-            load_after=os.getloadavg(),
-            seconds=round(time.perf_counter() - started),
-            setup=setup,
-            seeds=args.seeds,
-        )
-        result = dict(meta=meta, runs=runs)
-        with open(args.out + ".json", "w") as f:
-            json.dump(result, f, indent=1)
+        for seed in args.seeds:
+            seed_runs, setup = run_seed(seed, lambda line: print(line, flush=True), not args.no_more_rows)
+            runs += seed_runs
+            # Written after every seed: a long run stopped early keeps what it measured.
+            meta = dict(
+                date=datetime.date.today().isoformat(),
+                cpu=cpu,
+                torch=torch.__version__,
+                triton=triton.__version__,
+                load_before=load_before,
+                load_after=os.getloadavg(),
+                seconds=round(time.perf_counter() - started),
+                setup=setup,
+                seeds=sorted({r["seed"] for r in runs}),
+                layout=LAYOUT,
+                old_layout=OLD_LAYOUT,
+            )
+            result = dict(meta=meta, runs=runs)
+            with open(args.out + ".json", "w") as f:
+                json.dump(result, f, indent=1)
+            with open(args.out + ".md", "w") as f:
+                f.write(render(result))
     with open(args.out + ".md", "w") as f:
         f.write(render(result))
 
