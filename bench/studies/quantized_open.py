@@ -37,7 +37,7 @@ from .quantized_format import OLD_LAYOUT, new_round_trip, old_bytes, old_round_t
 RESULTS = os.path.join(os.path.dirname(__file__), "..", "results")
 
 
-def run_seed(seed, log, more_rows=True):
+def run_seed(seed, log, more_rows=True, only_more_rows=False):
     stream = make_stream(QUICK, seed)
     ids, counts = stream.train_counts()
     events = stream.split("train")
@@ -73,10 +73,13 @@ def run_seed(seed, log, more_rows=True):
         return layer
 
     label, build, _ = layer_specs(ids, counts, d, budget, full=False, planner=False)[0]
-    record("vocabulary: fp32", label + " fp32", trained(lambda: build(True), 0), None)
+    if not only_more_rows:
+        record("vocabulary: fp32", label + " fp32", trained(lambda: build(True), 0), None)
     # A row's bytes in the current format: its codes and a scale byte.
-    sizes = ((None, 4 * d), (8, d + 1), (4, d // 2 + 1)) if more_rows else ((None, 4 * d),)
+    sizes = ((None, 4 * d), (8, d + 1), (4, d // 2 + 1))
     for index, (bits, row) in enumerate(sizes, start=1):
+        if (bits is not None and not more_rows) or (bits is None and only_more_rows):
+            continue
         num_rows = budget // row
         layer = trained(
             lambda num_rows=num_rows: BloomEmbedding(
@@ -188,6 +191,9 @@ def main(argv=None):
         action="store_true",
         help="leave out the layers with the rows int8/int4 buy at the budget (the slowest to train)",
     )
+    parser.add_argument(
+        "--only-more-rows", action="store_true", help="only the layers with the rows int8/int4 buy at the budget"
+    )
     args = parser.parse_args(argv)
     if args.render:
         with open(args.out + ".json") as f:
@@ -199,7 +205,9 @@ def main(argv=None):
             (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?"
         )
         for seed in args.seeds:
-            seed_runs, setup = run_seed(seed, lambda line: print(line, flush=True), not args.no_more_rows)
+            seed_runs, setup = run_seed(
+                seed, lambda line: print(line, flush=True), not args.no_more_rows, args.only_more_rows
+            )
             runs += seed_runs
             # Written after every seed: a long run stopped early keeps what it measured.
             meta = dict(
