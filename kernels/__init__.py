@@ -13,7 +13,7 @@ from .bag_forward import bloom_bag_forward
 from .forward import bloom_forward
 from .hashing import bloom_hash
 from .launch import interpreting
-from .optimizer import bloom_rowwise_update
+from .optimizer import bloom_rowwise_update, bloom_segment_step
 from .scores import bloom_row_score_sums, bloom_scores
 from .segment import bloom_row_gradients
 
@@ -25,6 +25,7 @@ __all__ = [
     "bloom_hash",
     "bloom_row_gradients",
     "bloom_rowwise_update",
+    "bloom_segment_step",
     "bloom_scores",
     "bloom_row_score_sums",
     "FUSED_SGD",

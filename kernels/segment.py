@@ -1,6 +1,8 @@
 """Gradients aggregated per touched row, without atomics: sort the
 (row, source) pairs by row, then each program sums a block of rows'
-segments, each in the order of its entries.
+segments, each in the order of its entries.  Programs take the segments
+ordered by length, so that a block's segments are alike and its loop, which
+runs to the longest of them, idles few lanes.
 
 It serves the deterministic backward (bit-identical run to run, as
 ``torch.use_deterministic_algorithms(True)`` asks), the dense gradient of a
@@ -55,6 +57,7 @@ def segment_sums(
 
 @triton.jit
 def _bloom_segment_sum_kernel(
+    ORDER,  # (u,) int64 the segments by length: program p sums ORDER[p * BLOCK_S:(p + 1) * BLOCK_S]
     SEGMENTS,  # (u + 1,) int64: entries SEGMENTS[r]:SEGMENTS[r + 1] belong to unique row r
     SOURCES,  # (m,) int64 row of GRAD each entry adds, sorted by destination row
     SCALES,  # (m,) float scale of each entry, read only when HAS_SCALE
@@ -73,10 +76,11 @@ def _bloom_segment_sum_kernel(
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
     mask_s = offs_s < u
     mask_d = offs_d < dim
-    acc = segment_sums(SEGMENTS, SOURCES, SCALES, GRAD, offs_s, mask_s, offs_d, mask_d, dim, HAS_SCALE, ACC)
-    dest = offs_s
+    segs = tl.load(ORDER + offs_s, mask=mask_s, other=0)
+    acc = segment_sums(SEGMENTS, SOURCES, SCALES, GRAD, segs, mask_s, offs_d, mask_d, dim, HAS_SCALE, ACC)
+    dest = segs
     if DENSE:
-        dest = tl.load(ROWS + offs_s, mask=mask_s, other=0)
+        dest = tl.load(ROWS + segs, mask=mask_s, other=0)
     tl.store(OUT + dest * dim + offs_d, acc.to(OUT.dtype.element_ty), mask=mask_s & mask_d)
 
 
@@ -91,8 +95,9 @@ def segment_config(dim, acc_dtype):
 
 
 def sorted_entries(rows, sources, scales=None, keep=None):
-    """The entries sorted by row: ``(unique_rows, segments, sources, scales)``
-    (``scales`` ``None`` without them), as the segment kernels take them."""
+    """The entries sorted by row: ``(unique_rows, segments, sources, scales,
+    order)`` (``scales`` ``None`` without them; ``order`` the segments by
+    length), as the segment kernels take them."""
     k = rows.shape[1]
     if keep is not None:
         rows, sources = rows[keep], sources[keep]
@@ -107,7 +112,8 @@ def sorted_entries(rows, sources, scales=None, keep=None):
     segments = torch.zeros(unique_rows.numel() + 1, dtype=torch.int64, device=rows.device)
     torch.cumsum(counts, 0, out=segments[1:])
     sorted_scales = flat_scales[order].contiguous() if flat_scales is not None else None
-    return unique_rows, segments, flat_sources[order].contiguous(), sorted_scales
+    by_length = torch.sort(counts, stable=True).indices
+    return unique_rows, segments, flat_sources[order].contiguous(), sorted_scales, by_length
 
 
 def bloom_row_gradients(rows, sources, grad, *, scales=None, keep=None, dense=None):
@@ -133,12 +139,13 @@ def bloom_row_gradients(rows, sources, grad, *, scales=None, keep=None, dense=No
         another in the order of the entries, in float32 (float64).
     """
     dim = grad.shape[1]
-    unique_rows, segments, sorted_sources, sorted_scales = sorted_entries(rows, sources, scales, keep)
+    unique_rows, segments, sorted_sources, sorted_scales, by_length = sorted_entries(rows, sources, scales, keep)
     acc_dtype = accumulation_dtype(grad.dtype)
     u = unique_rows.numel()
     values = dense if dense is not None else torch.empty((u, dim), dtype=acc_dtype, device=grad.device)
     if u and dim:
         args = dict(
+            ORDER=by_length,
             SEGMENTS=segments,
             SOURCES=sorted_sources,
             SCALES=sorted_scales if sorted_scales is not None else segments,

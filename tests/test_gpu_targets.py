@@ -111,7 +111,7 @@ def test_every_specialization_compiles_for_sm80_and_sm90(tmp_path, capsys):
         "_bloom_bag_max_backward_kernel",
         "_bloom_hash_kernel",
         "_bloom_segment_sum_kernel",
-        "_bloom_rowwise_update_kernel",
+        "_bloom_segment_step_kernel",
         "_bloom_scores_kernel",
         "_quantized_forward_kernel",
         "_quantized_bag_kernel",

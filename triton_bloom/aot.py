@@ -62,7 +62,9 @@ def option_grid():
     ``k = 4``.  Each bag mode (and sum with per-sample weights) meets each
     dtype with all variants on, and float32 with them off and at ``k`` 1 and
     24.  Sparse gradients, fused optimizers and the deterministic path run
-    over the dtypes with the variants off and on.  Rows are 16-element
+    over the dtypes with the variants off and on (the fused step of a
+    half-precision table with and without stochastic rounding, and row-wise
+    Adagrad past one tile of columns).  Rows are 16-element
     aligned (what real tables have, and what lets the gathers vectorize),
     once not aligned at all (dim 33), and at each narrower alignment that
     the lookups read as a vector (``ROW_ALIGN``, ``kernels/lookup.py``).
@@ -84,6 +86,14 @@ def option_grid():
             for training in ("sparse", "fused_sgd", "fused_adagrad", "deterministic"):
                 cases.append(dict(op="embedding", training=training, dtype=dtype, k=4, variant=name, **v))
                 cases.append(dict(op="bag", mode="sum", training=training, dtype=dtype, k=4, variant=name, **v))
+    # The fused step rounds half-precision tables stochastically by default:
+    # round-to-nearest too; and row-wise Adagrad past one tile of columns
+    # (kernels/optimizer.py: the row summed twice).
+    for dtype in ("bfloat16", "float16"):
+        for training in ("fused_sgd_nearest", "fused_adagrad_nearest"):
+            cases.append(dict(op="embedding", training=training, dtype=dtype, k=4, variant="plain"))
+    for dtype in ("float32", "bfloat16", "float64"):
+        cases.append(dict(op="embedding", training="fused_adagrad", dtype=dtype, k=4, variant="plain", dim=200))
     for bag in bags:
         cases.append(dict(op="bag", **bag, dtype="float32", k=4, variant="plain"))
         cases.append(dict(op="bag", **bag, dtype="float64", k=max(KS), variant="all", **full))
@@ -287,9 +297,12 @@ def run_case(case):
         if case.get("importance")
         else None,
         sparse=training == "sparse",
-        fused_optimizer={"fused_sgd": optim.FusedSGD(lr=0.1), "fused_adagrad": optim.FusedRowWiseAdagrad(lr=0.1)}.get(
-            training
-        ),
+        fused_optimizer={
+            "fused_sgd": optim.FusedSGD(lr=0.1),
+            "fused_adagrad": optim.FusedRowWiseAdagrad(lr=0.1),
+            "fused_sgd_nearest": optim.FusedSGD(lr=0.1, stochastic_rounding=False),
+            "fused_adagrad_nearest": optim.FusedRowWiseAdagrad(lr=0.1, stochastic_rounding=False),
+        }.get(training),
     )
     padding_idx = int(ids[0]) if case.get("padding") else None
     deterministic = torch.are_deterministic_algorithms_enabled()

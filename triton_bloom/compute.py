@@ -23,6 +23,7 @@ from .reference import (
     bloom_bag_forward_reference,
     bloom_forward_reference,
     bloom_row_gradients_reference,
+    bloom_rowwise_update_reference,
     row_factors,
     with_hot_rows,
 )
@@ -429,3 +430,91 @@ def bag_backward_rows(
         rows, private, entries, ids, weight, importance, lookup=lookup, dense=dense
     )
     return unique_rows, values, grad_psw, grad_importance
+
+
+# The fused optimizer step, from the operations above. -----------------------------
+
+
+def _row_step(rows, entries: Entries, weight, state, rounding, *, training: Training, use_triton: bool) -> None:
+    """One step of ``training.optimizer`` on the rows ``entries`` touch, in
+    place: the kernels sum each row's gradient and update the row in one
+    kernel (``kernels/optimizer.py``); the reference sums, then updates."""
+    step = dict(optimizer=training.optimizer, lr=training.lr, eps=training.eps, state=state, rounding=rounding)
+    if use_triton:
+        dispatch.kernels().bloom_segment_step(
+            weight, rows, entries.sources, entries.grad, scales=entries.scales, keep=entries.keep, **step
+        )
+        return
+    unique_rows, values = bloom_row_gradients_reference(
+        rows, entries.sources, entries.grad, scales=entries.scales, keep=entries.keep
+    )
+    bloom_rowwise_update_reference(weight, unique_rows, values, **step)
+
+
+def _table_step(rows, private, entries: Entries, ids, weight, importance, state, rounding, *, lookup, training):
+    """:func:`_row_step` of ``entries``; returns the importance weights'
+    gradient (or ``None``), taken before the step changes the rows it reads."""
+    factors, signs, imp_rows = lookup.factors(ids, importance, private)
+    grad_importance = None
+    if importance is not None:
+        grad_importance = _importance_gradient(
+            rows, entries, weight, importance, signs=signs, imp_rows=imp_rows, use_triton=lookup.use_triton
+        )
+    _row_step(
+        rows, with_factors(entries, factors), weight, state, rounding, training=training, use_triton=lookup.use_triton
+    )
+    return grad_importance
+
+
+def backward_step(
+    grad_out, ids, weight, importance, hot, state, rounding, *, rows: Optional[torch.Tensor], lookup: Lookup, training
+):
+    """The fused step of ``forward``'s table gradient (``state`` and
+    ``rounding``: the optimizer's, updated in place); returns the importance
+    weights' gradient or ``None``."""
+    rows, private = _hash(ids, weight, hot, rows=rows, lookup=lookup)
+    entries = embedding_entries(ids, grad_out, lookup.padding_idx)
+    return _table_step(
+        rows, private, entries, ids, weight, importance, state, rounding, lookup=lookup, training=training
+    )
+
+
+def bag_backward_step(
+    grad_out,
+    ids,
+    offsets,
+    weight,
+    per_sample_weights,
+    importance,
+    hot,
+    argmax,
+    state,
+    rounding,
+    *,
+    mode: int,
+    psw_grad: bool,
+    lookup: Lookup,
+    training,
+):
+    """The fused step of ``bag_forward``'s table gradient; returns
+    ``(grad_per_sample_weights or None, grad_importance or None)``, both
+    taken before the step."""
+    rows, private = _hash(ids, weight, hot, rows=None, lookup=lookup)
+    grad_psw = None
+    if psw_grad:
+        grad_psw = _per_sample_weights_gradient(
+            grad_out, ids, offsets, weight, importance, hot, rows=rows, lookup=lookup
+        )
+    entries = bag_entries(
+        ids,
+        offsets,
+        grad_out,
+        mode=mode,
+        per_sample_weights=per_sample_weights,
+        padding_idx=lookup.padding_idx,
+        argmax=argmax,
+    )
+    grad_importance = _table_step(
+        rows, private, entries, ids, weight, importance, state, rounding, lookup=lookup, training=training
+    )
+    return grad_psw, grad_importance

@@ -30,10 +30,10 @@ __all__ = ["bloom_embedding", "bloom_embedding_bag", "bag_layout", "check_traini
 
 def training_arguments(sparse: bool, fused_optimizer, weight: torch.Tensor) -> dict:
     """The lookup ops' training options: ``sparse``, or ``fused_optimizer``'s
-    code, ``lr``, ``eps`` and its state for ``weight`` (which the op's
-    backward updates in place)."""
+    code, ``lr``, ``eps``, its state and its stochastic rounding's seed and
+    step for ``weight`` (which the op's backward updates in place)."""
     if fused_optimizer is None:
-        return {"sparse": sparse, "optimizer_state": None}
+        return {"sparse": sparse, "optimizer_state": None, "rounding": None}
     return fused_optimizer.step_arguments(weight)
 
 

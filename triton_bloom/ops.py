@@ -4,23 +4,26 @@ optimizer, bags, the variants, a hash cache)::
 
     bloom_forward, bloom_bag_forward          the lookups; their autograd formulas call
       dense gradient:                         bloom_backward, bloom_bag_backward
-      sparse=True or a fused optimizer:       bloom_backward_rows, bloom_bag_backward_rows
+      sparse=True:                            bloom_backward_rows, bloom_bag_backward_rows
                                               (the touched rows and their summed gradients),
-                                              then a sparse COO gradient built from them, or
-                                              bloom_rowwise_update (the fused step: updates the
-                                              table and the optimizer state in place, and the
+                                              then a sparse COO gradient built from them
+      a fused optimizer:                      bloom_backward_step, bloom_bag_backward_step
+                                              (the fused step: each touched row's gradient
+                                              summed and the row updated in place, with the
+                                              optimizer's state and rounding counter; the
                                               table gets no gradient)
 
 Every op has a fake implementation, so ``torch.compile(fullgraph=True)``
 captures training through them: the touched rows' count is data-dependent
 (an unbacked size while tracing), the sparse gradient is assembled outside
 the ops from dense tensors, and the fused step is a declared mutation of
-forward inputs inside the backward, which AOTAutograd keeps in the graph.
+forward inputs (the table, the optimizer's state, the stochastic rounding's
+seed and step) inside the backward, which AOTAutograd keeps in the graph.
 
 Whether the Triton kernels or the PyTorch reference computes an operation is
 decided in one function per operation, in ``compute.py`` (``forward``,
 ``backward``, ``bag_forward``, ``bag_backward``, ``_hash``,
-``_row_gradients``), and in the op ``bloom_rowwise_update``.  They read
+``_row_gradients``, ``_row_step``), and in the op ``bloom_rowwise_update``.  They read
 ``use_triton``, which the caller (``functional``) decides once per call with
 ``dispatch.use_triton``.  The value checks (ids in range, offsets in order) run inside the forward ops,
 where tensors are real, and so never break a graph.
@@ -29,7 +32,10 @@ Options are keyword-only in every op and helper here.  Tensors are
 positional-or-keyword (custom ops take no keyword-only tensors), passed by
 name where two of them sit side by side, and have no defaults: the
 dispatcher drops arguments equal to their defaults before autograd sees
-them, which would shorten ``ctx.needs_input_grad``.
+them, which would shorten ``ctx.needs_input_grad``.  The one exception is
+the lookups' last input, ``rounding`` (``None`` by default, so callers that
+predate it need not pass it): nothing after it is read from
+``needs_input_grad``.
 
 The kernels are launched directly rather than through ``wrap_triton``: that
 also works under Triton's interpreter, which ``wrap_triton`` rejects.
@@ -62,6 +68,8 @@ __all__ = [
     "bloom_bag_backward",
     "bloom_bag_backward_rows",
     "bloom_rowwise_update",
+    "bloom_backward_step",
+    "bloom_bag_backward_step",
 ]
 
 
@@ -91,6 +99,7 @@ def bloom_forward(
     hot: Optional[torch.Tensor],
     hash_cache: Optional[torch.Tensor],
     optimizer_state: Optional[torch.Tensor],
+    rounding: Optional[torch.Tensor] = None,
     *,
     num_hash_functions: int,
     padding_idx: Optional[int],
@@ -107,9 +116,11 @@ def bloom_forward(
     ``signed`` and its importance weight when ``importance`` is given; the
     sorted ids in ``hot`` read their private rows at the end of ``weight``.
 
-    ``sparse``, ``optimizer``, ``lr``, ``eps`` and ``optimizer_state`` tell
-    the backward what to do with the table's gradient (see ``compute.Training``); the
-    forward does not read them.
+    ``sparse``, ``optimizer``, ``lr``, ``eps``, ``optimizer_state`` and
+    ``rounding`` (the fused optimizer's ``(2,)`` int64 stochastic rounding
+    seed and step, or ``None`` for round-to-nearest) tell the backward what to
+    do with the table's gradient (see ``compute.Training``); the forward does
+    not read them.
     """
     check_id_range(ids, num_embeddings)
     if hash_cache is not None:
@@ -125,7 +136,7 @@ def bloom_forward(
 
 
 @bloom_forward.register_fake
-def _(ids, weight, importance, hot, hash_cache, optimizer_state, **options):
+def _(ids, weight, importance, hot, hash_cache, optimizer_state, rounding=None, **options):
     return weight.new_empty((*ids.shape, weight.shape[1]))
 
 
@@ -203,31 +214,88 @@ def _(grad_out, ids, weight, importance, hot, hash_cache, **options):
     return (*_new_touched_rows(grad_out, weight.shape[1]), grad_importance)
 
 
-@torch.library.custom_op("triton_bloom::bloom_rowwise_update", mutates_args=("weight", "state"))
+@torch.library.custom_op("triton_bloom::bloom_rowwise_update", mutates_args=("weight", "state", "rounding"))
 def bloom_rowwise_update(
     weight: torch.Tensor,
     rows: torch.Tensor,
     values: torch.Tensor,
     state: Optional[torch.Tensor],
+    rounding: Optional[torch.Tensor] = None,
     *,
     optimizer: int,
     lr: float,
     eps: float = 0.0,
     use_triton: bool,
 ) -> None:
-    """The fused optimizer step: ``optimizer`` (``FUSED_SGD`` or
-    ``FUSED_ROWWISE_ADAGRAD``) applied to ``weight``'s ``(u,)`` unique
-    ``rows`` with their ``(u, dim)`` gradients ``values``, in place, and to
-    row-wise Adagrad's ``(num_rows,)`` ``state``."""
+    """An optimizer step from summed gradients: ``optimizer`` (``FUSED_SGD``
+    or ``FUSED_ROWWISE_ADAGRAD``) applied to ``weight``'s ``(u,)`` unique
+    ``rows`` with their ``(u, dim)`` gradients ``values``, in place, to
+    row-wise Adagrad's ``(num_rows,)`` ``state``, and with stochastic
+    rounding's ``(2,)`` seed and step ``rounding`` when given (its step
+    incremented).  The lookups' backward takes ``bloom_backward_step``
+    instead, which never writes the sums."""
+    step = dict(optimizer=optimizer, lr=lr, eps=eps, state=state, rounding=rounding)
     if use_triton:
-        dispatch.kernels().bloom_rowwise_update(weight, rows, values, optimizer=optimizer, lr=lr, eps=eps, state=state)
+        dispatch.kernels().bloom_rowwise_update(weight, rows, values, **step)
     else:
-        bloom_rowwise_update_reference(weight, rows, values, optimizer=optimizer, lr=lr, eps=eps, state=state)
+        bloom_rowwise_update_reference(weight, rows, values, **step)
 
 
 @bloom_rowwise_update.register_fake
-def _(weight, rows, values, state, **options):
+def _(weight, rows, values, state, rounding=None, **options):
     return None
+
+
+@torch.library.custom_op("triton_bloom::bloom_backward_step", mutates_args=("weight", "state", "rounding"))
+def bloom_backward_step(
+    grad_out: torch.Tensor,
+    ids: torch.Tensor,
+    weight: torch.Tensor,
+    importance: Optional[torch.Tensor],
+    hot: Optional[torch.Tensor],
+    hash_cache: Optional[torch.Tensor],
+    state: Optional[torch.Tensor],
+    rounding: Optional[torch.Tensor],
+    *,
+    num_hash_functions: int,
+    padding_idx: Optional[int],
+    num_embeddings: Optional[int],
+    signed: bool,
+    use_triton: bool,
+    optimizer: int,
+    lr: float,
+    eps: float,
+) -> torch.Tensor:
+    """The fused optimizer step of ``bloom_forward``'s table gradient:
+    ``weight``'s touched rows (and ``state``, ``rounding``) updated in place.
+    Returns the importance weights' dense gradient, read before the step
+    (empty without them)."""
+    lookup = compute.Lookup(
+        num_hash_functions=num_hash_functions,
+        padding_idx=padding_idx,
+        num_embeddings=num_embeddings,
+        signed=signed,
+        use_triton=use_triton,
+    )
+    training = compute.Training(optimizer=optimizer, lr=lr, eps=eps)
+    grad_importance = compute.backward_step(
+        grad_out,
+        ids,
+        weight,
+        importance,
+        hot,
+        state,
+        rounding,
+        rows=compute.cached_rows(ids, hash_cache),
+        lookup=lookup,
+        training=training,
+    )
+    return _or_empty(grad_importance, weight)
+
+
+@bloom_backward_step.register_fake
+def _(grad_out, ids, weight, importance, hot, hash_cache, state, rounding, **options):
+    return torch.empty_like(importance) if importance is not None else weight.new_empty((0,))
 
 
 @torch.library.custom_op("triton_bloom::bloom_bag_forward", mutates_args=())
@@ -239,6 +307,7 @@ def bloom_bag_forward(
     importance: Optional[torch.Tensor],
     hot: Optional[torch.Tensor],
     optimizer_state: Optional[torch.Tensor],
+    rounding: Optional[torch.Tensor] = None,
     *,
     mode: int,
     num_hash_functions: int,
@@ -268,7 +337,7 @@ def bloom_bag_forward(
 
 
 @bloom_bag_forward.register_fake
-def _(ids, offsets, weight, per_sample_weights, importance, hot, optimizer_state, *, mode, **options):
+def _(ids, offsets, weight, per_sample_weights, importance, hot, optimizer_state, rounding=None, *, mode, **options):
     num_bags = offsets.shape[0] - 1
     out = weight.new_empty((num_bags, weight.shape[1]))
     argmax_shape = (num_bags, weight.shape[1]) if mode == MODE_MAX else (0,)
@@ -388,10 +457,71 @@ def _(grad_out, ids, offsets, weight, per_sample_weights, importance, hot, argma
     return (*_new_touched_rows(grad_out, weight.shape[1]), *extras)
 
 
+@torch.library.custom_op("triton_bloom::bloom_bag_backward_step", mutates_args=("weight", "state", "rounding"))
+def bloom_bag_backward_step(
+    grad_out: torch.Tensor,
+    ids: torch.Tensor,
+    offsets: torch.Tensor,
+    weight: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor],
+    importance: Optional[torch.Tensor],
+    hot: Optional[torch.Tensor],
+    argmax: torch.Tensor,
+    state: Optional[torch.Tensor],
+    rounding: Optional[torch.Tensor],
+    *,
+    bag_mode: int,
+    psw_grad: bool,
+    num_hash_functions: int,
+    padding_idx: Optional[int],
+    num_embeddings: Optional[int],
+    signed: bool,
+    use_triton: bool,
+    optimizer: int,
+    lr: float,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused optimizer step of ``bloom_bag_forward``'s table gradient, in
+    place; returns ``bloom_bag_backward``'s per-sample weights' and importance
+    weights' gradients, read before the step.  (``bag_mode`` is the other
+    ops' ``mode``: a mutating op's functionalization takes ``mode`` itself.)"""
+    lookup = compute.Lookup(
+        num_hash_functions=num_hash_functions,
+        padding_idx=padding_idx,
+        num_embeddings=num_embeddings,
+        signed=signed,
+        use_triton=use_triton,
+    )
+    grad_psw, grad_importance = compute.bag_backward_step(
+        grad_out,
+        ids,
+        offsets,
+        weight,
+        per_sample_weights,
+        importance,
+        hot,
+        argmax,
+        state,
+        rounding,
+        mode=bag_mode,
+        psw_grad=psw_grad,
+        lookup=lookup,
+        training=compute.Training(optimizer=optimizer, lr=lr, eps=eps),
+    )
+    return _psw_gradient_out(grad_psw, per_sample_weights, weight), _or_empty(grad_importance, weight)
+
+
+@bloom_bag_backward_step.register_fake
+def _(
+    grad_out, ids, offsets, weight, per_sample_weights, importance, hot, argmax, state, rounding, *, psw_grad, **options
+):
+    return _bag_backward_fake_extras(ids, weight, per_sample_weights, importance, psw_grad)
+
+
 # Autograd. -----------------------------------------------------------------------
 
 
-def _save_training(ctx, options: dict, weight: torch.Tensor, optimizer_state: Optional[torch.Tensor]):
+def _save_training(ctx, options: dict, weight: torch.Tensor, optimizer_state, rounding):
     """Keep the forward's options on ``ctx``; returns the table to save for
     backward (``None`` when a fused step will change it)."""
     ctx.lookup = {name: options[name] for name in compute.LOOKUP_OPTIONS}
@@ -402,27 +532,19 @@ def _save_training(ctx, options: dict, weight: torch.Tensor, optimizer_state: Op
     # The fused step changes the table and the state in place: they are kept
     # outside save_for_backward, whose version check would refuse a second
     # lookup of the same table after the first one's step.
-    ctx.stepped = (weight, optimizer_state)
+    ctx.stepped = (weight, optimizer_state, rounding)
     return None
 
 
-def _table_gradient(ctx, rows: torch.Tensor, values: torch.Tensor) -> Optional[torch.Tensor]:
-    """The table's gradient from its touched rows: a sparse COO tensor, or
-    ``None`` after the fused step."""
+def _step_options(ctx) -> dict:
+    """The step ops' tensors and options besides the lookup's."""
     training = ctx.training
-    if training.optimizer is not None:
-        weight, state = ctx.stepped
-        bloom_rowwise_update(
-            weight,
-            rows,
-            values,
-            state,
-            optimizer=training.optimizer,
-            lr=training.lr,
-            eps=training.eps,
-            use_triton=ctx.lookup["use_triton"],
-        )
-        return None
+    _, state, rounding = ctx.stepped
+    return dict(state=state, rounding=rounding, optimizer=training.optimizer, lr=training.lr, eps=training.eps)
+
+
+def _table_gradient(ctx, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The table's sparse COO gradient from its touched rows."""
     weight_shape, weight_dtype = ctx.table_meta
     # Sorted, unique rows: coalesced by construction.
     return torch.sparse_coo_tensor(
@@ -431,8 +553,8 @@ def _table_gradient(ctx, rows: torch.Tensor, values: torch.Tensor) -> Optional[t
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
-    ids, weight, importance, hot, hash_cache, optimizer_state = inputs
-    saved_weight = _save_training(ctx, keyword_only_inputs, weight, optimizer_state)
+    ids, weight, importance, hot, hash_cache, optimizer_state, rounding = inputs
+    saved_weight = _save_training(ctx, keyword_only_inputs, weight, optimizer_state, rounding)
     ctx.table_meta = (weight.shape, weight.dtype)
     ctx.save_for_backward(ids, saved_weight, importance, hot, hash_cache)
 
@@ -445,7 +567,9 @@ def _backward_formula(ctx, grad_out):
         if ctx.stepped is not None:
             weight = ctx.stepped[0]
         tensors = dict(grad_out=grad_out, ids=ids, weight=weight, importance=importance, hot=hot, hash_cache=hash_cache)
-        if ctx.training.per_row:
+        if ctx.training.optimizer is not None and needs_weight:
+            grad_importance = bloom_backward_step(**tensors, **_step_options(ctx), **ctx.lookup)
+        elif ctx.training.per_row:
             rows, values, grad_importance = bloom_backward_rows(**tensors, **ctx.lookup)
             if needs_weight:
                 grad_weight = _table_gradient(ctx, rows, values)
@@ -458,6 +582,7 @@ def _backward_formula(ctx, grad_out):
         None,
         None,
         None,
+        None,
     )
 
 
@@ -465,9 +590,9 @@ bloom_forward.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 def _bag_setup_context(ctx, inputs, keyword_only_inputs, output):
-    ids, offsets, weight, per_sample_weights, importance, hot, optimizer_state = inputs
+    ids, offsets, weight, per_sample_weights, importance, hot, optimizer_state, rounding = inputs
     _, argmax = output
-    saved_weight = _save_training(ctx, keyword_only_inputs, weight, optimizer_state)
+    saved_weight = _save_training(ctx, keyword_only_inputs, weight, optimizer_state, rounding)
     ctx.table_meta = (weight.shape, weight.dtype)
     ctx.mode = keyword_only_inputs["mode"]
     ctx.save_for_backward(ids, offsets, saved_weight, per_sample_weights, importance, hot, argmax)
@@ -492,9 +617,12 @@ def _bag_backward_formula(ctx, grad_out, _grad_argmax):
             argmax=argmax,
         )
         options = dict(mode=ctx.mode, psw_grad=psw_grad, **ctx.lookup)
-        if ctx.training.per_row:
-            # The step comes after this op: the per-sample weights' and
-            # importance weights' gradients read the rows before it.
+        if ctx.training.optimizer is not None and needs_weight:
+            # The step op reads the per-sample weights' and importance
+            # weights' gradients off the rows before it changes them.
+            step_options = dict(bag_mode=ctx.mode, psw_grad=psw_grad, **ctx.lookup, **_step_options(ctx))
+            grad_psw, grad_importance = bloom_bag_backward_step(**tensors, **step_options)
+        elif ctx.training.per_row:
             rows, values, grad_psw, grad_importance = bloom_bag_backward_rows(**tensors, **options)
             if needs_weight:
                 grad_weight = _table_gradient(ctx, rows, values)
@@ -506,6 +634,7 @@ def _bag_backward_formula(ctx, grad_out, _grad_argmax):
         grad_weight if needs_weight else None,
         grad_psw if psw_grad else None,
         grad_importance if needs_importance else None,
+        None,
         None,
         None,
     )

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from . import native
 from .constants import FUSED_ROWWISE_ADAGRAD, FUSED_SGD, MODE_MAX, MODE_MEAN, MODE_SUM, accumulation_dtype
 from .hashing import bloom_signs, importance_rows
+from .rounding import ROUNDED_DTYPES, base_key, random_bits, stochastic_round
 
 __all__ = [
     "bloom_forward_reference",
@@ -409,6 +410,7 @@ def bloom_rowwise_update_reference(
     lr: float,
     eps: float = 0.0,
     state: Optional[torch.Tensor] = None,
+    rounding: Optional[torch.Tensor] = None,
 ) -> None:
     """One fused optimizer step on ``weight``'s ``rows``, in place: the twin
     of ``kernels.bloom_rowwise_update``.
@@ -423,6 +425,9 @@ def bloom_rowwise_update_reference(
         lr (float), eps (float): the optimizer's.
         state (Tensor, optional): row-wise Adagrad's ``(num_rows,)`` float32
             accumulator, updated in place.
+        rounding (Tensor, optional): ``(2,)`` int64 seed and step: a
+            bfloat16 or float16 table is rounded stochastically
+            (``rounding.py``, the kernels' bits) and the step incremented.
     """
     rows_before = weight.index_select(0, rows).to(values.dtype)
     if optimizer == FUSED_SGD:
@@ -433,4 +438,11 @@ def bloom_rowwise_update_reference(
         updated = rows_before - step.to(values.dtype).unsqueeze(1) * values
     else:
         raise ValueError(f"unknown fused optimizer code {optimizer!r}")
+    if rounding is None:
+        weight.index_copy_(0, rows, updated.to(weight.dtype))
+        return
+    if weight.dtype in ROUNDED_DTYPES:
+        seed, step = rounding.tolist()
+        updated = stochastic_round(updated, random_bits(base_key(seed, step), rows, weight.shape[1]), weight.dtype)
     weight.index_copy_(0, rows, updated.to(weight.dtype))
+    rounding[1] += 1
