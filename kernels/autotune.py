@@ -35,6 +35,8 @@ import warnings
 import torch
 import triton
 
+from ..constants import MODE_MAX
+
 # The search space of the lookups: tiles (BLOCK_N, BLOCK_D, warps) of 8 to
 # 32 elements a thread, at row-block widths from 32 to 256.  Each kernel
 # takes the tiles up to its own limit (Tuning.max_per_thread), set with the
@@ -53,12 +55,39 @@ TILES = (
     (32, 128, 4),
     (32, 256, 8),
 )
-# The bag kernels keep a loop's state beside the tile. Of the ten tilings of
-# 8 elements a thread or fewer tried, only this one compiled without spills
-# for every bag kernel and dtype on both targets under both Triton versions
-# (Triton 3.6's ptxas spills some tilings even at 40 registers): the bags are
-# not tuned until a GPU shows which of the others are worth a fix.
-BAG_TILES = ((32, 64, 8),)
+# The bag kernels hash a one-dimensional block of (id, hash function) pairs
+# (or of ids) and broadcast the rows to the tile: that block has at least
+# one element a thread (BLOCK_N >= 32 * num_warps), or Triton moves the
+# hashing into the tile's layout, where every thread holding one of an id's
+# columns hashes it again.  One warp a program: with all variants on at
+# k = 24, the two-warp tilings (64 pairs) spilled on sm_80 and sm_90 under
+# Triton 3.9, the one-warp ones did not.  The pairs make a block's idle
+# rows depend on the bag length times k, not on the bag length alone.
+BAG_TILES = (
+    (32, 64, 1),
+    (32, 32, 1),
+)
+
+
+def bag_bucket(n, num_bags):
+    """The bag kernels' tuning key for ``n`` ids in ``num_bags`` bags: the
+    mean bag length rounded up to a power of two, at most 64."""
+    return min(64, triton.next_power_of_2(max(1, -(-n // max(num_bags, 1)))))
+
+
+def bag_order(configs, args):
+    """The bag tilings in the order the autotuner tries them: fewest idle
+    rows over a bag of ``bag_bucket`` ids (``K`` rows an id; one for the
+    max-pooled forward when ``K`` is not a power of two), then the wider row
+    block, then fewer warps."""
+    k = args["K"]
+    rows = args["bag_bucket"] * (1 if args.get("MODE") == MODE_MAX and k & (k - 1) else k)
+
+    def idle(config):
+        block = config.kwargs["BLOCK_N"]
+        return -(-rows // block) * block - rows
+
+    return sorted(configs, key=lambda c: (idle(c), -c.kwargs["BLOCK_D"], c.num_warps))
 
 
 def _per_thread(config):
@@ -79,23 +108,24 @@ def _fits_registers(configs, args, max_per_thread):
     return [c for c in configs if _per_thread(c) <= limit]
 
 
-def _pruner(max_per_thread):
+def _pruner(max_per_thread, order=None):
     def prune(configs, named_args, **kwargs):
         # Triton hands the positional arguments and the keyword ones apart;
         # the launchers pass everything by keyword.
         args = {**named_args, **kwargs}
-        return _prune(configs, args, max_per_thread)
+        return _prune(configs, args, max_per_thread, order)
 
     return prune
 
 
-def _prune(configs, args, max_per_thread):
+def _prune(configs, args, max_per_thread, order=None):
     kept = _fits_registers(configs, args, max_per_thread)
     # A BLOCK_D wider than the row only masks lanes off: keep the narrowest
     # width that covers the row, and every narrower one.
     cover = max(32, triton.next_power_of_2(args["dim"]))
     narrow = [c for c in kept if c.kwargs["BLOCK_D"] <= cover]
-    return narrow or [c for c in kept if c.kwargs["BLOCK_D"] == min(k.kwargs["BLOCK_D"] for k in kept)]
+    kept = narrow or [c for c in kept if c.kwargs["BLOCK_D"] == min(k.kwargs["BLOCK_D"] for k in kept)]
+    return order(kept, args) if order is not None else kept
 
 
 def search_space(args, tuning):
@@ -112,7 +142,7 @@ def candidates(args, tuning):
     """The configurations the autotuner tries for a launch on ``args``, in
     its order, as :func:`search_space`'s dicts: the search space pruned as
     the autotuner prunes it (registers, then the row's width)."""
-    return [_config_dict(c) for c in _prune(_gather_configs(tuning.tiles), args, tuning.max_per_thread)]
+    return [_config_dict(c) for c in _prune(_gather_configs(tuning.tiles), args, tuning.max_per_thread, tuning.order)]
 
 
 # The autotuner keys on these arguments (and, by itself, on the dtype of every
@@ -133,12 +163,15 @@ class Tuning:
         tiles (tuple): the ``(BLOCK_N, BLOCK_D, num_warps)`` tilings to try.
         max_per_thread (tuple of int): the most tile elements a thread may
             hold with float32 accumulators and with float64 ones.
+        order (callable, optional): ``order(configs, args)`` puts the
+            pruned configurations in the order the autotuner tries them.
     """
 
     reset_to_zero: tuple = ()
     key: tuple = TUNING_KEY
     tiles: tuple = TILES
     max_per_thread: tuple = (16, 8)
+    order: object = None
 
 
 def tuned(kernel, tuning):
@@ -152,7 +185,7 @@ def _tuned(kernel, tuning):
     return triton.autotune(
         configs=_gather_configs(tuning.tiles),
         key=list(tuning.key),
-        prune_configs_by={"early_config_prune": _pruner(tuning.max_per_thread)},
+        prune_configs_by={"early_config_prune": _pruner(tuning.max_per_thread, tuning.order)},
         reset_to_zero=list(tuning.reset_to_zero) or None,
     )(kernel)
 

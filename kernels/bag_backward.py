@@ -9,8 +9,9 @@ import triton
 import triton.language as tl
 
 from .. import constants
-from .autotune import TUNING_KEY
+from .autotune import TUNING_KEY, Tuning, bag_bucket
 from .bag_forward import BAG_TUNING, MODE_MEAN
+from .hashing import bloom_rows
 from .launch import launch
 from .lookup import (
     aligned,
@@ -21,10 +22,17 @@ from .lookup import (
     padding_args,
     row_contiguous,
     scatter_sum,
+    variant_factor,
+)
+
+# The max-pooled backward's tile is bags by columns, each column with an id
+# of its own: its one tiling, which compiled without spills everywhere.
+MAX_BACKWARD_TUNING = Tuning(
+    key=TUNING_KEY, tiles=((32, 64, 8),), max_per_thread=(8, 8), reset_to_zero=("GRAD_W", "GRAD_IMPORTANCE")
 )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["bag_bucket"])
 def _bloom_bag_backward_kernel(
     IDS,  # (n,) int32/int64 ids of all bags
     OFFSETS,  # (B + 1,) int64 bag starts, then n
@@ -43,6 +51,7 @@ def _bloom_bag_backward_kernel(
     importance_rows,  # rows of IMPORTANCE
     hot_count,  # ids in HOT
     padding_idx,  # id left out of the pooling (ignored unless HAS_PADDING)
+    bag_bucket,  # the tuning key's bag length (never read)
     K: tl.constexpr,
     MODE: tl.constexpr,  # MODE_SUM or MODE_MEAN
     HAS_PSW: tl.constexpr,
@@ -60,65 +69,84 @@ def _bloom_bag_backward_kernel(
     dim = aligned(dim, ROW_ALIGN)
     stride_w = aligned(stride_w, ROW_ALIGN)
     bag = tl.program_id(0).to(tl.int64)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < dim
     start = tl.load(OFFSETS + bag)
     end = tl.load(OFFSETS + bag + 1)
-    grad = tl.load(GRAD_OUT + bag * dim + offs_d, mask=mask_d, other=0.0).to(GRAD_W.dtype.element_ty)
+    acc_dtype = GRAD_W.dtype.element_ty
+    grad = tl.load(GRAD_OUT + bag * dim + offs_d, mask=mask_d, other=0.0).to(acc_dtype)
+    lanes = tl.arange(0, BLOCK_N)
 
     if MODE == MODE_MEAN:
         # The mean divides by the bag's live ids: count them first (ids only).
-        live_count = tl.zeros((BLOCK_N, 1), dtype=tl.float32)
+        live_count = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for first in range(start, end, BLOCK_N):
-            offs_n = first + tl.arange(0, BLOCK_N)[:, None]
+            offs_n = first + lanes
             _, live = load_ids(IDS, offs_n, offs_n < end, padding_idx, HAS_PADDING)
             live_count += live.to(tl.float32)
-        grad = grad / tl.maximum(tl.sum(live_count), 1.0).to(grad.dtype)
+        grad = grad / tl.maximum(tl.sum(live_count), 1.0).to(acc_dtype)
 
-    for first in range(start, end, BLOCK_N):
-        offs_n = first + tl.arange(0, BLOCK_N)[:, None]
-        ids, live = load_ids(IDS, offs_n, offs_n < end, padding_idx, HAS_PADDING)
-        mask = live & mask_d
-        contrib = tl.broadcast_to(grad, (BLOCK_N, BLOCK_D))
-        if HAS_PSW:
-            contrib = contrib * tl.load(PSW + offs_n, mask=live, other=0.0).to(grad.dtype)
+    # As in the forward, the rows of the tile are (id, hash function) pairs,
+    # K per id in order, each hashed by one thread.
+    for first in range(start * K, end * K, BLOCK_N):
+        pair = first + lanes
+        offs_n = pair // K
+        j = (pair % K).to(tl.int32)
+        ids, live = load_ids(IDS, offs_n, pair < end * K, padding_idx, HAS_PADDING)
         mixed_lo, mixed_hi, imp_rows, hot = id_hashes(
             ids, SEEDS, importance_rows, HOT, hot_count, HOT_STEPS, HAS_IMPORTANCE, HAS_HOT, WIDE_IDS
         )
-        vectors = scatter_sum(
-            contrib,
-            ids,
-            live,
-            mixed_lo,
-            mixed_hi,
-            imp_rows,
-            hot,
-            IDS,
-            offs_n,
-            SEEDS,
-            W,
-            IMPORTANCE,
-            GRAD_W,
-            GRAD_IMPORTANCE,
-            offs_d,
-            mask,
-            dim,
-            num_rows,
-            stride_w,
-            K,
-            False,
-            SIGNED,
-            HAS_IMPORTANCE,
-            HAS_HOT,
-            WIDE_IDS,
-            False,
-            PSW_GRAD,
-        )
-        if PSW_GRAD:
-            # d out[bag] / d psw[i] = the id's vector: dot it with the gradient,
-            # one partial sum per column block.
-            partial = tl.sum(vectors * grad, axis=1, keep_dims=True)
-            tl.atomic_add(GRAD_PSW + offs_n, partial, mask=live, sem="relaxed")
+        rows = bloom_rows(ids, mixed_lo, mixed_hi, tl.load(SEEDS + j, mask=live, other=0), num_rows, WIDE_IDS)
+        row_live = live
+        if HAS_HOT:
+            # A hot id writes its private row once, as its first pair.
+            rows = tl.where(hot >= 0, num_rows + hot.to(tl.int64), rows)
+            row_live = live & ((j == 0) | (hot < 0))
+        mask = row_live[:, None] & mask_d[None, :]
+        # d out / d W[row] = psw * sign * importance times the bag's gradient.
+        psw = tl.full((BLOCK_N,), 1.0, acc_dtype)
+        if HAS_PSW:
+            psw = tl.load(PSW + offs_n, mask=live, other=0.0).to(acc_dtype)
+        variant = tl.full((BLOCK_N,), 1.0, acc_dtype)
+        sign = variant
+        if SIGNED or HAS_IMPORTANCE:
+            sign_f32, variant_w = variant_factor(
+                ids,
+                mixed_lo,
+                mixed_hi,
+                hot,
+                SEEDS,
+                IMPORTANCE,
+                imp_rows,
+                live,
+                j,
+                K,
+                SIGNED,
+                HAS_IMPORTANCE,
+                HAS_HOT,
+                WIDE_IDS,
+            )
+            variant = variant_w.to(acc_dtype)
+            sign = sign_f32.to(acc_dtype)
+        if HAS_PSW or SIGNED or HAS_IMPORTANCE:
+            contrib = grad[None, :] * (psw * variant)[:, None]
+        else:
+            contrib = tl.broadcast_to(grad[None, :], (BLOCK_N, BLOCK_D))
+        # Relaxed: the adds commute, and nothing reads GRAD_W until the kernel ends.
+        tl.atomic_add(GRAD_W + (rows * dim)[:, None] + offs_d[None, :], contrib, mask=mask, sem="relaxed")
+        if PSW_GRAD or HAS_IMPORTANCE:
+            vals = tl.load(W + (rows * stride_w)[:, None] + offs_d[None, :], mask=mask, other=0.0).to(acc_dtype)
+            # <W[row], grad> on this block of columns, one partial sum per pair.
+            dot = tl.sum(vals * grad[None, :], axis=1)
+            if PSW_GRAD:
+                # d out[bag] / d psw[i] = sum_j variant_j <W[row_j], grad>.
+                tl.atomic_add(GRAD_PSW + offs_n, dot * variant, mask=live, sem="relaxed")
+            if HAS_IMPORTANCE:
+                # d out / d importance[r, j] = sign * psw * <W[row_j], grad>.
+                imp_live = live
+                if HAS_HOT:
+                    imp_live = live & (hot < 0)
+                tl.atomic_add(GRAD_IMPORTANCE + imp_rows * K + j, dot * psw * sign, mask=imp_live, sem="relaxed")
 
 
 @triton.jit
@@ -266,7 +294,7 @@ def bloom_bag_backward(
                 grid,
                 args,
                 weight.device,
-                tuning=dataclasses.replace(BAG_TUNING, key=TUNING_KEY, reset_to_zero=("GRAD_W", "GRAD_IMPORTANCE")),
+                tuning=MAX_BACKWARD_TUNING,
             )
         else:
             args = dict(
@@ -277,6 +305,7 @@ def bloom_bag_backward(
                 MODE=mode,
                 HAS_PSW=per_sample_weights is not None,
                 PSW_GRAD=psw_grad,
+                bag_bucket=bag_bucket(n, num_bags),
                 **common,
                 **padding_args(padding_idx),
             )

@@ -6,28 +6,31 @@ import triton
 import triton.language as tl
 
 from .. import constants
-from .autotune import BAG_TILES, TUNING_KEY, Tuning
+from .autotune import BAG_TILES, TUNING_KEY, Tuning, bag_bucket, bag_order
+from .hashing import bloom_rows
 from .launch import launch
 from .lookup import (
     accumulator,
     aligned,
     alignment_args,
-    gather_sum,
     hashing_args,
     id_hashes,
     load_ids,
     padding_args,
     row_contiguous,
+    row_index,
+    variant_factor,
 )
 
 # The pooling codes of triton_bloom/constants.py, as the kernels read them.
 MODE_MEAN = tl.constexpr(constants.MODE_MEAN)
 MODE_MAX = tl.constexpr(constants.MODE_MAX)
-# Each pooling mode is a different kernel: tune them apart.
-BAG_TUNING = Tuning(key=TUNING_KEY + ("MODE",), tiles=BAG_TILES, max_per_thread=(8, 8))
+# Each pooling mode is a different kernel, and the bag length decides the
+# tiling: tune them apart.
+BAG_TUNING = Tuning(key=TUNING_KEY + ("MODE", "bag_bucket"), tiles=BAG_TILES, max_per_thread=(64, 32), order=bag_order)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["bag_bucket"])
 def _bloom_bag_forward_kernel(
     IDS,  # (n,) int32/int64 ids of all bags, bag after bag
     OFFSETS,  # (B + 1,) int64: bag b is IDS[OFFSETS[b]:OFFSETS[b + 1]]
@@ -44,6 +47,7 @@ def _bloom_bag_forward_kernel(
     importance_rows,  # rows of IMPORTANCE
     hot_count,  # ids in HOT
     padding_idx,  # id left out of the pooling (ignored unless HAS_PADDING)
+    bag_bucket,  # the tuning key's bag length (never read)
     K: tl.constexpr,
     MODE: tl.constexpr,  # MODE_SUM, MODE_MEAN or MODE_MAX
     HAS_PSW: tl.constexpr,
@@ -66,42 +70,337 @@ def _bloom_bag_forward_kernel(
     start = tl.load(OFFSETS + bag)
     end = tl.load(OFFSETS + bag + 1)
 
-    acc = tl.zeros((BLOCK_D,), dtype=ACC)
-    best = tl.full((BLOCK_D,), float("-inf"), dtype=ACC)
-    best_pos = tl.full((BLOCK_D,), -1, dtype=tl.int64)
-    live_count = tl.zeros((BLOCK_N, 1), dtype=tl.float32)
-    for first in range(start, end, BLOCK_N):
-        offs_n = first + tl.arange(0, BLOCK_N)[:, None]
-        ids, live = load_ids(IDS, offs_n, offs_n < end, padding_idx, HAS_PADDING)
-        mixed_lo, mixed_hi, imp_rows, hot = id_hashes(
-            ids, SEEDS, importance_rows, HOT, hot_count, HOT_STEPS, HAS_IMPORTANCE, HAS_HOT, WIDE_IDS
-        )
-        vectors = gather_sum(
-            ids,
-            live,
-            mixed_lo,
-            mixed_hi,
-            imp_rows,
-            hot,
+    if MODE == MODE_MAX:
+        out = _max_pool(
             IDS,
-            offs_n,
             SEEDS,
             W,
             IMPORTANCE,
-            offs_d[None, :],
-            live & mask_d[None, :],
+            HOT,
+            ARGMAX,
+            bag,
+            start,
+            end,
+            offs_d,
+            mask_d,
+            dim,
             num_rows,
             stride_w,
+            importance_rows,
+            hot_count,
+            padding_idx,
             K,
-            False,
+            HAS_PADDING,
+            SIGNED,
+            HAS_IMPORTANCE,
+            HAS_HOT,
+            HOT_STEPS,
+            WIDE_IDS,
+            ACC,
+            BLOCK_N,
+            BLOCK_D,
+        )
+    else:
+        out = _sum_pool(
+            IDS,
+            PSW,
+            SEEDS,
+            W,
+            IMPORTANCE,
+            HOT,
+            start,
+            end,
+            offs_d,
+            mask_d,
+            num_rows,
+            stride_w,
+            importance_rows,
+            hot_count,
+            padding_idx,
+            K,
+            MODE,
+            HAS_PSW,
+            HAS_PADDING,
+            SIGNED,
+            HAS_IMPORTANCE,
+            HAS_HOT,
+            HOT_STEPS,
+            WIDE_IDS,
+            ACC,
+            BLOCK_N,
+            BLOCK_D,
+        )
+    tl.store(OUT + bag * dim + offs_d, out.to(OUT.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def _pair_block(
+    offs_n,
+    j,
+    in_bag,
+    IDS,
+    SEEDS,
+    W,
+    IMPORTANCE,
+    HOT,
+    offs_d,
+    mask_d,
+    num_rows,
+    stride_w,
+    importance_rows,
+    hot_count,
+    padding_idx,
+    K: tl.constexpr,
+    HAS_PADDING: tl.constexpr,
+    SIGNED: tl.constexpr,
+    HAS_IMPORTANCE: tl.constexpr,
+    HAS_HOT: tl.constexpr,
+    HOT_STEPS: tl.constexpr,
+    WIDE_IDS: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """The rows of the (id, hash function) pairs ``(offs_n, j)`` (positions
+    in ``IDS``, int32 hash functions) on the columns ``offs_d``, each times
+    its sign and importance weight, zero where ``in_bag`` is off or the id is
+    padding; and which pairs are live.  Each pair is hashed by one thread."""
+    ids, live = load_ids(IDS, offs_n, in_bag, padding_idx, HAS_PADDING)
+    mixed_lo, mixed_hi, imp_rows, hot = id_hashes(
+        ids, SEEDS, importance_rows, HOT, hot_count, HOT_STEPS, HAS_IMPORTANCE, HAS_HOT, WIDE_IDS
+    )
+    rows = bloom_rows(ids, mixed_lo, mixed_hi, tl.load(SEEDS + j, mask=live, other=0), num_rows, WIDE_IDS)
+    row_live = live
+    if HAS_HOT:
+        # A hot id reads its private row once, as its first pair.
+        rows = tl.where(hot >= 0, num_rows + hot.to(tl.int64), rows)
+        row_live = live & ((j == 0) | (hot < 0))
+    vals = tl.load(
+        W + (rows * stride_w)[:, None] + offs_d[None, :], mask=row_live[:, None] & mask_d[None, :], other=0.0
+    ).to(ACC)
+    if SIGNED or HAS_IMPORTANCE:
+        _, variant = variant_factor(
+            ids,
+            mixed_lo,
+            mixed_hi,
+            hot,
+            SEEDS,
+            IMPORTANCE,
+            imp_rows,
+            live,
+            j,
+            K,
             SIGNED,
             HAS_IMPORTANCE,
             HAS_HOT,
             WIDE_IDS,
+        )
+        vals = vals * variant.to(ACC)[:, None]
+    return vals, live
+
+
+@triton.jit
+def _sum_pool(
+    IDS,
+    PSW,
+    SEEDS,
+    W,
+    IMPORTANCE,
+    HOT,
+    start,
+    end,
+    offs_d,
+    mask_d,
+    num_rows,
+    stride_w,
+    importance_rows,
+    hot_count,
+    padding_idx,
+    K: tl.constexpr,
+    MODE: tl.constexpr,
+    HAS_PSW: tl.constexpr,
+    HAS_PADDING: tl.constexpr,
+    SIGNED: tl.constexpr,
+    HAS_IMPORTANCE: tl.constexpr,
+    HAS_HOT: tl.constexpr,
+    HOT_STEPS: tl.constexpr,
+    WIDE_IDS: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """The bag's sum (or mean) on the columns ``offs_d``.
+
+    The rows of the tile are (id, hash function) pairs, ``K`` per id in
+    order: each thread hashes one pair, a bag of 20 ids at ``K = 4`` fills 80
+    of 96 rows, and every row is one load of the table."""
+    acc = tl.zeros((BLOCK_D,), dtype=ACC)
+    live_count = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    lanes = tl.arange(0, BLOCK_N)
+    for first in range(start * K, end * K, BLOCK_N):
+        pair = first + lanes
+        offs_n = pair // K
+        j = (pair % K).to(tl.int32)
+        vals, live = _pair_block(
+            offs_n,
+            j,
+            pair < end * K,
+            IDS,
+            SEEDS,
+            W,
+            IMPORTANCE,
+            HOT,
+            offs_d,
+            mask_d,
+            num_rows,
+            stride_w,
+            importance_rows,
+            hot_count,
+            padding_idx,
+            K,
+            HAS_PADDING,
+            SIGNED,
+            HAS_IMPORTANCE,
+            HAS_HOT,
+            HOT_STEPS,
+            WIDE_IDS,
             ACC,
         )
-        if MODE == MODE_MAX:
-            vectors = tl.where(live, vectors, float("-inf"))
+        if HAS_PSW:
+            vals = vals * tl.load(PSW + offs_n, mask=live, other=0.0).to(ACC)[:, None]
+        acc += tl.sum(vals, axis=0)
+        if MODE == MODE_MEAN:
+            live_count += (live & (j == 0)).to(tl.float32)
+    if MODE == MODE_MEAN:
+        acc = acc / tl.maximum(tl.sum(live_count), 1.0).to(ACC)
+    return acc
+
+
+@triton.jit
+def _max_pool(
+    IDS,
+    SEEDS,
+    W,
+    IMPORTANCE,
+    HOT,
+    ARGMAX,
+    bag,
+    start,
+    end,
+    offs_d,
+    mask_d,
+    dim,
+    num_rows,
+    stride_w,
+    importance_rows,
+    hot_count,
+    padding_idx,
+    K: tl.constexpr,
+    HAS_PADDING: tl.constexpr,
+    SIGNED: tl.constexpr,
+    HAS_IMPORTANCE: tl.constexpr,
+    HAS_HOT: tl.constexpr,
+    HOT_STEPS: tl.constexpr,
+    WIDE_IDS: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """The bag's column-wise max on the columns ``offs_d``, its positions
+    stored into ``ARGMAX``: an id's vector is the sum of its ``K`` rows, so the
+    rows of the tile are ids, each hashed by one thread."""
+    best = tl.full((BLOCK_D,), float("-inf"), dtype=ACC)
+    best_pos = tl.full((BLOCK_D,), -1, dtype=tl.int64)
+    lanes = tl.arange(0, BLOCK_N)
+    if BLOCK_N % K == 0 and (K & (K - 1)) == 0:
+        # K a power of two that divides the block: a block of pairs holds
+        # BLOCK_N // K whole ids, hash function major, so that an id's K rows
+        # lie BLOCK_N // K rows apart, in one thread in the layouts Triton
+        # picks: its vector is summed in registers.
+        for first in range(start, end, BLOCK_N // K):
+            offs_n = first + lanes % (BLOCK_N // K)
+            vals, live = _pair_block(
+                offs_n,
+                (lanes // (BLOCK_N // K)).to(tl.int32),
+                offs_n < end,
+                IDS,
+                SEEDS,
+                W,
+                IMPORTANCE,
+                HOT,
+                offs_d,
+                mask_d,
+                num_rows,
+                stride_w,
+                importance_rows,
+                hot_count,
+                padding_idx,
+                K,
+                HAS_PADDING,
+                SIGNED,
+                HAS_IMPORTANCE,
+                HAS_HOT,
+                HOT_STEPS,
+                WIDE_IDS,
+                ACC,
+            )
+            vectors = tl.sum(tl.reshape(vals, (K, BLOCK_N // K, BLOCK_D)), axis=0)
+            id_live = tl.max(tl.reshape(live.to(tl.int32), (K, BLOCK_N // K)), axis=0) > 0
+            vectors = tl.where(id_live[:, None], vectors, float("-inf"))
+            step_best = tl.max(vectors, axis=0)
+            step_pos = first + tl.argmax(vectors, axis=0).to(tl.int64)
+            better = step_best > best
+            best = tl.where(better, step_best, best)
+            best_pos = tl.where(better, step_pos, best_pos)
+    else:
+        for first in range(start, end, BLOCK_N):
+            offs_n = first + lanes
+            ids, live = load_ids(IDS, offs_n, offs_n < end, padding_idx, HAS_PADDING)
+            mixed_lo, mixed_hi, imp_rows, hot = id_hashes(
+                ids, SEEDS, importance_rows, HOT, hot_count, HOT_STEPS, HAS_IMPORTANCE, HAS_HOT, WIDE_IDS
+            )
+            vectors = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
+            for j in range(K):
+                rows, row_live = row_index(
+                    ids,
+                    live,
+                    mixed_lo,
+                    mixed_hi,
+                    hot,
+                    IDS,
+                    offs_n,
+                    SEEDS,
+                    j,
+                    num_rows,
+                    live,
+                    K,
+                    False,
+                    HAS_HOT,
+                    WIDE_IDS,
+                )
+                vals = tl.load(
+                    W + (rows * stride_w)[:, None] + offs_d[None, :],
+                    mask=row_live[:, None] & mask_d[None, :],
+                    other=0.0,
+                ).to(ACC)
+                if SIGNED or HAS_IMPORTANCE:
+                    _, factor = variant_factor(
+                        ids,
+                        mixed_lo,
+                        mixed_hi,
+                        hot,
+                        SEEDS,
+                        IMPORTANCE,
+                        imp_rows,
+                        live,
+                        j,
+                        K,
+                        SIGNED,
+                        HAS_IMPORTANCE,
+                        HAS_HOT,
+                        WIDE_IDS,
+                    )
+                    vals = vals * factor.to(ACC)[:, None]
+                vectors += vals
+            vectors = tl.where(live[:, None], vectors, float("-inf"))
             step_best = tl.max(vectors, axis=0)
             step_pos = first + tl.argmax(vectors, axis=0).to(tl.int64)
             # Strictly greater: the first id reaching the max keeps it, as in
@@ -109,19 +408,8 @@ def _bloom_bag_forward_kernel(
             better = step_best > best
             best = tl.where(better, step_best, best)
             best_pos = tl.where(better, step_pos, best_pos)
-        else:
-            weights = live.to(ACC)
-            if HAS_PSW:
-                weights *= tl.load(PSW + offs_n, mask=live, other=0.0).to(ACC)
-            acc += tl.sum(vectors * weights, axis=0)
-            live_count += live.to(tl.float32)
-
-    if MODE == MODE_MAX:
-        acc = tl.where(best_pos >= 0, best, 0.0)
-        tl.store(ARGMAX + bag * dim + offs_d, best_pos, mask=mask_d)
-    if MODE == MODE_MEAN:
-        acc = acc / tl.maximum(tl.sum(live_count), 1.0).to(ACC)
-    tl.store(OUT + bag * dim + offs_d, acc.to(OUT.dtype.element_ty), mask=mask_d)
+    tl.store(ARGMAX + bag * dim + offs_d, best_pos, mask=mask_d)
+    return tl.where(best_pos >= 0, best, 0.0)
 
 
 def bloom_bag_forward(
@@ -181,6 +469,7 @@ def bloom_bag_forward(
         HAS_PSW=per_sample_weights is not None,
         ACC=accumulator(weight.dtype),
         **alignment_args(weight, dim),
+        bag_bucket=bag_bucket(ids.numel(), num_bags),
         **hashing_args(
             weight,
             num_hash_functions=num_hash_functions,

@@ -245,3 +245,79 @@ def test_per_sample_weights_need_sum_mode():
             BloomEmbeddingBag(100, 4, mode=mode)(torch.tensor([1, 2]), torch.tensor([0]), torch.ones(2))
     with pytest.raises(ValueError, match="mode"):
         BloomEmbeddingBag(100, 4, mode="median")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("k", [3, 4, 5])
+def test_long_bags_with_every_variant_match_the_reference(mode, k):
+    # The sum kernels take (id, hash function) pairs in blocks, so an id's k
+    # rows straddle two blocks whenever k does not divide the block; the max
+    # kernel takes blocks of whole ids (of pairs when k is a power of two).  Bags of 1 to 40 ids cross both, with
+    # signs, importance weights, hot ids, padding and repeats on.
+    require_kernels()
+    g = torch.Generator().manual_seed(10 * k + MODES.index(mode))
+    lengths = [1, 6, 11, 40, 0, 17]
+    n = sum(lengths)
+    ids = torch.randint(0, 60, (n,), generator=g)
+    ids[::7] = ids[0]  # the same id again, within and across bags
+    ids[3::9] = 2  # padding
+    offsets = torch.tensor([0] + list(np.cumsum(lengths))[:-1], dtype=torch.int64)
+    hot = torch.tensor(sorted({int(ids[1]), int(ids[5]), 59} - {2}))
+    weight = torch.randn(23 + hot.numel(), 9, generator=g)
+    importance = torch.rand(13, k, generator=g) + 0.5
+    psw = torch.rand(n, generator=g) if mode == "sum" else None
+    grad_out = torch.randn(len(lengths), 9, generator=g)
+    results = []
+    for backend in BACKENDS:
+        w = weight.clone().to(DEVICE).requires_grad_(True)
+        imp = importance.clone().to(DEVICE).requires_grad_(True)
+        p = psw.clone().to(DEVICE).requires_grad_(True) if psw is not None else None
+        out = bloom_embedding_bag(
+            ids.to(DEVICE),
+            w,
+            offsets.to(DEVICE),
+            k,
+            mode,
+            p,
+            padding_idx=2,
+            num_embeddings=60,
+            backend=backend,
+            signed=True,
+            importance=imp,
+            hot_ids=hot.to(DEVICE),
+        )
+        out.backward(grad_out.to(DEVICE))
+        results.append((out.detach(), w.grad, imp.grad, None if p is None else p.grad))
+    for ref, got in zip(*results):
+        if ref is not None:
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert results[1][0][4].abs().sum() == 0  # the empty bag
+
+
+def test_bag_tilings_hash_each_id_once_and_fit_the_bag():
+    # A bag tiling hashes a one-dimensional block of at least one id (or
+    # pair) a thread; with fewer, Triton hashes in the tile's layout, once per
+    # thread holding a column.  The autotuner tries first the tiling that
+    # leaves the fewest rows idle over a bag of the key's length.
+    from triton_bloom.kernels.autotune import BAG_TILES, bag_bucket, bag_order, candidates
+    from triton_bloom.kernels.bag_forward import BAG_TUNING
+
+    assert all(block_n >= 32 * warps for block_n, _, warps in BAG_TILES)
+    assert [bag_bucket(n, b) for n, b in ((0, 3), (20, 1), (80, 4), (81, 4), (10**6, 2), (5, 0))] == [
+        1,
+        32,
+        32,
+        32,
+        64,
+        8,
+    ]
+    weight = torch.empty(10, 64)
+    for mode, k, bucket in ((MODE_SUM, 4, 32), (MODE_MEAN, 3, 4), (MODE_MAX, 4, 32), (MODE_MAX, 3, 8)):
+        args = dict(W=weight, dim=64, K=k, MODE=mode, bag_bucket=bucket)
+        tried = candidates(args, BAG_TUNING)
+        # The max-pooled forward takes ids as rows when K is not a power of two.
+        rows = bucket * (1 if mode == MODE_MAX and k == 3 else k)
+        idle = [-(-rows // c["kwargs"]["BLOCK_N"]) * c["kwargs"]["BLOCK_N"] - rows for c in tried]
+        assert idle == sorted(idle) and tried, (mode, k, bucket, tried)
+        assert all(c["kwargs"]["BLOCK_D"] <= 64 for c in tried)
+    assert bag_order([], dict(bag_bucket=4, K=2)) == []
