@@ -1054,11 +1054,15 @@ def dynamic_instructions(info, line_calls, programs):
                 if width != widths[-1]:
                     each = math.floor(each)  # most unrolled first: whole bodies
                 if li in group:
-                    estimates.append(each)
+                    estimates.append((body_bytes, each))
                     break
                 remaining -= each * width * len(group)
         if estimates:
-            executions[li] = max(estimates)
+            # The operation that moves the most bytes in the body decides:
+            # ptxas narrows a load whose upper half goes unused (int64 ids
+            # of which only the low 32 bits are hashed), and its SASS then
+            # moves half the TTGIR's bytes, which read as twice the trips.
+            executions[li] = max(estimates)[1]
         else:
             unknown += 1
             executions[li] = executions.get(parent[li], 1.0)
