@@ -135,9 +135,13 @@ def render(result) -> str:
         "Bytes: the served layer's (`embedding_bytes`; for the old format, its codes and 4 bytes a row), as a share "
         "of the budget; the 'more rows' layers trained at their fp32 size (trained bytes).  HR@10 and AUC on the "
         "test events (all, and those on items seen at most a few times in training: rare).  Relative error: "
-        "`||W - Q|| / ||W||` of the table's round trip through the format.",
+        "`||W - Q|| / ||W||` of the table's round trip through the format.  The rows int8/int4 buy are the budget "
+        "over a row's bytes in the current format (codes and a scale byte), which leaves out the table's grid and "
+        "column offsets (8 + 4 x dim bytes): those layers serve 1.001 of the budget.",
         "",
     ]
+    if meta.get("note"):
+        lines += [meta["note"], ""]
     keys = list(dict.fromkeys(r["key"] for r in runs))
     by_key = {key: [r for r in runs if r["key"] == key] for key in keys}
     fp32 = {(r["seed"], r["key"].split(": ")[0]): r for r in runs if r["key"].endswith(": fp32")}
