@@ -25,8 +25,9 @@ below, so updates smaller than half a unit in the last place add up in
 expectation instead of being rounded away (round-to-nearest stops a bf16 row
 from learning once its updates fall below ``|w| / 256``).  The random bits
 are a hash of the optimizer's ``seed``, its step count, the row and the
-column (``rounding.py``), the same on the Triton and the PyTorch path, so a
-run is reproducible from the seed.  ``stochastic_rounding=False`` gives
+column (``rounding.py``), the same on the Triton and the PyTorch path (a
+GPU's fused multiply-add may move the float32 update by its last bit, and so,
+rarely, the stored value), so a run is reproducible from the seed.  ``stochastic_rounding=False`` gives
 round-to-nearest; float32 and float64 tables are never rounded.  Only the
 fused step rounds: with ``sparse=True`` or a dense gradient, the table is
 updated by your own optimizer (``torch.optim``), which rounds to nearest.
