@@ -163,6 +163,9 @@ def step_config(dim, acc_dtype, optimizer):
     width = max(16, triton.next_power_of_2(dim))
     whole = optimizer == constants.FUSED_ROWWISE_ADAGRAD and width <= STEP_WHOLE_ROW_D
     block_d = width if whole else min(STEP_BLOCK_D, width)
+    if optimizer == constants.FUSED_ROWWISE_ADAGRAD and not whole:
+        # Summed twice, the row's two loops spilled at 32 rows (Triton 3.6, sm_80): half the rows.
+        block_s = SEGMENT_BLOCK_S_WIDE
     return {
         "kwargs": {"BLOCK_S": block_s, "BLOCK_D": block_d, "WHOLE_ROW": block_d >= dim},
         "num_warps": 4,
