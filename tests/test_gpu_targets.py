@@ -78,6 +78,14 @@ KNOWN_SPILLS = [
         90,
         dict(op="scores", dtype="float32", k=4, variant="odd_dim", queries=1, dim=33),
     ),
+    # The one-kernel fused step (sum and update in registers), found after it
+    # landed: 40 registers and an 8-byte frame, as the entries above.
+    (
+        "3.9.0",
+        "_bloom_segment_step_kernel",
+        90,
+        dict(op="embedding", training="fused_sgd", dtype="float32", k=4, variant="plain"),
+    ),
     (
         "3.6.0",
         "_quantized_bag_kernel",
