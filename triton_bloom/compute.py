@@ -319,20 +319,18 @@ def bag_backward(
         return dense, grad_psw, grad_importance
     # On CPU, spreading each bag's gradient over its ids and scattering with
     # index_add_ is ~2x faster than summing per touched row.
-    rows, private = _hash(ids, weight, hot, rows=None, lookup=lookup)
-    grad_psw = None
-    if psw_grad:
-        grad_psw = _per_sample_weights_gradient(
-            grad_out, ids, offsets, weight, importance, hot, rows=rows, lookup=lookup
-        )
-    entries = bag_entries(
+    rows, private, grad_psw, entries = _bag_gradient_entries(
+        grad_out,
         ids,
         offsets,
-        grad_out,
+        weight,
+        per_sample_weights,
+        importance,
+        hot,
+        argmax,
         mode=mode,
-        per_sample_weights=per_sample_weights,
-        padding_idx=lookup.padding_idx,
-        argmax=argmax,
+        psw_grad=psw_grad,
+        lookup=lookup,
     )
     factors, signs, imp_rows = lookup.factors(ids, importance, private)
     grad_weight = bloom_backward_reference(
@@ -393,6 +391,30 @@ def backward_rows(grad_out, ids, weight, importance, hot, *, rows: Optional[torc
     return _table_gradients(rows, private, entries, ids, weight, importance, lookup=lookup, dense=dense)
 
 
+def _bag_gradient_entries(
+    grad_out, ids, offsets, weight, per_sample_weights, importance, hot, argmax, *, mode: int, psw_grad: bool, lookup
+):
+    """What every bag backward starts from: the ids' ``(rows, private)``, the
+    per-sample weights' gradient (``None`` unless ``psw_grad``) and the
+    output gradient spread over the bags' ids (:func:`bag_entries`)."""
+    rows, private = _hash(ids, weight, hot, rows=None, lookup=lookup)
+    grad_psw = None
+    if psw_grad:
+        grad_psw = _per_sample_weights_gradient(
+            grad_out, ids, offsets, weight, importance, hot, rows=rows, lookup=lookup
+        )
+    entries = bag_entries(
+        ids,
+        offsets,
+        grad_out,
+        mode=mode,
+        per_sample_weights=per_sample_weights,
+        padding_idx=lookup.padding_idx,
+        argmax=argmax,
+    )
+    return rows, private, grad_psw, entries
+
+
 def bag_backward_rows(
     grad_out,
     ids,
@@ -411,20 +433,18 @@ def bag_backward_rows(
     """``(unique_rows, values, grad_per_sample_weights or None,
     grad_importance or None)`` of ``bag_forward`` (``dense``: see
     :func:`_row_gradients`)."""
-    rows, private = _hash(ids, weight, hot, rows=None, lookup=lookup)
-    grad_psw = None
-    if psw_grad:
-        grad_psw = _per_sample_weights_gradient(
-            grad_out, ids, offsets, weight, importance, hot, rows=rows, lookup=lookup
-        )
-    entries = bag_entries(
+    rows, private, grad_psw, entries = _bag_gradient_entries(
+        grad_out,
         ids,
         offsets,
-        grad_out,
+        weight,
+        per_sample_weights,
+        importance,
+        hot,
+        argmax,
         mode=mode,
-        per_sample_weights=per_sample_weights,
-        padding_idx=lookup.padding_idx,
-        argmax=argmax,
+        psw_grad=psw_grad,
+        lookup=lookup,
     )
     unique_rows, values, grad_importance = _table_gradients(
         rows, private, entries, ids, weight, importance, lookup=lookup, dense=dense
@@ -499,20 +519,18 @@ def bag_backward_step(
     """The fused step of ``bag_forward``'s table gradient; returns
     ``(grad_per_sample_weights or None, grad_importance or None)``, both
     taken before the step."""
-    rows, private = _hash(ids, weight, hot, rows=None, lookup=lookup)
-    grad_psw = None
-    if psw_grad:
-        grad_psw = _per_sample_weights_gradient(
-            grad_out, ids, offsets, weight, importance, hot, rows=rows, lookup=lookup
-        )
-    entries = bag_entries(
+    rows, private, grad_psw, entries = _bag_gradient_entries(
+        grad_out,
         ids,
         offsets,
-        grad_out,
+        weight,
+        per_sample_weights,
+        importance,
+        hot,
+        argmax,
         mode=mode,
-        per_sample_weights=per_sample_weights,
-        padding_idx=lookup.padding_idx,
-        argmax=argmax,
+        psw_grad=psw_grad,
+        lookup=lookup,
     )
     grad_importance = _table_step(
         rows, private, entries, ids, weight, importance, state, rounding, lookup=lookup, training=training
