@@ -10,7 +10,9 @@ trained one as is and, where the row says so, quantized after training:
   and its rows quantized the same way as the Bloom tables' (int8, int4);
 - Bloom at ``compression_ratio`` 0.2: fp32, ``quantize(bits=8)``, ``quantize(bits=4)``;
 - Bloom with as many more rows as int8 (then int4) rows buy at the bytes of
-  the fp32 Bloom table, trained in fp32, quantized after training;
+  the fp32 Bloom tables (the most rows whose quantized module, codes, scale
+  bytes, scale grid and column offsets, ``embedding_bytes`` counts within
+  them), trained in fp32 at that row count, quantized after training;
 - a full table of width 6 (0.1875 of the bytes), the closed regime's
   strongest rival at that budget (``docs/studies.md``).
 
@@ -36,7 +38,7 @@ import torch
 import torch.nn as nn
 import triton
 
-from triton_bloom import QuantizedBloomEmbedding, embedding_bytes, quantize
+from triton_bloom import BloomEmbedding, BloomEmbeddingBag, QuantizedBloomEmbedding, embedding_bytes, quantize
 from triton_bloom.demo import (
     QUICK_SIZE,
     TwoTower,
@@ -47,11 +49,19 @@ from triton_bloom.demo import (
     train_epoch,
     user_vectors,
 )
-from triton_bloom.quantized_ops import LAYOUT, dequantize_rows, quantize_rows, row_scales
+from triton_bloom.quantized_ops import LAYOUT, dequantize_rows, quantize_rows, row_bytes, row_scales
 
 DIM, K, RATIO = 32, 4, 0.2
 HISTORY, BATCH, LR, L2 = 16, 2048, 0.01, 1e-4
 RESULTS = os.path.join(os.path.dirname(__file__), "..", "results")
+# What the first run, in the first format, showed (kept on the page as one sentence).
+FIRST_FORMAT = (
+    "The first run of this study (commit 1a016cb) used the first quantized format, a bfloat16 scale and offset per "
+    "row, and sized the 'more rows' tables at dim + 4 and dim / 2 + 4 bytes a row: Bloom 1.28 in int4 (AUC 0.9040), "
+    "the full tables in int4 (0.156 of the bytes, 0.8913) and Bloom 0.711 in int8 (0.8875) came in the same order "
+    "as below; its fp32 rows (full, Bloom 0.2, full dim 6) are those of this run to the four digits shown (same seeds, "
+    "same code)."
+)
 
 
 def train(model, data, epochs, seed):
@@ -78,6 +88,32 @@ def evaluate(model, data):
 
 def table_bytes(model) -> int:
     return embedding_bytes(model.history) + embedding_bytes(model.items)
+
+
+def bloom_model(num_items, num_rows):
+    """``build_model``'s Bloom tables, at ``num_rows`` rows instead of a ratio."""
+    common = dict(num_rows=num_rows, num_hash_functions=K, padding_idx=None)
+    history = BloomEmbeddingBag(num_items, DIM, mode="mean", **common)
+    return TwoTower(history, BloomEmbedding(num_items, DIM, **common), num_items)
+
+
+def rows_at_bytes(num_items, bits, budget):
+    """The most rows of a Bloom two-tower whose item tables, quantized to
+    ``bits``, hold at most ``budget`` bytes (``embedding_bytes`` of the built
+    quantized modules: codes, scale bytes, scale grid, column offsets)."""
+
+    def served(rows):
+        return table_bytes(quantize(bloom_model(num_items, rows), bits=bits))
+
+    # Bytes grow by the same amount a row (two tables, each a row of codes and
+    # a scale byte); the fixed part is the per-table grid and column offsets.
+    per_row = served(2) - served(1)
+    if per_row != 2 * (row_bytes(DIM, bits) + 1):
+        raise RuntimeError(f"a quantized row costs {per_row // 2} bytes, the format says {row_bytes(DIM, bits) + 1}")
+    rows = 1 + (budget - served(1)) // per_row
+    if served(rows) > budget or served(rows + 1) <= budget:
+        raise RuntimeError(f"{rows} rows at int{bits} miss the budget of {budget} bytes")
+    return rows
 
 
 def fake_quantized_full(model, bits):
@@ -133,13 +169,19 @@ def run_seed(seed, size, log):
     for bits in (8, 4):
         record(f"Bloom {RATIO} int{bits}", quantize(bloom, bits=bits), "bloom", bits)
 
-    # Equal bytes: rows of dim + 1 (int8) or dim / 2 + 1 (int4) bytes instead of 4 * dim.
+    # Equal bytes: as many rows as the fp32 Bloom tables' bytes buy at int8
+    # (int4), everything the quantized module holds counted.
+    budget = table_bytes(bloom)
     for index, bits in ((2, 8), (3, 4)):
-        row = DIM * bits // 8 + 1
-        ratio = RATIO * 4 * DIM / row
-        more = trained(ratio, index)
-        record(f"Bloom {ratio:.3g} fp32", more, "bloom-more-rows")
-        record(f"Bloom {ratio:.3g} int{bits}", quantize(more, bits=bits), "bloom-more-rows", bits)
+        num_rows = rows_at_bytes(n, bits, budget)
+        torch.manual_seed(seed * 100 + index)
+        started = time.perf_counter()
+        more = train(bloom_model(n, num_rows), data, epochs, seed)
+        log(f"seed {seed} trained model {index} ({num_rows} rows) in {time.perf_counter() - started:.0f} s")
+        label = f"Bloom {num_rows / n:.3g}"
+        record(f"{label} fp32", more, "bloom-more-rows")
+        record(f"{label} int{bits}", quantize(more, bits=bits), "bloom-more-rows", bits)
+        rows[-1]["num_rows"] = rows[-2]["num_rows"] = num_rows
 
     small = trained(None, 4, small_dim=6)
     record("full dim 6 fp32", small, "small-dim")
@@ -166,17 +208,61 @@ def summarize(all_rows, full_bytes):
     return out
 
 
+def answer(result) -> str:
+    """The one-line answer at equal bytes: "fewer rows" (Bloom in fp32),
+    "fewer bits" (the full tables in int4) and "both" (Bloom at the rows int4
+    buys, in int4), by mean AUC over the seeds, and who wins each seed."""
+    ratio = result["meta"]["setup"]["ratio"]
+    runs = result["runs"]
+    both = next(r["label"] for r in runs if r["kind"] == "bloom-more-rows" and r["bits"] == 4)
+    rivals = {
+        "fewer rows": f"Bloom {ratio} fp32",
+        "fewer bits": "full int4",
+        "both": both,
+    }
+    share = {r["label"]: r["bytes_of_full"] for r in result["summary"]}
+    per_seed = {}
+    for run in runs:
+        per_seed.setdefault(run["seed"], {})[run["label"]] = run
+    stats = {}
+    for name, label in rivals.items():
+        aucs = [per_seed[s][label]["auc"] for s in sorted(per_seed)]
+        hits = [per_seed[s][label]["hr10"] for s in sorted(per_seed)]
+        sd = statistics.stdev if len(aucs) > 1 else (lambda values: 0.0)
+        stats[name] = (statistics.mean(aucs), sd(aucs), statistics.mean(hits), sd(hits))
+    order = sorted(rivals, key=lambda name: -stats[name][0])
+    wins = sum(1 for s in per_seed if max(rivals, key=lambda name: per_seed[s][rivals[name]]["auc"]) == order[0])
+    parts = [
+        f'"{name}" ({rivals[name]}, {share[rivals[name]]:.3f} of the bytes): AUC {stats[name][0]:.4f} +- '
+        f"{stats[name][1]:.4f}, HR@10 {stats[name][2]:.4f} +- {stats[name][3]:.4f}"
+        for name in order
+    ]
+    return (
+        f"**At equal bytes ({ratio} of the full fp32 tables), most accurate first:** " + "; ".join(parts) + f" "
+        f'(mean +- sd over {len(per_seed)} seeds; "{order[0]}" has the best AUC of the three on '
+        f"{wins} of {len(per_seed)} seeds)."
+    )
+
+
 def render(result) -> str:
     """The Markdown page of a result (the JSON's summary, as measured)."""
     meta, summary = result["meta"], result["summary"]
     setup = meta["setup"]
     full = next(r for r in summary if r["label"] == "full fp32")
+    more_rows = ", ".join(
+        f"{r['label'][:-5]}: {r['bytes_of_full']:.3f} of the full tables' bytes"
+        for r in summary
+        if r["label"].startswith("Bloom")
+        and r["label"].endswith(" fp32")
+        and r["label"] != f"Bloom {setup['ratio']} fp32"
+    )
     lines = [
         "# Quantized tables: post-training int8/int4, and more rows at fewer bits (CPU)",
         "",
         f"Measured {meta['date']} on {meta['cpu']} (2 cores shared with other work: load average "
         f"{meta['load_before'][0]:.1f} before, {meta['load_after'][0]:.1f} after), torch {meta['torch']}, "
-        f"triton {meta['triton']}, {meta['seconds'] / 60:.0f} min.  Produced by `python -m bench.studies.quantized` "
+        f"triton {meta['triton']}, {meta['seconds'] / 60:.0f} min.  Produced by `python -m bench.studies.quantized "
+        f"--seeds {' '.join(map(str, meta['seeds']))} --threads {meta.get('threads', '?')}` "
         "(`bench/studies/quantized.py`).",
         "",
         f"Setup: the closed-vocabulary two-tower model of `triton-bloom demo --closed --quick` "
@@ -185,11 +271,14 @@ def render(result) -> str:
         f"{setup['epochs']} epochs), seeds {', '.join(map(str, meta['seeds']))} (data, init and sampling per seed).  "
         "Every model trains in float32; int8/int4 rows are quantized after training (the format of "
         f"`quantize`: {meta.get('layout', 'rowwise-asymmetric, bfloat16 scale and offset per row')}) and evaluated through the quantized lookups.  Bytes: the two item "
-        "tables, everything they hold, as a share of the full fp32 tables.  AUC and HR@10: the held-out item "
+        "tables, everything they hold (`embedding_bytes` of the built modules: codes, scale bytes, scale grid, "
+        "column offsets), as a share of the full fp32 tables.  AUC and HR@10: the held-out item "
         "against every unseen item, mean +- standard deviation over the seeds.  The bytes are the served "
-        "model's: the 'more rows' Bloom tables train in fp32 at their full row count (1.28 of the full "
-        "tables' bytes for Bloom 1.28), so at training time they cost more, not the same.  Every model uses "
+        "model's: the 'more rows' Bloom tables train in fp32 at their full row count "
+        f"({more_rows}), so at training time they cost more, not the same.  Every model uses "
         "the demo's hyperparameters, untuned for any of them.",
+        "",
+        FIRST_FORMAT,
         "",
         "| model | bytes / full fp32 | AUC | AUC / full fp32 | HR@10 |",
         "|---|---:|---:|---:|---:|",
@@ -223,6 +312,7 @@ def render(result) -> str:
         f"HR@10 {r['hr10_mean']:.4f}"
         for i, r in enumerate(within)
     ]
+    lines += ["", answer(result)]
     inflation = result["scale_inflation"]
     worst = {b: max(i[b][1] for i in inflation) for b in ("8", "4")}
     median = {b: statistics.median(i[b][0] for i in inflation) for b in ("8", "4")}
@@ -241,7 +331,9 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=QUICK_SIZE["epochs"])
     parser.add_argument("--out", default=os.path.join(RESULTS, "quantized_cpu"))
     parser.add_argument("--render", action="store_true", help="only write OUT.md from OUT.json")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: shares the machine)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.render:
         with open(args.out + ".json") as f:
             result = json.load(f)
@@ -255,35 +347,38 @@ def main(argv=None):
     def log(line):
         print(line, flush=True)
 
-    all_rows, inflations, interactions = [], [], None
-    for seed in args.seeds:
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model_name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if "Model name" in line), "?")
+    all_rows, inflations, summary = [], [], None
+    # Written after every seed, so that a run cut short still leaves its seeds.
+    for index, seed in enumerate(args.seeds):
         rows, inflation, interactions = run_seed(seed, size, log)
         for r in rows:
             r["seed"] = seed
         all_rows += rows
         inflations.append(inflation)
-    full_bytes = next(r["bytes"] for r in all_rows if r["label"] == "full fp32")
-    summary = summarize(all_rows, full_bytes)
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model_name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if "Model name" in line), "?")
-    meta = dict(
-        date=datetime.date.today().isoformat(),
-        cpu=model_name,
-        python=platform.python_version(),
-        torch=torch.__version__,
-        triton=triton.__version__,
-        load_before=load_before,
-        load_after=os.getloadavg(),
-        seconds=round(time.perf_counter() - started),
-        setup=dict(size, interactions=interactions, dim=DIM, k=K, ratio=RATIO, history=HISTORY, batch=BATCH, lr=LR),
-        seeds=args.seeds,
-        layout=LAYOUT,
-    )
-    result = dict(meta=meta, summary=summary, runs=all_rows, scale_inflation=inflations)
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    with open(args.out + ".md", "w") as f:
-        f.write(render(result))
+        full_bytes = next(r["bytes"] for r in all_rows if r["label"] == "full fp32")
+        summary = summarize(all_rows, full_bytes)
+        meta = dict(
+            date=datetime.date.today().isoformat(),
+            cpu=model_name,
+            python=platform.python_version(),
+            torch=torch.__version__,
+            triton=triton.__version__,
+            load_before=load_before,
+            load_after=os.getloadavg(),
+            seconds=round(time.perf_counter() - started),
+            setup=dict(size, interactions=interactions, dim=DIM, k=K, ratio=RATIO, history=HISTORY, batch=BATCH, lr=LR),
+            seeds=args.seeds[: index + 1],
+            threads=args.threads,
+            layout=LAYOUT,
+        )
+        # Through JSON, so that the page renders from what the file holds (string keys).
+        result = json.loads(json.dumps(dict(meta=meta, summary=summary, runs=all_rows, scale_inflation=inflations)))
+        with open(args.out + ".json", "w") as f:
+            json.dump(result, f, indent=1)
+        with open(args.out + ".md", "w") as f:
+            f.write(render(result))
     print(json.dumps(summary, indent=1))
 
 
