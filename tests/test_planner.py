@@ -153,3 +153,42 @@ def test_open_ids_argument_errors():
         plan_embedding(counts[:2], 8, 1000, ids=torch.tensor([5, -1]))
     with pytest.raises(TypeError, match="integer"):
         plan_embedding(counts[:2], 8, 1000, ids=torch.tensor([5.0, 1.0]))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_plan_is_served_within_the_budget_with_more_rows(seed, bits):
+    """With ``bits``, the budget holds the quantized module (measured on
+    ``quantize(plan.build())``), and it buys more rows than the float plan."""
+    from triton_bloom import quantize
+
+    g = torch.Generator().manual_seed(300 + seed)
+    open_ids = seed % 2 == 0
+    dim = int(torch.randint(3, 70, (1,), generator=g))
+    if open_ids:
+        ids, counts = raw_zipf(4000, 1.05, seed)
+        kwargs = dict(ids=ids)
+    else:
+        counts, kwargs = zipf_counts(4000, 1.0, seed), {}
+    budget = int(counts.numel() * dim * 4 * float(torch.empty(1).uniform_(0.02, 0.3, generator=g)))
+    plan = plan_embedding(counts, dim, budget, bits=bits, **kwargs)
+    trained = plan.build()
+    assert isinstance(trained, BloomEmbedding) and plan.bits == bits
+    served = quantize(trained, bits=bits)
+    assert embedding_bytes(served) == plan.bytes <= budget
+    floats = plan_embedding(counts, dim, budget, **kwargs)
+    assert plan.num_rows + plan.num_hot > floats.num_rows + floats.num_hot
+    assert served(torch.arange(1, 9)).shape == (8, dim)
+    text = str(plan)
+    assert "quantize(BloomEmbedding(" in text and f"bits={bits})" in text and f"int{bits}" in plan.label()
+
+
+def test_quantized_plan_errors():
+    counts = zipf_counts(100, 1.0, 0)
+    with pytest.raises(ValueError, match="bits must be 8 or 4, got 3"):
+        plan_embedding(counts, 8, 1000, bits=3)
+    with pytest.raises(ValueError, match="width='fixed', got width='free'"):
+        plan_embedding(counts, 8, 1000, bits=4, width="free")
+    # A table's scale grid and column offsets (8 + 4 * 64 B) are counted: 200 B hold no int4 row of 64.
+    with pytest.raises(ValueError, match="max_bytes=200 cannot hold even one shared row of 64 dims"):
+        plan_embedding(counts, 64, 200, bits=4)

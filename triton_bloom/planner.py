@@ -60,6 +60,7 @@ import torch
 
 from .modules import BloomEmbedding
 from .plain import ScaledEmbedding
+from .quantized_ops import check_bits, table_bytes
 
 __all__ = ["Plan", "plan_embedding"]
 
@@ -113,6 +114,8 @@ class Plan:
     # lookup that land on one shared row (above 1 with fewer rows than k).
     tail_share_per_row: float = 0.0
     dtype: torch.dtype = torch.float32
+    # Served quantized: the bytes are those of ``quantize(module, bits)``.
+    bits: Optional[int] = None
     reason: str = ""
     alternatives: list = dataclasses.field(default_factory=list)
 
@@ -148,13 +151,15 @@ class Plan:
             parts.append("1 row")
         else:
             parts.append(f"Bloom {self.num_rows:,}x{self.num_hash_functions}")
-        return " + ".join(parts)
+        return " + ".join(parts) + (f" int{self.bits}" if self.bits else "")
 
     def build(self, **kwargs):
         """The planned module: a :class:`~triton_bloom.BloomEmbedding` (extra
         ``kwargs`` go to it: ``padding_idx``, ``backend``, ``sparse``...), or
         for ``"full"``/``"reduced"`` a :class:`~triton_bloom.ScaledEmbedding`
-        (``sparse`` is passed on, other Bloom options are dropped)."""
+        (``sparse`` is passed on, other Bloom options are dropped).  With
+        ``bits``, the float module to train: ``triton_bloom.quantize(module,
+        bits=plan.bits)`` then serves it in ``plan.bytes``."""
         device = kwargs.pop("device", None)
         if self.kind in ("full", "reduced"):
             width = self.embedding_dim if self.kind == "full" else self.reduced_dim
@@ -191,7 +196,8 @@ class Plan:
             args.append("hot_ids=plan.hot_ids")
         if self.private_dim:
             args.append(f"private_dim={self.private_dim}")
-        return f"BloomEmbedding({', '.join(args)}, padding_idx=None)"
+        code = f"BloomEmbedding({', '.join(args)}, padding_idx=None)"
+        return f"quantize({code}, bits={self.bits})" if self.bits else code
 
     def __str__(self) -> str:
         e = _element_size(self.dtype)
@@ -226,9 +232,18 @@ class Plan:
                     f"({self.ids_per_row:,.1f} counted ids per row)"
                 )
             lines.append(f"  use {self.code()} ({self.bytes:,} B): " + ", ".join(parts) + ".")
+            if self.bits:
+                trained = _element_size(self.dtype) * self.embedding_dim * (self.num_rows + self.num_hot)
+                lines.append(
+                    f"  int{self.bits} rows, quantized after training: the float table trains at "
+                    f"{trained + self.num_hot * 8:,} B (optimizer state apart) and is served in {self.bytes:,} B."
+                )
             if self.reason:
                 lines.append(f"  {self.reason}")
-            lines.append("  plan.build() makes it.")
+            lines.append(
+                "  plan.build() makes it"
+                + (f"; triton_bloom.quantize(module, bits={self.bits}) serves it." if self.bits else ".")
+            )
         lines.append(f"  (model score {self.score:.3f}; 1 = every id as good as a private full row)")
         return "\n".join(lines)
 
@@ -270,6 +285,7 @@ def plan_embedding(
     width: str = "fixed",
     rank: float = 8.0,
     dtype: torch.dtype = torch.float32,
+    bits: Optional[int] = None,
 ) -> Plan:
     r"""Plan an embedding table within ``max_bytes``.
 
@@ -293,6 +309,14 @@ def plan_embedding(
             model: how many private dimensions keep 95% of a full row.
             Default: 8.
         dtype (torch.dtype): of the table.
+        bits (int, optional): plan for serving the table quantized to
+            int8 or int4 rows (:func:`~triton_bloom.quantize`, after
+            training in ``dtype``): ``max_bytes`` holds the quantized table
+            (a row's codes and scale byte, the table's scale grid and
+            column offsets, the hot-id index), so it buys about
+            ``32 / bits`` times the rows; the float table trained before
+            quantization is that much larger.  Bloom layouts only, without
+            a private code.  Default: ``None``, served as trained.
 
     Returns:
         :class:`Plan`; ``plan.build()`` gives the module, ``print(plan)``
@@ -321,10 +345,25 @@ def plan_embedding(
     if open_ids:
         ids = _check_ids(ids, counts)
     n, d, e = counts.numel(), int(embedding_dim), _element_size(dtype)
+    if bits is not None:
+        check_bits(bits)
+        if width != "fixed":
+            raise ValueError(
+                f"bits={bits} plans a Bloom table for triton_bloom.quantize, which takes no plain table: "
+                f"use width='fixed', got width={width!r}"
+            )
+    # A row's bytes, and the bytes a table costs whatever its rows (a
+    # quantized table's scale grid and column offsets).
+    row = e * d if bits is None else table_bytes(1, d, bits) - table_bytes(0, d, bits)
+    fixed = 0 if bits is None else table_bytes(0, d, bits)
     max_bytes = int(max_bytes)
     full_bytes = n * d * e
-    common = dict(num_embeddings=None if open_ids else n, embedding_dim=d, max_bytes=max_bytes, dtype=dtype, num_ids=n)
-    if not open_ids and max_bytes >= full_bytes:
+    common = dict(
+        num_embeddings=None if open_ids else n, embedding_dim=d, max_bytes=max_bytes, dtype=dtype, num_ids=n, bits=bits
+    )
+    # A plain table cannot be quantized by the library: with bits, every id
+    # in a private row is the pure hot layout below.
+    if not open_ids and bits is None and max_bytes >= full_bytes:
         return Plan(kind="full", bytes=full_bytes, score=1.0, **common)
     freq = counts.double().cpu()
     total = float(freq.sum())
@@ -358,7 +397,7 @@ def plan_embedding(
         hot_index = order[:hot]
         return Plan(
             kind="bloom",
-            bytes=e * ((rows + hot) * d + n * r + r * d) + hot * index_bytes,
+            bytes=(rows + hot) * row + fixed + e * (n * r + r * d) + hot * index_bytes,
             score=float(cumulative[hot]) + float((tail * (v + (1 - v) * own)).sum()),
             num_rows=int(rows),
             num_hash_functions=k,
@@ -371,18 +410,20 @@ def plan_embedding(
         )
 
     candidates = []
-    private_options = [0] if open_ids else [r for r in (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64) if r < d]
+    private_options = (
+        [0] if open_ids or bits is not None else [r for r in (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64) if r < d]
+    )
     for r in private_options:
-        left = max_bytes - e * (n * r + r * d)
-        if left < e * d:  # not even one shared row
+        left = max_bytes - fixed - e * (n * r + r * d)
+        if left < row:  # not even one shared row
             continue
         for share in HOT_SHARES:
             if share == 1.0:
-                k, hot, rows = 1, min((left - e * d) // (e * d + index_bytes), n), 1
+                k, hot, rows = 1, min((left - row) // (row + index_bytes), n), 1
             else:
                 k = num_hash_functions
-                hot = min(int(share * left) // (e * d + index_bytes), n - 1)
-                rows = (left - hot * (e * d + index_bytes)) // (e * d)
+                hot = min(int(share * left) // (row + index_bytes), n - 1)
+                rows = (left - hot * (row + index_bytes)) // row
             if rows < 1 or (share == 1.0 and hot == 0):
                 continue
             candidates.append(candidate(hot, rows, k, r))
@@ -390,8 +431,9 @@ def plan_embedding(
         # The measured rule of the open regime (module docstring): half the
         # budget for the most frequent ids, never for ids counted once.
         repeated = int((counts >= 2).sum())
-        hot = min(int(OPEN_HOT_SHARE * max_bytes) // (e * d + index_bytes), repeated)
-        rows = (max_bytes - hot * (e * d + index_bytes)) // (e * d)
+        left = max_bytes - fixed
+        hot = min(int(OPEN_HOT_SHARE * left) // (row + index_bytes), repeated)
+        rows = (left - hot * (row + index_bytes)) // row
         # A shared part that cannot tell the other counted ids apart (fewer
         # k-row combinations than ids) buys nothing: then a pure hot table.
         if rows > num_hash_functions and math.comb(rows, num_hash_functions) >= n - hot:
@@ -405,7 +447,7 @@ def plan_embedding(
                 f"({OPEN_EVIDENCE})."
             )
         else:
-            hot = min((max_bytes - e * d) // (e * d + index_bytes), n)
+            hot = min((left - row) // (row + index_bytes), n)
             chosen = candidate(hot, 1, 1, 0) if hot else candidate(0, rows, num_hash_functions, 0)
             if hot:
                 chosen.reason = (
@@ -415,7 +457,10 @@ def plan_embedding(
         chosen.alternatives = [(c.label(), c.bytes, round(c.score, 4)) for c in candidates][:5]
         return chosen
     if not candidates:
-        raise ValueError(f"max_bytes={max_bytes} cannot hold even one shared row of {d} dims ({e * d} B)")
+        raise ValueError(
+            f"max_bytes={max_bytes} cannot hold even one shared row of {d} dims ({row + fixed} B"
+            + (f" at int{bits}, the table's scale grid and column offsets counted)" if bits else ")")
+        )
     candidates.sort(key=lambda plan: plan.score, reverse=True)
     top = candidates[0]
     near = [c for c in candidates if c.score >= top.score * (1 - SIMPLER_WITHIN)]

@@ -56,6 +56,7 @@ __all__ = [
     "LAYOUT",
     "TRAINING_ERROR",
     "row_bytes",
+    "table_bytes",
     "quantize_rows",
     "row_scales",
     "dequantize_rows",
@@ -93,6 +94,15 @@ def row_bytes(dim: int, bits: int) -> int:
     rounded up to a multiple of 16."""
     used = -(-dim * bits // 8)
     return -(-used // ROW_ALIGNMENT) * ROW_ALIGNMENT
+
+
+def table_bytes(rows: int, dim: int, bits: int) -> int:
+    """Bytes of a quantized table of ``rows`` rows of width ``dim``, as
+    :func:`~triton_bloom.embedding_bytes` counts them: the codes, a scale
+    byte a row, the scale grid (two float32) and the column offsets
+    (``dim`` float32).  Hot-id indexes and importance weights are extra."""
+    check_bits(bits)
+    return rows * (row_bytes(dim, bits) + 1) + 2 * 4 + dim * 4
 
 
 def row_scales(scale_codes: torch.Tensor, scale_grid: torch.Tensor) -> torch.Tensor:
