@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from triton_bloom import cli, demo_open, embedding_bytes
-from triton_bloom.demo_layers import QuotientRemainderEmbedding, VocabularyEmbedding, layer_specs
+from triton_bloom.demo_layers import (
+    QuantizedRows,
+    QuotientRemainderEmbedding,
+    VocabularyEmbedding,
+    layer_specs,
+    served,
+)
 from triton_bloom.demo_stream import EvalSet, StreamConfig, eval_set, make_stream
 from triton_bloom.hashing import bloom_hash
 
@@ -103,10 +109,17 @@ def test_every_layer_keeps_to_the_budget(stream):
     budget = 2 * ids.numel()
     specs = layer_specs(ids, counts, 8, budget)
     labels = [label for label, _, _ in specs]
-    for needed in ("vocab", "hashing trick", "quotient-remainder", "Bloom k=2", "Bloom k=4", "hot 50%", "planner"):
-        assert any(label.startswith(needed) for label in labels), needed
+    needed = ("vocab", "hashing trick", "quotient-remainder", "Bloom k=2", "Bloom k=4", "hot 50%", "planner")
+    for name in needed + tuple(f"int4 {n}" for n in ("vocab", "quotient-remainder", "Bloom k=2", "planner")):
+        assert any(label.startswith(name) for label in labels), name
     for label, build, over in specs:
         layer = build(True)
+        bits = getattr(build, "bits", None)
+        assert (bits == 4) == label.startswith("int4"), label
+        if bits:
+            # Trained in float32 with the rows int4 buys (more than the budget), served within it.
+            assert embedding_bytes(layer) > budget, label
+            layer = served(layer, bits)
         nbytes = embedding_bytes(layer)
         if over:
             assert nbytes > budget, label
@@ -114,6 +127,38 @@ def test_every_layer_keeps_to_the_budget(stream):
             assert 0.95 * budget <= nbytes <= budget, (label, nbytes, budget)
         unseen = torch.randint(0, 2**63 - 1, (9,))
         assert layer(torch.cat([ids[:3], unseen])).shape == (12, 8)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dim", [1, 5, 32])
+def test_served_rows_decode_the_format_and_keep_the_trained_table(bits, dim):
+    """A rival served quantized looks up each row as the format says
+    (decoded here from the bytes in float64: nibbles, log-grid scale,
+    column offsets), and stays close to the float table it came from."""
+    g = torch.Generator().manual_seed(bits * 100 + dim)
+    layer = QuotientRemainderEmbedding(13, 7, dim)
+    with torch.no_grad():
+        for table in (layer.quotient, layer.remainder):
+            table.weight.copy_(torch.randn(table.weight.shape, generator=g) * torch.rand(table.weight.shape[0], 1))
+    quantized = served(layer, bits)
+    assert isinstance(quantized.quotient, QuantizedRows) and isinstance(quantized.remainder, QuantizedRows)
+    assert layer.quotient.weight.requires_grad  # the trained layer is left as it was
+    for rows, table in ((quantized.quotient, layer.quotient), (quantized.remainder, layer.remainder)):
+        ids = torch.randint(0, table.num_embeddings, (40,), generator=g)
+        lo, step = rows.scale_grid.double().tolist()
+        expected = torch.empty(40, dim, dtype=torch.float64)
+        for i, row in enumerate(ids.tolist()):
+            code = int(rows.scale_codes[row])
+            scale = 0.0 if code == 0 else 2.0 ** (lo + (code - 1) * step)
+            for c in range(dim):
+                byte = int(rows.codes[row, c if bits == 8 else c // 2])
+                u = byte if bits == 8 else (byte >> 4 if c % 2 else byte & 15)
+                expected[i, c] = (u - (2**bits - 1) / 2) * scale + float(rows.column_offset[c])
+        torch.testing.assert_close(rows(ids).double(), expected, rtol=1e-6, atol=1e-6)
+        error = (rows(ids) - table.weight[ids]).norm() / table.weight[ids].norm()
+        assert error < (0.02 if bits == 8 else 0.2), float(error)
+        # Codes, a scale byte a row, the grid and the column offsets, nothing else.
+        assert embedding_bytes(rows) == table.num_embeddings * (rows.codes.shape[1] + 1) + 8 + 4 * dim
 
 
 def test_evaluate_matches_a_direct_count_with_ties():

@@ -14,21 +14,39 @@ modules, and the Bloom layouts.
   raw id is hashed into ``[0, Q * R)`` and its vector is
   ``quotient[h // R] * remainder[h % R]``.
 - Bloom with ``k`` hashes, with or without hot rows for the most frequent ids.
+- served at int4 (:data:`SERVED_BITS`): the vocabulary table,
+  quotient-remainder, plain Bloom and the planner's layout, each with the
+  rows int4 buys at the budget, trained in float32 and quantized after
+  training to the library's row format (:func:`served`), so that the
+  demo shows whether "fewer rows" or "fewer bits" buys more per byte.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn as nn
 
 from .hashing import bloom_hash
 from .modules import BloomEmbedding
+from .quantized import quantize
+from .quantized_ops import dequantize_rows, quantize_rows, table_bytes
 
-__all__ = ["VocabularyEmbedding", "QuotientRemainderEmbedding", "layer_specs", "HOT_SHARES"]
+__all__ = [
+    "VocabularyEmbedding",
+    "QuotientRemainderEmbedding",
+    "QuantizedRows",
+    "served",
+    "layer_specs",
+    "HOT_SHARES",
+    "SERVED_BITS",
+]
 
 # Shares of the budget the hot rows take in the "hot rows + Bloom tail" rows.
 HOT_SHARES = (0.25, 0.5, 0.75)
 ROW_INDEX_BYTES = 8  # a raw id in a sorted int64 array: the vocabulary's map and the hot set alike
+SERVED_BITS = 4  # the quantized rows: int4, the fewest bits the library serves
 
 
 class VocabularyEmbedding(nn.Module):
@@ -112,15 +130,70 @@ class QuotientRemainderEmbedding(nn.Module):
         return self.quotient(h // self.num_remainder) * self.remainder(h % self.num_remainder)
 
 
+class QuantizedRows(nn.Module):
+    """An ``nn.Embedding`` served in the library's quantized row format
+    (``triton_bloom/quantized_ops.py``: codes, a scale byte a row, the
+    table's scale grid and column offsets), for the rivals that are not Bloom
+    tables; a lookup dequantises only the rows it gathers.
+
+    Args:
+        embedding (nn.Embedding): the trained table.
+        bits (int): 8 or 4.
+
+    Examples::
+
+        >>> rows = QuantizedRows(nn.Embedding(10, 6), 4)
+        >>> rows(torch.tensor([3, 9])).shape
+        torch.Size([2, 6])
+        >>> triton_bloom.embedding_bytes(rows)  # 10 rows of 16 B codes and a scale byte, grid, offsets
+        202
+    """
+
+    def __init__(self, embedding: nn.Embedding, bits: int):
+        super().__init__()
+        self.bits, self.embedding_dim = bits, embedding.embedding_dim
+        codes, scale_codes, scale_grid, column_offset = quantize_rows(embedding.weight, bits)
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale_codes", scale_codes)
+        self.register_buffer("scale_grid", scale_grid)
+        self.register_buffer("column_offset", column_offset)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return dequantize_rows(
+            self.codes[input],
+            self.scale_codes[input],
+            self.scale_grid,
+            self.column_offset,
+            self.bits,
+            self.embedding_dim,
+        )
+
+
+def served(layer: nn.Module, bits: int) -> nn.Module:
+    """``layer`` (trained) as it is served with ``bits``-bit rows: a Bloom
+    table through :func:`~triton_bloom.quantize`, any other layer a copy with
+    each ``nn.Embedding`` in :class:`QuantizedRows`."""
+    if isinstance(layer, BloomEmbedding):
+        return quantize(layer, bits)
+    model = copy.deepcopy(layer)
+    for name, child in list(model.named_modules()):
+        if isinstance(child, nn.Embedding):
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, QuantizedRows(child, bits))
+    return model
+
+
 def top_ids(ids: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor:
     """The ``n`` most frequent of ``ids`` (ties to the earlier id)."""
     order = torch.sort(counts, descending=True, stable=True).indices
     return ids[order[: max(0, n)]]
 
 
-def layer_specs(ids, counts, embedding_dim, budget, *, full=True, planner=True):
+def layer_specs(ids, counts, embedding_dim, budget, *, full=True, planner=True, bits=SERVED_BITS):
     """What the demo trains: ``[(label, build, over_budget)]``, where
-    ``build(sparse)`` makes the layer.
+    ``build(sparse)`` makes the layer to train; a layer served quantized
+    has ``build.bits``, and its bytes are those of ``served(layer,
+    build.bits)``.
 
     Args:
         ids (Tensor): distinct raw ids seen in training, sorted.
@@ -130,6 +203,8 @@ def layer_specs(ids, counts, embedding_dim, budget, *, full=True, planner=True):
         full (bool): add the full vocabulary table, over budget.
         planner (bool): add the layout :func:`~triton_bloom.plan_embedding`
             picks for the budget (its plan on the builder: ``build.plan``).
+        bits (int, optional): add the layers served with ``bits``-bit rows
+            (labels ``int4 ...``).  Default: :data:`SERVED_BITS`.
     """
     d, row = embedding_dim, 4 * embedding_dim
     rows = budget // row
@@ -189,6 +264,59 @@ def layer_specs(ids, counts, embedding_dim, budget, *, full=True, planner=True):
 
         build.plan = plan
         specs.append((f"planner: {plan.label()}", build, False))
+    if bits:
+        specs += _served_specs(ids, counts, d, budget, bits, planner)
     if full:
         specs.append((f"full {ids.numel():,} rows", lambda sparse: VocabularyEmbedding(ids, d, sparse=sparse), True))
+    return specs
+
+
+def _served_specs(ids, counts, d, budget, bits, planner):
+    """The rows served quantized, each with the rows ``bits`` buy at the
+    budget (everything counted as in :func:`~triton_bloom.embedding_bytes`
+    of the served layer); trained in float32 at that size."""
+    fixed = table_bytes(0, d, bits)
+    row = table_bytes(1, d, bits) - fixed
+    name = f"int{bits}"
+
+    def marked(build):
+        build.bits = bits
+        return build
+
+    vocab = (budget - fixed - row) // (row + ROW_INDEX_BYTES)
+    vocabulary = top_ids(ids, counts, vocab)
+    rows = (budget - 2 * fixed) // row  # quotient-remainder: two tables
+    quotient = rows // 2
+    shared = (budget - fixed) // row
+    specs = [
+        (
+            f"{name} vocab {vocab:,}+OOV",
+            marked(lambda sparse: VocabularyEmbedding(vocabulary, d, sparse=sparse)),
+            False,
+        ),
+        (
+            f"{name} quotient-remainder",
+            marked(lambda sparse: QuotientRemainderEmbedding(quotient, rows - quotient, d, sparse=sparse)),
+            False,
+        ),
+        (
+            f"{name} Bloom k=2",
+            marked(
+                lambda sparse: BloomEmbedding(
+                    None, d, num_rows=shared, num_hash_functions=2, padding_idx=None, sparse=sparse
+                )
+            ),
+            False,
+        ),
+    ]
+    if planner:
+        from .planner import plan_embedding
+
+        plan = plan_embedding(counts, d, budget, ids=ids, bits=bits)
+
+        def build(sparse):
+            return plan.build(sparse=sparse)
+
+        build.plan = plan
+        specs.append((f"{name} planner: {plan.label()}", marked(build), False))
     return specs

@@ -44,7 +44,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .demo_layers import layer_specs
+from .demo_layers import layer_specs, served
 from .demo_stream import FULL, QUICK, eval_set, make_stream
 from .modules import embedding_bytes
 from .ranking import ranking_metrics
@@ -148,11 +148,12 @@ def evaluate(layer, data, chunk=2048) -> dict:
     return out
 
 
-def _signature(layer):
+def _signature(layer, bits=None):
     """Layers with the same signature are the same layout (the planner's
     choice may be one of the listed rows): trained once."""
     hot = getattr(layer, "hot_ids", None)
     return (
+        bits,
         type(layer).__name__,
         getattr(layer, "num_rows", None),
         getattr(layer, "num_hash_functions", None),
@@ -214,7 +215,8 @@ def run_once(seed, quick=False, say=print, learning_rates=None, config=None) -> 
             if hasattr(build, "plan"):
                 plan = build.plan
             torch.manual_seed(1000 * seed + index)
-            signature = _signature(build(True))
+            bits = getattr(build, "bits", None)
+            signature = _signature(build(True), bits)
             if signature in trained:
                 rows.append(dict(trained[signature], label=label, same_as=trained[signature]["label"]))
                 bar.update(len(grid) * steps)
@@ -230,16 +232,14 @@ def run_once(seed, quick=False, say=print, learning_rates=None, config=None) -> 
 
                 seconds, state = train(layer, stream, train_events, lr, on_step=on_step)
                 bar.set_postfix_str(f"{label}, lr {lr:g}: scoring")
-                runs.append(
-                    dict(
-                        lr=lr,
-                        valid=evaluate(layer, valid),
-                        test=evaluate(layer, test),
-                        step_ms=1000 * statistics.median(seconds),
-                        train_mib=state / 2**20,
-                        bytes=embedding_bytes(layer),
-                    )
-                )
+                run = dict(lr=lr, step_ms=1000 * statistics.median(seconds), train_mib=state / 2**20)
+                if bits:
+                    # Served quantized: scored (and its rate chosen) as served,
+                    # and the float table it came from kept for comparison.
+                    run.update(trained_test=evaluate(layer, test), trained_bytes=embedding_bytes(layer))
+                    layer = served(layer, bits)
+                run.update(valid=evaluate(layer, valid), test=evaluate(layer, test), bytes=embedding_bytes(layer))
+                runs.append(run)
                 del layer
             best = max(runs, key=lambda r: r["valid"]["hr@10"])
             row = dict(
@@ -253,6 +253,8 @@ def run_once(seed, quick=False, say=print, learning_rates=None, config=None) -> 
                 train_mib=best["train_mib"],
                 valid_hr10_by_lr={str(r["lr"]): r["valid"]["hr@10"] for r in runs},
             )
+            if bits:
+                row.update(bits=bits, trained_test=best["trained_test"], trained_bytes=best["trained_bytes"])
             assert over or row["bytes"] <= budget, (label, row["bytes"], budget)
             trained[signature] = row
             rows.append(row)
@@ -313,6 +315,20 @@ def verdict(rows, metric="hr@10") -> tuple[str, str]:
             f"{lead:+.4f} HR@10 (head {planner['hr@10_head'] - rival['hr@10_head']:+.4f}), "
             f"{planner['auc'] - rival['auc']:+.4f} AUC (one seed; see --seeds for the spread)."
         )
+    quantized = [r for r in rows if r.get("bits") and "same_as" not in r]
+    planner_q = next((r for r in quantized if " planner" in r["label"]), None)
+    rivals_q = [r for r in quantized if r["label"].partition(" ")[2].startswith(RIVALS)]
+    if planner_q is not None and rivals_q:
+        rival = max(rivals_q, key=lambda r: r[metric])
+        bits = planner_q["bits"]
+        text += (
+            f"  Served at int{bits} (trained in float32 at {planner_q['trained_bytes'] / planner_q['bytes']:.1f}x "
+            f"the bytes): the planner's layout {planner_q[metric] - rival[metric]:+.4f} HR@10 against "
+            f"{rival['label']} (head {planner_q['hr@10_head'] - rival['hr@10_head']:+.4f})"
+        )
+        if planner is not None:
+            text += f", {planner_q[metric] - planner[metric]:+.4f} against its float32 layout"
+        text += "."
     bloom = [r for r in rows if r["label"].startswith("Bloom k=")]
     hashing = next((r for r in rows if r["label"].startswith("hashing")), None)
     if bloom and hashing is not None:
@@ -367,6 +383,13 @@ def run_open(args) -> int:
         table(report.accuracy_table(rows))
         say("\nCost (train MiB: the layer's parameters, buffers and optimizer state):")
         table(report.cost_table(rows))
+        bits = next((r["bits"] for r in rows if r.get("bits")), None)
+        if bits:
+            say(
+                f"\nServed quantized (int{bits} rows: trained in float32 with the rows int{bits} buys at the "
+                "budget, quantized after training; their bytes and accuracy above are the served layer's):"
+            )
+            table(report.quantized_table(rows))
         if payload["plan"]:
             say("\n" + payload["plan"])
         say(f"\nVerdict (seed {seed}): {payload['verdict']}")

@@ -98,9 +98,36 @@ def _mean_std(values):
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def quantized_table(rows) -> str:
+    """The rows served quantized: test HR@10 and AUC of the float32 layer as
+    trained and as served, and the bytes of each."""
+    headers = [
+        ("", "HR@10", "HR@10", "", "AUC", "trained", "served"),
+        ("model", "float32", "served", "change", "change", "bytes", "bytes"),
+    ]
+    body = [
+        [
+            _label(r),
+            f"{r['trained_test']['hr@10']:.4f}",
+            f"{r['hr@10']:.4f}",
+            f"{r['hr@10'] - r['trained_test']['hr@10']:+.4f}",
+            f"{r['auc'] - r['trained_test']['auc']:+.4f}",
+            f"{r['trained_bytes']:,}",
+            f"{r['bytes']:,}",
+        ]
+        for r in rows
+        if r.get("bits") and "same_as" not in r
+    ]
+    return _table(headers, body, 24)
+
+
 def _key(label):
     """Labels that carry sizes (``vocab 759+OOV``, the planner's layout) vary
-    with the seed's data; rows are matched across seeds by their kind."""
+    with the seed's data; rows are matched across seeds by their kind (a
+    row served quantized keeps its ``int4`` mark)."""
+    bits, _, rest = label.partition(" ")
+    if bits.startswith("int") and bits[3:].isdigit():
+        return f"{bits} {_key(rest)}"
     if label.startswith("vocab "):
         return "vocab"
     if label.startswith("planner"):
@@ -122,17 +149,31 @@ def summarize(payloads) -> dict:
             mean, std = _mean_std([r[metric] for r in rows])
             entry[metric] = {"mean": mean, "std": std, "by_seed": [r[metric] for r in rows]}
         summary[key] = entry
+    served = next((k for k in by_key if k.endswith(" planner") and k.startswith("int")), None)
+    return {
+        "seeds": [p["seed"] for p in payloads],
+        "rows": summary,
+        "planner_minus": _paired(by_key, "planner"),
+        # The planner's layout served quantized, against every other row.
+        "served_planner": served,
+        "served_planner_minus": _paired(by_key, served),
+    }
+
+
+def _paired(by_key, base) -> dict:
+    """``base`` minus every other row, seed by seed, per metric."""
     paired = {}
-    if "planner" in by_key:
-        for key, rows in by_key.items():
-            if key == "planner":
-                continue
-            paired[key] = {}
-            for metric in ("hr@10", "auc", "hr@10_head", "auc_head", "hr@10_rare", "auc_rare"):
-                diffs = [p[metric] - r[metric] for p, r in zip(by_key["planner"], rows)]
-                mean, std = _mean_std(diffs)
-                paired[key][metric] = {"mean": mean, "std": std, "by_seed": diffs}
-    return {"seeds": [p["seed"] for p in payloads], "rows": summary, "planner_minus": paired}
+    if base not in by_key:
+        return paired
+    for key, rows in by_key.items():
+        if key == base:
+            continue
+        paired[key] = {}
+        for metric in ("hr@10", "auc", "hr@10_head", "auc_head", "hr@10_rare", "auc_rare"):
+            diffs = [p[metric] - r[metric] for p, r in zip(by_key[base], rows)]
+            mean, std = _mean_std(diffs)
+            paired[key][metric] = {"mean": mean, "std": std, "by_seed": diffs}
+    return paired
 
 
 def summary_table(summary) -> str:
@@ -186,6 +227,24 @@ def seeds_verdict(summary) -> str:
                 f"ahead in {wins}/{len(all_['by_seed'])} seeds)"
             )
         text += "  HR@10 of the planner's choice minus " + "; minus ".join(parts) + "."
+    served = summary.get("served_planner")
+    if served in rows:
+        bits = served.split(" ")[0]
+        pairs = summary["served_planner_minus"]
+        names = [k for k in (f"{bits} quotient-remainder", f"{bits} vocab", "planner") if k in pairs]
+        parts = []
+        for name in names:
+            all_, head = pairs[name]["hr@10"], pairs[name]["hr@10_head"]
+            wins = sum(d > 0 for d in all_["by_seed"])
+            parts.append(
+                f"{name} {all_['mean']:+.4f} ± {all_['std']:.4f} (head {head['mean']:+.4f} ± {head['std']:.4f}; "
+                f"ahead in {wins}/{len(all_['by_seed'])})"
+            )
+        if parts:
+            text += (
+                f"  Served at {bits} (trained in float32 with the rows {bits} buys), HR@10 of the planner's "
+                "layout minus " + "; minus ".join(parts) + "."
+            )
     bloom = [k for k in rows if k.startswith("Bloom k=")]
     if bloom:
         place = [k for k in sorted(rows, key=lambda k: rows[k]["hr@10"]["mean"], reverse=True)]
