@@ -29,7 +29,7 @@ import triton
 from triton_bloom import BloomEmbedding, embedding_bytes, quantize
 from triton_bloom.demo_layers import layer_specs
 from triton_bloom.demo_open import BYTES_PER_ID, EMBEDDING_DIM, QUICK_LEARNING_RATES, evaluate, train
-from triton_bloom.demo_stream import QUICK, eval_set, make_stream
+from triton_bloom.demo_stream import FULL, QUICK, eval_set, make_stream
 from triton_bloom.quantized_ops import LAYOUT
 
 from .quantized_format import OLD_LAYOUT, new_round_trip, old_bytes, old_round_trip, relative_error, with_old_rows
@@ -37,11 +37,12 @@ from .quantized_format import OLD_LAYOUT, new_round_trip, old_bytes, old_round_t
 RESULTS = os.path.join(os.path.dirname(__file__), "..", "results")
 
 
-def run_seed(seed, log, more_rows=True, only_more_rows=False):
-    stream = make_stream(QUICK, seed)
+def run_seed(seed, log, more_rows=True, only_more_rows=False, full=False):
+    config = FULL if full else QUICK
+    stream = make_stream(config, seed)
     ids, counts = stream.train_counts()
     events = stream.split("train")
-    test = eval_set(stream, "test", QUICK.eval_events, seed + 2)
+    test = eval_set(stream, "test", config.eval_events, seed + 2)
     budget = BYTES_PER_ID * ids.numel()
     lr = QUICK_LEARNING_RATES[0]
     d = EMBEDDING_DIM
@@ -72,7 +73,7 @@ def run_seed(seed, log, more_rows=True, only_more_rows=False):
         log(f"seed {seed} trained {index} in {time.perf_counter() - started:.0f} s")
         return layer
 
-    label, build, _ = layer_specs(ids, counts, d, budget, full=False, planner=False)[0]
+    label, build, _ = layer_specs(ids, counts, d, budget, full=False, planner=False, bits=None)[0]
     if not only_more_rows:
         record("vocabulary: fp32", label + " fp32", trained(lambda: build(True), 0), None)
     # A row's bytes in the current format: its codes and a scale byte.
@@ -105,7 +106,7 @@ def run_seed(seed, log, more_rows=True, only_more_rows=False):
                 old,
                 error,
             )
-    return rows, dict(budget=budget, distinct_train_ids=ids.numel(), train_events=events.numel(), lr=lr)
+    return rows, dict(budget=budget, distinct_train_ids=ids.numel(), train_events=events.numel(), lr=lr, full=full)
 
 
 def _mean_sd(values):
@@ -122,10 +123,12 @@ def render(result) -> str:
         f"Measured {meta['date']} on {meta['cpu']} (2 cores shared with other work: load average "
         f"{meta['load_before'][0]:.1f} before, {meta['load_after'][0]:.1f} after), torch {meta['torch']}, "
         f"triton {meta['triton']}, {meta['seconds'] / 60:.0f} min.  Produced by "
-        f"`python -m bench.studies.quantized_open --seeds {' '.join(map(str, meta['seeds']))}` "
+        f"`python -m bench.studies.quantized_open --seeds {' '.join(map(str, meta['seeds']))}"
+        f"{meta.get('flags', '')}` "
         "(`bench/studies/quantized_open.py`).",
         "",
-        "Setup: the stream, model, training and scoring of `triton-bloom demo --quick` (raw int64 item ids, "
+        "Setup: the stream, model, training and scoring of "
+        f"`triton-bloom demo{'' if meta['setup'].get('full') else ' --quick'}` (raw int64 item ids, "
         f"dim {EMBEDDING_DIM}, SparseAdam lr {meta['setup']['lr']}, one pass), budget {BYTES_PER_ID} B per distinct "
         f"training id (about {meta['setup']['budget']:,} B; each seed's own), seeds "
         f"{', '.join(map(str, meta['seeds']))}.  Every layer trains in fp32; int8/int4 rows are quantized after "
@@ -191,6 +194,9 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(RESULTS, "quantized_open_cpu"))
     parser.add_argument("--render", action="store_true", help="only write OUT.md from OUT.json")
     parser.add_argument(
+        "--full", action="store_true", help="the default demo's sizes instead of --quick's (same learning rate)"
+    )
+    parser.add_argument(
         "--no-more-rows",
         action="store_true",
         help="leave out the layers with the rows int8/int4 buy at the budget (the slowest to train)",
@@ -210,7 +216,7 @@ def main(argv=None):
         )
         for seed in args.seeds:
             seed_runs, setup = run_seed(
-                seed, lambda line: print(line, flush=True), not args.no_more_rows, args.only_more_rows
+                seed, lambda line: print(line, flush=True), not args.no_more_rows, args.only_more_rows, args.full
             )
             runs += seed_runs
             # Written after every seed: a long run stopped early keeps what it measured.
@@ -226,6 +232,15 @@ def main(argv=None):
                 seeds=sorted({r["seed"] for r in runs}),
                 layout=LAYOUT,
                 old_layout=OLD_LAYOUT,
+                flags="".join(
+                    f" {flag}"
+                    for flag, on in (
+                        ("--full", args.full),
+                        ("--no-more-rows", args.no_more_rows),
+                        ("--only-more-rows", args.only_more_rows),
+                    )
+                    if on
+                ),
             )
             result = dict(meta=meta, runs=runs)
             with open(args.out + ".json", "w") as f:
