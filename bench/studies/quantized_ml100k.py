@@ -188,8 +188,8 @@ def render(result) -> str:
         "",
         f"Measured {meta['date']} on {meta['cpu']} (2 cores shared with other work: load average "
         f"{meta['load_before'][0]:.1f} before, {meta['load_after'][0]:.1f} after), torch {meta['torch']}, "
-        f"triton {meta['triton']}, {meta['seconds'] / 60:.0f} min.  Produced by "
-        f"`python -m bench.studies.quantized_ml100k --seeds {' '.join(map(str, meta['seeds']))}` "
+        f"triton {meta['triton']}, {meta.get('threads', 'torch default')} thread(s), {duration(meta['seconds'])}.  "
+        f"Produced by `python -m bench.studies.quantized_ml100k --seeds {' '.join(map(str, meta['seeds']))}` "
         "(`bench/studies/quantized_ml100k.py`).",
         "",
         "Setup: `quality.py`'s implicit task on ml-100k (BPR, leave-last-out, the held-out item ranked against "
@@ -221,6 +221,10 @@ def render(result) -> str:
     if "equal_bytes" in result:
         lines += [""] + render_bytes(result["equal_bytes"], full, runs)
     return "\n".join(lines) + "\n"
+
+
+def duration(seconds) -> str:
+    return f"{seconds} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def mean_sd(values):
@@ -278,7 +282,7 @@ def render_bytes(part, full, ptq_runs) -> list:
         "",
         f"Measured {meta['date']} on {meta['cpu']} (load average {meta['load_before'][0]:.1f} before, "
         f"{meta['load_after'][0]:.1f} after), torch {meta['torch']}, triton {meta['triton']}, "
-        f"{meta['threads']} thread, {meta['seconds'] / 60:.0f} min.  Produced by `python -m "
+        f"{meta['threads']} thread, {duration(meta['seconds'])}.  Produced by `python -m "
         f"bench.studies.quantized_ml100k --study bytes --seeds {' '.join(map(str, meta['seeds']))}`.",
         "",
         f"The same task, lr {LR} and L2 {L2} for every model (quality.py's tuned choice for the Bloom 0.2 tables "
