@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ..constants import accumulation_dtype
 from .launch import launch
-from .lookup import accumulator
+from .lookup import accumulator, aligned, alignment_args
 
 # Segments a program sums at once, and the most columns it takes.  Each
 # segment's terms are added one after another in the order of its entries,
@@ -69,9 +69,11 @@ def _bloom_segment_sum_kernel(
     HAS_SCALE: tl.constexpr,
     DENSE: tl.constexpr,  # write row r's sum into OUT[ROWS[r]] in OUT's dtype
     ACC: tl.constexpr,  # float32 (float64 for float64 gradients)
+    ROW_ALIGN: tl.constexpr,  # dim is a multiple of it (lookup.alignment_args)
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    dim = aligned(dim, ROW_ALIGN)
     offs_s = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)[:, None]
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
     mask_s = offs_s < u
@@ -139,6 +141,7 @@ def bloom_row_gradients(rows, sources, grad, *, scales=None, keep=None, dense=No
         another in the order of the entries, in float32 (float64).
     """
     dim = grad.shape[1]
+    grad = grad.contiguous()
     unique_rows, segments, sorted_sources, sorted_scales, by_length = sorted_entries(rows, sources, scales, keep)
     acc_dtype = accumulation_dtype(grad.dtype)
     u = unique_rows.numel()
@@ -149,7 +152,7 @@ def bloom_row_gradients(rows, sources, grad, *, scales=None, keep=None, dense=No
             SEGMENTS=segments,
             SOURCES=sorted_sources,
             SCALES=sorted_scales if sorted_scales is not None else segments,
-            GRAD=grad.contiguous(),
+            GRAD=grad,
             ROWS=unique_rows if dense is not None else segments,
             OUT=values,
             u=u,
@@ -157,6 +160,9 @@ def bloom_row_gradients(rows, sources, grad, *, scales=None, keep=None, dense=No
             HAS_SCALE=sorted_scales is not None,
             DENSE=dense is not None,
             ACC=accumulator(grad.dtype),
+            # GRAD and OUT are both contiguous (u or s, dim) rows: GRAD's
+            # elements set the vector width the gathers can use.
+            **alignment_args(grad, dim),
         )
         launch(
             _bloom_segment_sum_kernel,
