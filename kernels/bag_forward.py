@@ -7,7 +7,6 @@ import triton.language as tl
 
 from .. import constants
 from .autotune import BAG_TILES, TUNING_KEY, Tuning, bag_bucket, bag_order
-from .hashing import bloom_rows
 from .launch import launch
 from .lookup import (
     accumulator,
@@ -17,6 +16,7 @@ from .lookup import (
     id_hashes,
     load_ids,
     padding_args,
+    pair_rows,
     row_contiguous,
     row_index,
     variant_factor,
@@ -162,37 +162,32 @@ def _pair_block(
     """The rows of the (id, hash function) pairs ``(offs_n, j)`` (positions
     in ``IDS``, int32 hash functions) on the columns ``offs_d``, each times
     its sign and importance weight, zero where ``in_bag`` is off or the id is
-    padding; and which pairs are live.  Each pair is hashed by one thread."""
-    ids, live = load_ids(IDS, offs_n, in_bag, padding_idx, HAS_PADDING)
-    mixed_lo, mixed_hi, imp_rows, hot = id_hashes(
-        ids, SEEDS, importance_rows, HOT, hot_count, HOT_STEPS, HAS_IMPORTANCE, HAS_HOT, WIDE_IDS
+    padding; and which pairs are live.  Each pair is hashed by one thread
+    (``lookup.pair_rows``, shared with the quantized bags)."""
+    rows, row_live, live, variant = pair_rows(
+        offs_n,
+        j,
+        in_bag,
+        IDS,
+        SEEDS,
+        IMPORTANCE,
+        HOT,
+        num_rows,
+        importance_rows,
+        hot_count,
+        padding_idx,
+        K,
+        HAS_PADDING,
+        SIGNED,
+        HAS_IMPORTANCE,
+        HAS_HOT,
+        HOT_STEPS,
+        WIDE_IDS,
     )
-    rows = bloom_rows(ids, mixed_lo, mixed_hi, tl.load(SEEDS + j, mask=live, other=0), num_rows, WIDE_IDS)
-    row_live = live
-    if HAS_HOT:
-        # A hot id reads its private row once, as its first pair.
-        rows = tl.where(hot >= 0, num_rows + hot.to(tl.int64), rows)
-        row_live = live & ((j == 0) | (hot < 0))
     vals = tl.load(
         W + (rows * stride_w)[:, None] + offs_d[None, :], mask=row_live[:, None] & mask_d[None, :], other=0.0
     ).to(ACC)
     if SIGNED or HAS_IMPORTANCE:
-        _, variant = variant_factor(
-            ids,
-            mixed_lo,
-            mixed_hi,
-            hot,
-            SEEDS,
-            IMPORTANCE,
-            imp_rows,
-            live,
-            j,
-            K,
-            SIGNED,
-            HAS_IMPORTANCE,
-            HAS_HOT,
-            WIDE_IDS,
-        )
         vals = vals * variant.to(ACC)[:, None]
     return vals, live
 

@@ -235,6 +235,63 @@ def variant_factor(
 
 
 @triton.jit
+def pair_rows(
+    offs_n,
+    j,
+    in_bag,
+    IDS,
+    SEEDS,
+    IMPORTANCE,
+    HOT,
+    num_rows,
+    importance_rows,
+    hot_count,
+    padding_idx,
+    K: tl.constexpr,
+    HAS_PADDING: tl.constexpr,
+    SIGNED: tl.constexpr,
+    HAS_IMPORTANCE: tl.constexpr,
+    HAS_HOT: tl.constexpr,
+    HOT_STEPS: tl.constexpr,
+    WIDE_IDS: tl.constexpr,
+):
+    """The rows of the (id, hash function) pairs ``(offs_n, j)`` (positions
+    in ``IDS``, int32 hash functions), one pair a thread: ``(rows, row_live,
+    live, factor)``, where ``row_live`` says which pairs read a row (a hot id
+    reads its private row once, as its first pair), ``live`` which ids take
+    part (in ``in_bag``, not padding), and ``factor`` is each pair's sign
+    times importance weight (float32; 1 without them)."""
+    ids, live = load_ids(IDS, offs_n, in_bag, padding_idx, HAS_PADDING)
+    mixed_lo, mixed_hi, imp_rows, hot = id_hashes(
+        ids, SEEDS, importance_rows, HOT, hot_count, HOT_STEPS, HAS_IMPORTANCE, HAS_HOT, WIDE_IDS
+    )
+    rows = bloom_rows(ids, mixed_lo, mixed_hi, tl.load(SEEDS + j, mask=live, other=0), num_rows, WIDE_IDS)
+    row_live = live
+    if HAS_HOT:
+        rows = tl.where(hot >= 0, num_rows + hot.to(tl.int64), rows)
+        row_live = live & ((j == 0) | (hot < 0))
+    factor = tl.full(ids.shape, 1.0, tl.float32)
+    if SIGNED or HAS_IMPORTANCE:
+        _, factor = variant_factor(
+            ids,
+            mixed_lo,
+            mixed_hi,
+            hot,
+            SEEDS,
+            IMPORTANCE,
+            imp_rows,
+            live,
+            j,
+            K,
+            SIGNED,
+            HAS_IMPORTANCE,
+            HAS_HOT,
+            WIDE_IDS,
+        )
+    return rows, row_live, live, factor
+
+
+@triton.jit
 def gather_sum(
     ids,
     live,

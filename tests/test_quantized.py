@@ -277,6 +277,82 @@ def test_bags_match_dequantize_then_pool(backend, bits, mode, dim, hot):
     assert_close(quantized(to(square), per_sample_weights=to(sq_psw)), expected)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("k,dim", [(1, 33), (3, 150), (24, 64)])
+def test_bags_at_every_k_with_every_variant(backend, bits, mode, k, dim):
+    # The Triton bags take (id, hash function) pairs 32 a step (sum, mean)
+    # or ids 32 a step (max), 64 columns a program: bags from empty to 70
+    # ids cross several steps at every k (at k 3 a step ends inside an id),
+    # dims 33 and 150 leave a partial block of words (150: three programs a
+    # bag), with signs, importance weights, hot rows, padding and, for the
+    # sum, per-sample weights all on.
+    float_module, quantized, generator = build(
+        BloomEmbeddingBag,
+        bits,
+        backend,
+        seed=k * 7 + dim + bits,
+        dim=dim,
+        hot=HOT,
+        mode=mode,
+        padding_idx=3,
+        num_hash_functions=k,
+        signed=True,
+        importance=True,
+        importance_rows=31,
+    )
+    with torch.no_grad():
+        float_module.importance_weight.uniform_(-2, 2, generator=generator)
+    quantized = quantize(float_module, bits=bits)
+    ids, offsets = random_bags(generator, 7, 70)
+    ids[offsets[2] : offsets[3]] = 3  # a bag of padding only
+    ids[: len(HOT)] = HOT
+    ids[-3] = 3
+    psw = torch.randn(ids.shape, generator=generator) if mode == "sum" else None
+    importance = quantized.importance_weight.cpu().double().numpy()
+    vectors = oracle_vectors(
+        ids, oracle_table(quantized), k=k, num_rows=97, padding_idx=3, hot=HOT, signed=True, importance=importance
+    )
+    expected = oracle_bags(vectors, ids, offsets, mode, psw, padding_idx=3)
+    # Sums of up to 70 x 24 terms: float32 rounding relative to the sum of
+    # the terms' magnitudes, not to the (cancelling) result.
+    magnitudes = oracle_vectors(
+        ids, np.abs(oracle_table(quantized)), k=k, num_rows=97, padding_idx=3, hot=HOT, importance=np.abs(importance)
+    )
+    magnitude = oracle_bags(magnitudes, ids, offsets, mode, None if psw is None else psw.abs(), padding_idx=3)
+    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    actual = quantized(to(ids), to(offsets[:-1]), to(psw)).cpu().double().numpy()
+    assert np.all(np.abs(actual - expected) <= 1e-5 + 2e-5 * np.abs(expected) + 1e-6 * magnitude)
+    # The lookup of the same ids, at the same k and variants.
+    lookup = quantize(
+        trained_like(
+            BloomEmbedding(
+                NUM_IDS,
+                dim,
+                num_rows=97,
+                hot_ids=HOT,
+                backend=backend,
+                padding_idx=3,
+                num_hash_functions=k,
+                signed=True,
+                importance=True,
+                importance_rows=31,
+            ),
+            generator,
+        ).to(DEVICE),
+        bits=bits,
+    )
+    importance = lookup.importance_weight.cpu().double().numpy()
+    expected = oracle_vectors(
+        ids, oracle_table(lookup), k=k, num_rows=97, padding_idx=3, hot=HOT, signed=True, importance=importance
+    )
+    magnitude = oracle_vectors(
+        ids, np.abs(oracle_table(lookup)), k=k, num_rows=97, padding_idx=3, hot=HOT, importance=np.abs(importance)
+    )
+    actual = lookup(to(ids)).cpu().double().numpy()
+    assert np.all(np.abs(actual - expected) <= 1e-5 + 2e-5 * np.abs(expected) + 1e-6 * magnitude)
+
+
 def test_empty_input_and_bags(backend):
     _, quantized, _ = build(BloomEmbedding, 4, backend, seed=1, dim=6)
     assert quantized(torch.empty(0, 3, dtype=torch.int64, device=DEVICE)).shape == (0, 3, 6)
