@@ -27,7 +27,9 @@ import triton.language as tl
 
 from .hashing import bloom_rows
 from .launch import launch
-from .lookup import accumulator, gather_sum, hashing_args, id_hashes, load_ids, padding_args, row_contiguous
+from .lookup import accumulator, aligned, gather_sum, hashing_args, id_hashes, load_ids, padding_args, row_contiguous
+from .quantized import _common_args as _quantized_args
+from .quantized import _id_vectors, used_words
 
 
 @triton.jit
@@ -117,17 +119,25 @@ def _score_tile(
             # returns, whatever the dot products accumulate in.
             vectors = vectors.to(W.dtype.element_ty)
             queries = tl.load(QUERIES + offs_q * stride_q + offs_d, mask=(offs_q < nq) & (offs_d < dim), other=0.0)
-            if DOT == 2:
-                # 16-bit queries and vectors are exact in TF32 (an 8-bit
-                # exponent, 10 bits of mantissa): tensor cores, products
-                # exact, sums in float32.  (Not a 16-bit tl.dot: Triton 3.9's
-                # interpreter multiplies bfloat16's raw bits.)
-                acc += tl.dot(queries.to(ACC), tl.trans(vectors.to(ACC)), input_precision="tf32")
-            elif DOT == 1:
-                # IEEE float32, not TF32: rankings must match the PyTorch path's.
-                acc += tl.dot(queries.to(ACC), tl.trans(vectors.to(ACC)), input_precision="ieee")
-            else:
-                acc += tl.sum(queries.to(ACC)[:, None, :] * vectors.to(ACC)[None, :, :], axis=2)
+            acc = _add_products(acc, queries, vectors, DOT, ACC)
+    return acc
+
+
+@triton.jit
+def _add_products(acc, queries, vectors, DOT: tl.constexpr, ACC: tl.constexpr):
+    """``acc + queries @ vectors.T`` (``(BLOCK_Q, C)`` by ``(BLOCK_N, C)``) by
+    the ``DOT`` mode of :func:`_dot_mode`."""
+    if DOT == 2:
+        # 16-bit queries and vectors are exact in TF32 (an 8-bit exponent,
+        # 10 bits of mantissa): tensor cores, products exact, sums in
+        # float32.  (Not a 16-bit tl.dot: Triton 3.9's interpreter
+        # multiplies bfloat16's raw bits.)
+        acc += tl.dot(queries.to(ACC), tl.trans(vectors.to(ACC)), input_precision="tf32")
+    elif DOT == 1:
+        # IEEE float32, not TF32: rankings must match the PyTorch path's.
+        acc += tl.dot(queries.to(ACC), tl.trans(vectors.to(ACC)), input_precision="ieee")
+    else:
+        acc += tl.sum(queries.to(ACC)[:, None, :] * vectors.to(ACC)[None, :, :], axis=2)
     return acc
 
 
@@ -202,6 +212,100 @@ def _bloom_scores_kernel(
     )
     offs_n = start + tl.arange(0, BLOCK_N)[None, :]
     tl.store(OUT + offs_q * stride_out + offs_n, acc.to(OUT.dtype.element_ty), mask=(offs_q < nq) & (offs_n < n))
+
+
+@triton.jit
+def _quantized_scores_kernel(
+    QUERIES,  # (nq, dim) queries, rows `stride_q` apart
+    IDS,  # (n,) int32/int64 ids of the chunk
+    SEEDS,  # (49,) int32 murmurhash3 seeds
+    CODES,  # (rows, row_words) int32: the uint8 codes, four to a word (kernels/quantized.py)
+    SCALE_CODES,  # (rows,) uint8 scale codes
+    GRID,  # (2,) float32: the scale grid's lo and step
+    COLUMN_OFFSET,  # (dim,) float32
+    IMPORTANCE,  # (importance_rows, K) float32, read only when HAS_IMPORTANCE
+    HOT,  # (hot_count,) sorted hot ids, read only when HAS_HOT
+    OUT,  # (nq, n) scores, rows `stride_out` apart
+    nq,
+    n,
+    dim,
+    num_rows,  # shared rows: the hash's modulus
+    row_words,  # words between two rows of CODES, a multiple of 4 (16-byte rows)
+    stride_q,
+    stride_out,
+    importance_rows,
+    hot_count,
+    padding_idx,
+    K: tl.constexpr,
+    HAS_PADDING: tl.constexpr,
+    SIGNED: tl.constexpr,
+    HAS_IMPORTANCE: tl.constexpr,
+    HAS_HOT: tl.constexpr,
+    HOT_STEPS: tl.constexpr,
+    WIDE_IDS: tl.constexpr,
+    BITS: tl.constexpr,  # 8 or 4
+    DOT: tl.constexpr,  # 1: tl.dot, IEEE float32; 0: a broadcast sum (float64)
+    ACC: tl.constexpr,  # the dot products' accumulator
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_W: tl.constexpr,  # words of a row a step; BLOCK_W * 32 // BITS columns
+):
+    """The quantized table's scores: each id's vector is the quantized
+    lookup's (``kernels/quantized.py``'s ``_id_vectors``: the ``k`` rows of
+    codes gathered, dequantised and summed in float32, the same operations
+    in the same order, so the same float32 vector), dotted with the queries
+    a block of words at a time."""
+    COLS: tl.constexpr = BLOCK_W * (32 // BITS)
+    row_words = aligned(row_words, 4)
+    start = tl.program_id(0).to(tl.int64) * BLOCK_N
+    offs_n = start + tl.arange(0, BLOCK_N)
+    offs_q = tl.program_id(1).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)[:, None]
+    lo = tl.load(GRID)
+    step = tl.load(GRID + 1)
+    q_rows = QUERIES + offs_q * stride_q
+    q_live = offs_q < nq
+    acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=ACC)
+    # Each step hashes the ids again: the registers go to the tile, not to
+    # the k rows' hashes kept between steps.
+    for w0 in range(0, (dim * BITS + 31) // 32, BLOCK_W):
+        offs_w = w0 + tl.arange(0, BLOCK_W)
+        offs_c = w0 * (32 // BITS) + tl.arange(0, COLS)
+        offset = tl.load(COLUMN_OFFSET + offs_c, mask=offs_c < dim, other=0.0)
+        vectors, _ = _id_vectors(
+            offs_n,
+            offs_n < n,
+            IDS,
+            SEEDS,
+            CODES,
+            SCALE_CODES,
+            lo,
+            step,
+            offset,
+            IMPORTANCE,
+            HOT,
+            offs_w,
+            offs_w < row_words,
+            num_rows,
+            row_words,
+            importance_rows,
+            hot_count,
+            padding_idx,
+            K,
+            HAS_PADDING,
+            SIGNED,
+            HAS_IMPORTANCE,
+            HAS_HOT,
+            HOT_STEPS,
+            WIDE_IDS,
+            BITS,
+            BLOCK_W,
+        )
+        # Columns past dim hold finite values, met by queries read as 0.
+        cols = offs_c[None, :]
+        queries = tl.load(q_rows + cols, mask=q_live & (cols < dim), other=0.0)
+        acc = _add_products(acc, queries, vectors, DOT, ACC)
+    offs_out = start + tl.arange(0, BLOCK_N)[None, :]
+    tl.store(OUT + offs_q * stride_out + offs_out, acc.to(OUT.dtype.element_ty), mask=q_live & (offs_out < n))
 
 
 def _dot_mode(queries, table, acc_dtype):
@@ -406,3 +510,105 @@ def bloom_row_score_sums(row_scores, ids, seeds, *, num_hash_functions, wide_ids
         acc_dtype=acc_dtype,
         out_dtype=acc_dtype,
     )
+
+
+def _quantized_config(nq, dim, bits, dot):
+    """Block sizes of the quantized scores: the float scores' query and id
+    blocks (:func:`_config`: 64 ids, up to 64 queries, eight warps at 64),
+    and 32 columns a step (``BITS`` words of codes: two 16-byte loads a row
+    at int8, one at int4).  Float64 takes the float kernel's small tiles: 16
+    queries, 16 ids, 16 columns a step.
+
+    Registers on the compile check (Triton 3.9, sm_80 / sm_90): at 64
+    columns a step (the lookup's tile) the 64-query tiles took 182-255 / 102-126
+    registers, and four warps at dim 33 225 at int4 on sm_80; at 32, 80-112
+    / 106-128, and 96 / 80-94 at four warps.  At 16 columns int8 at
+    ``k = 24`` spilled 8 bytes on sm_80; 32 columns at four warps for 64
+    queries took 128-200.  Past 32 columns each step hashes the ids again."""
+    block_q = min(64, max(16, triton.next_power_of_2(nq)))
+    block_w = max(4, min(triton.next_power_of_2(used_words(dim, bits)), bits))
+    block_n, warps = 64, 4
+    if dot == 0:
+        block_q, block_n, block_w = min(block_q, 16), 16, bits // 2
+    elif block_q == 64:
+        warps = 8
+    return {"kwargs": {"BLOCK_Q": block_q, "BLOCK_N": block_n, "BLOCK_W": block_w}, "num_warps": warps, "num_stages": 1}
+
+
+def quantized_scores(
+    queries,
+    ids,
+    codes,
+    scale_codes,
+    scale_grid,
+    column_offset,
+    seeds,
+    *,
+    bits,
+    dim,
+    num_hash_functions,
+    padding_idx=None,
+    wide_ids=True,
+    signed=False,
+    importance=None,
+    hot=None,
+    exact=False,
+):
+    """``(nq, n)`` dot products of every query with every id's dequantised
+    Bloom vector (a quantized table's: ``triton_bloom/quantized_ops.py``),
+    the vectors never written.
+
+    Args:
+        queries (Tensor): ``(nq, dim)`` floating point.
+        ids (Tensor): ``(n,)`` int32/int64 ids; validated by the caller.
+        codes, scale_codes, scale_grid, column_offset (Tensor): the table,
+            as ``kernels.quantized.quantized_forward`` takes it.
+        seeds (Tensor): int32 seeds on the table's device.
+        bits (int): 8 or 4.
+        dim (int): columns of the table.
+        num_hash_functions, padding_idx, wide_ids, signed, importance, hot:
+            as in :func:`bloom_scores` (``importance`` float32).
+        exact (bool): as in :func:`bloom_scores`: a float32 score is the
+            float64 dot product of the query with the float32 vector,
+            rounded once.
+
+    Returns:
+        Tensor ``(nq, n)``: float64 for float64 ``queries``, else float32.
+    """
+    out_dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    acc_dtype = torch.float64 if exact else out_dtype
+    nq, n = queries.shape[0], ids.numel()
+    out = torch.empty((nq, n), dtype=out_dtype, device=codes.device)
+    if nq == 0 or n == 0:
+        return out
+    queries = row_contiguous(queries)
+    dot = 0 if acc_dtype == torch.float64 else 1
+    args = _quantized_args(
+        ids,
+        (codes, scale_codes, scale_grid, column_offset),
+        seeds,
+        bits=bits,
+        dim=dim,
+        num_hash_functions=num_hash_functions,
+        wide_ids=wide_ids,
+        signed=signed,
+        importance=importance,
+        hot=hot,
+    )
+    args.update(
+        QUERIES=queries,
+        OUT=out,
+        nq=nq,
+        n=n,
+        stride_q=queries.stride(0),
+        stride_out=out.stride(0),
+        DOT=dot,
+        ACC=accumulator(acc_dtype),
+        **padding_args(padding_idx),
+    )
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(nq, meta["BLOCK_Q"]))
+
+    launch(_quantized_scores_kernel, grid, args, codes.device, config=_quantized_config(nq, dim, bits, dot))
+    return out

@@ -137,7 +137,64 @@ def quantized_cases():
         for op, mode in (("quantized", None), ("quantized_bag", "sum")):
             for variant, dim in (("odd_dim", 33), ("wide_dim", 256)):
                 cases.append(dict(op=op, mode=mode, bits=bits, dtype="float32", k=4, variant=variant, dim=dim))
+    return cases + quantized_output_cases()
+
+
+def quantized_output_cases():
+    """The quantized tables' scores (``kernels/scores.py``'s quantized
+    kernel), through ``QuantizedBloomEmbedding.topk`` and ``.rank``: int8 and
+    int4 at each ``k`` with the variants off, all on (wide ids through
+    candidates) at 40 queries, 64 queries at dim 64 (eight warps), ranks
+    (exact scores: float64 sums, small tiles) plain and with the variants,
+    float64 queries, and widths 33 and 256 (several steps along the row)."""
+    full = {"padding": True, "wide_ids": True, "signed": True, "importance": True, "hot": True}
+    narrow = {key: value for key, value in full.items() if key != "wide_ids"}
+    cases = []
+    for bits in (8, 4):
+        base = dict(op="quantized_scores", bits=bits, dtype="float32", dim=64)
+        for k in KS:
+            cases.append(dict(base, k=k, variant="plain", queries=3))
+        cases.append(dict(base, k=4, variant="all", queries=40, **full))
+        cases.append(dict(base, k=4, variant="plain", queries=64))
+        cases.append(dict(base, k=4, variant="plain", queries=3, query_dtype="float64"))
+        for variant, dim in (("odd_dim", 33), ("wide_dim", 256)):
+            cases.append(dict(base, k=4, variant=variant, queries=3, dim=dim))
+        cases.append(dict(base, op="quantized_rank", k=4, variant="plain", queries=3))
+        cases.append(dict(base, op="quantized_rank", k=4, variant="all", queries=3, **narrow))
     return cases
+
+
+def run_quantized_output_case(case):
+    """A top-k or rank of ``case`` (a :func:`quantized_output_cases` entry)
+    through a quantized module."""
+    import torch
+
+    from .modules import BloomEmbedding
+    from .quantized import quantize
+
+    k, dim, nq = case["k"], case["dim"], case["queries"]
+    g = torch.Generator().manual_seed(0)
+    wide = case.get("wide_ids")
+    module = BloomEmbedding(
+        None if wide else 200,
+        dim,
+        num_rows=1000,
+        num_hash_functions=k,
+        padding_idx=7 if case.get("padding") else None,
+        signed=bool(case.get("signed")),
+        importance=bool(case.get("importance")),
+        hot_ids=torch.tensor([3, 11, 12]) if case.get("hot") else None,
+        backend="triton",
+    )
+    with torch.no_grad():
+        module.embeddings.weight.normal_(generator=g)
+    quantized = quantize(module, bits=case["bits"])
+    queries = torch.randn(nq, dim, generator=g).to(getattr(torch, case.get("query_dtype", "float32")))
+    if case["op"] == "quantized_rank":
+        quantized.rank(queries, torch.randint(0, 200, (nq,), generator=g))
+        return
+    candidates = torch.randint(2**31, 2**40, (100,), generator=g) if wide else None
+    quantized.topk(queries, 5, candidates=candidates)
 
 
 def run_quantized_case(case):
@@ -269,6 +326,8 @@ def run_case(case):
         return run_output_case(case)
     if case["op"] in ("quantized", "quantized_bag"):
         return run_quantized_case(case)
+    if case["op"] in ("quantized_scores", "quantized_rank"):
+        return run_quantized_output_case(case)
     dtype = getattr(torch, case["dtype"])
     training = case.get("training")
     # Few ids and, where the kernels run a program per touched row, few rows:

@@ -339,8 +339,10 @@ class QuantizedBloomEmbedding(_QuantizedTable):
         self._check_inference()
         return quantized_forward(input, *self._table(), self.importance_weight, self.hot_ids, **self._options())
 
-    # The output side: every id scored through this module's own lookup (the
-    # rows dequantised as they are gathered), then a dense product.
+    # The output side: on Triton the fused quantized scores kernel
+    # (kernels/scores.py: rows dequantised as they are gathered, dotted with
+    # the queries, no vector written); on PyTorch this module's own lookup,
+    # then a dense product.
 
     def topk(
         self,

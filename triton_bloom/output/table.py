@@ -4,6 +4,8 @@ argument checks every entry point shares."""
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.nn as nn
 
@@ -95,7 +97,8 @@ def _is_bloom_lookup(emb) -> bool:
 
 def _is_quantized_lookup(emb) -> bool:
     """Whether ``emb`` is a ``QuantizedBloomEmbedding`` (told by attribute, as
-    above): scored through its own lookup, which dequantises the rows it
+    above): scored on Triton by the fused quantized scores kernel, on the
+    PyTorch path through its own lookup, which dequantises the rows it
     gathers, then a dense product; it has no parameters to train."""
     return (
         isinstance(emb, nn.Module)
@@ -162,6 +165,9 @@ class _Table:
         # lookup's ops compute the same vectors as the module's forward.
         self.plain = plain
         self.kernel = use_triton and plain
+        # A quantized table's scores on Triton: the fused kernel dequantises
+        # the rows it gathers, as the table's own lookup does.
+        self.quantized_kernel = quantized and dispatch.use_triton(emb.backend, self.weight.device)
         # Scoring without gradients skips the custom op (and its per-call
         # checks: these ids are generated or checked here) where the
         # reference computes the vector from the hash alone.
@@ -217,6 +223,8 @@ class _Table:
                     hot=self.options.get("hot"),
                     exact=exact,
                 )
+            if self.quantized_kernel:
+                return self._quantized_scores(queries, ids, exact)
             if self.reference:
                 k = self.options["num_hash_functions"]
                 factors, _, _ = row_factors(
@@ -234,6 +242,26 @@ class _Table:
             if exact:
                 return (queries.double() @ vectors.double().T).to(acc)
             return queries.to(acc) @ vectors.to(acc).T
+
+    def _quantized_scores(self, queries, ids, exact):
+        emb = self.emb
+        wide = ids.dtype == torch.int64 and (self.num_embeddings is None or self.num_embeddings > WIDE_ID_START)
+        scores = importlib.import_module(".scores", dispatch.kernels().__name__)
+        return scores.quantized_scores(
+            queries,
+            ids,
+            *emb._table(),
+            seed_tensor(self.device),
+            bits=emb.bits,
+            dim=emb.embedding_dim,
+            num_hash_functions=emb.num_hash_functions,
+            padding_idx=emb.padding_idx,
+            wide_ids=wide,
+            signed=emb.signed,
+            importance=emb.importance_weight,
+            hot=emb.hot_ids,
+            exact=exact,
+        )
 
 
 def _check_queries(queries, dim, name="queries"):
