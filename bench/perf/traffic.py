@@ -1165,6 +1165,10 @@ OPS = (
 # looked-up id moves at int8 and int4 (issue 23).
 QUANTIZED_OPS = ("quantized_forward_int8", "quantized_forward_int4", "quantized_bag_sum_int8", "quantized_bag_sum_int4")
 OPS = OPS + QUANTIZED_OPS
+# The top-k of a quantized table (issue 23): scores_topk's ids and queries
+# (float32), the table quantized, scored by the fused quantized scores kernel.
+QUANTIZED_SCORES_OPS = ("quantized_scores_topk_int8", "quantized_scores_topk_int4")
+OPS = OPS + QUANTIZED_SCORES_OPS
 
 
 def _inputs(op, dtype, shapes, dim):
@@ -1177,7 +1181,7 @@ def _inputs(op, dtype, shapes, dim):
         ids = torch.randint(0, shapes["num_embeddings"], (n,), generator=g, dtype=torch.int64)
         offsets = torch.arange(0, n + 1, shapes["bag_len"], dtype=torch.int64)
         return weight, ids, offsets, g
-    if op == "scores_topk":
+    if "scores_topk" in op:
         ids = torch.randint(0, shapes["num_embeddings"], (shapes["batch"] * shapes["seq"],), generator=g)
         return weight, ids, None, g
     ids = torch.randint(0, shapes["num_embeddings"], (shapes["batch"], shapes["seq"]), generator=g, dtype=torch.int64)
@@ -1192,6 +1196,10 @@ def ideal_bytes(op, dtype, shapes, dim, row_bytes=None):
 
     elem = torch.empty((), dtype=dtype).element_size()
     k = shapes["k"]
+    if op in QUANTIZED_SCORES_OPS:
+        # The ids, their rows, the float32 queries, the top-k's values and ids.
+        n = shapes["batch"] * shapes["seq"]
+        return n * 8 + n * k * row_bytes + shapes["queries"] * dim * 4 + shapes["queries"] * 10 * 16
     if op in QUANTIZED_OPS:
         n = shapes["bags"] * shapes["bag_len"] if "bag" in op else shapes["batch"] * shapes["seq"]
         out_rows = shapes["bags"] if "bag" in op else n
@@ -1233,6 +1241,28 @@ def _quantized_module(op, weight, shapes):
     return triton_bloom.quantize(module, bits=int(op.rpartition("int")[2]))
 
 
+def _quantized_scores(module, queries, ids):
+    """The ``(queries, ids)`` scores of a quantized module's table, by the
+    fused kernel the output side launches for it."""
+    import importlib
+
+    from triton_bloom import dispatch
+    from triton_bloom.hashing import seed_tensor
+
+    scores = importlib.import_module(".scores", dispatch.kernels().__name__)
+    return scores.quantized_scores(
+        queries,
+        ids,
+        *module._table(),
+        seed_tensor(module.codes.device),
+        bits=module.bits,
+        dim=module.embedding_dim,
+        num_hash_functions=module.num_hash_functions,
+        padding_idx=None,
+        wide_ids=False,
+    )
+
+
 def run_op(op, dtype, shapes, compiler, l2_scale=1.0, dim=None):
     """Trace ``op`` at ``dtype`` and return :func:`summarize`'s numbers."""
     import torch
@@ -1245,6 +1275,13 @@ def run_op(op, dtype, shapes, compiler, l2_scale=1.0, dim=None):
     weight, ids, offsets, g = _inputs(op, dtype, shapes, dim)
     k, num_embeddings = shapes["k"], shapes["num_embeddings"]
     common = dict(num_embeddings=num_embeddings, backend="triton")
+    if op in QUANTIZED_SCORES_OPS:
+        module = _quantized_module(op, weight, shapes)
+        table_bytes = sum(b.numel() * b.element_size() for b in (module.codes, module.scale_codes))
+        queries = torch.randn(shapes["queries"], dim, generator=g)
+        with tracing(compiler, l2_scale) as tracer:
+            torch.topk(_quantized_scores(module, queries, ids), 10, dim=1)
+        return summarize(tracer, ideal_bytes(op, dtype, shapes, dim, table_bytes / module.codes.shape[0]))
     if op in QUANTIZED_OPS:
         module = _quantized_module(op, weight, shapes)
         table_bytes = sum(b.numel() * b.element_size() for b in (module.codes, module.scale_codes))
@@ -1426,6 +1463,8 @@ LABELS = {
     "quantized_forward_int4": "quantized forward, int4",
     "quantized_bag_sum_int8": "quantized bag, sum, int8",
     "quantized_bag_sum_int4": "quantized bag, sum, int4",
+    "quantized_scores_topk_int8": "quantized scores + top-10, int8",
+    "quantized_scores_topk_int4": "quantized scores + top-10, int4",
 }
 
 
@@ -1650,6 +1689,10 @@ def measure_op(op, dtype, shapes, dim):
     weight, ids = weight.cuda(), ids.cuda()
     offsets = offsets.cuda() if offsets is not None else None
     k, common = shapes["k"], dict(num_embeddings=shapes["num_embeddings"], backend="triton")
+    if op in QUANTIZED_SCORES_OPS:
+        module = _quantized_module(op, weight, shapes)
+        queries = torch.randn(shapes["queries"], dim, generator=g).cuda()
+        return _timed(lambda: torch.topk(_quantized_scores(module, queries, ids), 10, dim=1))
     if op in QUANTIZED_OPS:
         module = _quantized_module(op, weight, shapes)
         with torch.no_grad():
