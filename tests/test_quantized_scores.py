@@ -159,10 +159,11 @@ def test_topk_matches_the_dequantised_oracle(bits, dim, k, options, dtype, extra
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_shared_candidates_and_wide_ids(bits):
-    """Candidates with repeats (each counted once), and ids past 2**31 (an
-    unbounded catalogue: 8-byte hashing)."""
+    """Candidates with repeats (each counted once), queries whose rows are
+    not ``dim`` apart, and ids past 2**31 (an unbounded catalogue: 8-byte
+    hashing)."""
     quantized, generator = build(bits, seed=40 + bits, dim=33, hot=True, signed=True)
-    queries = torch.randn(3, 33, generator=generator)
+    queries = torch.randn(3, 40, generator=generator)[:, :33]  # rows 40 apart
     candidates = torch.randint(0, NUM_IDS, (90,), generator=generator)
     candidates = torch.cat([candidates, candidates[:10]])
     distinct = np.unique(candidates.numpy())
@@ -190,7 +191,7 @@ RANK_CASES = [
     (8, 33, 4, 61, dict(hot=True, signed=True)),
     (4, 33, 4, 61, dict(hot=True, importance=True)),
     (4, 64, 1, 61, {}),
-    (8, 150, 4, 61, dict(signed=True)),
+    (8, 40, 4, 61, dict(signed=True)),  # three steps of 16 columns (exact scores' tile)
     # k = 1 over 13 rows: most ids share their one row, so ranks meet exact ties.
     (4, 9, 1, 13, dict(hot=True)),
     (8, 17, 1, 13, {}),
