@@ -523,7 +523,12 @@ def quantized_forward(
         hot=hot,
     )
     args.update(OUT=out, n=n, **padding_args(padding_idx))
+    # At most 32 columns a program: the lookup keeps a (32 ids, 64 columns)
+    # tile whole to its store, which took 128 registers and spilled 32 bytes
+    # at int4 (Triton 3.9, sm_90); two warps, or 16 ids a program, hash each
+    # id on several threads.
     block_n, block_w = tile(dim, bits)
+    block_w = min(block_w, max(4, bits))
 
     def grid(meta_):
         return (triton.cdiv(n, meta_["BLOCK_N"]), triton.cdiv(used_words(dim, bits), meta_["BLOCK_W"]))
