@@ -71,7 +71,7 @@ FLOAT_KERNELS = {
 MUST_LAUNCH = {
     "float32": FLOAT_KERNELS,
     "float64": FLOAT_KERNELS,
-    "quantized": {"_quantized_forward_kernel", "_quantized_bag_kernel"},
+    "quantized": {"_quantized_forward_kernel", "_quantized_bag_kernel", "_quantized_scores_kernel"},
 }
 
 
