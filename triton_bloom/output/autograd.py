@@ -46,6 +46,7 @@ class _TensorTable(_Table):
         self.use_triton = dispatch.use_triton(backend, weight.device)
         self.plain = True
         self.kernel = self.use_triton
+        self.quantized_kernel = False  # a float table: quantized ones take no gradient, so never come here
         self.reference = not self.use_triton and hot is None
         self._params = [weight] + ([importance] if importance is not None else [])
 
