@@ -164,50 +164,20 @@ def quantized_output_cases():
     return cases
 
 
-def run_quantized_output_case(case):
-    """A top-k or rank of ``case`` (a :func:`quantized_output_cases` entry)
-    through a quantized module."""
-    import torch
-
-    from .modules import BloomEmbedding
-    from .quantized import quantize
-
-    k, dim, nq = case["k"], case["dim"], case["queries"]
-    g = torch.Generator().manual_seed(0)
-    wide = case.get("wide_ids")
-    module = BloomEmbedding(
-        None if wide else 200,
-        dim,
-        num_rows=1000,
-        num_hash_functions=k,
-        padding_idx=7 if case.get("padding") else None,
-        signed=bool(case.get("signed")),
-        importance=bool(case.get("importance")),
-        hot_ids=torch.tensor([3, 11, 12]) if case.get("hot") else None,
-        backend="triton",
-    )
-    with torch.no_grad():
-        module.embeddings.weight.normal_(generator=g)
-    quantized = quantize(module, bits=case["bits"])
-    queries = torch.randn(nq, dim, generator=g).to(getattr(torch, case.get("query_dtype", "float32")))
-    if case["op"] == "quantized_rank":
-        quantized.rank(queries, torch.randint(0, 200, (nq,), generator=g))
-        return
-    candidates = torch.randint(2**31, 2**40, (100,), generator=g) if wide else None
-    quantized.topk(queries, 5, candidates=candidates)
-
-
 def run_quantized_case(case):
     """A forward of ``case`` (a :func:`quantized_cases` entry) through a
-    quantized module, under ``no_grad`` as inference runs."""
+    quantized module, under ``no_grad`` as inference runs, or a top-k or rank
+    over its catalogue (a :func:`quantized_output_cases` entry)."""
     import torch
 
     from .modules import BloomEmbedding, BloomEmbeddingBag
     from .quantized import quantize
 
     k, dim, num_rows = case["k"], case["dim"], 1000
+    output = case["op"] in ("quantized_scores", "quantized_rank")
+    n = 200 if output else 5000  # the output ops score every id: a small catalogue
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 5000, (16,), generator=g, dtype=torch.int64)
+    ids = torch.randint(0, n, (16,), generator=g, dtype=torch.int64)
     if not case.get("wide_ids"):
         ids = ids.to(torch.int32)
     hot_ids = None
@@ -223,14 +193,22 @@ def run_quantized_case(case):
         hot_ids=hot_ids,
         backend="triton",
     )
-    num_embeddings = None if case.get("wide_ids") else 5000
-    if case["op"] == "quantized":
-        module = BloomEmbedding(num_embeddings, dim, **options)
-    else:
+    num_embeddings = None if case.get("wide_ids") else n
+    if case["op"] == "quantized_bag":
         module = BloomEmbeddingBag(num_embeddings, dim, mode=case["mode"], **options)
+    else:
+        module = BloomEmbedding(num_embeddings, dim, **options)
     with torch.no_grad():
         module.embeddings.weight.normal_(generator=g)
     quantized = quantize(module, bits=case["bits"])
+    if output:
+        queries = torch.randn(case["queries"], dim, generator=g).to(getattr(torch, case.get("query_dtype", "float32")))
+        if case["op"] == "quantized_rank":
+            quantized.rank(queries, torch.randint(0, n, (case["queries"],), generator=g))
+        else:
+            candidates = torch.randint(2**31, 2**40, (100,), generator=g) if case.get("wide_ids") else None
+            quantized.topk(queries, 5, candidates=candidates)
+        return
     with torch.no_grad():
         if case["op"] == "quantized":
             quantized(ids)
@@ -324,10 +302,8 @@ def run_case(case):
 
     if case["op"] in ("scores", "decoder", "rank"):
         return run_output_case(case)
-    if case["op"] in ("quantized", "quantized_bag"):
+    if case["op"].startswith("quantized"):
         return run_quantized_case(case)
-    if case["op"] in ("quantized_scores", "quantized_rank"):
-        return run_quantized_output_case(case)
     dtype = getattr(torch, case["dtype"])
     training = case.get("training")
     # Few ids and, where the kernels run a program per touched row, few rows:
