@@ -200,6 +200,20 @@ def paired_table(summary) -> str:
     return _table(headers, body, WIDTH - 3 * 16)
 
 
+def _minus(paired, names) -> str:
+    """``name mean ± std (head mean ± std; ahead in w/n seeds)`` of each of
+    ``names`` in ``paired`` (:func:`_paired`'s HR@10), joined by "; minus "."""
+    parts = []
+    for name in names:
+        all_, head = paired[name]["hr@10"], paired[name]["hr@10_head"]
+        wins = sum(d > 0 for d in all_["by_seed"])
+        parts.append(
+            f"{name} {all_['mean']:+.4f} ± {all_['std']:.4f} (head {head['mean']:+.4f} ± {head['std']:.4f}; "
+            f"ahead in {wins}/{len(all_['by_seed'])} seeds)"
+        )
+    return "; minus ".join(parts)
+
+
 def seeds_verdict(summary) -> str:
     """The verdict over seeds: the best in-budget row by mean HR@10, and the
     planner's choice against the best rival a user would try first (the
@@ -218,32 +232,16 @@ def seeds_verdict(summary) -> str:
     if paired:
         rivals = [k for k in ("vocab", "hashing trick k=1", "quotient-remainder") if k in paired]
         rival = max(rivals, key=lambda k: rows[k]["hr@10"]["mean"])
-        parts = []
-        for name in dict.fromkeys([rival] + rivals):
-            all_, head = paired[name]["hr@10"], paired[name]["hr@10_head"]
-            wins = sum(d > 0 for d in all_["by_seed"])
-            parts.append(
-                f"{name} {all_['mean']:+.4f} ± {all_['std']:.4f} (head {head['mean']:+.4f} ± {head['std']:.4f}; "
-                f"ahead in {wins}/{len(all_['by_seed'])} seeds)"
-            )
-        text += "  HR@10 of the planner's choice minus " + "; minus ".join(parts) + "."
+        text += "  HR@10 of the planner's choice minus " + _minus(paired, dict.fromkeys([rival] + rivals)) + "."
     served = summary.get("served_planner")
     if served in rows:
         bits = served.split(" ")[0]
         pairs = summary["served_planner_minus"]
         names = [k for k in (f"{bits} quotient-remainder", f"{bits} vocab", "planner") if k in pairs]
-        parts = []
-        for name in names:
-            all_, head = pairs[name]["hr@10"], pairs[name]["hr@10_head"]
-            wins = sum(d > 0 for d in all_["by_seed"])
-            parts.append(
-                f"{name} {all_['mean']:+.4f} ± {all_['std']:.4f} (head {head['mean']:+.4f} ± {head['std']:.4f}; "
-                f"ahead in {wins}/{len(all_['by_seed'])})"
-            )
-        if parts:
+        if names:
             text += (
                 f"  Served at {bits} (trained in float32 with the rows {bits} buys), HR@10 of the planner's "
-                "layout minus " + "; minus ".join(parts) + "."
+                "layout minus " + _minus(pairs, names) + "."
             )
     bloom = [k for k in rows if k.startswith("Bloom k=")]
     if bloom:
