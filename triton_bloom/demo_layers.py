@@ -206,109 +206,76 @@ def layer_specs(ids, counts, embedding_dim, budget, *, full=True, planner=True, 
         bits (int, optional): add the layers served with ``bits``-bit rows
             (labels ``int4 ...``).  Default: :data:`SERVED_BITS`.
     """
-    d, row = embedding_dim, 4 * embedding_dim
-    rows = budget // row
-    if rows < 2:
-        raise ValueError(f"a budget of {budget} B holds fewer than 2 rows of {row} B")
-    specs = []
-    vocab = (budget - row) // (row + ROW_INDEX_BYTES)  # V rows and ids, and the OOV row
-    vocabulary = top_ids(ids, counts, vocab)
-    specs.append((f"vocab {vocab:,}+OOV", lambda sparse: VocabularyEmbedding(vocabulary, d, sparse=sparse), False))
-    specs.append(
-        (
-            "hashing trick k=1",
-            lambda sparse: BloomEmbedding(
-                None, d, num_rows=rows, num_hash_functions=1, padding_idx=None, sparse=sparse
-            ),
-            False,
-        )
-    )
-    quotient = rows // 2
-    specs.append(
-        (
-            "quotient-remainder",
-            lambda sparse: QuotientRemainderEmbedding(quotient, rows - quotient, d, sparse=sparse),
-            False,
-        )
-    )
-    for k in (2, 4):
-        specs.append(
-            (
-                f"Bloom k={k}",
-                lambda sparse, k=k: BloomEmbedding(
-                    None, d, num_rows=rows, num_hash_functions=k, padding_idx=None, sparse=sparse
-                ),
-                False,
-            )
-        )
-    for share in HOT_SHARES:
-        hot = min(int(share * budget) // (row + ROW_INDEX_BYTES), ids.numel())
-        shared = (budget - hot * (row + ROW_INDEX_BYTES)) // row
-        hot_ids = top_ids(ids, counts, hot)
-        specs.append(
-            (
-                f"hot {share:.0%} + Bloom k=2",
-                lambda sparse, hot_ids=hot_ids, shared=shared: BloomEmbedding(
-                    None, d, num_rows=shared, num_hash_functions=2, padding_idx=None, sparse=sparse, hot_ids=hot_ids
-                ),
-                False,
-            )
-        )
-    if planner:
-        from .planner import plan_embedding
-
-        plan = plan_embedding(counts, d, budget, ids=ids)
-
-        def build(sparse):
-            return plan.build(sparse=sparse)
-
-        build.plan = plan
-        specs.append((f"planner: {plan.label()}", build, False))
+    specs = _format_specs(ids, counts, embedding_dim, budget, None, planner)
     if bits:
-        specs += _served_specs(ids, counts, d, budget, bits, planner)
+        specs += _format_specs(ids, counts, embedding_dim, budget, bits, planner)
     if full:
+        d = embedding_dim
         specs.append((f"full {ids.numel():,} rows", lambda sparse: VocabularyEmbedding(ids, d, sparse=sparse), True))
     return specs
 
 
-def _served_specs(ids, counts, d, budget, bits, planner):
-    """The rows served quantized, each with the rows ``bits`` buy at the
-    budget (everything counted as in :func:`~triton_bloom.embedding_bytes`
-    of the served layer); trained in float32 at that size."""
-    fixed = table_bytes(0, d, bits)
-    row = table_bytes(1, d, bits) - fixed
-    name = f"int{bits}"
+def _format_specs(ids, counts, d, budget, bits, planner):
+    """The layers of one row format at the budget: float32 rows (``bits``
+    ``None``: every layout), or rows served with ``bits`` bits (labels
+    ``int4 ...``: the vocabulary, quotient-remainder, Bloom k=2 and the
+    planner's layout), each with the rows the format buys, everything
+    counted as :func:`~triton_bloom.embedding_bytes` counts the served layer
+    (a quantized table's scale grid and column offsets, ``fixed``, once a
+    table); the quantized ones train in float32 at that size."""
+    fixed = 0 if bits is None else table_bytes(0, d, bits)
+    row = 4 * d if bits is None else table_bytes(1, d, bits) - fixed
+    name = "" if bits is None else f"int{bits} "
+    rows = (budget - fixed) // row
+    if rows < 2:
+        raise ValueError(f"a budget of {budget} B holds fewer than 2 rows of {row} B")
 
-    def marked(build):
-        build.bits = bits
-        return build
+    def spec(label, build):
+        if bits is not None:
+            build.bits = bits
+        return (name + label, build, False)
 
-    vocab = (budget - fixed - row) // (row + ROW_INDEX_BYTES)
+    specs = []
+    vocab = (budget - fixed - row) // (row + ROW_INDEX_BYTES)  # V rows and ids, and the OOV row
     vocabulary = top_ids(ids, counts, vocab)
-    rows = (budget - 2 * fixed) // row  # quotient-remainder: two tables
-    quotient = rows // 2
-    shared = (budget - fixed) // row
-    specs = [
-        (
-            f"{name} vocab {vocab:,}+OOV",
-            marked(lambda sparse: VocabularyEmbedding(vocabulary, d, sparse=sparse)),
-            False,
-        ),
-        (
-            f"{name} quotient-remainder",
-            marked(lambda sparse: QuotientRemainderEmbedding(quotient, rows - quotient, d, sparse=sparse)),
-            False,
-        ),
-        (
-            f"{name} Bloom k=2",
-            marked(
+    specs.append(spec(f"vocab {vocab:,}+OOV", lambda sparse: VocabularyEmbedding(vocabulary, d, sparse=sparse)))
+    if bits is None:
+        specs.append(
+            spec(
+                "hashing trick k=1",
                 lambda sparse: BloomEmbedding(
-                    None, d, num_rows=shared, num_hash_functions=2, padding_idx=None, sparse=sparse
-                )
-            ),
-            False,
-        ),
-    ]
+                    None, d, num_rows=rows, num_hash_functions=1, padding_idx=None, sparse=sparse
+                ),
+            )
+        )
+    pair = (budget - 2 * fixed) // row  # quotient-remainder: two tables
+    specs.append(
+        spec(
+            "quotient-remainder",
+            lambda sparse: QuotientRemainderEmbedding(pair // 2, pair - pair // 2, d, sparse=sparse),
+        )
+    )
+    for k in (2, 4) if bits is None else (2,):
+        specs.append(
+            spec(
+                f"Bloom k={k}",
+                lambda sparse, k=k: BloomEmbedding(
+                    None, d, num_rows=rows, num_hash_functions=k, padding_idx=None, sparse=sparse
+                ),
+            )
+        )
+    for share in HOT_SHARES if bits is None else ():
+        hot = min(int(share * budget) // (row + ROW_INDEX_BYTES), ids.numel())
+        shared = (budget - hot * (row + ROW_INDEX_BYTES)) // row
+        hot_ids = top_ids(ids, counts, hot)
+        specs.append(
+            spec(
+                f"hot {share:.0%} + Bloom k=2",
+                lambda sparse, hot_ids=hot_ids, shared=shared: BloomEmbedding(
+                    None, d, num_rows=shared, num_hash_functions=2, padding_idx=None, sparse=sparse, hot_ids=hot_ids
+                ),
+            )
+        )
     if planner:
         from .planner import plan_embedding
 
@@ -318,5 +285,5 @@ def _served_specs(ids, counts, d, budget, bits, planner):
             return plan.build(sparse=sparse)
 
         build.plan = plan
-        specs.append((f"{name} planner: {plan.label()}", marked(build), False))
+        specs.append(spec(f"planner: {plan.label()}", build))
     return specs
